@@ -1,0 +1,63 @@
+"""The Python API: ``load_model`` and ``generate``, the same engine every other front door calls."""
+
+import logging
+from pathlib import Path
+
+from lienzo.devices import pick_device, pick_dtype
+from lienzo.errors import ModelFileError
+from lienzo.generation import engine
+from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.models.components import Components
+from lienzo.models.loading import load_components
+from lienzo.models.registry import Registry
+from lienzo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_model(registry: Registry) -> Path:
+    """The model used when none is named: the first checkpoint in the models dir."""
+    for path in registry.candidates():
+        if registry.entry(path).architecture.startswith(("SD", "SDXL")):
+            return path
+    raise ModelFileError(
+        f"model: no model given and none found in {registry.models_dir}; "
+        "pass --model PATH or put a .safetensors checkpoint or diffusers folder there"
+    )
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    settings: Settings | None = None,
+) -> Components:
+    """Load a model by path or by name in the models dir, on the chosen device, ready to generate."""
+    settings = settings or Settings()
+    registry = Registry(settings.models_dir, settings.cache_dir)
+    path = registry.resolve(model) if model is not None else default_model(registry)
+    vae_path = registry.resolve(vae) if vae is not None else None
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    entry = registry.entry(path)
+    components = load_components(path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype)
+    components.name, components.short_hash = Path(entry.name).name, entry.short_hash
+    return components.to(torch_device)
+
+
+def generate(
+    request: GenerationRequest | None = None,
+    *,
+    model: Components | str | Path | None = None,
+    progress: engine.ProgressCallback | None = None,
+    cancel: engine.CancelCheck | None = None,
+    on_image: engine.ImageCallback | None = None,
+    **fields,
+) -> engine.GenerationResult:
+    """Generate images: ``generate(prompt="a red apple", steps=20, model="sd15")`` or with a request."""
+    request = request or build_request(**fields)
+    components = model if isinstance(model, Components) else load_model(model)
+    return engine.generate(components, request, progress=progress, cancel=cancel, on_image=on_image)

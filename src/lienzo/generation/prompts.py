@@ -1,0 +1,301 @@
+"""Prompt text → text-encoder embeddings, with AUTOMATIC1111's emphasis syntax and long prompts.
+
+Three steps, one function each:
+
+1. :func:`parse_prompt_attention` splits ``a (red:1.3) [cat]`` into weighted pieces.
+2. :func:`tokenize_prompt` turns the pieces into 77-token chunks with a weight per token.
+3. :func:`encode_prompt` runs every chunk through the text encoder(s), applies the weights and
+   joins the chunks along the token axis, so a UNet cross-attends to prompts of any length.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lienzo.errors import InvalidRequestError, LienzoError
+from lienzo.models.components import Components
+
+# The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
+# the same pair; a weight of -1 cannot come from emphasis, which only multiplies positives.
+BREAK_MARKER: tuple[str, float] = ("BREAK", -1.0)
+
+ROUND_BRACKET_FACTOR = 1.1  # "(word)"; "[word]" divides by it
+# SD's CLIP text encoders have 77 positions: BOS, 75 prompt tokens, EOS (then padding).
+CHUNK_LENGTH = 77
+CHUNK_TOKENS = CHUNK_LENGTH - 2
+# A1111's "comma padding backtrack": a chunk that fills up within 20 tokens after a comma is
+# cut just after that comma, so the phrase after it starts the next chunk whole.
+COMMA_BACKTRACK = 20
+
+# One lexical unit of the emphasis syntax; group 1 is the number of a "(text:1.3)" close.
+_ATTENTION_TOKEN = re.compile(
+    r"""
+      \\[()\[\]\\]                                  # escaped bracket or backslash
+    | \\                                            # any other backslash
+    | [(\[]                                         # opening bracket
+    | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)           # explicit weight, closing a round bracket
+    | [)\]]                                         # closing bracket
+    | [^\\()\[\]:]+                                 # plain text
+    | :                                             # a colon that is just text
+    """,
+    re.VERBOSE,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+@dataclass
+class _Piece:
+    text: str
+    weight: float = 1.0
+    is_break: bool = False
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into ``(text, weight)`` pieces, following AUTOMATIC1111's emphasis rules.
+
+    - ``(word)`` multiplies by 1.1, ``((word))`` by 1.21, ``[word]`` divides by 1.1;
+      ``(word:1.3)`` multiplies by 1.3 instead of 1.1. Nesting multiplies.
+    - ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters; any other
+      backslash is dropped, as A1111 drops it.
+    - An opening bracket never closed applies to the rest of the prompt; a closing bracket
+      never opened, and ``:1.3)`` outside round brackets, are plain text.
+    - ``BREAK`` (upper case, a whole word) becomes :data:`BREAK_MARKER`, which starts a new
+      chunk. Unlike A1111, where a BREAK inside brackets silently becomes the word "BREAK",
+      it is a break wherever it appears.
+    - Adjacent pieces of equal weight are merged; an empty prompt gives ``[("", 1.0)]``.
+    """
+    pieces: list[_Piece] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token, explicit_weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            pieces.append(_Piece(token[1:]))
+        elif token == "(":
+            open_round.append(len(pieces))
+        elif token == "[":
+            open_square.append(len(pieces))
+        elif explicit_weight is not None and open_round:
+            _emphasise(pieces, open_round.pop(), float(explicit_weight))
+        elif token == ")" and open_round:
+            _emphasise(pieces, open_round.pop(), ROUND_BRACKET_FACTOR)
+        elif token == "]" and open_square:
+            _emphasise(pieces, open_square.pop(), 1 / ROUND_BRACKET_FACTOR)
+        else:
+            pieces.extend(_split_breaks(token))
+    for start in open_round:
+        _emphasise(pieces, start, ROUND_BRACKET_FACTOR)
+    for start in open_square:
+        _emphasise(pieces, start, 1 / ROUND_BRACKET_FACTOR)
+    return _merge_equal_weights(pieces) or [("", 1.0)]
+
+
+def _emphasise(pieces: list[_Piece], start: int, factor: float) -> None:
+    for piece in pieces[start:]:
+        piece.weight *= factor
+
+
+def _split_breaks(text: str) -> list[_Piece]:
+    pieces: list[_Piece] = []
+    for index, part in enumerate(_BREAK.split(text)):
+        if index > 0:
+            pieces.append(_Piece("", is_break=True))
+        pieces.append(_Piece(part))
+    return pieces
+
+
+def _merge_equal_weights(pieces: list[_Piece]) -> list[tuple[str, float]]:
+    merged: list[tuple[str, float]] = []
+    for piece in pieces:
+        if piece.is_break:
+            merged.append(BREAK_MARKER)
+        elif not piece.text:
+            continue
+        elif merged and merged[-1] != BREAK_MARKER and merged[-1][1] == piece.weight:
+            merged[-1] = (merged[-1][0] + piece.text, piece.weight)
+        else:
+            merged.append((piece.text, piece.weight))
+    return merged
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One encoder input: ``CHUNK_LENGTH`` token ids (BOS, text, EOS, padding) and their weights."""
+
+    ids: list[int]
+    weights: list[float]
+
+
+def tokenize_prompt(tokenizer: CLIPTokenizer, text: str) -> list[TokenChunk]:
+    """Parse emphasis, tokenize, and cut into chunks of at most 75 prompt tokens (A1111's way).
+
+    Each piece is tokenized on its own, as A1111 does. A chunk ends at a BREAK or when full;
+    a full chunk whose last comma lies within its final 20 tokens is cut after that comma.
+    Chunks are laid out as diffusers' ``padding="max_length"`` does: BOS, tokens, EOS, pad.
+    """
+    pieces = parse_prompt_attention(text)
+    texts = [piece_text for piece_text, _ in pieces]
+    # verbose=False: pieces longer than 77 tokens are expected here; chunking handles them.
+    token_ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    comma_id = tokenizer(",", add_special_tokens=False).input_ids[0]
+
+    chunks: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
+    last_comma = -1
+    for piece, ids in zip(pieces, token_ids):
+        if piece == BREAK_MARKER:
+            chunks.append(current)
+            current, last_comma = [], -1
+            continue
+        for token_id in ids:
+            if len(current) == CHUNK_TOKENS:
+                cut = CHUNK_TOKENS
+                if token_id != comma_id and last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
+                    cut = last_comma + 1
+                chunks.append(current[:cut])
+                current, last_comma = current[cut:], -1
+            if token_id == comma_id:
+                last_comma = len(current)
+            current.append((token_id, piece[1]))
+    if current or not chunks:
+        chunks.append(current)
+    return [_frame(tokenizer, chunk) for chunk in chunks]
+
+
+def _frame(tokenizer: CLIPTokenizer, tokens: list[tuple[int, float]]) -> TokenChunk:
+    padding = CHUNK_TOKENS - len(tokens)
+    ids = [tokenizer.bos_token_id, *(token for token, _ in tokens), tokenizer.eos_token_id]
+    weights = [1.0, *(weight for _, weight in tokens), 1.0]
+    return TokenChunk(ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding)
+
+
+def _empty_chunk(tokenizer: CLIPTokenizer) -> TokenChunk:
+    return _frame(tokenizer, [])
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet cross-attends to: ``embeds`` is (1, 77·chunks, dim).
+
+    ``pooled`` is SDXL's pooled text embedding (1, dim₂) from the first chunk; None for SD 1/2.
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self.embeds.shape[1] // CHUNK_LENGTH
+
+
+@torch.no_grad()
+def encode_prompt(
+    components: Components,
+    text: str,
+    *,
+    clip_skip: int = 1,
+    min_chunks: int = 1,
+    device: torch.device | str | None = None,
+) -> PromptEmbeddings:
+    """Encode one prompt; pad with empty-prompt chunks up to ``min_chunks``.
+
+    ``clip_skip`` counts from the end as A1111 does. SD 1/2: 1 is the encoder's output
+    (``last_hidden_state``, bit-identical to diffusers for a plain prompt); n > 1 is the
+    n-th last hidden state passed through the final layer norm. SDXL: 1 is the penultimate
+    hidden state of both encoders, unnormalised, as SDXL was trained; n is the (n+1)-th last.
+    The result is moved to ``device`` (default: it stays where the text encoder is).
+    """
+    # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
+    encoders = _encoders(components)
+    chunk_lists = [tokenize_prompt(tokenizer, text) for _, tokenizer in encoders]
+    if len({len(chunks) for chunks in chunk_lists}) != 1:
+        raise LienzoError("the model's two tokenizers split this prompt differently; they must share one vocabulary")
+    missing = max(0, min_chunks - len(chunk_lists[0]))
+    chunk_lists = [chunks + [_empty_chunk(tokenizer)] * missing for chunks, (_, tokenizer) in zip(chunk_lists, encoders)]
+
+    # 2. Encode every chunk with every encoder; features of SDXL's two encoders are joined
+    is_sdxl = components.family == "sdxl"
+    per_encoder: list[Tensor] = []
+    pooled = None
+    for (encoder, _), chunks in zip(encoders, chunk_lists):
+        _check_clip_skip(encoder, clip_skip, is_sdxl)
+        encoded = [_encode_chunk(encoder, chunk, clip_skip, is_sdxl) for chunk in chunks]
+        per_encoder.append(torch.cat([hidden for hidden, _ in encoded], dim=1))
+        pooled = encoded[0][1]
+    embeds = torch.cat(per_encoder, dim=-1)
+
+    # 3. Hand back on the caller's device
+    if device is not None:
+        embeds = embeds.to(device)
+        pooled = None if pooled is None else pooled.to(device)
+    return PromptEmbeddings(embeds, pooled)
+
+
+def encode_pair(
+    components: Components,
+    prompt: str,
+    negative: str,
+    *,
+    clip_skip: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[PromptEmbeddings, PromptEmbeddings]:
+    """Encode prompt and negative prompt padded to the same number of chunks, so that
+    classifier-free guidance can batch them into one UNet call."""
+    chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in (prompt, negative))
+    return (
+        encode_prompt(components, prompt, clip_skip=clip_skip, min_chunks=chunks, device=device),
+        encode_prompt(components, negative, clip_skip=clip_skip, min_chunks=chunks, device=device),
+    )
+
+
+def _encoders(components: Components) -> list[tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTokenizer]]:
+    encoders = [(components.text_encoder, components.tokenizer)]
+    if components.family == "sdxl":
+        if components.text_encoder_2 is None or components.tokenizer_2 is None:
+            raise LienzoError("an SDXL model needs its second text encoder and tokenizer; this one has none")
+        encoders.append((components.text_encoder_2, components.tokenizer_2))
+    return encoders
+
+
+def _check_clip_skip(encoder: CLIPTextModel | CLIPTextModelWithProjection, clip_skip: int, is_sdxl: bool) -> None:
+    # SDXL already starts one layer back (the penultimate), so it can skip one layer fewer.
+    most = encoder.config.num_hidden_layers - (1 if is_sdxl else 0)
+    if not 1 <= clip_skip <= most:
+        raise InvalidRequestError("clip_skip", f"must be between 1 and {most} for this model, got {clip_skip}")
+
+
+def _encode_chunk(
+    encoder: CLIPTextModel | CLIPTextModelWithProjection,
+    chunk: TokenChunk,
+    clip_skip: int,
+    is_sdxl: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk through one encoder → (hidden states (1, 77, dim), projected pooled embeds).
+
+    Only SDXL's second encoder (with projection) has ``text_embeds``; the others give None.
+    """
+    ids = torch.tensor([chunk.ids], dtype=torch.long, device=encoder.device)
+    output = encoder(ids, output_hidden_states=is_sdxl or clip_skip > 1)
+    if is_sdxl:
+        hidden = output.hidden_states[-(clip_skip + 1)]
+    elif clip_skip == 1:
+        hidden = output.last_hidden_state
+    else:
+        hidden = encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+    return _apply_weights(hidden, chunk.weights), getattr(output, "text_embeds", None)
+
+
+def _apply_weights(hidden: Tensor, weights: list[float]) -> Tensor:
+    """A1111's emphasis: scale each token's embedding by its weight, then rescale the whole
+    chunk so its mean is what it was, so emphasis shifts attention without changing the
+    overall magnitude. All weights 1.0 returns ``hidden`` untouched (bit-identical)."""
+    if all(weight == 1.0 for weight in weights):
+        return hidden
+    # float32: a mean over 77 × 2048 fp16 values loses most of its precision
+    original = hidden.float()
+    scale = torch.tensor(weights, dtype=torch.float32, device=hidden.device)[None, :, None]
+    weighted = original * scale
+    return (weighted * (original.mean() / weighted.mean())).to(hidden.dtype)

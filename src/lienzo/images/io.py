@@ -1,0 +1,115 @@
+"""Reading input images and masks, and writing outputs so that a crash never leaves half a file."""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from lienzo.errors import ImageFileError, InvalidRequestError
+
+# Modes that carry an alpha channel; palette and RGB images may also carry a tRNS chunk.
+_ALPHA_MODES = ("RGBA", "LA", "PA")
+
+
+def _open(path: str | Path, field: str) -> Image.Image:
+    """Open and fully decode ``path``, turned upright by its EXIF orientation; errors name ``field``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageFileError(f"{field}: {path} is a folder, not an image file")
+    if not path.is_file():
+        raise ImageFileError(f"{field}: no such file: {path}")
+    if path.stat().st_size == 0:
+        raise ImageFileError(f"{field}: {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            # Decode every pixel now: Image.open reads only the header, so a truncated
+            # file would otherwise fail later, in the middle of a generation.
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError as err:
+        raise ImageFileError(f"{field}: {path} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from err
+    except Image.DecompressionBombError as err:
+        raise ImageFileError(f"{field}: {path} is too large to open safely: {err}") from err
+    except PermissionError as err:
+        raise ImageFileError(f"{field}: cannot read {path}: permission denied") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow reports broken data as OSError ("image file is truncated"), SyntaxError
+        # ("broken PNG file") or ValueError, depending on the format and where it breaks.
+        raise ImageFileError(f"{field}: {path} is truncated or corrupt ({err})") from err
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """True when ``image`` carries transparency: an alpha channel or a tRNS colour key."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def load_image(path: str | Path, *, field: str = "image") -> Image.Image:
+    """Read an input image as RGB, upright, with any transparency composited onto white.
+
+    White, because it is the background editors show behind transparency and the one
+    AUTOMATIC1111 flattens img2img inputs onto by default.
+    """
+    image = _open(path, field)
+    if not _has_alpha(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def load_mask(path: str | Path, size: tuple[int, int], *, field: str = "mask") -> Image.Image:
+    """Read an inpainting mask as mode "L": white (255) = repaint, black (0) = keep, as AUTOMATIC1111.
+
+    A mask with some transparency is read from its alpha channel (opaque strokes painted on a
+    transparent layer are the area to repaint); a fully opaque one from its luminance.
+    ``size`` is the (width, height) of the image the mask belongs to; they must match.
+    """
+    image = _open(path, field)
+    mask = image.convert("L")
+    if _has_alpha(image):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            mask = alpha
+    if mask.size != tuple(size):
+        (mw, mh), (iw, ih) = mask.size, size
+        raise InvalidRequestError(field, f"mask is {mw}x{mh} but the image is {iw}x{ih}; they must match")
+    return mask
+
+
+def save_png_atomic(image: Image.Image, path: str | Path, pnginfo: PngInfo | None = None) -> Path:
+    """Write ``image`` as PNG to ``path`` so that readers see either no file or the whole file.
+
+    The PNG goes to a hidden temporary file in the same folder (``os.replace`` is atomic only
+    within one file system), is flushed to disk, then renamed over ``path``. Parent folders
+    are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            image.save(temp, format="PNG", pnginfo=pnginfo)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        # BaseException: a Ctrl-C mid-save must not leave the temporary file behind either.
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def next_image_path(out_dir: str | Path, seed: int, prefix: str = "") -> Path:
+    """The next output path in ``out_dir``, numbered as AUTOMATIC1111 does: ``{prefix}00012-1234.png``.
+
+    The 5-digit counter continues from the highest number already used by a file named
+    ``{prefix}<digits>-...`` in the folder (0 for an empty or missing folder); the seed follows.
+    """
+    out_dir = Path(out_dir)
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-")
+    used = [int(m.group(1)) for p in out_dir.glob("*") if (m := pattern.match(p.name))]
+    counter = max(used, default=-1) + 1
+    return out_dir / f"{prefix}{counter:05d}-{seed}.png"

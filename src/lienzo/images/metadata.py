@@ -1,0 +1,263 @@
+"""AUTOMATIC1111 "infotext": the generation parameters stored with an image.
+
+The layout, as A1111, Forge and SD.Next write it into the PNG ``parameters`` text chunk
+(or the EXIF UserComment of a JPEG/WebP)::
+
+    a prompt, which may span
+    several lines
+    Negative prompt: a negative prompt, which may also span lines
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768
+
+The last line holds ``Key: value`` pairs; a value containing ``,``, ``:``, ``"`` or a newline
+is written as a JSON string (``Lora hashes: "a: 1b2c, b: 3d4e"``).
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from os import PathLike
+
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from lienzo.errors import ImageFileError, LienzoError
+
+PARAMETERS_KEY = "parameters"
+_NEGATIVE_PREFIX = "Negative prompt:"
+
+# Key grammar as A1111 reads it: a word character, then words, spaces, hyphens or slashes.
+_KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
+# A1111 treats the last line as parameters only when it holds at least 3 pairs, so that a
+# one-line prompt such as "style: anime" stays a prompt.
+_MIN_PARAMETER_PAIRS = 3
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_JSON = json.JSONDecoder()
+
+# EXIF: the Exif sub-IFD and its UserComment tag, whose first 8 bytes name the encoding.
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\0"
+_ASCII_PREFIX = b"ASCII\0\0\0"
+_UNDEFINED_PREFIX = b"\0" * 8
+
+
+@dataclass
+class Infotext:
+    """A parsed infotext. ``params`` keeps every key, known or not, in the order written.
+
+    The typed accessors return ``None`` for an absent key and raise :class:`LienzoError` for a
+    value that cannot be what the key promises.
+    """
+
+    prompt: str
+    negative_prompt: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int | None:
+        return self._int("Steps")
+
+    @property
+    def sampler(self) -> str | None:
+        return self.params.get("Sampler")
+
+    @property
+    def schedule_type(self) -> str | None:
+        return self.params.get("Schedule type")
+
+    @property
+    def cfg_scale(self) -> float | None:
+        return self._float("CFG scale")
+
+    @property
+    def seed(self) -> int | None:
+        return self._int("Seed")
+
+    @property
+    def width(self) -> int | None:
+        size = self._size()
+        return None if size is None else size[0]
+
+    @property
+    def height(self) -> int | None:
+        size = self._size()
+        return None if size is None else size[1]
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.params.get("Model hash")
+
+    @property
+    def model(self) -> str | None:
+        return self.params.get("Model")
+
+    @property
+    def denoising_strength(self) -> float | None:
+        return self._float("Denoising strength")
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._int("Clip skip")
+
+    @property
+    def version(self) -> str | None:
+        return self.params.get("Version")
+
+    def _int(self, key: str) -> int | None:
+        value = self.params.get(key)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise LienzoError(f"infotext {key!r} must be a whole number, got {value!r}") from None
+
+    def _float(self, key: str) -> float | None:
+        value = self.params.get(key)
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise LienzoError(f"infotext {key!r} must be a number, got {value!r}") from None
+
+    def _size(self) -> tuple[int, int] | None:
+        value = self.params.get("Size")
+        if value is None:
+            return None
+        match = _SIZE.match(value)
+        if match is None:
+            raise LienzoError(f"infotext 'Size' must be WIDTHxHEIGHT such as 512x768, got {value!r}")
+        return int(match.group(1)), int(match.group(2))
+
+
+def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
+    """Write the A1111 layout: prompt, ``Negative prompt:`` line (if any), then the pairs.
+
+    ``None`` values are left out; the outer whitespace is stripped, as A1111 does.
+    """
+    pairs = ", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items() if value is not None)
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"{_NEGATIVE_PREFIX} {negative_prompt}")
+    if pairs:
+        lines.append(pairs)
+    return "\n".join(lines).strip()
+
+
+def _quote(value: str) -> str:
+    """JSON-quote a value that would otherwise break the one-line ``Key: value, ...`` grammar."""
+    if any(char in value for char in ',:"\n'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Read an infotext written by lienzo, A1111, Forge, SD.Next or a tool that copies them.
+
+    Windows newlines and surrounding whitespace are tolerated. Every line before the last is
+    prompt until a line starts with ``Negative prompt:``; from there on it is negative prompt.
+    The last line is the parameter line only if it holds at least three pairs (A1111's rule);
+    otherwise it belongs to the prompt and ``params`` is empty.
+    """
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")]
+    params = _parse_pairs(lines[-1])
+    if len(params) >= _MIN_PARAMETER_PAIRS:
+        lines = lines[:-1]
+    else:
+        params = {}
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    for line in lines:
+        if not negative_lines and line.startswith(_NEGATIVE_PREFIX):
+            negative_lines.append(line[len(_NEGATIVE_PREFIX) :].strip())
+        elif negative_lines:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+    return Infotext("\n".join(prompt_lines), "\n".join(negative_lines), params)
+
+
+def _parse_pairs(line: str) -> dict[str, str]:
+    """``Key: value, Key: "quoted, value", Key: [json], ...`` → ordered dict of strings.
+
+    Text that is not a pair is skipped up to the next comma, as A1111's regular expression does.
+    Values that open with ``[`` or ``{`` are read as a whole JSON document when they parse as
+    one, because Civitai appends unquoted JSON (``Civitai resources: [{...}, {...}]``).
+    """
+    pairs: dict[str, str] = {}
+    position = 0
+    while position < len(line):
+        key = _KEY.match(line, position)
+        if key is None:
+            position = _after_next_comma(line, position)
+            continue
+        value, position = _read_value(line, key.end())
+        pairs[key.group(1)] = value
+        position = _after_next_comma(line, position)
+    return pairs
+
+
+def _read_value(line: str, start: int) -> tuple[str, int]:
+    """One value starting at ``start``; returns it and the position just after it."""
+    if line.startswith(('"', "[", "{"), start):
+        try:
+            decoded, end = _JSON.raw_decode(line, start)
+        except json.JSONDecodeError:
+            pass
+        else:
+            return (decoded if isinstance(decoded, str) else line[start:end]), end
+    end = line.find(",", start)
+    end = len(line) if end == -1 else end
+    return line[start:end].strip(), end
+
+
+def _after_next_comma(line: str, position: int) -> int:
+    comma = line.find(",", position)
+    return len(line) if comma == -1 else comma + 1
+
+
+def read_parameters(path: str | PathLike) -> str | None:
+    """The infotext stored in an image, or ``None`` when it has none.
+
+    PNG: the ``parameters`` tEXt/iTXt chunk. JPEG/WebP: the EXIF UserComment, where A1111 puts
+    it. Images from NovelAI or ComfyUI keep their settings under other keys and give ``None``.
+    """
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(PARAMETERS_KEY)
+            if text is None:
+                comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+                text = None if comment is None else _decode_user_comment(comment)
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ImageFileError(f"cannot read image metadata from {path}: {err}") from None
+    return str(text) if text else None
+
+
+def _decode_user_comment(comment: bytes | str) -> str:
+    """Decode an EXIF UserComment: an 8-byte encoding name, then the text.
+
+    A1111 (through piexif) writes ``UNICODE\\0`` and UTF-16 big-endian; some Windows tools
+    write little-endian under the same name, told apart by where ASCII's zero bytes fall.
+    """
+    if isinstance(comment, str):
+        return comment
+    prefix, body = comment[:8], comment[8:]
+    if prefix == _UNICODE_PREFIX:
+        little_endian = body[1::2].count(0) > body[0::2].count(0)
+        return body.decode("utf-16-le" if little_endian else "utf-16-be", errors="replace")
+    # "ASCII", an all-zero "undefined" code, or no code at all: tools write UTF-8 there.
+    text = body if prefix in (_ASCII_PREFIX, _UNDEFINED_PREFIX) else comment
+    return text.decode("utf-8", errors="replace").rstrip("\0")
+
+
+def pnginfo(infotext: str, extra: dict[str, str] | None = None) -> PngInfo:
+    """PNG text chunks: ``parameters`` plus ``extra`` keys; non-Latin-1 text goes into iTXt."""
+    extra = extra or {}
+    if PARAMETERS_KEY in extra:
+        raise LienzoError(f"extra PNG text must not use the key {PARAMETERS_KEY!r}; pass it as infotext")
+    info = PngInfo()
+    for key, value in {PARAMETERS_KEY: infotext, **extra}.items():
+        info.add_text(key, value)
+    return info

@@ -1,0 +1,52 @@
+"""The loaded parts of one latent diffusion model, as every loader returns them."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+Family = Literal["sd1", "sd2", "sdxl"]
+
+
+@dataclass
+class Components:
+    """UNet, VAE, text encoder(s) and tokenizer(s) plus the noise schedule they were trained with.
+
+    ``scheduler_config`` is a diffusers scheduler config (``num_train_timesteps``, ``beta_*``,
+    ``prediction_type``, ``timestep_spacing``, ...); the sampler table builds any scheduler from it.
+    SDXL has a second text encoder (OpenCLIP bigG, with projection) and tokenizer.
+    """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+    family: Family
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    name: str = ""
+    short_hash: str = ""
+    source: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """9-channel UNets take latents + mask + masked-image latents."""
+        return self.unet.config.in_channels == 9
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device, dtype=None) -> "Components":
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self

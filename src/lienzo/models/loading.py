@@ -1,0 +1,90 @@
+"""The one place that turns model files into torch modules, with no network access at any point."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lienzo.errors import ModelFileError
+from lienzo.models import formats
+from lienzo.models.components import Components
+from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file
+
+log = logging.getLogger(__name__)
+
+# The scheduler settings that describe how a model was trained; sampler options come from the sampler table.
+_SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+    "steps_offset", "timestep_spacing", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr",
+)
+_DEFAULT_SCHEDULE = json.loads((Path(__file__).parent / "configs" / "scheduler_sd.json").read_text())
+
+
+def default_schedule() -> dict:
+    """Stable Diffusion's training noise schedule (a copy: callers may change the prediction type)."""
+    return {k: v for k, v in _DEFAULT_SCHEDULE.items() if not k.startswith("_")}
+
+
+def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dtype=torch.float32) -> Components:
+    """A diffusers pipeline folder (``model_index.json`` + one sub-folder per component)."""
+    index = json.loads((path / "model_index.json").read_text())
+    local = {"local_files_only": True, "torch_dtype": dtype}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **local)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **local)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
+        text_encoder_2 = None
+        if "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ModelFileError(f"cannot load the diffusers folder {path}: {err}") from None
+    family = "sdxl" if text_encoder_2 is not None else ("sd2" if text_encoder.config.hidden_act == "gelu" else "sd1")
+    schedule = default_schedule()
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        saved = json.loads(scheduler_file.read_text())
+        schedule.update({k: saved[k] for k in _SCHEDULE_KEYS if k in saved})
+    if prediction_type:
+        schedule["prediction_type"] = prediction_type
+    return Components(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=_folder_tokenizer(path / "tokenizer", family),
+        scheduler_config=schedule,
+        family=family,
+        text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
+        tokenizer_2=_folder_tokenizer(path / "tokenizer_2", family, second=True) if text_encoder_2 is not None else None,
+        name=path.name,
+        source=path,
+    )
+
+
+def _folder_tokenizer(path: Path, family: str, second: bool = False) -> CLIPTokenizer:
+    """The folder's own tokenizer, or the bundled CLIP BPE when a folder ships without one."""
+    if (path / "vocab.json").is_file():
+        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    # OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!"; OpenAI CLIP pads with end-of-text.
+    return bundled_tokenizer("!" if family == "sd2" or second else "<|endoftext|>")
+
+
+def load_components(
+    path: Path,
+    *,
+    vae: Path | None = None,
+    prediction_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE."""
+    kind = formats.sniff(path)
+    if kind == "diffusers-folder":
+        components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype)
+    else:
+        components = load_single_file(path, prediction_type=prediction_type, dtype=dtype)
+    if vae is not None:
+        components.vae = load_vae_file(vae).to(dtype=dtype).eval()
+        components.extra["vae_name"] = vae.stem
+    return components

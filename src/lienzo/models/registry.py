@@ -1,0 +1,150 @@
+"""What is in the models folder: checkpoints, VAEs, LoRAs, with A1111 short hashes.
+
+Hashing a 2-7 GB checkpoint takes seconds to minutes, so hashes (and the architecture read from the
+file) are cached in ``<data dir>/cache/models.json``, keyed by path and invalidated by size + mtime.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lienzo.errors import ModelFileError
+from lienzo.models import formats
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path
+    architecture: str
+    size_bytes: int
+    short_hash: str
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.architecture.startswith(tuple(_FAMILY_NAMES.values()))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def describe(path: Path) -> str:
+    """A short human name for what a file or folder holds, judged by its content."""
+    try:
+        kind = formats.sniff(path)
+        if kind == "diffusers-folder":
+            index = json.loads((path / "model_index.json").read_text())
+            return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
+        shapes = formats.read_shapes(path)
+    except ModelFileError as err:
+        return f"unreadable: {err}"
+    try:
+        arch = formats.detect_architecture(shapes)
+    except ModelFileError:
+        keys = shapes.keys()
+        if any("lora_" in k for k in keys):
+            return "LoRA"
+        if any(k.startswith(("encoder.down", "first_stage_model.encoder", "decoder.up")) for k in keys):
+            return "VAE"
+        return "not a checkpoint"
+    return _FAMILY_NAMES[arch.family] + (" inpainting" if arch.inpainting else "")
+
+
+class Registry:
+    """Scans ``models_dir`` (recursively) and resolves ``--model`` names to paths."""
+
+    def __init__(self, models_dir: Path, cache_dir: Path):
+        self.models_dir = Path(models_dir)
+        self.cache_file = Path(cache_dir) / "models.json"
+        self._cache: dict | None = None
+
+    def _load_cache(self) -> dict:
+        if self._cache is None:
+            try:
+                self._cache = json.loads(self.cache_file.read_text())
+            except (OSError, ValueError):
+                self._cache = {}
+        return self._cache
+
+    def _save_cache(self) -> None:
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._cache, f)
+        os.replace(tmp, self.cache_file)
+
+    def candidates(self) -> list[Path]:
+        """Weight files and diffusers folders under the models dir, in name order."""
+        if not self.models_dir.is_dir():
+            return []
+        found = [p.parent for p in self.models_dir.rglob("model_index.json")]
+        for p in self.models_dir.rglob("*"):
+            if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not any(p.is_relative_to(d) for d in found):
+                found.append(p)
+        return sorted(found, key=lambda p: str(p).lower())
+
+    def entry(self, path: Path) -> ModelEntry:
+        """Describe one model, from the cache when the file is unchanged."""
+        path = Path(path).resolve()
+        files = _folder_files(path) if path.is_dir() else [path]
+        stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        cache = self._load_cache()
+        cached = cache.get(str(path))
+        if cached is None or cached["stamp"] != stamp:
+            if path.is_dir():
+                # A folder's hash: sha256 over its files' hashes, so any changed weight changes it.
+                joined = "".join(f"{f.relative_to(path)}:{sha256_file(f)}\n" for f in files)
+                digest = hashlib.sha256(joined.encode()).hexdigest()
+            else:
+                digest = sha256_file(path)
+            cached = {"stamp": stamp, "sha256": digest, "architecture": describe(path)}
+            cache[str(path)] = cached
+            self._save_cache()
+        try:
+            name = str(path.relative_to(self.models_dir.resolve()))
+        except ValueError:
+            name = path.name
+        name = name.removesuffix(path.suffix) if path.is_file() else name
+        size = sum(s for _, s, _ in stamp)
+        return ModelEntry(name, path, cached["architecture"], size, cached["sha256"][:10])
+
+    def scan(self) -> list[ModelEntry]:
+        return [self.entry(p) for p in self.candidates()]
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """A path as given, else a model in the models dir by name, file name or short hash."""
+        given = Path(name_or_path).expanduser()
+        if given.exists():
+            return given
+        wanted = str(name_or_path).lower()
+        candidates = self.candidates()
+        for p in candidates:
+            rel = str(p.relative_to(self.models_dir)).lower()
+            if wanted in (rel, rel.removesuffix(p.suffix.lower()), p.name.lower(), p.stem.lower()):
+                return p
+        for p in candidates:
+            if self.entry(p).short_hash == wanted:
+                return p
+        names = ", ".join(self.entry(p).name for p in candidates) or f"none: the models dir {self.models_dir} is empty"
+        raise ModelFileError(f"model: no model named {name_or_path!r}; available: {names}")
+
+    def as_dict(self, entry: ModelEntry) -> dict:
+        return {**asdict(entry), "path": str(entry.path)}
