@@ -129,7 +129,7 @@ def test_expand_to_aspect_grows_the_short_side_around_the_centre():
 def test_expand_to_aspect_shifts_back_inside_the_image():
     assert expand_to_aspect((0, 10, 10, 20), 512, 256, W, H) == (0, 10, 20, 20)
     assert expand_to_aspect((54, 10, 64, 20), 512, 256, W, H) == (44, 10, 64, 20)
-    assert expand_to_aspect((20, 40, 30, 48), 256, 512, W, H) == (20, 32, 30, 48)
+    assert expand_to_aspect((20, 40, 30, 48), 256, 512, W, H) == (20, 28, 30, 48)
 
 
 def test_expand_to_aspect_stops_at_the_image_edges():
@@ -215,8 +215,10 @@ def test_grow_canvas_sizes_and_placement():
 def test_grow_canvas_prefills_with_edge_colours():
     canvas, _ = grow_canvas(red_blue(), 32, 32, 0, 0, overlap=0)
     pixels = np.asarray(canvas).astype(int)
-    assert (pixels[:, 0, 0] > 200).all() and (pixels[:, 0, 2] < 50).all()  # red beyond the red edge
-    assert (pixels[:, -1, 2] > 200).all() and (pixels[:, -1, 0] < 50).all()  # blue beyond the blue edge
+    left, right = pixels[:, :32], pixels[:, -32:]
+    assert (left[..., 0] > left[..., 2]).all() and (right[..., 2] > right[..., 0]).all()
+    assert (pixels[:, 28, 0] > 240).all() and (pixels[:, -29, 2] > 240).all()  # 4 px out: nearly pure
+    assert np.abs(pixels[..., 0] + pixels[..., 2] - 255).max() <= 2  # a blend, never darkened
 
 
 def test_grow_canvas_overlap_larger_than_image_masks_everything():

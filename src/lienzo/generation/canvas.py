@@ -18,8 +18,8 @@ Region = tuple[int, int, int, int]
 # Largest outpainted canvas side: the same 4096 px ceiling as generation width and height.
 MAX_CANVAS_SIDE = 4096
 
-# AUTOMATIC1111's "fill" schedule: (blur radius, times composited), widest first, so far pixels
-# get the average colour of the whole picture and pixels near the hole's edge their neighbours'.
+# AUTOMATIC1111's "fill" schedule: (blur radius, times composited), widest first, so pixels deep
+# in a hole get the average colour of a wide area and pixels near its edge their neighbours'.
 _FILL_SCHEDULE = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
 
@@ -42,8 +42,8 @@ def _box_blur(planes: np.ndarray, half: int, axis: int) -> np.ndarray:
 
 def _resize_planes(planes: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     """Resize each float plane of a (height, width, planes) array to ``size`` = (width, height)."""
-    resized = [Image.fromarray(np.ascontiguousarray(planes[..., i])).resize(size, resample) for i in range(planes.shape[-1])]
-    return np.stack([np.asarray(plane) for plane in resized], axis=-1)
+    planes = [np.ascontiguousarray(planes[..., i]) for i in range(planes.shape[-1])]
+    return np.stack([np.asarray(Image.fromarray(plane).resize(size, resample)) for plane in planes], axis=-1)
 
 
 def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
@@ -59,7 +59,8 @@ def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
     step = max(1, int(sigma) // 8)
     height, width = planes.shape[:2]
     if step > 1:
-        planes = _resize_planes(planes, (math.ceil(width / step), math.ceil(height / step)), Image.Resampling.BOX)
+        small = (math.ceil(width / step), math.ceil(height / step))
+        planes = _resize_planes(planes, small, Image.Resampling.BOX)
     scaled = sigma / step
     half = max(1, round(math.sqrt(scaled * scaled + 0.25) - 0.5))
     for axis in (0, 1):
@@ -77,7 +78,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     coverage, so a hole's colour is the average of the pixels that reach it, never darkened by
     the missing ones; the layers are composited widest first, as A1111 does. Unmasked pixels
     (mask 0) come back unchanged. Where no unmasked pixel reaches (over 768 px away), the
-    average colour of the image is used, or mid-grey when everything is masked.
+    average unmasked colour is used, or mid-grey when everything is masked.
     """
     colour = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     keep = 1 - np.asarray(mask.convert("L"), dtype=np.float32) / 255
@@ -85,7 +86,8 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     painted = np.zeros_like(colour)
     coverage = np.zeros_like(keep)
     for radius, repeats in _FILL_SCHEDULE:
-        blurred = _gaussian_blur(np.concatenate([colour * keep[..., None], keep[..., None]], axis=-1), radius)
+        premultiplied = np.concatenate([colour * keep[..., None], keep[..., None]], axis=-1)
+        blurred = _gaussian_blur(premultiplied, radius)
         layer, layer_alpha = blurred[..., :3], blurred[..., 3]
         for _ in range(repeats):
             painted = layer + painted * (1 - layer_alpha[..., None])
@@ -105,7 +107,8 @@ def crop_region(mask: Image.Image, padding: int) -> Region:
     if box is None:
         raise InvalidRequestError("mask", "mask is empty: paint the area to repaint in white")
     x1, y1, x2, y2 = box
-    return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, mask.width), min(y2 + padding, mask.height)
+    width, height = mask.size
+    return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, width), min(y2 + padding, height)
 
 
 def _grow_span(start: int, end: int, length: int, limit: int) -> tuple[int, int]:

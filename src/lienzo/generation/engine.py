@@ -112,8 +112,9 @@ def _prepare_canvas(components: Components, req: GenerationRequest) -> _Canvas:
         return _Canvas(req.width or side, req.height or side)
     image, mask = req.init_image.convert("RGB"), req.mask
     if req.is_outpaint:
+        # The mask reaches into the old image at least as far as the blur, so the seam is repainted.
         image, mask = canvas.grow_canvas(
-            image, req.outpaint_left, req.outpaint_right, req.outpaint_up, req.outpaint_down
+            image, req.outpaint_left, req.outpaint_right, req.outpaint_up, req.outpaint_down, overlap=max(8, req.mask_blur)
         )
     width, height = req.width or _round8(image.width), req.height or _round8(image.height)
     if mask is None:

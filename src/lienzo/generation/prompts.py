@@ -284,8 +284,13 @@ def _encode_chunk(
     elif clip_skip == 1:
         hidden = output.last_hidden_state
     else:
-        hidden = encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+        hidden = _final_layer_norm(encoder)(output.hidden_states[-clip_skip])
     return _apply_weights(hidden, chunk.weights), getattr(output, "text_embeds", None)
+
+
+def _final_layer_norm(encoder: CLIPTextModel | CLIPTextModelWithProjection) -> torch.nn.LayerNorm:
+    # transformers 5 flattened CLIPTextModel (no ``.text_model``); the projection model keeps one.
+    return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
 def _apply_weights(hidden: Tensor, weights: list[float]) -> Tensor:

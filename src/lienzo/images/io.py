@@ -30,7 +30,7 @@ def _open(path: str | Path, field: str) -> Image.Image:
             image.load()
             return ImageOps.exif_transpose(image)
     except UnidentifiedImageError as err:
-        raise ImageFileError(f"{field}: {path} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from err
+        raise ImageFileError(f"{field}: {path} is not an image file (PNG, JPEG, WebP, ...)") from err
     except Image.DecompressionBombError as err:
         raise ImageFileError(f"{field}: {path} is too large to open safely: {err}") from err
     except PermissionError as err:

@@ -1,0 +1,35 @@
+"""Turn the parameters stored in an image back into request fields, so the image can be remade."""
+
+from pathlib import Path
+
+from lienzo.errors import LienzoError
+from lienzo.images.metadata import parse_infotext, read_parameters
+
+# A1111 before v1.9 folded the schedule into the sampler name ("DPM++ 2M Karras").
+_FOLDED_SCHEDULES = ("Karras", "Exponential", "SGM Uniform")
+
+
+def fields_from_image(path: Path) -> dict:
+    """Request fields (plus ``model``: hash or name) from an image's A1111 infotext."""
+    text = read_parameters(path)
+    if text is None:
+        raise LienzoError(f"from: {path} carries no generation parameters to remake it from")
+    info = parse_infotext(text)
+    fields = {
+        "prompt": info.prompt,
+        "negative_prompt": info.negative_prompt,
+        "steps": info.steps,
+        "cfg_scale": info.cfg_scale,
+        "seed": info.seed,
+        "width": info.width,
+        "height": info.height,
+        "clip_skip": info.clip_skip,
+        "sampler": info.sampler,
+        "schedule": info.schedule_type,
+        "model": info.model_hash or info.model,
+    }
+    sampler = info.sampler or ""
+    for schedule in _FOLDED_SCHEDULES:
+        if fields["schedule"] is None and sampler.endswith(f" {schedule}"):
+            fields["sampler"], fields["schedule"] = sampler.removesuffix(f" {schedule}"), schedule
+    return {k: v for k, v in fields.items() if v is not None}

@@ -1,0 +1,151 @@
+"""The CLI as a user runs it: a single-file checkpoint in, PNGs with parameters out, clear errors."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from lienzo.cli import app
+from lienzo.images.metadata import parse_infotext, read_parameters
+from lienzo.models import registry as registry_module
+from lienzo.models.single_file import save_single_file
+from tiny_models import build_tiny
+
+FAST = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A models dir holding one tiny SD 1.x checkpoint, and an outputs dir."""
+    root = tmp_path_factory.mktemp("lienzo-home")
+    (root / "models").mkdir()
+    save_single_file(build_tiny("sd1"), root / "models" / "tiny-sd15.safetensors")
+    return root
+
+
+@pytest.fixture
+def lienzo(home, tmp_path):
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        base = ["--models-dir", str(home / "models"), "--data-dir", str(home / "data"), "--outputs-dir", str(tmp_path / "out")]
+        result = runner.invoke(app, [*base, *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output + result.stderr
+        return result
+
+    return run
+
+
+def _paths(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.endswith(".png")]
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(app, ["--help"])
+    for command in ("generate", "img2img", "inpaint", "outpaint", "models", "samplers", "info"):
+        assert command in result.stdout
+
+
+def test_generate_prints_one_path_per_image_with_infotext(lienzo):
+    result = lienzo("generate", "a red apple", "--negative", "blurry", "--batch-size", "2", "--batch-count", "2", *FAST)
+    paths = _paths(result)
+    assert result.stdout.splitlines() == paths and len(paths) == 4
+    info = parse_infotext(read_parameters(paths[3]))
+    assert info.prompt == "a red apple" and info.negative_prompt == "blurry"
+    assert info.seed == 8 and info.steps == 2 and info.model == "tiny-sd15" and len(info.model_hash) == 10
+    assert "seeds: 5, 6, 7, 8" in result.stderr
+
+
+def test_remake_from_png_gives_the_same_pixels(lienzo):
+    first = _paths(lienzo("generate", "a lighthouse, (oil painting:1.2)", "--sampler", "Euler a", "--cfg", "5", *FAST))[0]
+    again = _paths(lienzo("generate", "--from", first))[0]
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert read_parameters(first) == read_parameters(again)
+
+
+def test_info_reads_parameters(lienzo):
+    path = _paths(lienzo("generate", "a red apple", *FAST))[0]
+    out = lienzo("info", path).stdout
+    assert "Prompt: a red apple" in out and "Seed: 5" in out and "Sampler: DPM++ 2M" in out
+
+
+@pytest.fixture
+def picture(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "picture.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 40))
+    mask.save(tmp_path / "mask.png")
+    return path
+
+
+def test_img2img_inpaint_outpaint(lienzo, picture):
+    steps = ["--steps", "2", "--seed", "1"]
+    (one,) = _paths(lienzo("img2img", str(picture), "a fox", "--strength", "0.5", *steps))
+    assert "Denoising strength: 0.5" in read_parameters(one)
+    mask = str(picture.parent / "mask.png")
+    (two,) = _paths(lienzo("inpaint", str(picture), mask, "a fox", "--fill", "latent noise", "--only-masked", *steps))
+    assert Image.open(two).size == (64, 64)
+    (three,) = _paths(lienzo("outpaint", str(picture), "a fox", "--left", "16", "--down", "32", *steps))
+    assert Image.open(three).size == (80, 96)
+
+
+def test_models_lists_architecture_size_and_cached_hash(lienzo, monkeypatch):
+    out = lienzo("models").stdout
+    assert "tiny-sd15" in out and "SD 1.x" in out and "MiB" in out
+
+    def no_rehash(path, chunk=0):
+        raise AssertionError("hash was recomputed")
+
+    monkeypatch.setattr(registry_module, "sha256_file", no_rehash)
+    assert lienzo("models").stdout == out
+
+
+def test_samplers_lists_every_sampler(lienzo):
+    out = lienzo("samplers").stdout
+    for name in ("Euler a", "DPM++ 2M SDE", "UniPC", "LCM", "Karras"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "1000"], "width must be a multiple of 8 between 64 and 4096, got 1000"),
+        (["--height", "32"], "height must be a multiple of 8 between 64 and 4096, got 32"),
+        (["--steps", "0"], "steps must be between 1 and 150, got 0"),
+        (["--steps", "1000"], "steps must be between 1 and 150, got 1000"),
+        (["--cfg", "nan"], "cfg_scale must be a number between 0 and 30"),
+        (["--sampler", "Eulr a"], "unknown sampler 'Eulr a'; choose one of: Euler a, Euler"),
+        (["--schedule", "Karras", "--sampler", "DDIM"], "cannot use the Karras schedule"),
+        (["--seed", "-5"], "seed must be -1 (random)"),
+        (["--model", "nothing-here"], "no model named 'nothing-here'"),
+    ],
+)
+def test_bad_generate_input_is_one_clear_line(lienzo, args, message):
+    result = lienzo("generate", "a fox", "--steps", "1", *args, code=2)
+    assert message in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+def test_bad_images_and_strength(lienzo, picture, tmp_path):
+    small_mask = tmp_path / "small.png"
+    Image.new("L", (32, 32), 255).save(small_mask)
+    result = lienzo("inpaint", str(picture), str(small_mask), "a fox", code=2)
+    assert "mask is 32x32 but the image is 64x64" in result.stderr
+    result = lienzo("img2img", str(picture), "a fox", "--strength", "1.5", code=2)
+    assert "denoising_strength must be between 0 and 1, got 1.5" in result.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(picture.read_bytes()[:100])
+    assert "image" in lienzo("img2img", str(broken), "a fox", code=2).stderr
+    assert "image" in lienzo("img2img", str(tmp_path / "missing.png"), "a fox", code=2).stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, "half"])
+def test_bad_model_files(lienzo, home, tmp_path, content):
+    bad = tmp_path / "bad.safetensors"
+    good = (home / "models" / "tiny-sd15.safetensors").read_bytes()
+    bad.write_bytes(good[: len(good) // 2] if content == "half" else content)
+    result = lienzo("generate", "a fox", "--model", str(bad), *FAST, code=2)
+    assert "Traceback" not in result.output and str(bad) in result.stderr
