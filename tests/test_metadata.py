@@ -44,6 +44,12 @@ def test_format_quotes_values_as_a1111_does():
     assert text.splitlines()[-1] == r'Steps: 1, Lora hashes: "a: 1b2c, b: 3d4e", Q: "x\"y"'
 
 
+@pytest.mark.parametrize("key", ["Only masked padding, pixels", "Ratio: w/h", "", "-dash first"])
+def test_format_refuses_keys_that_would_not_read_back(key):
+    with pytest.raises(ValueError, match="would not read back"):
+        format_infotext("p", "", {key: 1})
+
+
 def test_format_omits_empty_negative_prompt():
     assert "Negative prompt" not in format_infotext("a cat", "", {"Steps": 20})
 

@@ -330,7 +330,7 @@ def _parameters(components: Components, req: GenerationRequest, cv: _Canvas, see
         params["Masked content"] = req.inpainting_fill
         if req.inpaint_only_masked:
             params["Inpaint area"] = "Only masked"
-            params["Only masked padding, pixels"] = req.only_masked_padding
+            params["Masked area padding"] = req.only_masked_padding
     if req.is_outpaint:
         params["Outpaint"] = f"left {req.outpaint_left}, right {req.outpaint_right}, up {req.outpaint_up}, down {req.outpaint_down}"
     if req.clip_skip > 1:

@@ -145,8 +145,8 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, text: str) -> list[TokenChunk]:
     chunks: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = []
     last_comma = -1
-    for piece, ids in zip(pieces, token_ids):
-        if piece == BREAK_MARKER:
+    for (piece_text, weight), ids in zip(pieces, token_ids):
+        if (piece_text, weight) == BREAK_MARKER:
             chunks.append(current)
             current, last_comma = [], -1
             continue
@@ -159,7 +159,7 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, text: str) -> list[TokenChunk]:
                 current, last_comma = current[cut:], -1
             if token_id == comma_id:
                 last_comma = len(current)
-            current.append((token_id, piece[1]))
+            current.append((token_id, weight))
     if current or not chunks:
         chunks.append(current)
     return [_frame(tokenizer, chunk) for chunk in chunks]
@@ -170,10 +170,6 @@ def _frame(tokenizer: CLIPTokenizer, tokens: list[tuple[int, float]]) -> TokenCh
     ids = [tokenizer.bos_token_id, *(token for token, _ in tokens), tokenizer.eos_token_id]
     weights = [1.0, *(weight for _, weight in tokens), 1.0]
     return TokenChunk(ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding)
-
-
-def _empty_chunk(tokenizer: CLIPTokenizer) -> TokenChunk:
-    return _frame(tokenizer, [])
 
 
 @dataclass
@@ -206,15 +202,18 @@ def encode_prompt(
     (``last_hidden_state``, bit-identical to diffusers for a plain prompt); n > 1 is the
     n-th last hidden state passed through the final layer norm. SDXL: 1 is the penultimate
     hidden state of both encoders, unnormalised, as SDXL was trained; n is the (n+1)-th last.
+    Emphasis weights apply to each encoder's output on its own, as A1111 does for SDXL.
     The result is moved to ``device`` (default: it stays where the text encoder is).
     """
     # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
     encoders = _encoders(components)
     chunk_lists = [tokenize_prompt(tokenizer, text) for _, tokenizer in encoders]
     if len({len(chunks) for chunks in chunk_lists}) != 1:
-        raise LienzoError("the model's two tokenizers split this prompt differently; they must share one vocabulary")
+        raise LienzoError("this model's two tokenizers split the prompt differently; they must share one vocabulary")
     missing = max(0, min_chunks - len(chunk_lists[0]))
-    chunk_lists = [chunks + [_empty_chunk(tokenizer)] * missing for chunks, (_, tokenizer) in zip(chunk_lists, encoders)]
+    chunk_lists = [
+        chunks + [_frame(tokenizer, [])] * missing for chunks, (_, tokenizer) in zip(chunk_lists, encoders)
+    ]
 
     # 2. Encode every chunk with every encoder; features of SDXL's two encoders are joined
     is_sdxl = components.family == "sdxl"

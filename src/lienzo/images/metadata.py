@@ -26,7 +26,8 @@ PARAMETERS_KEY = "parameters"
 _NEGATIVE_PREFIX = "Negative prompt:"
 
 # Key grammar as A1111 reads it: a word character, then words, spaces, hyphens or slashes.
-_KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
+_KEY_NAME = re.compile(r"\w[\w \-/]*")
+_KEY = re.compile(rf"\s*({_KEY_NAME.pattern}?)\s*:\s*")
 # A1111 treats the last line as parameters only when it holds at least 3 pairs, so that a
 # one-line prompt such as "style: anime" stays a prompt.
 _MIN_PARAMETER_PAIRS = 3
@@ -134,8 +135,13 @@ class Infotext:
 def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
     """Write the A1111 layout: prompt, ``Negative prompt:`` line (if any), then the pairs.
 
-    ``None`` values are left out; the outer whitespace is stripped, as A1111 does.
+    ``None`` values are left out; the outer whitespace is stripped, as A1111 does. Keys must
+    match the grammar readers use (word characters, spaces, ``-``, ``/``), or they would not
+    read back: A1111 itself writes "Masked area padding", not the UI's "Only masked padding, pixels".
     """
+    for key in params:
+        if not _KEY_NAME.fullmatch(key):
+            raise ValueError(f"infotext key {key!r} would not read back; use letters, digits, spaces, '-' or '/'")
     pairs = ", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items() if value is not None)
     lines = [prompt]
     if negative_prompt:
