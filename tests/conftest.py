@@ -7,6 +7,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker: two workers with two threads each on two cores thrash.
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

@@ -16,6 +16,7 @@ from lienzo.errors import GenerationCancelled
 from lienzo.generation import engine
 from lienzo.generation.request import build_request
 from lienzo.generation.samplers import SAMPLERS
+from lienzo.images.metadata import parse_infotext
 from tiny_models import build_tiny
 
 PROMPT = "a watercolor fox in a (snowy:1.0) forest"
@@ -77,7 +78,7 @@ def test_img2img_matches_diffusers_pipeline(sd1, scheduler, sampler):
 def test_batch_of_two_matches_diffusers_with_per_image_generators(sd1):
     pipe = _pipeline(StableDiffusionPipeline, sd1, EulerAncestralDiscreteScheduler)
     generators = [torch.Generator().manual_seed(100 + i) for i in range(2)]
-    ref = pipe("a fox", num_images_per_prompt=2, num_inference_steps=3, height=64, width=64, generator=generators, output_type="np").images
+    ref = pipe("a fox", num_images_per_prompt=2, num_inference_steps=3, guidance_scale=7.0, height=64, width=64, generator=generators, output_type="np").images
     ours = _run(sd1, prompt="a fox", batch_size=2, steps=3, sampler="Euler a", seed=100, width=64, height=64)
     assert np.abs(np.stack([i.pixels for i in ours.images]) - ref).max() <= 1e-4
 
@@ -186,7 +187,7 @@ def test_outpaint_grows_the_canvas_and_keeps_the_old_image(sd1):
     assert out.shape == (80, 96, 3)
     # The old image survives away from the seam (the mask reaches 8 px into it to blend).
     assert np.array_equal(out[:56, :56], np.asarray(init).astype(int)[:56, :56])
-    assert "Outpaint: left 0, right 32, up 0, down 16" in result.images[0].infotext
+    assert parse_infotext(result.images[0].infotext).params["Outpaint"] == "left 0, right 32, up 0, down 16"
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])

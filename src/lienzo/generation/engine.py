@@ -273,7 +273,7 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
         scaled = torch.cat([s.scale_model_input(latents[j : j + 1], t) for j, s in enumerate(schedulers)])
         model_in = torch.cat([scaled, scaled]) if cfg else scaled
         if masked_latents is not None:
-            extra = torch.cat([mask, masked_latents])
+            extra = torch.cat([mask, masked_latents], dim=1)
             model_in = torch.cat([model_in, torch.cat([extra, extra]) if cfg else extra], dim=1)
         with torch.no_grad():
             pred = unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]

@@ -106,7 +106,10 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise ModelFileError(f"cannot read {path.name}: {err}") from err
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch >= 2.13 routes any path ending in .safetensors to
+        # safetensors by its name, and a torch file renamed so would fail there.
+        with path.open("rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch raises this both for forbidden globals (code) and for damaged pickle streams.
         raise ModelFileError(
@@ -140,8 +143,8 @@ def detect_architecture(shapes: dict[str, Shape], *, name: str = "this file") ->
         family, context_dim = "sd1", shapes[_SD1_CLIP][1]
     else:
         raise ModelFileError(
-            f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: it has a UNet and VAE but its text "
-            "encoders or class embedding match none of them (SDXL refiner, unCLIP and upscaler models are not supported)"
+            f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: it has a UNet and VAE but its text encoders "
+            "or class embedding match none of them (SDXL refiner, unCLIP and upscaler models are not supported)"
         )
     return Architecture(family=family, inpainting=in_channels == 9, in_channels=in_channels, context_dim=context_dim)
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,16 +200,18 @@ def save_single_file(components: Components, path, *, dtype: torch.dtype | None 
     tensors.update(_with_prefix(VAE_PREFIX, _vae_to_ldm(components.vae)))
     for slot in _TEXT_ENCODERS[components.family]:
         encoder = getattr(components, slot.encoder_attr)
-        tensors.update(_with_prefix(slot.prefix, _open_clip_to_ldm(encoder) if slot.open_clip else _clip_to_ldm(encoder)))
+        renamed = _open_clip_to_ldm(encoder) if slot.open_clip else _clip_to_ldm(encoder)
+        tensors.update(_with_prefix(slot.prefix, renamed))
     # 2. safetensors stores contiguous CPU tensors
-    tensors = {key: t.detach().to("cpu", dtype or t.dtype).contiguous() for key, t in tensors.items()}
+    tensors = {
+        key: t.detach().to("cpu", dtype if dtype and t.is_floating_point() else t.dtype).contiguous()
+        for key, t in tensors.items()
+    }
     metadata = {
         "modelspec.prediction_type": _MODELSPEC_PREDICTION.get(components.prediction_type, components.prediction_type)
     }
     # 3. Write beside the target and rename: a crash never leaves half a checkpoint under the real name
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(temp_name)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, temp, metadata=metadata)
         os.replace(temp, path)
@@ -235,9 +237,8 @@ def _load_unet(state_dict: dict, family: str, name: str, dtype: torch.dtype) -> 
     # 2. Rename; the converter maps ldm tensors one to one, so a count mismatch means some were skipped
     converted = convert_ldm_unet_checkpoint(state_dict, layout)
     if len(converted) != len(ldm_keys):
-        raise ModelFileError(
-            f"{name}: {len(ldm_keys) - len(converted)} of its {len(ldm_keys)} UNet tensors fit no Stable Diffusion UNet layer"
-        )
+        unused = len(ldm_keys) - len(converted)
+        raise ModelFileError(f"{name}: {unused} of its {len(ldm_keys)} UNet tensors fit no Stable Diffusion UNet layer")
     # 3. Build an empty UNet from the inferred config and put the tensors in
     with init_empty_weights():
         unet = UNet2DConditionModel(**_unet_config(converted, family, layout["layers_per_block"], name))
@@ -246,7 +247,7 @@ def _load_unet(state_dict: dict, family: str, name: str, dtype: torch.dtype) -> 
 
 def _unet_config(sd: dict, family: str, layers_per_block: int, name: str) -> dict:
     """UNet2DConditionModel arguments read from diffusers-named UNet tensors."""
-    levels = 1 + max(int(key.split(".")[1]) for key in sd if key.startswith("down_blocks."))
+    levels = 1 + max((int(key.split(".")[1]) for key in sd if key.startswith("down_blocks.")), default=0)
     channels = [sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
     depth = [_count_indices(sd, f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(levels)]
     to_k = next((t for key, t in sd.items() if key.endswith("attn2.to_k.weight")), None)
@@ -263,9 +264,9 @@ def _unet_config(sd: dict, family: str, layers_per_block: int, name: str) -> dic
         "block_out_channels": channels,
         "layers_per_block": layers_per_block,
         "cross_attention_dim": to_k.shape[1],
-        # diffusers gives the middle block the last level's depth; levels without attention ignore
-        # theirs, so they carry the middle block's.
-        "transformer_layers_per_block": [d or mid_depth for d in depth],
+        # Levels without attention ignore their depth (diffusers' SDXL config says 1), except that
+        # diffusers gives the middle block the last level's.
+        "transformer_layers_per_block": [d or 1 for d in depth[:-1]] + [depth[-1] or mid_depth],
         # SD 1.x projects in and out of attention with 1x1 convolutions, SD 2.x and XL with linear layers.
         "use_linear_projection": proj_in.ndim == 2,
         # The head count leaves no trace in the weights (to_q is channels x channels however it is split),
@@ -298,7 +299,7 @@ def _load_ldm_vae(
     if "encoder.conv_in.weight" not in ldm:
         raise ModelFileError(f"{name} holds no VAE (no tensor encoder.conv_in.weight)")
     # 2. Rename; the converter needs only the number of resolution levels, and maps one to one
-    levels = 1 + max(int(key.split(".")[2]) for key in ldm if key.startswith("encoder.down."))
+    levels = 1 + max((int(key.split(".")[2]) for key in ldm if key.startswith("encoder.down.")), default=0)
     converted = convert_ldm_vae_checkpoint(
         ldm, {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
     )
@@ -312,7 +313,7 @@ def _load_ldm_vae(
 
 def _vae_config(sd: dict, scaling_factor: float, sample_size: int) -> dict:
     """AutoencoderKL arguments read from diffusers-named VAE tensors."""
-    levels = 1 + max(int(key.split(".")[2]) for key in sd if key.startswith("encoder.down_blocks."))
+    levels = 1 + max((int(key.split(".")[2]) for key in sd if key.startswith("encoder.down_blocks.")), default=0)
     return {
         "in_channels": sd["encoder.conv_in.weight"].shape[1],
         "out_channels": sd["decoder.conv_out.weight"].shape[0],
@@ -335,7 +336,9 @@ def _load_text_encoder(state_dict: dict, slot: _TextEncoderSlot, name: str, dtyp
     if slot.open_clip:
         # SD 2.x reads OpenCLIP-H's penultimate layer, so diffusers drops its last block and projection.
         own = {
-            key[len(slot.prefix) :]: tensor for key, tensor in ldm.items() if key not in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
+            key[len(slot.prefix) :]: tensor
+            for key, tensor in ldm.items()
+            if key not in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
         }
         known = set(DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"].values()) | _OPEN_CLIP_UNUSED
         unused = [key for key in own if not key.startswith("transformer.") and key not in known]
@@ -381,10 +384,14 @@ def _text_config(sd: dict, names: dict, *, hidden_act: str, projection_dim: int 
 def _assign_weights(model: nn.Module, state_dict: dict, what: str, name: str, dtype: torch.dtype) -> nn.Module:
     """Put a file's tensors into an empty (meta) model; every parameter must come from the file, every tensor be used.
 
-    Tensors are cast before they go in: one copy instead of two, and no diffusers ``.to(dtype)``
-    (which warns on every call in diffusers 0.42).
+    Every tensor is copied (and cast) into memory torch allocates. safetensors hands out views at
+    unaligned offsets of the mapped file, and CPU kernels round differently on those: the same weights
+    gave UNet outputs ~1e-6 apart, which breaks "same seed, same image". Casting here also avoids
+    diffusers' ``.to(dtype)``, which warns on every call in diffusers 0.42.
     """
-    state_dict = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state_dict.items()}
+    state_dict = {
+        key: t.to(dtype if t.is_floating_point() else t.dtype, copy=True) for key, t in state_dict.items()
+    }
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as err:
@@ -480,7 +487,8 @@ def _unet_to_ldm(unet: UNet2DConditionModel) -> dict:
             renamed[direct[key]] = tensor
         elif match := _UNET_MID.fullmatch(key):
             kind, index, rest = match[1], int(match[2]), match[3]
-            renamed[f"middle_block.{2 * index}.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"] = tensor
+            ldm = f"middle_block.{2 * index}.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+            renamed[ldm] = tensor
         elif match := _UNET_BLOCK.fullmatch(key):
             direction, level, kind, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
             if kind == "downsamplers":
@@ -524,14 +532,14 @@ def _vae_to_ldm(vae: AutoencoderKL) -> dict:
                     tensor[:, :, None, None] if tensor.ndim == 2 else tensor
                 )
         elif match := _VAE_BLOCK.fullmatch(key):
-            part, direction, level, kind, index, rest = match[1], match[2], int(match[3]), match[4], int(match[5]), match[6]
+            part, direction, level, kind, index, rest = match.groups()
             # ldm numbers decoder levels from the highest resolution, diffusers in the order they run.
-            ldm_level = level if part == "encoder" else levels - 1 - level
+            ldm_level = int(level) if part == "encoder" else levels - 1 - int(level)
             if kind == "resnets":
-                renamed[f"{part}.{direction}.{ldm_level}.block.{index}.{rest.replace('conv_shortcut', 'nin_shortcut')}"] = tensor
+                layer = f"block.{index}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
             else:
-                sampler = "downsample" if kind == "downsamplers" else "upsample"
-                renamed[f"{part}.{direction}.{ldm_level}.{sampler}.{rest}"] = tensor
+                layer = f"{'downsample' if kind == 'downsamplers' else 'upsample'}.{rest}"
+            renamed[f"{part}.{direction}.{ldm_level}.{layer}"] = tensor
         else:
             raise ModelFileError(f"cannot export the VAE tensor {key!r}: it has no ldm name")
     return renamed
