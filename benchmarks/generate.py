@@ -23,8 +23,7 @@ from lienzo.generation import engine  # noqa: E402
 from lienzo.generation.request import build_request  # noqa: E402
 from lienzo.generation.samplers import build_scheduler, resolve_sampler  # noqa: E402
 from lienzo.models.components import Components  # noqa: E402
-from lienzo.models.loading import default_schedule  # noqa: E402
-from lienzo.models.single_file import bundled_tokenizer  # noqa: E402
+from lienzo.models.single_file import bundled_tokenizer, scheduler_config_for  # noqa: E402
 
 
 def sd15_components() -> Components:
@@ -41,7 +40,7 @@ def sd15_components() -> Components:
             max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
         )
     )
-    return Components(unet.eval(), vae.eval(), text.eval(), bundled_tokenizer("<|endoftext|>"), default_schedule(), "sd1")
+    return Components(unet.eval(), vae.eval(), text.eval(), bundled_tokenizer("<|endoftext|>"), scheduler_config_for("epsilon"), "sd1")
 
 
 class PeakRSS:

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -46,7 +48,9 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device, dtype=None) -> "Components":
+        device = torch.device(device)
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None:
+            # Only move what must move: diffusers 0.42 warns on every .to() of its models.
+            if module is not None and (module.device != device or (dtype is not None and module.dtype != dtype)):
                 module.to(device=device, dtype=dtype)
         return self

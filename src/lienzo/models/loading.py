@@ -11,7 +11,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components
-from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file
+from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file, scheduler_config_for
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +20,6 @@ _SCHEDULE_KEYS = (
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
     "steps_offset", "timestep_spacing", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr",
 )
-_DEFAULT_SCHEDULE = json.loads((Path(__file__).parent / "configs" / "scheduler_sd.json").read_text())
-
-
-def default_schedule() -> dict:
-    """Stable Diffusion's training noise schedule (a copy: callers may change the prediction type)."""
-    return {k: v for k, v in _DEFAULT_SCHEDULE.items() if not k.startswith("_")}
 
 
 def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dtype=torch.float32) -> Components:
@@ -42,7 +36,7 @@ def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dty
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {err}") from None
     family = "sdxl" if text_encoder_2 is not None else ("sd2" if text_encoder.config.hidden_act == "gelu" else "sd1")
-    schedule = default_schedule()
+    schedule = scheduler_config_for("epsilon")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
         saved = json.loads(scheduler_file.read_text())
@@ -85,6 +79,12 @@ def load_components(
     else:
         components = load_single_file(path, prediction_type=prediction_type, dtype=dtype)
     if vae is not None:
-        components.vae = load_vae_file(vae).to(dtype=dtype).eval()
+        if vae.is_dir():
+            components.vae = AutoencoderKL.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
+        else:
+            # A VAE file does not say which model it was made for; the checkpoint's family does.
+            scaling = 0.13025 if components.family == "sdxl" else 0.18215
+            components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=dtype)
+        components.vae.eval()
         components.extra["vae_name"] = vae.stem
     return components

@@ -46,6 +46,13 @@ def _folder_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
+def _shapes(path: Path, kind: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes: from the safetensors header alone, or by a weights-only load of a .ckpt."""
+    if kind == "safetensors":
+        return {k: shape for k, (shape, _) in formats.read_header(path).items()}
+    return {k: tuple(v.shape) for k, v in formats.load_state_dict(path).items() if hasattr(v, "shape")}
+
+
 def describe(path: Path) -> str:
     """A short human name for what a file or folder holds, judged by its content."""
     try:
@@ -53,7 +60,7 @@ def describe(path: Path) -> str:
         if kind == "diffusers-folder":
             index = json.loads((path / "model_index.json").read_text())
             return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
-        shapes = formats.read_shapes(path)
+        shapes = _shapes(path, kind)
     except ModelFileError as err:
         return f"unreadable: {err}"
     try:
