@@ -1,5 +1,10 @@
 """The CLI as a user runs it: a single-file checkpoint in, PNGs with parameters out, clear errors."""
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -150,3 +155,16 @@ def test_bad_model_files(lienzo, home, tmp_path, content):
     bad.write_bytes(good[: len(good) // 2] if content == "half" else content)
     result = lienzo("generate", "a fox", "--model", str(bad), *FAST, code=2)
     assert "Traceback" not in result.output and bad.name in result.stderr
+
+
+def test_ctrl_c_stops_between_steps_and_leaves_no_partial_file(home, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "lienzo.cli", "--models-dir", str(home / "models"), "--data-dir", str(home / "data")]
+    args += ["generate", "a fox", "--out", str(out), "--batch-count", "2", "--steps", "60", "--width", "64", "--height", "64"]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        first = proc.stdout.readline().strip()  # the first batch is saved before the signal is sent
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "cancelled" in stderr and "Traceback" not in stderr and stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == [Path(first).name]

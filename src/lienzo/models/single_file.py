@@ -212,6 +212,7 @@ def save_single_file(components: Components, path, *, dtype: torch.dtype | None 
     }
     # 3. Write beside the target and rename: a crash never leaves half a checkpoint under the real name
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         save_file(tensors, temp, metadata=metadata)
         os.replace(temp, path)
