@@ -121,7 +121,7 @@ def test_samplers_lists_every_sampler(lienzo):
         (["--height", "32"], "height must be a multiple of 8 between 64 and 4096, got 32"),
         (["--steps", "0"], "steps must be between 1 and 150, got 0"),
         (["--steps", "1000"], "steps must be between 1 and 150, got 1000"),
-        (["--cfg", "nan"], "cfg_scale must be a number between 0 and 30"),
+        (["--cfg", "nan"], "cfg_scale must be between 0 and 30, got nan"),
         (["--sampler", "Eulr a"], "unknown sampler 'Eulr a'; choose one of: Euler a, Euler"),
         (["--schedule", "Karras", "--sampler", "DDIM"], "cannot use the Karras schedule"),
         (["--seed", "-5"], "seed must be -1 (random)"),

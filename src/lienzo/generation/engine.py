@@ -266,6 +266,7 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
         latents = image_latents
 
     # 6.-7. Denoising loop.
+    step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators, strict=True)]
     started = time.perf_counter()
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel():
@@ -282,7 +283,7 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
             pred = uncond + req.cfg_scale * (cond - uncond)
         latents = torch.cat(
             [
-                s.step(pred[j : j + 1], t, latents[j : j + 1], **_step_kwargs(s, generators[j]), return_dict=False)[0]
+                s.step(pred[j : j + 1], t, latents[j : j + 1], **step_kwargs[j], return_dict=False)[0]
                 for j, s in enumerate(schedulers)
             ]
         )

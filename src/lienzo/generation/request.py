@@ -17,6 +17,18 @@ MAX_BATCH_COUNT = 100
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
+# field: (lowest, highest, unit) for every plain numeric limit.
+_RANGES = {
+    "steps": (1, MAX_STEPS, ""),
+    "cfg_scale": (0, 30, ""),
+    "batch_size": (1, MAX_BATCH_SIZE, ""),
+    "batch_count": (1, MAX_BATCH_COUNT, ""),
+    "clip_skip": (1, 12, ""),
+    "denoising_strength": (0, 1, ""),
+    "mask_blur": (0, 256, " pixels"),
+    "only_masked_padding": (0, 256, " pixels"),
+}
+
 
 class GenerationRequest(BaseModel):
     """Everything that decides the pixels, in AUTOMATIC1111's vocabulary.
@@ -59,18 +71,12 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"{info.field_name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {v}")
         return v
 
-    @field_validator("steps")
+    @field_validator(*_RANGES)
     @classmethod
-    def _steps(cls, v: int) -> int:
-        if not 1 <= v <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {v}")
-        return v
-
-    @field_validator("cfg_scale")
-    @classmethod
-    def _cfg(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 <= v <= 30:
-            raise ValueError(f"cfg_scale must be a number between 0 and 30, got {v}")
+    def _in_range(cls, v: float, info) -> float:
+        low, high, unit = _RANGES[info.field_name]
+        if not math.isfinite(v) or not low <= v <= high:
+            raise ValueError(f"{info.field_name} must be between {low} and {high}{unit}, got {v}")
         return v
 
     @field_validator("sampler")
@@ -94,41 +100,6 @@ class GenerationRequest(BaseModel):
     def _seed(cls, v: int) -> int:
         if not -1 <= v <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {v}")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_size(cls, v: int) -> int:
-        if not 1 <= v <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {v}")
-        return v
-
-    @field_validator("batch_count")
-    @classmethod
-    def _batch_count(cls, v: int) -> int:
-        if not 1 <= v <= MAX_BATCH_COUNT:
-            raise ValueError(f"batch_count must be between 1 and {MAX_BATCH_COUNT}, got {v}")
-        return v
-
-    @field_validator("clip_skip")
-    @classmethod
-    def _clip_skip(cls, v: int) -> int:
-        if not 1 <= v <= 12:
-            raise ValueError(f"clip_skip must be between 1 and 12, got {v}")
-        return v
-
-    @field_validator("denoising_strength")
-    @classmethod
-    def _strength(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 <= v <= 1:
-            raise ValueError(f"denoising_strength must be between 0 and 1, got {v}")
-        return v
-
-    @field_validator("mask_blur", "only_masked_padding")
-    @classmethod
-    def _pixels(cls, v: int, info) -> int:
-        if not 0 <= v <= 256:
-            raise ValueError(f"{info.field_name} must be between 0 and 256 pixels, got {v}")
         return v
 
     @field_validator("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")

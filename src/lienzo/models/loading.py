@@ -87,4 +87,7 @@ def load_components(
             components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=dtype)
         components.vae.eval()
         components.extra["vae_name"] = vae.stem
+    if dtype == torch.float16:
+        # fp32 VAE: the SD 1.5 and SDXL VAEs overflow to NaN (black images) when decoding in fp16.
+        components.vae.to(torch.float32)
     return components
