@@ -97,7 +97,10 @@ def main() -> None:
 
     def run_diffusers():
         generator = torch.Generator().manual_seed(1)
-        return pipe(prompt, num_inference_steps=args.steps, height=args.size, width=args.size, generator=generator, output_type="np").images[0]
+        return pipe(
+            prompt, num_inference_steps=args.steps, guidance_scale=7.0, height=args.size, width=args.size,
+            generator=generator, output_type="np",
+        ).images[0]
 
     runs = {"lienzo": run_lienzo, "diffusers": run_diffusers}
     times = {name: [] for name in runs}

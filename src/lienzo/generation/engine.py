@@ -108,7 +108,7 @@ def _round8(v: int) -> int:
 def _prepare_canvas(components: Components, req: GenerationRequest) -> _Canvas:
     """Resolve sizes; grow, fill and crop the input image and mask for the request's mode."""
     if req.init_image is None:
-        side = native_size(components)
+        side = _round8(native_size(components))
         return _Canvas(req.width or side, req.height or side)
     image, mask = req.init_image.convert("RGB"), req.mask
     if req.is_outpaint:
