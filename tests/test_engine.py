@@ -196,3 +196,23 @@ def test_other_families_generate(family):
     result = _run(components, prompt="a fox", steps=2, seed=1, width=64, height=64, batch_size=2)
     assert len(result.images) == 2 and result.images[0].image.size == (64, 64)
     assert np.isfinite(result.images[0].pixels).all()
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_img2img_and_inpaint(sd1, sampler):
+    init = _init_image()
+    for extra in ({}, {"mask": _mask()}):
+        result = _run(sd1, prompt="a fox", init_image=init, denoising_strength=0.5, steps=4, sampler=sampler, seed=1, **extra)
+        assert np.isfinite(result.images[0].pixels).all()
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_families_inpaint_and_outpaint_at_odd_sizes(family):
+    components = build_tiny(family)
+    init = _init_image(100).crop((0, 0, 100, 72))
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (20, 20, 60, 50))
+    inpainted = _run(components, prompt="a fox", init_image=init, mask=mask, steps=2, seed=1)
+    assert inpainted.images[0].image.size == (96, 72)  # rounded down to multiples of 8
+    outpainted = _run(components, prompt="a fox", init_image=init, outpaint_left=16, steps=2, seed=1)
+    assert outpainted.images[0].image.size == (112, 72)

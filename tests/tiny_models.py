@@ -35,63 +35,29 @@ _TEXT_HIDDEN = 64  # one head of 64 channels
 _SDXL_PROJECTION = 32  # unlike the hidden size, so a transposed text_projection cannot pass unnoticed
 
 
-def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | None = None) -> Components:
-    """A tiny random SD 1.x / 2.x / XL model (seed 0); ``inpainting`` gives the 9-channel UNet."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    torch.manual_seed(0)
-    in_channels = 9 if inpainting else 4
-    scheduler_config = scheduler_config_for(prediction_type or _DEFAULT_PREDICTION[family])
-    if family == "sd1":
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=in_channels,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=_TEXT_HIDDEN,
-            attention_head_dim=8,
-        )
-        return Components(
-            unet=unet,
-            vae=_tiny_vae(0.18215),
-            text_encoder=CLIPTextModel(_text_config("quick_gelu")),
-            tokenizer=bundled_tokenizer("<|endoftext|>"),
-            scheduler_config=scheduler_config,
-            family="sd1",
-            name="tiny-sd1",
-        )
-    if family == "sd2":
-        # Attention at the highest resolution, as in the real SD 2 (sd1 above has it at the lowest).
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=in_channels,
-            out_channels=4,
-            block_out_channels=(64, 128),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=_TEXT_HIDDEN,
-            attention_head_dim=(1, 2),
-            use_linear_projection=True,
-        )
-        return Components(
-            unet=unet,
-            vae=_tiny_vae(0.18215),
-            text_encoder=CLIPTextModel(_text_config("gelu")),
-            tokenizer=bundled_tokenizer("!"),
-            scheduler_config=scheduler_config,
-            family="sd2",
-            name="tiny-sd2",
-        )
+# What differs between the families' UNets; everything else is shared (see build_tiny).
+_UNETS = {
+    "sd1": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=8,
+    ),
+    # Attention at the highest resolution, as in the real SD 2 (sd1 above has it at the lowest).
+    "sd2": dict(
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=(1, 2),
+        use_linear_projection=True,
+    ),
     # Two transformer blocks per attention but one in the middle block (real SDXL: 2 and 10 per level,
     # 10 in the middle), kept at the 64-channel level so that the model stays small.
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
+    "sdxl": dict(
         block_out_channels=(64, 128),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -104,17 +70,28 @@ def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | 
         addition_time_embed_dim=256,
         # pooled text embedding + 6 size/crop numbers x 256 sinusoidal channels
         projection_class_embeddings_input_dim=_SDXL_PROJECTION + 6 * 256,
-    )
+    ),
+}
+
+
+def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | None = None) -> Components:
+    """A tiny random SD 1.x / 2.x / XL model (seed 0); ``inpainting`` gives the 9-channel UNet."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=9 if inpainting else 4, out_channels=4, **_UNETS[family])
+    xl = family == "sdxl"
+    open_clip = family == "sd2"  # SD 2.x's only encoder is OpenCLIP (gelu, pads with "!")
     return Components(
         unet=unet,
-        vae=_tiny_vae(0.13025),
-        text_encoder=CLIPTextModel(_text_config("quick_gelu")),
-        tokenizer=bundled_tokenizer("<|endoftext|>"),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config("gelu", projection_dim=_SDXL_PROJECTION)),
-        tokenizer_2=bundled_tokenizer("!"),
-        scheduler_config=scheduler_config,
-        family="sdxl",
-        name="tiny-sdxl",
+        vae=_tiny_vae(0.13025 if xl else 0.18215),
+        text_encoder=CLIPTextModel(_text_config("gelu" if open_clip else "quick_gelu")),
+        tokenizer=bundled_tokenizer("!" if open_clip else "<|endoftext|>"),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config("gelu", projection_dim=_SDXL_PROJECTION)) if xl else None,
+        tokenizer_2=bundled_tokenizer("!") if xl else None,
+        scheduler_config=scheduler_config_for(prediction_type or _DEFAULT_PREDICTION[family]),
+        family=family,
+        name=f"tiny-{family}",
     )
 
 

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -299,6 +300,8 @@ def info(image):
 
 
 def main() -> None:
+    # torchsde (DPM++ SDE) warns about float rounding at the ends of its interval on every run.
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchsde")
     app(prog_name="lienzo")
 
 
