@@ -253,10 +253,9 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
         mask = mask.repeat(n, 1, 1, 1)
         image_latents = _fill_latents(image_latents, mask, req.inpainting_fill, generators, latent_shape)
         if components.is_inpainting:
-            masked = processor.preprocess(cv.init, height=cv.height, width=cv.width).to(device=device, dtype=vae.dtype)
-            keep = (processor.preprocess(cv.mask.convert("RGB"), height=cv.height, width=cv.width)[:, :1] < 0).to(masked)
+            keep = (processor.preprocess(cv.mask.convert("RGB"), height=cv.height, width=cv.width)[:, :1] < 0).to(image)
             with torch.no_grad():
-                masked_latents = vae.config.scaling_factor * vae.encode(masked * keep).latent_dist.mode()
+                masked_latents = vae.config.scaling_factor * vae.encode(image * keep).latent_dist.mode()
             masked_latents = masked_latents.to(dtype).repeat(n, 1, 1, 1)
     if image_latents is None or (mask is not None and req.denoising_strength >= 1.0):
         latents = noise * schedulers[0].init_noise_sigma

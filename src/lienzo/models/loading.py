@@ -82,8 +82,8 @@ def load_components(
         if vae.is_dir():
             components.vae = AutoencoderKL.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
         else:
-            # A VAE file does not say which model it was made for; the checkpoint's family does.
-            scaling = 0.13025 if components.family == "sdxl" else 0.18215
+            # A VAE file does not say which model it was made for; keep the checkpoint's latent scale.
+            scaling = components.vae.config.scaling_factor
             components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=dtype)
         components.vae.eval()
         components.extra["vae_name"] = vae.stem
