@@ -9,6 +9,7 @@ from lienzo.generation import engine
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
+from lienzo.models.lora import apply_loras
 from lienzo.models.registry import Registry
 from lienzo.settings import Settings
 
@@ -48,6 +49,14 @@ def load_model(
     return components.to(torch_device)
 
 
+def prepare_loras(components: Components, request: GenerationRequest, settings: Settings | None = None) -> None:
+    """Apply exactly the request's LoRAs (``loras`` and ``<lora:...>`` prompt tags) to ``components``,
+    finding each name in the models dir's ``Lora`` folder; call it before every ``engine.generate``."""
+    settings = settings or Settings()
+    registry = Registry(settings.models_dir, settings.cache_dir)
+    apply_loras(components, [(registry.resolve_lora(lora.name), lora.name, lora.weight) for lora in request.requested_loras()])
+
+
 def generate(
     request: GenerationRequest | None = None,
     *,
@@ -60,4 +69,5 @@ def generate(
     """Generate images: ``generate(prompt="a red apple", steps=20, model="sd15")`` or with a request."""
     request = request or build_request(**fields)
     components = model if isinstance(model, Components) else load_model(model)
+    prepare_loras(components, request)
     return engine.generate(components, request, progress=progress, cancel=cancel, on_image=on_image)

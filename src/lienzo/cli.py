@@ -6,7 +6,9 @@ seeds and errors go to stderr.
 """
 
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -30,6 +32,21 @@ SAMPLER_HELP = "sampler by its AUTOMATIC1111 name (see `lienzo samplers`)"
 
 def _settings(ctx: click.Context) -> Settings:
     return ctx.find_root().obj
+
+
+class _LoraParam(click.ParamType):
+    """``--lora NAME`` or ``--lora NAME:WEIGHT`` → (name, weight); the weight defaults to 1."""
+
+    name = "NAME[:WEIGHT]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, sep, weight = value.partition(":")
+        try:
+            return name, float(weight) if sep else 1.0
+        except ValueError:
+            self.fail(f"expected NAME or NAME:WEIGHT such as film-grain:0.6, got {value!r}", param, ctx)
 
 
 def _model_options(f):
@@ -60,6 +77,10 @@ def _generation_options(f):
             click.option("--batch-size", type=int, default=1, show_default=True, help="images per batch (run together)"),
             click.option("--batch-count", type=int, default=1, show_default=True, help="batches, one after another"),
             click.option("--clip-skip", type=int, default=1, show_default=True),
+            click.option(
+                "--lora", "loras", type=_LoraParam(), multiple=True,
+                help="apply a LoRA from the models dir's Lora folder (repeatable); also <lora:NAME:WEIGHT> in the prompt",
+            ),
             click.option("--out", "-o", type=click.Path(path_type=Path), help="output folder [default: outputs dir]"),
         ]
     ):
@@ -96,14 +117,14 @@ def _request_fields(opts: dict) -> dict:
         "batch_count": "batch_count", "clip_skip": "clip_skip", "strength": "denoising_strength",
         "mask_blur": "mask_blur", "only_masked": "inpaint_only_masked", "padding": "only_masked_padding",
         "fill": "inpainting_fill", "left": "outpaint_left", "right": "outpaint_right", "up": "outpaint_up",
-        "down": "outpaint_down",
+        "down": "outpaint_down", "loras": "loras",
     }
     return {field: opts[flag] for flag, field in names.items() if flag in opts and opts[flag] is not None}
 
 
 def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     """Build the request, load the model, generate with a progress bar, save each image as it is done."""
-    from lienzo.api import load_model
+    from lienzo.api import load_model, prepare_loras
     from lienzo.generation.engine import generate
     from lienzo.generation.request import build_request
     from lienzo.images.io import next_image_path, save_png_atomic
@@ -117,6 +138,7 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
         components = load_model(
             opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype, settings=settings
         )
+        prepare_loras(components, request, settings)
     out_dir = opts.get("out") or settings.outputs_dir / f"{mode}-images" / date.today().isoformat()
 
     stop = threading.Event()
@@ -267,6 +289,14 @@ def models(ctx):
     for entry in registry.scan():
         table.add_row(entry.name, entry.architecture, f"{entry.size_bytes / 2**20:,.1f} MiB", entry.short_hash)
     Console().print(table)
+    loras = registry.loras()
+    if loras:
+        table = Table(title="LoRAs (use as <lora:NAME:WEIGHT> or --lora NAME:WEIGHT)")
+        for column in ("name", "size", "hash"):
+            table.add_column(column)
+        for lora in loras:
+            table.add_row(lora.name, f"{lora.size_bytes / 2**20:,.1f} MiB", lora.short_hash)
+        Console().print(table)
 
 
 @app.command()
@@ -297,6 +327,189 @@ def info(image):
         click.echo(f"Negative prompt: {parsed.negative_prompt}")
     for key, value in parsed.params.items():
         click.echo(f"{key}: {value}")
+
+
+@app.group()
+def dataset():
+    """Check training data folders."""
+
+
+@dataset.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--licence", help="the data's licence [default: first line of the folder's LICENSE file]")
+@click.option("--source", help="where the data came from, for the model card")
+@click.option("--manifest", type=click.Path(path_type=Path), help="where to write the manifest [default: FOLDER/lienzo-manifest.json]")
+def check(folder, licence, source, manifest):
+    """Decode every file in FOLDER, report what cannot be trained on, and write a manifest."""
+    from lienzo.training.data import MANIFEST_NAME, scan_folder, write_manifest
+
+    columns = [TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("scan", total=None)
+
+        def on_file(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        scan = scan_folder(folder, licence=licence, source=source, progress=on_file)
+
+    console = Console()
+    console.print(f"files seen: {scan.files_seen}", highlight=False)
+    console.print(f"valid images: {len(scan.records)}", highlight=False)
+    if scan.records:
+        # Ordered by area; the median of an even count is the lower middle, a size that exists.
+        by_area = sorted(scan.records, key=lambda r: (r.width * r.height, r.width))
+        sizes = [by_area[0], by_area[(len(by_area) - 1) // 2], by_area[-1]]
+        console.print("sizes (min / median / max): " + " / ".join(f"{r.width}x{r.height}" for r in sizes), highlight=False)
+        console.print(f"captioned: {scan.captioned} of {len(scan.records)}", highlight=False)
+        labels = ", ".join(f"{escape(name)} {n}" for name, n in scan.labels.items()) or "none (no sub-folders)"
+        console.print(f"labels: {labels}", highlight=False)
+    licence_text = escape(scan.licence) if scan.licence else "[yellow]unknown: pass --licence or add a LICENSE file"
+    console.print(f"licence: {licence_text}", highlight=False, soft_wrap=True)
+    if scan.problems:
+        table = Table(title="skipped files")
+        for column in ("path", "kind", "detail"):
+            table.add_column(column)
+        for p in scan.problems:
+            table.add_row(escape(p.path), p.kind, escape(p.detail))
+        console.print(table)
+    for kept, *dropped in scan.duplicates:
+        console.print(f"duplicate: kept {escape(kept)}, skipped {escape(', '.join(dropped))}", highlight=False, soft_wrap=True)
+    scan.require_images()
+
+    path = manifest or folder / MANIFEST_NAME
+    digest = write_manifest(scan, path, field="--manifest")
+    console.print(f"manifest: {escape(str(path))}", highlight=False, soft_wrap=True)
+    console.print(f"sha256: {digest}", highlight=False)
+
+
+_TRAIN_FLAGS = {
+    # flag: config key it overrides
+    "seed": "seed", "resolution": "resolution", "stage": "stages", "conditioning": "data.conditioning",
+    "prediction": "model.prediction_type", "vae_steps": "vae.steps", "unet_steps": "unet.steps",
+    "batch_size": "unet.batch_size", "lr": "unet.lr", "sample_every": "samples.every",
+    "checkpoint_every": "checkpoint_every", "mixed_precision": "mixed_precision",
+    "base": "lora.base", "rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_name": "lora.name",
+}
+
+
+@app.command()
+@click.option("--data", type=click.Path(path_type=Path), help="folder of images (captions: same-name .txt; labels: sub-folders)")
+@click.option("--out", type=click.Path(path_type=Path), help="run folder; becomes a diffusers model folder")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML recipe (see recipes/)")
+@click.option("--preset", type=click.Choice(["tiny", "mini", "base"]), help="model and schedule sizes [default: mini]")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override any config key, e.g. unet.lr=2e-4")
+@click.option("--resume", type=click.Path(path_type=Path), help="continue the run in this folder exactly")
+@click.option("--stage", multiple=True, type=click.Choice(["vae", "unet"]), help="stages to run [default: vae then unet]")
+@click.option("--vae", "vae_path", type=click.Path(path_type=Path), help="a trained VAE folder, for a unet-only run")
+@click.option("--perceptual-weights", type=click.Path(path_type=Path), help="local VGG16 weights for the VAE's perceptual loss")
+@click.option("--seed", type=int)
+@click.option("--resolution", type=int)
+@click.option("--conditioning", type=click.Choice(["caption", "label", "none"]))
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]))
+@click.option("--vae-steps", type=int)
+@click.option("--unet-steps", type=int)
+@click.option("--batch-size", type=int, help="UNet stage batch size")
+@click.option("--lr", type=float, help="UNet stage learning rate")
+@click.option("--sample-every", type=int, help="steps between sample grids")
+@click.option("--checkpoint-every", type=int, help="steps between checkpoints")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]))
+@click.option("--lora", is_flag=True, help="fine-tune --base with a LoRA instead of training from scratch")
+@click.option("--base", help="the checkpoint a LoRA fine-tunes (file, diffusers folder or model name)")
+@click.option("--rank", type=int, help="LoRA rank")
+@click.option("--lora-alpha", type=float, help="LoRA alpha")
+@click.option("--lora-name", help="file name of the saved LoRA")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
+@click.option("--num-processes", type=int, default=1, show_default=True, help="processes (one per GPU, or CPU processes)")
+@click.option("--stop-after", type=int, help="save a checkpoint and stop after this many steps (resume later)")
+@click.option("--time-limit", type=float, help="save a checkpoint and stop after this many minutes")
+@click.pass_context
+def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perceptual_weights, lora, device, num_processes, stop_after, time_limit, **flags):
+    """Train a diffusion model on a folder of images, or a LoRA on an existing model."""
+    from lienzo.training.config import build_config, nest, parse_override
+    from lienzo.training.trainer import Trainer, saved_config
+
+    # 1. The config: the resumed run's, or a preset, then the file, then --set, then flags.
+    if resume is not None:
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise click.UsageError("--out and --resume name different folders; a resumed run continues in its own folder")
+        out = resume
+    if out is None:
+        raise click.UsageError("give the run folder with --out DIR (or --resume DIR)")
+    layers = [saved_config(resume).model_dump(mode="json")] if resume is not None else []
+    layers += [parse_override(o) for o in overrides]
+    given = {key: flags[flag] for flag, key in _TRAIN_FLAGS.items() if flags.get(flag) not in (None, ())}
+    if lora:
+        if not flags.get("base") and resume is None:
+            raise click.UsageError("--lora needs --base MODEL to fine-tune")
+        given["stages"] = ["unet"]
+    elif flags.get("base"):
+        raise click.UsageError("--base is for LoRA fine-tuning; add --lora")
+    if "stages" in given:
+        given["stages"] = list(given["stages"])
+    if "lora.base" in given:
+        settings = _settings(ctx)
+        from lienzo.models.registry import Registry
+
+        given["lora.base"] = str(Registry(settings.models_dir, settings.cache_dir).resolve(given["lora.base"]))
+    layers += [nest(key, value) for key, value in given.items()]
+    default_preset = None if (resume is not None or config_file is not None or lora) else "mini"
+    config = build_config(preset or default_preset, config_file, layers)
+
+    # 2. Several processes: relaunch this command under torch's launcher; accelerate reads its environment.
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        argv = _without_option(sys.argv[1:], "--num-processes")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}", "-m", "lienzo", *argv]
+        sys.exit(subprocess.call(command))
+
+    # 3. Train, with a progress bar; Ctrl-C saves a checkpoint after the current step.
+    stop = threading.Event()
+
+    def on_sigint(_signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        err_console.print("[yellow]saving a checkpoint after this step (Ctrl-C again to abort without one)")
+
+    columns = [
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with Progress(*columns, console=err_console) as bar:
+            tasks: dict[str, int] = {}
+
+            def on_step(p) -> None:
+                if p.stage not in tasks:
+                    tasks[p.stage] = bar.add_task(f"{p.stage} stage", total=p.total, loss=float("nan"), rate=0.0)
+                bar.update(tasks[p.stage], completed=p.step, loss=p.loss, rate=p.images_per_s)
+
+            trainer = Trainer(
+                config, data=data, out=out, resume=resume is not None, perceptual_weights=perceptual_weights, vae=vae_path,
+                device=device, progress=on_step, stop=stop.is_set, stop_after=stop_after,
+                time_limit=time_limit * 60 if time_limit else None,
+            )
+            result = trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    steps = ", ".join(f"{stage} {n}" for stage, n in result.steps.items())
+    if result.status != "finished":
+        err_console.print(f"[yellow]stopped at {steps}; checkpoint saved. Continue with: lienzo train --resume {result.out}")
+        sys.exit(130 if result.status == "interrupted" else 0)
+    err_console.print(f"trained ({steps}) in {result.seconds / 60:.1f} min; generate with: lienzo generate --model {result.out} \"...\"")
+    click.echo(str(result.out))
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def main() -> None:

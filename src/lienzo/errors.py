@@ -21,5 +21,9 @@ class ImageFileError(LienzoError):
     """An input image or mask cannot be read."""
 
 
+class DatasetError(LienzoError):
+    """A training data folder or its manifest is missing, unusable or cannot be written."""
+
+
 class GenerationCancelled(Exception):
     """Raised between denoising steps when the caller asks to stop."""

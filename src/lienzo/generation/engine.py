@@ -18,10 +18,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from lienzo import __version__
-from lienzo.errors import GenerationCancelled
+from lienzo.errors import GenerationCancelled, LienzoError
 from lienzo.generation import canvas
 from lienzo.generation.noise import batch_noise, image_generators, random_seed
-from lienzo.generation.prompts import PromptEmbeddings, encode_pair
+from lienzo.generation.prompts import PromptEmbeddings, encode_pair, extract_lora_tags, lora_tag
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule
 from lienzo.images.metadata import format_infotext
@@ -187,9 +187,12 @@ def generate(
     schedule = resolve_schedule(sampler, request.schedule)
     cv = _prepare_canvas(components, request)
     device, dtype = components.unet.device, components.unet.dtype
+    _check_loras(components, request)
 
-    # 2. Encode prompts once for every batch.
-    pos, neg = encode_pair(components, request.prompt, request.negative_prompt, clip_skip=request.clip_skip, device=device)
+    # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
+    prompt, _ = extract_lora_tags(request.prompt)
+    pos, neg = encode_pair(components, prompt, request.negative_prompt, clip_skip=request.clip_skip, device=device)
+    info_prompt = _infotext_prompt(request)
 
     images: list[GeneratedImage] = []
     for batch in range(request.batch_count):
@@ -198,11 +201,29 @@ def generate(
         for i, array in enumerate(pixels):
             image = _finish(Image.fromarray((array * 255).round().astype(np.uint8)), cv)
             params = _parameters(components, request, cv, first + i, sampler.name, schedule)
-            infotext = format_infotext(request.prompt, request.negative_prompt, params)
+            infotext = format_infotext(info_prompt, request.negative_prompt, params)
             images.append(GeneratedImage(image, first + i, infotext, params, array))
             if on_image is not None:
                 on_image(images[-1])
     return GenerationResult(images, request.model_copy(update={"seed": seed}), time.perf_counter() - started)
+
+
+def _check_loras(components: Components, request: GenerationRequest) -> None:
+    """The LoRAs applied to the model must be the ones the request asks for, or its pixels and infotext would lie."""
+    wanted = [lora_tag(lora.name, lora.weight) for lora in request.requested_loras()]
+    applied = [lora_tag(name, weight) for name, weight, _ in components.extra.get("active_loras", [])]
+    if wanted != applied:
+        raise LienzoError(
+            f"loras: the request asks for {' '.join(wanted) or 'no LoRA'} but the model has {' '.join(applied) or 'none'} "
+            "applied; apply them first with lienzo.api.prepare_loras(components, request)"
+        )
+
+
+def _infotext_prompt(request: GenerationRequest) -> str:
+    """The prompt as given, plus a tag for each LoRA given only in ``loras``, so A1111 and --from can remake it."""
+    tagged = {name for name, _ in extract_lora_tags(request.prompt)[1]}
+    extra = [lora_tag(lora.name, lora.weight) for lora in request.requested_loras() if lora.name not in tagged]
+    return " ".join([request.prompt, *extra]) if extra else request.prompt
 
 
 def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, cancel) -> np.ndarray:
@@ -337,5 +358,9 @@ def _parameters(components: Components, req: GenerationRequest, cv: _Canvas, see
         params["Clip skip"] = req.clip_skip
     if components.extra.get("vae_name"):
         params["VAE"] = components.extra["vae_name"]
+    # A1111's form: "name: short hash, ..."; its reader splits on those characters, so names lose them.
+    hashes = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, _, h in components.extra.get("active_loras", []) if h]
+    if hashes:
+        params["Lora hashes"] = ", ".join(hashes)
     params["Version"] = f"lienzo {__version__}"
     return params

@@ -7,6 +7,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from lienzo.errors import InvalidRequestError
+from lienzo.generation.prompts import extract_lora_tags
 from lienzo.generation.samplers import SCHEDULES, resolve_sampler
 
 MAX_SIDE = 4096
@@ -14,6 +15,8 @@ MAX_STEPS = 150  # AUTOMATIC1111's slider limit; more steps stop changing the pi
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 100
+# A1111 takes negative LoRA weights too (they push away from the LoRA); beyond ±10 any LoRA is noise.
+MAX_LORA_WEIGHT = 10
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
@@ -30,11 +33,55 @@ _RANGES = {
 }
 
 
+def _check_lora_weight(weight: float, what: str) -> float:
+    if not math.isfinite(weight) or not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+        raise ValueError(f"{what} must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT}, got {weight:g}")
+    return weight
+
+
+class LoraRef(BaseModel):
+    """A LoRA by name (a file in the models dir's ``Lora`` folder, by stem, or a path) and its weight.
+
+    Also accepts ``"name"``, ``("name",)`` and ``("name", 0.5)``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    weight: float = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_forms(cls, v):
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, (tuple, list)):
+            if not 1 <= len(v) <= 2:
+                raise ValueError(f"a LoRA is (name, weight), got {v!r}")
+            return dict(zip(("name", "weight"), v))
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip()
+        # The name goes into the infotext as <lora:NAME:WEIGHT>, which these characters would break.
+        if not v or any(c in v for c in "<>:"):
+            raise ValueError(f"a LoRA name must be non-empty, without '<', '>' or ':', got {v!r}")
+        return v
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        return _check_lora_weight(v, "a LoRA weight")
+
+
 class GenerationRequest(BaseModel):
     """Everything that decides the pixels, in AUTOMATIC1111's vocabulary.
 
     ``init_image`` makes it img2img, ``mask`` inpaint, ``outpaint_*`` outpaint. ``width``/``height``
     of ``None`` mean the model's native size (txt2img) or the input image's size (the other modes).
+    LoRAs come from ``loras`` and from ``<lora:NAME:WEIGHT>`` tags in the prompt (see :meth:`requested_loras`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
@@ -51,6 +98,7 @@ class GenerationRequest(BaseModel):
     batch_size: int = 1
     batch_count: int = 1
     clip_skip: int = 1
+    loras: list[LoraRef] = []
 
     init_image: Image.Image | None = None
     denoising_strength: float = 0.75
@@ -77,6 +125,17 @@ class GenerationRequest(BaseModel):
         low, high, unit = _RANGES[info.field_name]
         if not math.isfinite(v) or not low <= v <= high:
             raise ValueError(f"{info.field_name} must be between {low} and {high}{unit}, got {v}")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _lora_tags(cls, v: str) -> str:
+        try:
+            _, tags = extract_lora_tags(v)
+        except InvalidRequestError as err:
+            raise ValueError(str(err).removeprefix("prompt: ")) from None
+        for name, weight in tags:
+            _check_lora_weight(weight, f"the weight in <lora:{name}:{weight:g}>")
         return v
 
     @field_validator("sampler")
@@ -121,6 +180,14 @@ class GenerationRequest(BaseModel):
         if self.is_outpaint and self.mask is not None:
             raise ValueError("outpainting makes its own mask; give either a mask or outpaint amounts, not both")
         return self
+
+    def requested_loras(self) -> list[LoraRef]:
+        """The LoRAs to apply: the prompt's tags in order, then ``loras`` no tag names (for a name in
+        both, the tag's weight wins, as what the prompt shows is what the image got)."""
+        _, tags = extract_lora_tags(self.prompt)
+        tagged = {name for name, _ in tags}
+        fields = {lora.name: lora for lora in self.loras if lora.name not in tagged}
+        return [LoraRef(name=name, weight=weight) for name, weight in tags] + list(fields.values())
 
     @property
     def is_outpaint(self) -> bool:

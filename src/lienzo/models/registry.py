@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
+LORA_FOLDERS = ("lora", "loras")
+LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
 
 
 @dataclass
@@ -34,12 +37,36 @@ class ModelEntry:
         return self.architecture.startswith(tuple(_FAMILY_NAMES.values()))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+@dataclass
+class LoraEntry:
+    name: str  # the file stem, as <lora:NAME:1> names it
+    path: Path
+    size_bytes: int
+    short_hash: str
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24, *, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
+        f.seek(offset)
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def lora_hash(path: Path) -> str:
+    """A LoRA's hash as A1111 shows it: the ``sshs_model_hash`` its trainer stored, else for safetensors the
+    sha256 of the tensor data after the 8-byte length and JSON header (kohya's "addnet" hash, so editing
+    metadata keeps the hash), else the sha256 of the whole file."""
+    path = Path(path)
+    if formats.sniff(path) != "safetensors":
+        return sha256_file(path)
+    stored = formats.read_metadata(path).get("sshs_model_hash")
+    if stored:
+        return stored
+    with path.open("rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+    return sha256_file(path, offset=8 + header_length)
 
 
 def _folder_files(path: Path) -> list[Path]:
@@ -103,8 +130,9 @@ class Registry:
         if not self.models_dir.is_dir():
             return []
         found = [p.parent for p in self.models_dir.rglob("model_index.json")]
+        skip = [*found, *self._lora_dirs()]
         for p in self.models_dir.rglob("*"):
-            if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not any(p.is_relative_to(d) for d in found):
+            if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not any(p.is_relative_to(d) for d in skip):
                 found.append(p)
         return sorted(found, key=lambda p: str(p).lower())
 
@@ -152,6 +180,48 @@ class Registry:
                 return p
         names = ", ".join(self.entry(p).name for p in candidates) or f"none: the models dir {self.models_dir} is empty"
         raise ModelFileError(f"model: no model named {name_or_path!r}; available: {names}")
+
+    def _lora_dirs(self) -> list[Path]:
+        if not self.models_dir.is_dir():
+            return []
+        return [d for d in self.models_dir.iterdir() if d.is_dir() and d.name.lower() in LORA_FOLDERS]
+
+    def _lora_files(self) -> list[tuple[Path, Path]]:
+        """(LoRA folder, file) pairs, in file-stem order."""
+        pairs = [(d, p) for d in self._lora_dirs() for p in d.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
+        return sorted(pairs, key=lambda pair: (pair[1].stem.lower(), str(pair[1]).lower()))
+
+    def loras(self) -> list[LoraEntry]:
+        """LoRA files in ``<models>/Lora`` or ``<models>/loras`` (sub-folders too), in name order, with A1111 hashes."""
+        return [self._lora_entry(p) for _, p in self._lora_files()]
+
+    def _lora_entry(self, path: Path) -> LoraEntry:
+        path = path.resolve()
+        stat = path.stat()
+        stamp = [[str(path), stat.st_size, stat.st_mtime_ns]]
+        # Its own cache key: a LoRA's hash is the "addnet" hash, not the checkpoints' whole-file sha256.
+        key = f"lora:{path}"
+        cache = self._load_cache()
+        cached = cache.get(key)
+        if cached is None or cached["stamp"] != stamp:
+            cached = {"stamp": stamp, "hash": lora_hash(path)}
+            cache[key] = cached
+            self._save_cache()
+        return LoraEntry(path.stem, path, stat.st_size, cached["hash"][:LORA_SHORT_HASH])
+
+    def resolve_lora(self, name_or_path: str | Path) -> Path:
+        """A LoRA file by path, else by stem, file name or path inside the LoRA folder (``styles/film``)."""
+        given = Path(name_or_path).expanduser()
+        if given.is_file():
+            return given
+        wanted = str(name_or_path).lower()
+        files = self._lora_files()
+        for folder, p in files:
+            inside = p.relative_to(folder).with_suffix("").as_posix().lower()
+            if wanted in (p.stem.lower(), p.name.lower(), inside):
+                return p
+        names = ", ".join(p.stem for _, p in files) or f"none: put LoRA files in {self.models_dir / 'Lora'}"
+        raise ModelFileError(f"lora: no LoRA named {str(name_or_path)!r}; available: {names}")
 
     def as_dict(self, entry: ModelEntry) -> dict:
         return {**asdict(entry), "path": str(entry.path)}

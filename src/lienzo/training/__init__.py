@@ -1,0 +1,1 @@
+"""Training: data scanning and manifests, configuration, the trainer and LoRA."""

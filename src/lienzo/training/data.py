@@ -1,0 +1,394 @@
+"""Training data: check every file in a folder, record what was found in a manifest, serve images as tensors.
+
+Folder conventions: same-name ``.txt`` (or ``.caption``) files are captions, as kohya's scripts read
+them; top-level sub-folders are class labels, as torchvision's ``ImageFolder`` reads them.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from lienzo.errors import DatasetError
+from lienzo.images.io import load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+# In order of preference when an image has both.
+CAPTION_SUFFIXES = (".txt", ".caption")
+MANIFEST_NAME = "lienzo-manifest.json"
+MANIFEST_FORMAT = "lienzo-dataset-manifest"
+MANIFEST_VERSION = 1
+
+_LICENCE_NAME = re.compile(r"(licen[cs]e|copying)(\.(txt|md))?", re.IGNORECASE)
+_LICENCE_MAX_CHARS = 200
+# EXIF orientations 5 to 8 turn the picture a quarter: the stored width is the displayed height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_MANIFEST_KEYS = ("root", "created", "source", "licence", "licence_file", "counts", "images", "problems", "duplicates")
+_COUNT_KEYS = ("files_seen", "images", "captioned", "labels", "problems", "duplicates")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable training image. ``path`` is POSIX and relative to the data folder; sizes are as displayed (EXIF-upright)."""
+
+    path: str
+    sha256: str
+    width: int
+    height: int
+    caption: str | None
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that was skipped. ``kind``: corrupt, truncated, unreadable, not an image, too large."""
+
+    path: str
+    kind: str
+    detail: str
+
+
+@dataclass
+class DatasetScan:
+    """What ``scan_folder`` found: the images to train on, and why every other file was left out.
+
+    ``files_seen`` counts the files that were candidates for images (hidden files, captions,
+    licence files and lienzo manifests are not candidates), so it equals
+    ``len(records) + len(problems)`` plus the duplicates that were dropped.
+    """
+
+    root: Path
+    records: list[ImageRecord]
+    problems: list[Problem]
+    duplicates: list[list[str]]
+    licence: str | None
+    licence_file: str | None
+    source: str | None
+    files_seen: int
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Images per label, by label name; images at the root have none and are not counted."""
+        return dict(sorted(Counter(r.label for r in self.records if r.label is not None).items()))
+
+    @property
+    def captioned(self) -> int:
+        """Images with a non-empty caption."""
+        return sum(bool(r.caption) for r in self.records)
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Files left out because an earlier file (by path) has the same bytes."""
+        return sum(len(group) - 1 for group in self.duplicates)
+
+    def require_images(self) -> None:
+        """Raise ``DatasetError`` when nothing in the folder can be trained on, saying what was there instead."""
+        if self.records:
+            return
+        if not self.files_seen:
+            found = "found no files; hidden files, captions and licence files are not counted"
+        else:
+            kinds = Counter(p.kind for p in self.problems)
+            found = f"{_plural(self.files_seen, 'file')} seen: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        raise DatasetError(f"data: no valid images in {self.root} ({found})")
+
+
+def scan_folder(
+    root: Path,
+    *,
+    licence: str | None = None,
+    source: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DatasetScan:
+    """Decode every file under ``root`` and sort the usable images from the rest; never raises for a bad file.
+
+    ``licence`` and ``source`` are recorded as given; without ``licence``, the first line of a
+    LICENSE / LICENCE / COPYING file at the root is used. ``progress(done, total)`` is called
+    after each file. Of files with identical bytes only the first (by path) becomes a record.
+    """
+    # 1. Check the folder
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"data: {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"data: {root} is not a folder")
+
+    # 2. Find the candidates and, beside them, the captions and the licence file
+    candidates, captions, licence_path = _walk(root)
+
+    # 3. Decode every candidate; keep the first of each set of identical files
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    paths_by_hash: dict[str, list[str]] = {}
+    for done, path in enumerate(candidates, 1):
+        result = _inspect(root, path, captions.get(path))
+        if isinstance(result, Problem):
+            problems.append(result)
+        else:
+            same = paths_by_hash.setdefault(result.sha256, [])
+            same.append(result.path)
+            if len(same) == 1:
+                records.append(result)
+        if progress is not None:
+            progress(done, len(candidates))
+    duplicates = [paths for paths in paths_by_hash.values() if len(paths) > 1]
+
+    # 4. Licence: the caller's word wins over the folder's file
+    licence_file = None
+    if licence is None and licence_path is not None:
+        licence, licence_file = _first_line(licence_path), licence_path.relative_to(root).as_posix()
+
+    scan = DatasetScan(root, records, problems, duplicates, licence, licence_file, source, len(candidates))
+    log.info("scanned %s: %d images, %d problems, %d duplicates", root, len(records), len(problems), scan.duplicates_dropped)
+    return scan
+
+
+def _walk(root: Path) -> tuple[list[Path], dict[Path, Path], Path | None]:
+    """The files to check (sorted by relative path), each image's caption file, and the root's licence file."""
+    candidates: list[Path] = []
+    captions: dict[Path, Path] = {}
+    licence_path = None
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        folder = Path(folder)
+        names = sorted(f for f in files if not f.startswith("."))
+        image_stems = {Path(n).stem for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES}
+        caption_files = {folder / n for n in names if Path(n).suffix.lower() in CAPTION_SUFFIXES and Path(n).stem in image_stems}
+        # Least preferred first, so that a .txt overwrites a .caption of the same stem.
+        by_preference = sorted(caption_files, key=lambda p: (-CAPTION_SUFFIXES.index(p.suffix.lower()), p.name))
+        caption_of = {p.stem: p for p in by_preference}
+        for name in names:
+            path = folder / name
+            if path in caption_files:
+                continue
+            if _LICENCE_NAME.fullmatch(name):
+                if folder == root and licence_path is None:
+                    licence_path = path
+                continue
+            if _is_manifest(path):
+                continue
+            candidates.append(path)
+            if path.stem in caption_of and path.suffix.lower() in IMAGE_SUFFIXES:
+                captions[path] = caption_of[path.stem]
+    candidates.sort(key=lambda p: p.relative_to(root).as_posix())
+    return candidates, captions, licence_path
+
+
+def _is_manifest(path: Path) -> bool:
+    """True for a manifest lienzo wrote (``format`` is its first key), whatever its name."""
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        with path.open("rb") as file:
+            return f'"{MANIFEST_FORMAT}"'.encode() in file.read(256)
+    except OSError:
+        return False
+
+
+def _inspect(root: Path, path: Path, caption_path: Path | None) -> ImageRecord | Problem:
+    """Fully decode one file: a record if it is a usable image, otherwise the reason it is not."""
+    rel = path.relative_to(root).as_posix()
+    suffix = path.suffix.lower()
+    if suffix in CAPTION_SUFFIXES:
+        return Problem(rel, "not an image", "a caption file with no image of the same name")
+    if suffix not in IMAGE_SUFFIXES:
+        return Problem(rel, "not an image", f"{suffix or 'no'} extension; images are {', '.join(sorted(IMAGE_SUFFIXES))}")
+    if not path.is_file():
+        return Problem(rel, "unreadable", "a broken link" if path.is_symlink() else "not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return Problem(rel, "unreadable", err.strerror or str(err))
+    if not data:
+        return Problem(rel, "corrupt", "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # Decode every pixel: Image.open reads only the header, and a truncated file fails only here.
+            image.load()
+            width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+                width, height = height, width
+    except Image.DecompressionBombError as err:
+        return Problem(rel, "too large", str(err))
+    except UnidentifiedImageError:
+        return Problem(rel, "corrupt", "Pillow cannot identify it as an image")
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow reports broken data as OSError, SyntaxError ("broken PNG file") or ValueError, by format and
+        # by where it breaks; a file cut short says "image file is truncated" or "Truncated File Read".
+        kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
+        return Problem(rel, kind, str(err))
+    label = rel.split("/", 1)[0] if "/" in rel else None
+    caption = _read_caption(caption_path) if caption_path is not None else None
+    return ImageRecord(rel, hashlib.sha256(data).hexdigest(), width, height, caption, label)
+
+
+def _read_caption(path: Path) -> str | None:
+    try:
+        # utf-8-sig: captions saved by Windows Notepad start with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig", errors="replace").strip()
+    except OSError as err:
+        log.warning("caption %s cannot be read (%s); its image is used without one", path, err.strerror or err)
+        return None
+
+
+def _first_line(path: Path) -> str | None:
+    """The licence named by the first non-empty line of ``path``, e.g. "CC BY-SA 4.0" or "MIT License"."""
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
+    except OSError as err:
+        log.warning("licence file %s cannot be read (%s)", path, err.strerror or err)
+        return None
+    return next((line.strip()[:_LICENCE_MAX_CHARS] for line in text.splitlines() if line.strip()), None)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _manifest(scan: DatasetScan) -> dict:
+    return {
+        # "format" first: scan_folder recognises a manifest by it in the file's first bytes.
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "root": str(scan.root),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": scan.source,
+        "licence": scan.licence,
+        "licence_file": scan.licence_file,
+        "counts": {
+            "files_seen": scan.files_seen,
+            "images": len(scan.records),
+            "captioned": scan.captioned,
+            "labels": scan.labels,
+            "problems": len(scan.problems),
+            "duplicates": scan.duplicates_dropped,
+        },
+        "images": [asdict(r) for r in scan.records],
+        "problems": [asdict(p) for p in scan.problems],
+        "duplicates": scan.duplicates,
+    }
+
+
+def write_manifest(scan: DatasetScan, path: Path, *, field: str = "manifest") -> str:
+    """Write the scan as a JSON manifest, atomically; return the SHA-256 of the bytes written.
+
+    The same folder gives the same bytes apart from ``created``. Parent folders are created.
+    Failure raises ``DatasetError`` naming ``field`` (a CLI passes its flag) and leaves no file.
+    """
+    data = (json.dumps(_manifest(scan), indent=2, ensure_ascii=False) + "\n").encode()
+    path = Path(path)
+    temp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException as err:
+        # BaseException: a Ctrl-C mid-write must not leave the temporary file behind either.
+        if temp_name is not None:
+            Path(temp_name).unlink(missing_ok=True)
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            raise DatasetError(f"{field}: cannot write {path} (a folder on the way is a file)") from err
+        if isinstance(err, OSError):
+            raise DatasetError(f"{field}: cannot write {path} ({err.strerror or err})") from err
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    """Read a manifest written by ``write_manifest``; ``DatasetError`` if it is missing, corrupt or another format."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DatasetError(f"manifest: {path} does not exist") from err
+    except OSError as err:
+        raise DatasetError(f"manifest: cannot read {path} ({err.strerror or err})") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"manifest: {path} is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DatasetError(f"manifest: {path} is not a lienzo dataset manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise DatasetError(f"manifest: {path} has version {manifest.get('version')!r}; this lienzo reads version {MANIFEST_VERSION}")
+    counts = manifest.get("counts")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    missing += [f"counts.{k}" for k in _COUNT_KEYS if not isinstance(counts, dict) or k not in counts]
+    if missing:
+        raise DatasetError(f"manifest: {path} lacks {', '.join(missing)}")
+    return manifest
+
+
+def manifest_summary(manifest: dict, sha256: str) -> dict:
+    """The facts about the training data that a model card states."""
+    counts = manifest["counts"]
+    return {
+        "images": counts["images"],
+        "captioned": counts["captioned"],
+        "labels": counts["labels"],
+        "licence": manifest["licence"],
+        "licence_file": manifest["licence_file"],
+        "source": manifest["source"],
+        "sha256": sha256,
+        "problems": counts["problems"],
+        "duplicates": counts["duplicates"],
+    }
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Scanned images as square tensors in [-1, 1], the range the VAE encodes.
+
+    A key is ``(record index, horizontal flip)``: the sampler draws the flip, so every
+    random choice lives in one seeded place and any item can be remade exactly.
+    """
+
+    def __init__(self, root: Path, records: list[ImageRecord], resolution: int):
+        self.root = Path(root)
+        self.records = records
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict:
+        index, flip = key
+        record = self.records[index]
+        size = self.resolution
+
+        # 1. Read: first frame, upright by EXIF, transparency composited onto white
+        image = load_image(self.root / record.path, field="data")
+
+        # 2. Resize so the shorter side is `resolution`
+        width, height = image.size
+        if min(width, height) != size:
+            scale = size / min(width, height)
+            new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+            # reducing_gap 3: a box pre-shrink first, many times faster on camera-sized photos and,
+            # per Pillow's documentation, indistinguishable from plain LANCZOS at this gap.
+            image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+        # 3. Crop the centre square
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+
+        # 4. To a CHW tensor in [-1, 1], flipped if asked
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        if flip:
+            pixels = pixels.flip(-1)
+        return {"pixels": pixels.contiguous(), "caption": record.caption or "", "label": record.label or "", "index": index}
