@@ -306,3 +306,44 @@ def test_two_cpu_processes_match_one(art, tmp_path):
     assert worst < 1e-4, worst
     moved = max((a[k] - load_file(next((tmp_path / "one").glob("training/checkpoints/*/vae/*.safetensors")))[k]).abs().max().item() for k in a)
     assert moved == 0.0
+
+
+# -- LoRA fine-tuning -------------------------------------------------------------------------------------
+
+
+def test_lora_fine_tune_saves_a_kohya_file_that_changes_generation(art, tmp_path):
+    from lienzo.models.single_file import save_single_file
+    from tiny_models import build_tiny
+
+    models = tmp_path / "models"
+    (models / "Lora").mkdir(parents=True)
+    save_single_file(build_tiny("sd1"), models / "tiny-sd15.safetensors")
+    home = ["--models-dir", str(models), "--data-dir", str(tmp_path / "home"), "--outputs-dir", str(tmp_path / "outputs")]
+    train = ["train", "--lora", "--base", "tiny-sd15", "--data", str(art), "--resolution", "64", "--rank", "4",
+             "--lora-name", "cats", "--set", "unet.steps=3", "--set", "unet.batch_size=2", "--set", "unet.lr=0.01",
+             "--set", "samples.steps=2", "--set", 'samples.prompts=["a cat"]', "--set", "samples.per_prompt=1"]
+    straight = CliRunner().invoke(app, [*home, *train, "--out", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+    lora = tmp_path / "straight" / "cats.safetensors"
+    keys = load_file(lora).keys()
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    assert not (tmp_path / "straight" / "unet").exists()  # a LoRA run ships the LoRA, not a copy of the base
+    assert "LoRA fine-tune of tiny-sd15.safetensors" in (tmp_path / "straight" / "README.md").read_text()
+
+    # Stopped after one step and resumed, it ends with the same LoRA.
+    first = CliRunner().invoke(app, [*home, *train, "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, [*home, "train", "--resume", str(tmp_path / "resumed")])
+    assert second.exit_code == 0, second.output
+    resumed = load_file(tmp_path / "resumed" / "cats.safetensors")
+    assert all(torch.equal(resumed[k], load_file(lora)[k]) for k in keys)
+
+    # Used at generation, it changes the picture.
+    (models / "Lora" / "cats.safetensors").write_bytes(lora.read_bytes())
+    fast = ["generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "-m", "tiny-sd15"]
+    plain = CliRunner().invoke(app, [*home, *fast, "-o", str(tmp_path / "plain")])
+    styled = CliRunner().invoke(app, [*home, *fast, "--lora", "cats:1", "-o", str(tmp_path / "styled")])
+    assert plain.exit_code == 0 and styled.exit_code == 0, plain.output + styled.output
+    a = np.asarray(Image.open(next((tmp_path / "plain").glob("*.png"))), dtype=np.int16)
+    b = np.asarray(Image.open(next((tmp_path / "styled").glob("*.png"))), dtype=np.int16)
+    assert np.abs(a - b).max() > 0

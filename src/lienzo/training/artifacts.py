@@ -129,7 +129,7 @@ def model_card(
     licence = data.get("licence") or "unknown"
     labels = data.get("labels") or {}
     label_text = ", ".join(f"{k} ({v})" for k, v in sorted(labels.items())) or "none"
-    kind = f"LoRA fine-tune of {base}" if base else "a latent diffusion model trained from scratch"
+    kind = f"A LoRA fine-tune of {base}" if base else "A latent diffusion model trained from scratch"
     status = "" if finished else "\n> Training was stopped before the last step; resume it with `lienzo train --resume`.\n"
     hours = compute.seconds / 3600
     seen = ", ".join(f"{stage}: {n:,}" for stage, n in compute.images_seen.items())
@@ -141,7 +141,7 @@ tags: [lienzo, text-to-image, stable-diffusion-architecture]
 ---
 # {name}
 
-{kind.capitalize()}, made with lienzo {__version__}.
+{kind}, made with lienzo {__version__}.
 {status}
 ## Data
 

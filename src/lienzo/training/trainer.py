@@ -31,20 +31,24 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lienzo.devices import pick_device
 from lienzo.errors import LienzoError
-from lienzo.generation.engine import generate
+from lienzo.generation.engine import generate, native_size
 from lienzo.generation.request import build_request
 from lienzo.images.grid import image_grid
 from lienzo.images.io import save_png_atomic
 from lienzo.models.components import Components
+from lienzo.models.loading import load_components
 from lienzo.models.single_file import bundled_tokenizer
 from lienzo.training import artifacts
 from lienzo.training.config import Optim, TrainConfig, read_toml, to_toml, validate_config
 from lienzo.training.data import DatasetScan, ImageDataset, manifest_summary, read_manifest, scan_folder, write_manifest
+from lienzo.training.lora import ADAPTER, add_lora, save_kohya_lora
 from lienzo.training.losses import AutoencoderLoss, DenoiserLoss, VGGPerceptual
 
 log = logging.getLogger(__name__)
@@ -241,6 +245,7 @@ class Trainer:
         self.precision = precision
         # 2. The output folder: new, or the run to continue (same config, same images).
         checkpoint = self._check_out()
+        self.base = self._load_base() if self.config.lora is not None else None
         # 3. Data: every image checked; broken ones reported and skipped.
         self.scan = self._scan()
         # 4. Models: built from the config (or the LoRA base), then the checkpoint's weights.
@@ -336,7 +341,20 @@ class Trainer:
 
     # -- 4. models ----------------------------------------------------------------------------------------
 
+    def _load_base(self) -> Components:
+        """A LoRA's base model; its native size is the training resolution unless the config names one."""
+        base = load_components(Path(self.config.lora.base))
+        if base.family == "sdxl" or base.is_inpainting:
+            raise TrainingError("lora.base: LoRA training supports SD 1.x and 2.x text-to-image models; this one is "
+                                f"{'SDXL' if base.family == 'sdxl' else 'an inpainting model'}")
+        if "resolution" not in self.config.model_fields_set:
+            self.config.resolution = max(64, native_size(base))
+        return base
+
     def _build(self, checkpoint: Path | None) -> None:
+        if self.base is not None:
+            self._build_lora(checkpoint)
+            return
         self.noise = noise_scheduler(self.config)
         self.models = build_models(self.config)
         self.tokenizer = bundled_tokenizer()
@@ -352,6 +370,22 @@ class Trainer:
         for module in self.models.values():
             module.to(self.acc.device).requires_grad_(False)
 
+    def _build_lora(self, checkpoint: Path | None) -> None:
+        """The base model, frozen, with a trainable LoRA; a checkpoint holds only the LoRA's weights."""
+        base, lora = self.base, self.config.lora
+        self.noise = noise_scheduler(self.config, base.scheduler_config)
+        self.tokenizer = base.tokenizer
+        self.models = {"vae": base.vae, "text_encoder": base.text_encoder, "unet": base.unet}
+        torch.manual_seed(self.config.seed)
+        text_encoder = base.text_encoder if lora.text_encoder else None
+        self.lora_params = add_lora(base.unet, rank=lora.rank, alpha=lora.alpha, text_encoder=text_encoder)
+        if checkpoint is not None:
+            set_peft_model_state_dict(base.unet, load_file(checkpoint / "unet_lora.safetensors"), adapter_name=ADAPTER)
+            if text_encoder is not None:
+                set_peft_model_state_dict(text_encoder, load_file(checkpoint / "text_encoder_lora.safetensors"), adapter_name=ADAPTER)
+        for module in self.models.values():
+            module.to(self.acc.device)
+
     # -- 5. one stage ----------------------------------------------------------------------------------------
 
     def _run_stage(self, stage: str, checkpoint: Path | None) -> str:
@@ -359,8 +393,8 @@ class Trainer:
         stage_index = STAGES.index(stage)
         self.state.stage = stage
         step = self.state.step if checkpoint is not None else 0
-        if checkpoint is None and stage == "unet":
-            self._set_latent_scale()
+        if checkpoint is None and stage == "unet" and "vae" in self.config.stages:
+            self._set_latent_scale()  # a VAE trained in this run; a given one keeps its own scale
         module, trainable = self._loss_module(stage)
         for p in trainable:
             p.requires_grad_(True)
@@ -460,6 +494,9 @@ class Trainer:
             module = AutoencoderLoss(vae, recon=cfg.recon_loss, kl_weight=cfg.kl_weight, perceptual=perceptual, perceptual_weight=cfg.perceptual_weight)
             return module, list(vae.parameters())
         unet, text_encoder = self.models["unet"], self.models["text_encoder"]
+        if self.config.lora is not None:
+            text_encoder.train(self.config.lora.text_encoder)
+            return DenoiserLoss(unet, text_encoder, self.noise, snr_gamma=self.config.unet.snr_gamma), self.lora_params
         text_encoder.train(self.config.unet.train_text_encoder)
         trainable = list(unet.parameters())
         if self.config.unet.train_text_encoder:
@@ -541,8 +578,8 @@ class Trainer:
         """The model as the engine sees it, on the training device."""
         return Components(
             unet=self.models["unet"], vae=self.models["vae"], text_encoder=self.models["text_encoder"],
-            tokenizer=self.tokenizer, scheduler_config=dict(self.noise.config), family="sd1",
-            name=self.out.name,
+            tokenizer=self.tokenizer, scheduler_config=dict(self.noise.config),
+            family=self.base.family if self.base is not None else "sd1", name=self.out.name,
         )
 
     def _samples(self, stage: str, step: int, ema: EMAModel | None, trainable) -> None:
@@ -589,8 +626,15 @@ class Trainer:
             final = self.training / "checkpoints" / f"{ctx['stage']}-{step:06d}"
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            for name, module in self.models.items():
-                module.save_pretrained(tmp / name)
+            tmp.mkdir(parents=True)
+            if self.base is not None:
+                save_file(get_peft_model_state_dict(self.models["unet"], adapter_name=ADAPTER), tmp / "unet_lora.safetensors")
+                if self.config.lora.text_encoder:
+                    te = get_peft_model_state_dict(self.models["text_encoder"], adapter_name=ADAPTER)
+                    save_file(te, tmp / "text_encoder_lora.safetensors")
+            else:
+                for name, module in self.models.items():
+                    module.save_pretrained(tmp / name)
             ema = ctx["ema"]
             torch.save(
                 {"optimizer": ctx["optimizer"].state_dict(), "schedule": ctx["schedule"].state_dict(),
@@ -616,7 +660,14 @@ class Trainer:
     def _export(self, finished: bool) -> None:
         """The diffusers model folder (once a UNet has trained) and the model card."""
         trained_unet = "unet" in self.state.done or (self.state.stage == "unet" and self.state.step > 0)
-        if trained_unet:
+        if trained_unet and self.base is not None:
+            lora = self.config.lora
+            save_kohya_lora(
+                self.out / f"{lora.name}.safetensors", self.models["unet"], self.models["text_encoder"] if lora.text_encoder else None,
+                family=self.base.family, metadata={"ss_output_name": lora.name, "ss_steps": str(self.state.step),
+                "lienzo_base_model": Path(lora.base).name, "lienzo_dataset_manifest_sha256": self.state.manifest_sha256},
+            )
+        elif trained_unet:
             components = self.components()
             if self.config.export_dtype == "float16":
                 components = Components(**{**components.__dict__, **{k: _half(v) for k, v in self.models.items()}})
@@ -624,7 +675,8 @@ class Trainer:
         summary = manifest_summary(read_manifest(self.out / "dataset_manifest.json"), self.state.manifest_sha256)
         steps = self._steps_done()
         compute = artifacts.Compute(self.state.device or str(self.acc.device), self.acc.num_processes, self.precision, self.state.seconds, self.state.images_seen)
-        card = artifacts.model_card(name=self.out.name, config_toml=to_toml(self.config), data=summary, steps=steps, compute=compute, finished=finished)
+        base = Path(self.config.lora.base).name if self.config.lora is not None else None
+        card = artifacts.model_card(name=self.out.name, config_toml=to_toml(self.config), data=summary, steps=steps, compute=compute, base=base, finished=finished)
         (self.out / "README.md").write_text(card)
         artifacts.plot_losses(self.log, self.training / "loss.png")
 
