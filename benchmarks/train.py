@@ -5,7 +5,7 @@
 
 Both sides train the same seeded UNet + text encoder on the same images' latents with the same batch
 size, and do the same math per step: text encoder + UNet forward, MSE on the noise, backward, gradient
-clipping, AdamW, EMA. The bare loop keeps latents and token ids in tensors and draws its noise from
+clipping, AdamW (foreach, as the trainer sets it), EMA. The bare loop keeps latents and token ids in tensors and draws its noise from
 one generator; the trainer adds what a real run needs (per-sample seeded noise for exact resume,
 caption dropout, tokenising captions, loss logging, progress). Rounds alternate bare / trainer, and
 per-step times are compared as medians after the first steps of each round (warm-up).
@@ -51,7 +51,7 @@ def bare_loop(config, vae_dir: Path, steps: int) -> list[float]:
     ids = torch.randint(0, 49407, (64, 77))
     loss_fn = DenoiserLoss(unet, text_encoder, noise, snr_gamma=0.0).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
     shadow = [p.detach().clone() for p in params]
     g = torch.Generator().manual_seed(0)
     times = []

@@ -513,6 +513,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 def main() -> None:
+    # lienzo draws its own progress bars; the hub libraries' tqdm bars ("Loading weights") would interleave.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # torchsde (DPM++ SDE) warns about float rounding at the ends of its interval on every run.
     warnings.filterwarnings("ignore", category=UserWarning, module="torchsde")
     app(prog_name="lienzo")
