@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -141,22 +142,13 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
         prepare_loras(components, request, settings)
     out_dir = opts.get("out") or settings.outputs_dir / f"{mode}-images" / date.today().isoformat()
 
-    stop = threading.Event()
-
-    def on_sigint(_signum, _frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        err_console.print("[yellow]stopping after this step (Ctrl-C again to abort now)")
-
     def save(image) -> None:
         path = save_png_atomic(image.image, next_image_path(out_dir, image.seed), pnginfo(image.infotext))
         click.echo(str(path))
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with _ctrl_c("stopping after this step (Ctrl-C again to abort now)") as stop, Progress(*columns, console=err_console, transient=True) as bar:
             task = bar.add_task(f"{mode} batch 1/{request.batch_count}", total=None)
 
             def on_step(p) -> None:
@@ -166,10 +158,26 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     except GenerationCancelled:
         err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     seeds = ", ".join(str(i.seed) for i in result.images)
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+
+
+@contextmanager
+def _ctrl_c(message: str):
+    """The first Ctrl-C sets the event it yields (work stops cleanly after its current step); a second aborts."""
+    stop = threading.Event()
+
+    def on_sigint(_signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        err_console.print(f"[yellow]{message}")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Group(click.Group):
@@ -462,36 +470,24 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
         sys.exit(subprocess.call(command))
 
     # 3. Train, with a progress bar; Ctrl-C saves a checkpoint after the current step.
-    stop = threading.Event()
-
-    def on_sigint(_signum, _frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        err_console.print("[yellow]saving a checkpoint after this step (Ctrl-C again to abort without one)")
-
     columns = [
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
     ]
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        with Progress(*columns, console=err_console) as bar:
-            tasks: dict[str, int] = {}
+    with _ctrl_c("saving a checkpoint after this step (Ctrl-C again to abort without one)") as stop, Progress(*columns, console=err_console) as bar:
+        tasks: dict[str, int] = {}
 
-            def on_step(p) -> None:
-                if p.stage not in tasks:
-                    tasks[p.stage] = bar.add_task(f"{p.stage} stage", total=p.total, loss=float("nan"), rate=0.0)
-                bar.update(tasks[p.stage], completed=p.step, loss=p.loss, rate=p.images_per_s)
+        def on_step(p) -> None:
+            if p.stage not in tasks:
+                tasks[p.stage] = bar.add_task(f"{p.stage} stage", total=p.total, loss=float("nan"), rate=0.0)
+            bar.update(tasks[p.stage], completed=p.step, loss=p.loss, rate=p.images_per_s)
 
-            trainer = Trainer(
-                config, data=data, out=out, resume=resume is not None, perceptual_weights=perceptual_weights, vae=vae_path,
-                device=device, progress=on_step, stop=stop.is_set, stop_after=stop_after,
-                time_limit=time_limit * 60 if time_limit else None,
-            )
-            result = trainer.run()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        trainer = Trainer(
+            config, data=data, out=out, resume=resume is not None, perceptual_weights=perceptual_weights, vae=vae_path,
+            device=device, progress=on_step, stop=stop.is_set, stop_after=stop_after,
+            time_limit=time_limit * 60 if time_limit else None,
+        )
+        result = trainer.run()
     steps = ", ".join(f"{stage} {n}" for stage, n in result.steps.items())
     if result.status != "finished":
         err_console.print(f"[yellow]stopped at {steps}; checkpoint saved. Continue with: lienzo train --resume {result.out}")

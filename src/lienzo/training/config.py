@@ -107,7 +107,6 @@ class Data(_Section):
     conditioning: Literal["caption", "label", "none"] = "caption"
     label_template: str = "{label}"
     flip: bool = True  # random horizontal mirror
-    num_workers: Annotated[int, Field(ge=0)] = 0
 
 
 class Samples(_Section):
@@ -177,7 +176,6 @@ class TrainConfig(_Section):
         data.pop("log_every")
         data.pop("keep_checkpoints")
         data["samples"].pop("every")
-        data["data"].pop("num_workers")
         return data
 
 
