@@ -343,6 +343,28 @@ def dataset():
 
 
 @dataset.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", type=int, default=128, show_default=True, help="pixels per side")
+@click.option("--holdout", type=float, default=0.05, show_default=True, help="share held out for evaluation, per subgroup")
+@click.option("--seed", type=int, default=0, show_default=True, help="which images are held out")
+def openmoji(package, out, size, holdout, seed):
+    """Rasterise the OpenMoji npm package (`npm pack openmoji`) into training and held-out folders."""
+    from lienzo.training.openmoji import prepare_openmoji
+
+    if not 16 <= size <= 1024 or not 0 <= holdout < 1:
+        raise click.BadParameter("--size must be 16 to 1024 and --holdout 0 to below 1")
+    columns = [TextColumn("rasterising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("svg", total=None)
+        counts = prepare_openmoji(package, out, size=size, holdout=holdout, seed=seed,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    skipped = f"; {counts['failed']} SVGs could not be drawn and were skipped" if counts["failed"] else ""
+    err_console.print(f"{counts['train']} training and {counts['holdout']} held-out images, CC BY-SA 4.0 (OpenMoji){skipped}", soft_wrap=True)
+    click.echo(str(out))
+
+
+@dataset.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--licence", help="the data's licence [default: first line of the folder's LICENSE file]")
 @click.option("--source", help="where the data came from, for the model card")
