@@ -518,6 +518,45 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
     click.echo(str(result.out))
 
 
+@app.command("eval")
+@click.option("--model", "-m", help="model name or path [default: the default model]")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="a folder made by `lienzo dataset openmoji`")
+@click.option("--limit", type=int, help="evaluate only the first N held-out captions")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=5.0, show_default=True)
+@click.option("--classifier-epochs", type=int, default=8, show_default=True)
+@click.option("--threshold", type=float, default=0.01, show_default=True, help="cosine distance below which an image counts as a copy")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="also write the report as JSON")
+@click.pass_context
+def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, json_out):
+    """Fréchet distance, prompt accuracy and memorisation on OpenMoji's held-out split."""
+    import json
+    from dataclasses import asdict
+
+    from lienzo.api import load_model
+    from lienzo.training.evaluate import evaluate_openmoji, untrained_like
+
+    components = load_model(model, device="cpu", settings=_settings(ctx))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_image(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"generating ({name})", total=total)
+            bar.update(tasks[name], completed=done)
+
+        report = evaluate_openmoji(components, data, untrained=untrained_like(components), limit=limit, steps=steps, cfg_scale=cfg,
+                                   classifier_epochs=classifier_epochs, threshold=threshold, progress=on_image)
+    click.echo(report.table())
+    click.echo(f"{report.images} held-out captions; classifier accuracy on held-out real images {report.classifier_accuracy:.1%}; "
+               f"memorised = nearest training image within cosine distance {report.threshold}")
+    for caption, path, distance in report.closest[:3]:
+        click.echo(f"closest: {caption!r} -> {path} ({distance:.4f})")
+    if json_out is not None:
+        json_out.write_text(json.dumps(asdict(report), indent=1))
+
+
 def _without_option(argv: list[str], name: str) -> list[str]:
     out, skip = [], False
     for arg in argv:
@@ -533,6 +572,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 def main() -> None:
     # lienzo draws its own progress bars; the hub libraries' tqdm bars ("Loading weights") would interleave.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers warns on import that torchvision is missing for image processors lienzo never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # torchsde (DPM++ SDE) warns about float rounding at the ends of its interval on every run.
     warnings.filterwarnings("ignore", category=UserWarning, module="torchsde")
     app(prog_name="lienzo")
