@@ -10,6 +10,7 @@ from lienzo.errors import ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.request import build_request
 from lienzo.models.loading import load_components
+from lienzo.models import registry as registry_module
 from lienzo.models.registry import Registry
 from lienzo.models.single_file import save_single_file
 from lienzo.settings import Settings
@@ -80,7 +81,13 @@ def test_registry_lists_resolves_and_caches(tmp_path):
     assert (tmp_path / "cache" / "models.json").is_file()
 
 
-def test_load_model_by_name_sets_name_and_hash(tmp_path):
+@pytest.fixture
+def no_embedded(monkeypatch, tmp_path):
+    """An install without the shipped model, so the models dir decides the default."""
+    monkeypatch.setattr(registry_module, "EMBEDDED", tmp_path / "not-shipped")
+
+
+def test_load_model_by_name_sets_name_and_hash(tmp_path, no_embedded):
     settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
     save_single_file(build_tiny("sd1"), tmp_path / "models" / "apple.safetensors")
     components = load_model("apple", settings=settings, device="cpu")
@@ -88,7 +95,7 @@ def test_load_model_by_name_sets_name_and_hash(tmp_path):
     assert load_model(settings=settings, device="cpu").short_hash == components.short_hash
 
 
-def test_no_model_anywhere_is_a_clear_error(tmp_path):
+def test_no_model_anywhere_is_a_clear_error(tmp_path, no_embedded):
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ModelFileError, match="no model given and none found"):
         load_model(settings=settings, device="cpu")
@@ -100,3 +107,14 @@ def test_settings_come_from_environment(monkeypatch, tmp_path):
     settings = Settings()
     assert settings.models_dir == tmp_path / "m" and settings.outputs_dir == tmp_path / "d" / "outputs"
     assert Settings(models_dir=tmp_path / "flag").models_dir == tmp_path / "flag"
+
+
+def test_default_model_is_the_shipped_one_unless_settings_name_another(monkeypatch, tmp_path):
+    shipped = save_diffusers_folder(build_tiny("sd1"), tmp_path / "weights" / "lienzo-mini")
+    monkeypatch.setattr(registry_module, "EMBEDDED", shipped)
+    save_single_file(build_tiny("sd1"), tmp_path / "models" / "apple.safetensors")
+    settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
+    assert load_model(settings=settings, device="cpu").source == shipped
+    assert Registry(settings.models_dir, settings.cache_dir).resolve("lienzo-mini") == shipped
+    chosen = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", default_model="apple")
+    assert load_model(settings=chosen, device="cpu").name == "apple"

@@ -10,14 +10,20 @@ from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
 from lienzo.models.lora import apply_loras
-from lienzo.models.registry import Registry
+from lienzo.models.registry import Registry, embedded_model
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def default_model(registry: Registry) -> Path:
-    """The model used when none is named: the first checkpoint in the models dir."""
+def default_model(registry: Registry, settings: Settings) -> Path:
+    """The model used when none is named: the settings' ``default_model``, else the one lienzo ships,
+    else the first checkpoint in the models dir."""
+    if settings.default_model:
+        return registry.resolve(settings.default_model)
+    embedded = embedded_model()
+    if embedded is not None:
+        return embedded
     for path in registry.candidates():
         if registry.entry(path).architecture.startswith(("SD", "SDXL")):
             return path
@@ -39,7 +45,7 @@ def load_model(
     """Load a model by path or by name in the models dir, on the chosen device, ready to generate."""
     settings = settings or Settings()
     registry = Registry(settings.models_dir, settings.cache_dir)
-    path = registry.resolve(model) if model is not None else default_model(registry)
+    path = registry.resolve(model) if model is not None else default_model(registry, settings)
     vae_path = registry.resolve(vae) if vae is not None else None
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_data_dir)
     models_dir: Path | None = None
     outputs_dir: Path | None = None
+    default_model: str | None = None  # a name or path; unset: the model lienzo ships
     device: str = "auto"
     dtype: str = "auto"
 

@@ -17,6 +17,16 @@ from lienzo.models import formats
 
 log = logging.getLogger(__name__)
 
+# The model shipped inside the package (src/lienzo/weights/), used when no model is named.
+EMBEDDED_NAME = "lienzo-mini"
+EMBEDDED = Path(__file__).resolve().parents[1] / "weights" / EMBEDDED_NAME
+
+
+def embedded_model() -> Path | None:
+    """The shipped default model's folder, if this install has it."""
+    return EMBEDDED if (EMBEDDED / "model_index.json").is_file() else None
+
+
 WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
@@ -178,6 +188,9 @@ class Registry:
         for p in candidates:
             if self.entry(p).short_hash == wanted:
                 return p
+        embedded = embedded_model()
+        if embedded is not None and wanted == EMBEDDED_NAME:
+            return embedded
         names = ", ".join(self.entry(p).name for p in candidates) or f"none: the models dir {self.models_dir} is empty"
         raise ModelFileError(f"model: no model named {name_or_path!r}; available: {names}")
 
