@@ -339,7 +339,7 @@ def info(image):
 
 @app.group()
 def dataset():
-    """Check training data folders."""
+    """Check a training folder, or prepare OpenMoji as one."""
 
 
 @dataset.command()
