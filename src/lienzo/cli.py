@@ -13,7 +13,6 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from datetime import date
 from pathlib import Path
 
 import click
@@ -128,8 +127,7 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     from lienzo.api import load_model, prepare_loras
     from lienzo.generation.engine import generate
     from lienzo.generation.request import build_request
-    from lienzo.images.io import next_image_path, save_png_atomic
-    from lienzo.images.metadata import pnginfo
+    from lienzo.outputs import output_dir, save_generated
 
     settings = _settings(ctx)
     request = build_request(**fields)
@@ -140,11 +138,10 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
             opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype, settings=settings
         )
         prepare_loras(components, request, settings)
-    out_dir = opts.get("out") or settings.outputs_dir / f"{mode}-images" / date.today().isoformat()
+    out_dir = opts.get("out") or output_dir(settings, mode)
 
     def save(image) -> None:
-        path = save_png_atomic(image.image, next_image_path(out_dir, image.seed), pnginfo(image.infotext))
-        click.echo(str(path))
+        click.echo(str(save_generated(image, out_dir)))
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
@@ -555,6 +552,51 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
         click.echo(f"closest: {caption!r} -> {path} ({distance:.4f})")
     if json_out is not None:
         json_out.write_text(json.dumps(asdict(report), indent=1))
+
+
+@app.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
+@click.option("--listen", is_flag=True, help="listen on all interfaces (0.0.0.0); needs --auth or --api-key")
+@click.option("--auth", envvar="LIENZO_AUTH", metavar="USER:PASS", help="require HTTP Basic credentials [env LIENZO_AUTH]")
+@click.option("--api-key", envvar="LIENZO_API_KEY", metavar="KEY", help="require 'Authorization: Bearer KEY' [env LIENZO_API_KEY]")
+@click.option("--insecure", is_flag=True, help="allow listening beyond this machine without authentication")
+@click.option("-m", "--model", help="model for requests that name none (default: lienzo's own, else the models dir's first)")
+@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+@click.pass_context
+def serve(ctx, host, port, listen, auth, api_key, insecure, model, device):
+    """HTTP server: lienzo's API (/api/v1), AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images); docs at /docs."""
+    import ipaddress
+
+    import uvicorn
+
+    from lienzo.server.app import Auth, create_app
+
+    settings = _settings(ctx)
+    if device:
+        settings.device = device
+    host = "0.0.0.0" if listen else host
+    user, sep, password = (auth or "").partition(":")
+    if auth is not None and (not sep or not user):
+        raise click.BadParameter("give USER:PASS", param_hint="--auth")
+    credentials = Auth(user=user or None, password=password or None, api_key=api_key or None)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = host == "localhost"
+    if not loopback and not credentials.enabled and not insecure:
+        raise click.UsageError(
+            f"refusing to listen on {host} without authentication: give --auth USER:PASS or --api-key KEY "
+            "(or --insecure to accept that anyone on the network can use this server)"
+        )
+    if model is not None:
+        from lienzo.models.registry import Registry
+
+        Registry(settings.models_dir, settings.cache_dir).resolve(model)  # an unknown name fails before the server starts
+    err_console.print(f"lienzo serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (docs at /docs)")
+    # A client waiting on a long job must not hold Ctrl-C up: after 5 s its connection is closed and
+    # the lifespan's shutdown cancels what is queued or running.
+    uvicorn.run(create_app(settings, model=model, auth=credentials), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

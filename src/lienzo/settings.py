@@ -23,6 +23,16 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
 
+    # lienzo serve's limits, answered with a 4xx naming the limit; GenerationRequest's own ranges stay the ceiling.
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)  # width x height of one output image
+    max_steps: int = Field(150, ge=1)
+    max_images: int = Field(16, ge=1)  # batch_size x batch_count of one request
+    max_body_mb: float = Field(64, gt=0)  # a 4096x4096 PNG in base64 is ~45 MB
+    max_input_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an uploaded image, checked before it is decoded
+    max_queue: int = Field(64, ge=1)  # jobs waiting, not counting the running one
+    preview_every: int = Field(2, ge=1)  # denoising steps between live previews
+    keep_jobs: int = Field(500, ge=1)  # finished jobs the server remembers
+
     def model_post_init(self, _context) -> None:
         self.data_dir = self.data_dir.expanduser()
         self.models_dir = (self.models_dir or self.data_dir / "models").expanduser()

@@ -173,12 +173,14 @@ def generate(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     on_image: ImageCallback | None = None,
+    skip: CancelCheck | None = None,
 ) -> GenerationResult:
     """Run a request on loaded components (already on their device) and return the images.
 
     ``progress`` is called after every step, ``cancel`` before every step (return True to stop with
     GenerationCancelled), ``on_image`` as soon as each image is finished (so a caller can save it
-    before a later batch is cancelled).
+    before a later batch is cancelled). ``skip``, also checked before every step, drops the batch
+    being denoised and goes on with the next one (A1111's "Skip").
     """
     started = time.perf_counter()
     # 1. Resolve what the request leaves open: seed, sampler, schedule, sizes.
@@ -186,7 +188,7 @@ def generate(
     sampler = resolve_sampler(request.sampler)
     schedule = resolve_schedule(sampler, request.schedule)
     cv = _prepare_canvas(components, request)
-    device, dtype = components.unet.device, components.unet.dtype
+    device = components.unet.device
     _check_loras(components, request)
 
     # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
@@ -197,7 +199,10 @@ def generate(
     images: list[GeneratedImage] = []
     for batch in range(request.batch_count):
         first = seed + batch * request.batch_size
-        pixels = _denoise(components, request, cv, pos, neg, first, sampler, schedule, batch, progress, cancel)
+        try:
+            pixels = _denoise(components, request, cv, pos, neg, first, sampler, schedule, batch, progress, cancel, skip)
+        except _Skipped:
+            continue
         for i, array in enumerate(pixels):
             image = _finish(Image.fromarray((array * 255).round().astype(np.uint8)), cv)
             params = _parameters(components, request, cv, first + i, sampler.name, schedule)
@@ -226,7 +231,11 @@ def _infotext_prompt(request: GenerationRequest) -> str:
     return " ".join([request.prompt, *extra]) if extra else request.prompt
 
 
-def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, cancel) -> np.ndarray:
+class _Skipped(Exception):
+    """The caller skipped the batch being denoised."""
+
+
+def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, cancel, skip) -> np.ndarray:
     """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1]."""
     unet, vae = components.unet, components.vae
     device, dtype = unet.device, unet.dtype
@@ -291,6 +300,8 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel():
             raise GenerationCancelled("generation cancelled")
+        if skip is not None and skip():
+            raise _Skipped
         scaled = torch.cat([s.scale_model_input(latents[j : j + 1], t) for j, s in enumerate(schedulers)])
         model_in = torch.cat([scaled, scaled]) if cfg else scaled
         if masked_latents is not None:

@@ -1,5 +1,6 @@
 """Reading input images and masks, and writing outputs so that a crash never leaves half a file."""
 
+import io
 import os
 import re
 import tempfile
@@ -24,21 +25,49 @@ def _open(path: str | Path, field: str) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageFileError(f"{field}: {path} is empty (0 bytes)")
     try:
-        with Image.open(path) as image:
+        return _decode(path, field, str(path))
+    except PermissionError as err:
+        raise ImageFileError(f"{field}: cannot read {path}: permission denied") from err
+
+
+def _decode(source, field: str, what: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode every pixel of ``source`` (a path or file object), upright; ``max_pixels`` is checked
+    against the declared size before any pixel is decoded, so a tiny file claiming 100000x100000
+    costs nothing."""
+    try:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                w, h = image.size
+                raise ImageFileError(f"{field}: {what} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
             # Decode every pixel now: Image.open reads only the header, so a truncated
             # file would otherwise fail later, in the middle of a generation.
             image.load()
             return ImageOps.exif_transpose(image)
     except UnidentifiedImageError as err:
-        raise ImageFileError(f"{field}: {path} is not an image file (PNG, JPEG, WebP, ...)") from err
+        raise ImageFileError(f"{field}: {what} is not an image file (PNG, JPEG, WebP, ...)") from err
     except Image.DecompressionBombError as err:
-        raise ImageFileError(f"{field}: {path} is too large to open safely: {err}") from err
-    except PermissionError as err:
-        raise ImageFileError(f"{field}: cannot read {path}: permission denied") from err
+        raise ImageFileError(f"{field}: {what} is too large to open safely: {err}") from err
+    except (ImageFileError, PermissionError):
+        raise
     except (OSError, SyntaxError, ValueError) as err:
         # Pillow reports broken data as OSError ("image file is truncated"), SyntaxError
         # ("broken PNG file") or ValueError, depending on the format and where it breaks.
-        raise ImageFileError(f"{field}: {path} is truncated or corrupt ({err})") from err
+        raise ImageFileError(f"{field}: {what} is truncated or corrupt ({err})") from err
+
+
+def decode_image(data: bytes, *, field: str = "image", max_pixels: int) -> Image.Image:
+    """An uploaded image (bytes) as RGB with transparency on white, as :func:`load_image`;
+    ``max_pixels`` guards against image bombs."""
+    if not data:
+        raise ImageFileError(f"{field}: the image is empty (0 bytes)")
+    return flatten(_decode(io.BytesIO(data), field, "the uploaded image", max_pixels))
+
+
+def decode_mask(data: bytes, size: tuple[int, int], *, field: str = "mask", max_pixels: int) -> Image.Image:
+    """An uploaded mask, read as :func:`load_mask` reads a file."""
+    if not data:
+        raise ImageFileError(f"{field}: the mask is empty (0 bytes)")
+    return _mask(_decode(io.BytesIO(data), field, "the uploaded mask", max_pixels), size, field)
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -52,7 +81,11 @@ def load_image(path: str | Path, *, field: str = "image") -> Image.Image:
     White, because it is the background editors show behind transparency and the one
     AUTOMATIC1111 flattens img2img inputs onto by default.
     """
-    image = _open(path, field)
+    return flatten(_open(path, field))
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white."""
     if not _has_alpha(image):
         return image.convert("RGB")
     rgba = image.convert("RGBA")
@@ -67,7 +100,10 @@ def load_mask(path: str | Path, size: tuple[int, int], *, field: str = "mask") -
     transparent layer are the area to repaint); a fully opaque one from its luminance.
     ``size`` is the (width, height) of the image the mask belongs to; they must match.
     """
-    image = _open(path, field)
+    return _mask(_open(path, field), size, field)
+
+
+def _mask(image: Image.Image, size: tuple[int, int], field: str) -> Image.Image:
     mask = image.convert("L")
     if _has_alpha(image):
         alpha = image.convert("RGBA").getchannel("A")

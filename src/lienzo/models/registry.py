@@ -174,6 +174,13 @@ class Registry:
     def scan(self) -> list[ModelEntry]:
         return [self.entry(p) for p in self.candidates()]
 
+    def checkpoints(self) -> list[ModelEntry]:
+        """What can generate: lienzo's own model first (when this install ships it), then the
+        models dir's checkpoints (not its VAEs or unknown files)."""
+        embedded = embedded_model()
+        own = [self.entry(embedded)] if embedded is not None else []
+        return own + [e for e in self.scan() if e.is_checkpoint]
+
     def resolve(self, name_or_path: str | Path) -> Path:
         """A path as given, else a model in the models dir by name, file name or short hash."""
         given = Path(name_or_path).expanduser()

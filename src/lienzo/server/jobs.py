@@ -1,0 +1,406 @@
+"""The job queue: every API's requests become jobs that one worker thread runs in order on one device.
+
+The worker is a plain thread because the engine is blocking torch code; the HTTP side is asyncio.
+State crosses over in one direction only: the worker changes a job, then wakes the event loop
+(``call_soon_threadsafe``), where waiters and progress streams read it.
+"""
+
+import asyncio
+import io
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from PIL import Image
+
+from lienzo.api import default_model, load_model, prepare_loras
+from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError, ModelFileError
+from lienzo.generation import engine
+from lienzo.generation.request import GenerationRequest
+from lienzo.models.components import Components
+from lienzo.models.registry import Registry
+from lienzo.outputs import output_dir, save_generated
+from lienzo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class QueueFullError(LienzoError):
+    """The queue holds ``max_queue`` waiting jobs; the client should retry later."""
+
+
+class JobNotFoundError(LienzoError):
+    """No job with that id (or it finished long enough ago to be forgotten)."""
+
+
+@dataclass
+class SavedImage:
+    """What a job keeps of an image once it is saved (not its pixels: the server remembers
+    ``keep_jobs`` jobs, and a 1024x1024 image's float pixels alone are 12 MB)."""
+
+    path: Path
+    seed: int
+    infotext: str
+    parameters: dict
+    width: int
+    height: int
+
+    def png(self) -> bytes:
+        """The file as saved, infotext included."""
+        return self.path.read_bytes()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the queue. The worker thread writes it; everyone else reads."""
+
+    id: str
+    request: GenerationRequest
+    model: str | None  # None: the queue's current model
+    source: str  # which API submitted it: native, a1111, openai
+    created: float = field(default_factory=time.time)
+    status: JobStatus = JobStatus.QUEUED
+    started: float | None = None
+    finished: float | None = None
+    model_name: str = ""  # the model that ran it
+    step: int = 0
+    total_steps: int = 0
+    batch: int = 0
+    images: list[SavedImage] = field(default_factory=list)
+    error: str | None = None
+    error_field: str | None = None
+    preview: bytes | None = None  # PNG of the latest latent preview
+    preview_step: int = 0
+    version: int = 0  # bumped on every change; progress streams send each version once
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _skip: threading.Event = field(default_factory=threading.Event, repr=False)
+    _changed: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    @property
+    def fraction(self) -> float:
+        """Share of the denoising steps done, across batches (0 to 1)."""
+        if self.status == JobStatus.DONE:
+            return 1.0
+        if not self.total_steps:
+            return 0.0
+        return (self.batch * self.total_steps + self.step) / (self.request.batch_count * self.total_steps)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the pace so far; None before the first step."""
+        if self.status != JobStatus.RUNNING or not self.started or self.fraction <= 0:
+            return None
+        elapsed = time.time() - self.started
+        return elapsed / self.fraction * (1 - self.fraction)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [saved.seed for saved in self.images]
+
+
+class JobQueue:
+    """Jobs in submission order, one worker thread, one loaded model at a time.
+
+    ``loader(name_or_None)`` returns ready Components; by default ``lienzo.api.load_model`` on the
+    settings' device. A job naming another model swaps it in (and the old one out) before it runs.
+    """
+
+    def __init__(self, settings: Settings, model: str | None = None, loader: Callable[[str | None], Components] | None = None):
+        self.settings = settings
+        self.registry = Registry(settings.models_dir, settings.cache_dir)
+        self.model = model  # what jobs without a model use; None: the default model
+        self._loader = loader or (lambda name: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings))
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._pending: deque[Job] = deque()
+        self._running: Job | None = None
+        self._loaded: tuple[Path, Components] | None = None
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker; call from the event loop that will serve the waiters."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="lienzo-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Cancel everything and let the worker finish its current step."""
+        with self._lock:
+            self._stopping = True
+            for job in list(self._pending):
+                self._finish_cancelled(job)
+            self._pending.clear()
+            if self._running is not None:
+                self._running._cancel.set()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- submitting and reading -----------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, *, model: str | None = None, source: str = "native") -> Job:
+        """Queue a request after checking the server's limits; raises InvalidRequestError or QueueFullError."""
+        self.check_limits(request)
+        if model is not None:
+            self.resolve_model(model)  # fail now, with the list of models, not when the job runs
+        job = Job(id=uuid.uuid4().hex, request=request, model=model, source=source)
+        with self._lock:
+            if self._stopping:
+                raise QueueFullError("queue: the server is shutting down")
+            if len(self._pending) >= self.settings.max_queue:
+                raise QueueFullError(f"queue: {len(self._pending)} jobs are waiting, the limit (max_queue); try again later")
+            self._pending.append(job)
+            self._jobs[job.id] = job
+            self._forget_old()
+            self._lock.notify_all()
+        return job
+
+    def check_limits(self, request: GenerationRequest) -> None:
+        s = self.settings
+        if request.steps > s.max_steps:
+            raise InvalidRequestError("steps", f"this server allows at most {s.max_steps} steps (max_steps), got {request.steps}")
+        images = request.batch_size * request.batch_count
+        if images > s.max_images:
+            raise InvalidRequestError(
+                "batch_size", f"this server makes at most {s.max_images} images per request (max_images), got {images}"
+            )
+        width, height = _output_size(request)
+        if width * height > s.max_pixels:
+            raise InvalidRequestError(
+                "width", f"{width}x{height} is {width * height:,} pixels; this server allows at most {s.max_pixels:,} (max_pixels)"
+            )
+
+    def resolve_model(self, name: str) -> Path:
+        return self.registry.resolve(name)
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"job: no job with id {job_id!r}")
+        return job
+
+    def jobs(self) -> list[Job]:
+        """Every remembered job, newest first."""
+        return list(reversed(self._jobs.values()))
+
+    def position(self, job: Job) -> int | None:
+        """0 for the next job to run, None when it is not waiting."""
+        with self._lock:
+            for i, waiting in enumerate(self._pending):
+                if waiting is job:
+                    return i
+        return None
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def loaded_model(self) -> Path | None:
+        return self._loaded[0] if self._loaded else None
+
+    def current_model(self) -> Path:
+        """The model a job without one runs on."""
+        return self.resolve_model(self.model) if self.model else default_model(self.registry, self.settings)
+
+    def current_model_or_none(self) -> Path | None:
+        """As :meth:`current_model`, resolved, or None when there is no model at all."""
+        try:
+            return self.current_model().resolve()
+        except ModelFileError:
+            return None
+
+    # -- control --------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a waiting job at once, or a running one after its current step (finished images are kept)."""
+        job = self.get(job_id)
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._finish_cancelled(job)
+            elif job.status == JobStatus.RUNNING:
+                job._cancel.set()
+        return job
+
+    def interrupt(self) -> Job | None:
+        """Cancel the running job, if any (A1111's Interrupt)."""
+        job = self._running
+        if job is not None:
+            job._cancel.set()
+        return job
+
+    def skip(self) -> Job | None:
+        """Drop the running job's current batch and go on with its next (A1111's Skip)."""
+        job = self._running
+        if job is not None:
+            job._skip.set()
+        return job
+
+    # -- waiting (event loop side) --------------------------------------------------------------
+
+    async def wait(self, job: Job, disconnected: Callable[[], "asyncio.Future[bool]"] | None = None) -> Job:
+        """Wait until ``job`` finishes. If the client goes away first, a waiting job is cancelled (no
+        one will read it) and a running one is left to finish and be saved."""
+        async for _ in self.watch(job, poll=1.0):
+            if disconnected is not None and not job.is_finished and await disconnected():
+                if job.status == JobStatus.QUEUED:
+                    self.cancel(job.id)
+                break
+        return job
+
+    async def watch(self, job: Job, poll: float | None = None) -> AsyncIterator[Job]:
+        """Yield ``job`` now and after every change until it finishes (and once more, finished);
+        with ``poll``, also every ``poll`` seconds without a change."""
+        while True:
+            changed = self._event(job)
+            yield job
+            if job.is_finished:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), poll)
+            except TimeoutError:
+                pass
+
+    def _event(self, job: Job) -> asyncio.Event:
+        if job._changed is None:
+            job._changed = asyncio.Event()
+        return job._changed
+
+    def _notify(self, job: Job) -> None:
+        """Called by the worker after it changed ``job``."""
+        job.version += 1
+        if self._loop is None or self._loop.is_closed():
+            return
+
+        def wake() -> None:
+            event, job._changed = job._changed, None
+            if event is not None:
+                event.set()
+
+        try:
+            self._loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop closed between the check and the call (shutdown)
+            pass
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                job = self._pending.popleft()
+                job.status, job.started = JobStatus.RUNNING, time.time()
+                self._running = job
+            self._notify(job)
+            try:
+                self._run(job)
+                job.status = JobStatus.DONE
+            except GenerationCancelled:
+                job.status = JobStatus.CANCELLED
+            except InvalidRequestError as err:
+                job.status, job.error, job.error_field = JobStatus.FAILED, str(err), err.field
+            except LienzoError as err:
+                job.status, job.error = JobStatus.FAILED, str(err)
+            except Exception as err:  # noqa: BLE001 - a failed job must never take the worker down
+                log.exception("job %s failed", job.id)
+                job.status, job.error = JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}"
+            finally:
+                with self._lock:
+                    job.finished = time.time()
+                    self._running = None
+                self._notify(job)
+
+    def _run(self, job: Job) -> None:
+        components = self._components(job.model)
+        job.model_name = components.name
+        prepare_loras(components, job.request, self.settings)
+        out_dir = output_dir(self.settings, job.request.mode)
+
+        def on_step(p: engine.Progress) -> None:
+            job.step, job.total_steps, job.batch = p.step, p.total_steps, p.batch
+            if p.step % self.settings.preview_every == 0 or p.step == p.total_steps:
+                previews = p.preview()
+                if previews:
+                    job.preview, job.preview_step = _png(previews[0]), p.step
+            self._notify(job)
+
+        def on_image(image: engine.GeneratedImage) -> None:
+            path = save_generated(image, out_dir)
+            job.images.append(SavedImage(path, image.seed, image.infotext, image.parameters, *image.image.size))
+            self._notify(job)
+
+        def skip() -> bool:
+            skipped = job._skip.is_set()
+            job._skip.clear()
+            return skipped
+
+        engine.generate(components, job.request, progress=on_step, cancel=job._cancel.is_set, on_image=on_image, skip=skip)
+
+    def _components(self, name: str | None) -> Components:
+        path = self.resolve_model(name) if name else self.current_model()
+        if self._loaded is None or self._loaded[0] != path:
+            # One model in memory at a time: drop the old one before loading (SDXL alone is ~7 GB).
+            self._loaded = None
+            self._loaded = (path, self._loader(str(path)))
+        return self._loaded[1]
+
+    def _finish_cancelled(self, job: Job) -> None:
+        job.status, job.finished = JobStatus.CANCELLED, time.time()
+        self._notify(job)
+
+    def _forget_old(self) -> None:
+        """Keep at most ``keep_jobs`` finished jobs (their images stay on disk)."""
+        finished = [job_id for job_id, job in self._jobs.items() if job.is_finished]
+        for job_id in finished[: max(0, len(finished) - self.settings.keep_jobs)]:
+            del self._jobs[job_id]
+
+
+def _output_size(request: GenerationRequest) -> tuple[int, int]:
+    """The size the request will make, as far as it is known before a model is loaded."""
+    if request.width and request.height:
+        return request.width, request.height
+    if request.init_image is not None:
+        w = request.init_image.width + request.outpaint_left + request.outpaint_right
+        h = request.init_image.height + request.outpaint_up + request.outpaint_down
+        return request.width or w, request.height or h
+    # txt2img at the model's native size: at most 1024 for the families lienzo loads.
+    return request.width or 1024, request.height or 1024
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,293 @@
+"""lienzo's own API, ``/api/v1``: submit jobs with the engine's request fields, watch, cancel, fetch.
+
+The four submit bodies are derived from GenerationRequest's fields (images as base64), so the API
+can never drift from the engine; the values are validated once, by ``build_request``.
+"""
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from lienzo.errors import InvalidRequestError
+from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.samplers import SAMPLERS
+from lienzo.server.codec import image_from_b64, mask_from_b64
+from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.jobs import Job, JobQueue, JobStatus
+from lienzo.settings import Settings
+
+PREFIX = "/api/v1"
+router = APIRouter(prefix=PREFIX, tags=["lienzo"])
+
+_COMMON = [
+    "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "schedule", "seed",
+    "batch_size", "batch_count", "clip_skip", "loras",
+]
+_IMAGE = ["init_image", "denoising_strength"]
+_MODE_FIELDS = {
+    "txt2img": _COMMON,
+    "img2img": _COMMON + _IMAGE,
+    "inpaint": _COMMON + _IMAGE + ["mask", "mask_blur", "inpaint_only_masked", "only_masked_padding", "inpainting_fill"],
+    "outpaint": _COMMON + _IMAGE + ["outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down", "mask_blur", "inpainting_fill"],
+}
+# The CLI's outpaint defaults: a wider seam blur and a stronger repaint than img2img's.
+_MODE_DEFAULTS = {"outpaint": {"denoising_strength": 0.8, "mask_blur": 8, "inpainting_fill": "fill"}}
+_IMAGE_HELP = {
+    "init_image": "the input image, base64 (a data: URL prefix is fine)",
+    "mask": "base64; white (or opaque on a transparent layer) = repaint, black = keep; same size as init_image",
+}
+
+
+def _body_model(mode: str) -> type[BaseModel]:
+    """A pydantic body with ``mode``'s GenerationRequest fields and defaults, images as base64 strings."""
+    fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name or path; default: the current model"))}
+    for name in _MODE_FIELDS[mode]:
+        if name in _IMAGE_HELP:
+            fields[name] = (str, Field(description=_IMAGE_HELP[name]))
+            continue
+        info = GenerationRequest.model_fields[name]
+        default = _MODE_DEFAULTS.get(mode, {}).get(name, info.default)
+        fields[name] = (info.annotation, Field(default))
+    return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+BODIES = {mode: _body_model(mode) for mode in _MODE_FIELDS}
+
+
+def request_from_body(mode: str, body: BaseModel, settings: Settings) -> GenerationRequest:
+    """Decode the body's images and validate everything into the engine's request."""
+    fields = body.model_dump(exclude={"model"})
+    if "init_image" in fields:
+        fields["init_image"] = image_from_b64(fields["init_image"], "init_image", settings)
+    if "mask" in fields:
+        fields["mask"] = mask_from_b64(fields["mask"], fields["init_image"].size, "mask", settings)
+    request = build_request(**fields)
+    if mode == "outpaint" and not request.is_outpaint:
+        raise InvalidRequestError("outpaint_left", "give at least one of outpaint_left, outpaint_right, outpaint_up, outpaint_down")
+    return request
+
+
+class ImageView(BaseModel):
+    url: str
+    seed: int
+    infotext: str
+    file: str
+
+
+class ProgressView(BaseModel):
+    step: int
+    total_steps: int
+    batch: int
+    batch_count: int
+    fraction: float = Field(description="share of all denoising steps done, 0 to 1")
+    eta: float | None = Field(description="seconds left at the pace so far")
+    preview_url: str | None
+
+
+class JobView(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobStatus
+    mode: str
+    source: str
+    model: str | None
+    position: int | None = Field(description="0 = next to run; null when not waiting")
+    created: float
+    started: float | None
+    finished: float | None
+    progress: ProgressView
+    images: list[ImageView]
+    error: str | None
+    error_field: str | None
+    parameters: dict
+
+
+def parameters(request: GenerationRequest) -> dict:
+    """The request's fields without its images, as JSON-able values."""
+    return request.model_dump(mode="json", exclude={"init_image", "mask"})
+
+
+def job_view(job: Job, queue: JobQueue) -> JobView:
+    base = f"{PREFIX}/jobs/{job.id}"
+    return JobView(
+        id=job.id,
+        status=job.status,
+        mode=job.request.mode,
+        source=job.source,
+        model=job.model_name or job.model,
+        position=queue.position(job),
+        created=job.created,
+        started=job.started,
+        finished=job.finished,
+        progress=ProgressView(
+            step=job.step,
+            total_steps=job.total_steps,
+            batch=job.batch,
+            batch_count=job.request.batch_count,
+            fraction=job.fraction,
+            eta=job.eta,
+            preview_url=f"{base}/preview?step={job.preview_step}" if job.preview else None,
+        ),
+        images=[
+            ImageView(url=f"{base}/images/{i}", seed=s.seed, infotext=s.infotext, file=str(s.path))
+            for i, s in enumerate(job.images)
+        ],
+        error=job.error,
+        error_field=job.error_field,
+        parameters=parameters(job.request),
+    )
+
+
+def error_response(status: int, message: str, field: str | None) -> JSONResponse:
+    return JSONResponse({"detail": message, "field": field}, status_code=status)
+
+
+async def _submit(mode: str, body: BaseModel, request: Request, queue: JobQueue, settings: Settings, wait: bool) -> JSONResponse:
+    job = queue.submit(request_from_body(mode, body, settings), model=body.model, source="native")
+    if wait:
+        await queue.wait(job, request.is_disconnected)
+    return JSONResponse(job_view(job, queue).model_dump(mode="json"), status_code=200 if wait else 202)
+
+
+Wait = Annotated[bool, Query(description="answer when the job has finished, not when it is queued")]
+
+
+def _route(mode: str):
+    body_model = BODIES[mode]
+
+    async def submit(body: body_model, request: Request, queue: Queue, settings: AppSettings, wait: Wait = False) -> JSONResponse:  # type: ignore[valid-type]
+        return await _submit(mode, body, request, queue, settings, wait)
+
+    submit.__name__ = mode
+    submit.__doc__ = f"Queue a {mode} job; 202 with the job (or 200 when finished, with ``?wait=true``)."
+    router.post(f"/{mode}", response_model=JobView, status_code=202)(submit)
+
+
+for _mode in _MODE_FIELDS:
+    _route(_mode)
+
+
+@router.get("/jobs", response_model=list[JobView])
+async def list_jobs(queue: Queue, status: JobStatus | None = None) -> list[JobView]:
+    """Remembered jobs, newest first."""
+    return [job_view(job, queue) for job in queue.jobs() if status is None or job.status == status]
+
+
+@router.get("/jobs/{job_id}", response_model=JobView)
+async def get_job(job_id: str, queue: Queue) -> JobView:
+    return job_view(queue.get(job_id), queue)
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_events(job_id: str, queue: Queue) -> StreamingResponse:
+    """Server-Sent Events: the job (as GET /jobs/{id}) after every change, until it finishes."""
+    job = queue.get(job_id)
+
+    async def stream():
+        async for current in queue.watch(job, poll=15):
+            view = job_view(current, queue).model_dump(mode="json")
+            yield f"event: job\nid: {current.version}\ndata: {json.dumps(view, separators=(',', ':'))}\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+async def cancel_job(job_id: str, queue: Queue) -> JobView:
+    """Cancel a waiting job, or stop a running one after its current step (finished images are kept)."""
+    return job_view(queue.cancel(job_id), queue)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView)
+async def delete_job(job_id: str, queue: Queue) -> JobView:
+    """The same as cancel."""
+    return job_view(queue.cancel(job_id), queue)
+
+
+@router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse)
+async def job_image(job_id: str, index: int, queue: Queue) -> FileResponse:
+    """An image as saved: PNG with its infotext."""
+    job = queue.get(job_id)
+    if not 0 <= index < len(job.images):
+        raise InvalidRequestError("index", f"job {job_id} has {len(job.images)} images; index must be 0 to {len(job.images) - 1}")
+    return FileResponse(job.images[index].path, media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
+async def job_preview(job_id: str, queue: Queue) -> Response:
+    """The latest live preview (a cheap latent-to-RGB projection at latent resolution)."""
+    job = queue.get(job_id)
+    if job.preview is None:
+        return error_response(404, f"job {job_id} has no preview yet", None)
+    return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+class ModelView(BaseModel):
+    name: str
+    architecture: str
+    size_bytes: int
+    short_hash: str
+    current: bool
+
+
+class ModelChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a model name from GET /models, a short hash, or a path")
+
+
+# Plain ``def`` (run in the thread pool): listing and resolving may hash a new multi-GB checkpoint.
+@router.get("/models", response_model=list[ModelView])
+def list_models(queue: Queue) -> list[ModelView]:
+    current = queue.current_model_or_none()
+    return [
+        ModelView(name=e.name, architecture=e.architecture, size_bytes=e.size_bytes, short_hash=e.short_hash, current=e.path == current)
+        for e in queue.registry.checkpoints()
+    ]
+
+
+@router.put("/models/current", response_model=ModelView)
+def switch_model(choice: ModelChoice, queue: Queue) -> ModelView:
+    """The model for jobs that name none, from the next job on."""
+    path = queue.resolve_model(choice.name)
+    queue.model = str(path)
+    entry = queue.registry.entry(path)
+    return ModelView(name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash, current=True)
+
+
+class SamplerView(BaseModel):
+    name: str
+    schedules: list[str]
+    automatic: str
+
+
+@router.get("/samplers", response_model=list[SamplerView])
+async def list_samplers() -> list[SamplerView]:
+    return [SamplerView(name=s.name, schedules=s.schedules, automatic=s.automatic) for s in SAMPLERS.values()]
+
+
+class LoraView(BaseModel):
+    name: str
+    size_bytes: int
+    short_hash: str
+
+
+@router.get("/loras", response_model=list[LoraView])
+def list_loras(queue: Queue) -> list[LoraView]:
+    return [LoraView(name=e.name, size_bytes=e.size_bytes, short_hash=e.short_hash) for e in queue.registry.loras()]
+
+
+class QueueView(BaseModel):
+    running: str | None
+    waiting: int
+    max_queue: int
+
+
+@router.get("/queue", response_model=QueueView)
+async def queue_state(queue: Queue, settings: AppSettings) -> QueueView:
+    running = queue.running
+    return QueueView(running=running.id if running else None, waiting=queue.waiting, max_queue=settings.max_queue)
