@@ -25,3 +25,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A models dir holding one tiny SD 1.x checkpoint (``tiny-sd15``); modules may define their own."""
+    from lienzo.models.single_file import save_single_file
+    from tiny_models import build_tiny
+
+    root = tmp_path_factory.mktemp("lienzo-home")
+    (root / "models").mkdir()
+    save_single_file(build_tiny("sd1"), root / "models" / "tiny-sd15.safetensors")
+    return root
+
+
+@pytest.fixture
+def lienzo(home, tmp_path):
+    """Run the CLI on ``home``'s models with outputs in ``tmp_path/out``; checks the exit code."""
+    from click.testing import CliRunner
+
+    from lienzo.cli import app
+
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        base = ["--models-dir", str(home / "models"), "--data-dir", str(home / "data"), "--outputs-dir", str(tmp_path / "out")]
+        result = runner.invoke(app, [*base, *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output + result.stderr
+        return result
+
+    return run

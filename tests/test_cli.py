@@ -13,32 +13,8 @@ from PIL import Image
 from lienzo.cli import app
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.models import registry as registry_module
-from lienzo.models.single_file import save_single_file
-from tiny_models import build_tiny
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "5"]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A models dir holding one tiny SD 1.x checkpoint, and an outputs dir."""
-    root = tmp_path_factory.mktemp("lienzo-home")
-    (root / "models").mkdir()
-    save_single_file(build_tiny("sd1"), root / "models" / "tiny-sd15.safetensors")
-    return root
-
-
-@pytest.fixture
-def lienzo(home, tmp_path):
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        base = ["--models-dir", str(home / "models"), "--data-dir", str(home / "data"), "--outputs-dir", str(tmp_path / "out")]
-        result = runner.invoke(app, [*base, *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output + result.stderr
-        return result
-
-    return run
 
 
 def _paths(result) -> list[str]:
@@ -105,6 +81,8 @@ def test_models_lists_architecture_size_and_cached_hash(lienzo, monkeypatch):
 
     monkeypatch.setattr(registry_module, "sha256_file", no_rehash)
     assert lienzo("models").stdout == out
+    details = lienzo("models", "--details").stdout
+    assert "training data" in details and "provenance unknown" in details
 
 
 def test_samplers_lists_every_sampler(lienzo):

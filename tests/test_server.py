@@ -52,6 +52,8 @@ def test_txt2img_job_runs_and_serves_pngs_with_infotext(client):
     assert [i["seed"] for i in job["images"]] == [7, 8]
     assert job["progress"]["fraction"] == 1.0 and job["progress"]["step"] == job["progress"]["total_steps"] == 2
     assert job["model"] == "tiny-a" and job["source"] == "native" and job["mode"] == "txt2img"
+    assert [i["watermarked"] for i in job["images"]] == [False, False]  # 64x64 is too small to hold the mark
+    assert job["parameters"]["safety"] == "blur" and job["parameters"]["watermark"] is None
     assert job["parameters"]["prompt"] == "a red apple" and job["parameters"]["steps"] == 2
     png = client.get(job["images"][1]["url"])
     assert png.headers["content-type"] == "image/png"
@@ -186,6 +188,8 @@ def test_progress_events_stream_until_done(client):
 def test_models_switch_samplers(client):
     models = client.get("/api/v1/models").json()
     assert [(m["name"], m["current"]) for m in models] == [("tiny-a", True), ("tiny-b", False)]
+    assert [(m["provenance"], m["training_data"]) for m in models] == [("provenance unknown", None)] * 2
+    assert len(models[0]["sha256"]) == 64 and models[0]["sha256"].startswith(models[0]["short_hash"])
     assert client.put("/api/v1/models/current", json={"name": "tiny-b"}).json()["current"]
     assert [m["current"] for m in client.get("/api/v1/models").json()] == [False, True]
     job = client.post("/api/v1/txt2img?wait=true", json=FAST).json()
@@ -193,6 +197,25 @@ def test_models_switch_samplers(client):
     assert client.put("/api/v1/models/current", json={"name": "nope"}).status_code == 422
     samplers = {s["name"]: s for s in client.get("/api/v1/samplers").json()}
     assert "Karras" in samplers["DPM++ 2M"]["schedules"] and "Euler a" in samplers
+
+
+def test_a_lienzo_trained_model_states_its_training_data(home, tmp_path):
+    """A diffusers folder with the trainer's dataset_manifest.json: the models API summarises it."""
+    from lienzo.training.data import scan_folder, write_manifest
+    from tiny_models import build_tiny, save_diffusers_folder
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(art / f"{i}.png")
+    models = tmp_path / "models"
+    folder = save_diffusers_folder(build_tiny("sd1"), models / "mine")
+    digest = write_manifest(scan_folder(art, licence="CC BY 4.0", source="my sketchbook"), folder / "dataset_manifest.json")
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models, outputs_dir=tmp_path / "out")
+    with TestClient(create_app(settings)) as c:
+        (model,) = c.get("/api/v1/models").json()
+    assert model["training_data"] == {"images": 3, "licence": "CC BY 4.0", "source": "my sketchbook", "manifest_sha256": digest}
+    assert model["provenance"] == f"3 images, licence CC BY 4.0, source my sketchbook, manifest sha256 {digest[:12]}"
 
 
 def test_auth_guards_every_route(home, tmp_path):

@@ -1,5 +1,6 @@
 """The trainer on the tiny preset: it trains, checkpoints, resumes bit for bit, and its result generates."""
 
+import csv
 import json
 import os
 import subprocess
@@ -132,6 +133,10 @@ def test_run_leaves_model_card_samples_logs_and_checkpoints(straight, art):
     assert rows[0].startswith("stage,step,loss") and len(rows) == 1 + 3 + 3
     assert all(np.isfinite(float(r.split(",")[2])) for r in rows[1:])
     assert Image.open(training / "loss.png").size[0] > 100
+    memorised = list(csv.DictReader((training / "memorisation.csv").open()))
+    assert [(r["step"], r["prompt"], r["sample"]) for r in memorised] == [(s, "a cat", i) for s in ("2", "3") for i in ("0", "1")]
+    files = {f"{label}/{i}.png" for label in ("cats", "dogs") for i in range(5)}
+    assert all(r["nearest_training_file"] in files and 0 <= float(r["distance"]) <= 2 for r in memorised)
     assert sorted(p.name for p in (training / "checkpoints").iterdir()) == ["unet-000002", "unet-000003"]
     manifest = json.loads((straight / "dataset_manifest.json").read_text())
     assert len(manifest["images"]) == 10 and {p["path"] for p in manifest["problems"]} == {"broken.png", "cut.png", "notes.pdf"}

@@ -25,7 +25,7 @@ def default_model(registry: Registry, settings: Settings) -> Path:
     if embedded is not None:
         return embedded
     for path in registry.candidates():
-        if registry.entry(path).architecture.startswith(("SD", "SDXL")):
+        if registry.entry(path).is_checkpoint:
             return path
     raise ModelFileError(
         f"model: no model given and none found in {registry.models_dir}; "
@@ -51,7 +51,7 @@ def load_model(
     torch_dtype = pick_dtype(dtype, torch_device)
     entry = registry.entry(path)
     components = load_components(path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype)
-    components.name, components.short_hash = Path(entry.name).name, entry.short_hash
+    components.name, components.short_hash, components.sha256 = Path(entry.name).name, entry.short_hash, entry.sha256
     return components.to(torch_device)
 
 

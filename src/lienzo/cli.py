@@ -81,6 +81,14 @@ def _generation_options(f):
                 "--lora", "loras", type=_LoraParam(), multiple=True,
                 help="apply a LoRA from the models dir's Lora folder (repeatable); also <lora:NAME:WEIGHT> in the prompt",
             ),
+            click.option(
+                "--safety", type=click.Choice(["off", "blur", "block"]),
+                help="what to do with images the model's safety checker flags [default: off, or LIENZO_SAFETY_CLI]",
+            ),
+            click.option(
+                "--watermark/--no-watermark", default=None,
+                help="invisible watermark in saved images [default: on, or LIENZO_WATERMARK]",
+            ),
             click.option("--out", "-o", type=click.Path(path_type=Path), help="output folder [default: outputs dir]"),
         ]
     ):
@@ -117,7 +125,8 @@ def _request_fields(opts: dict) -> dict:
         "batch_count": "batch_count", "clip_skip": "clip_skip", "strength": "denoising_strength",
         "mask_blur": "mask_blur", "only_masked": "inpaint_only_masked", "padding": "only_masked_padding",
         "fill": "inpainting_fill", "left": "outpaint_left", "right": "outpaint_right", "up": "outpaint_up",
-        "down": "outpaint_down", "loras": "loras",
+        "down": "outpaint_down", "loras": "loras", "safety": "safety",
+        "watermark": "watermark",
     }
     return {field: opts[flag] for flag, field in names.items() if flag in opts and opts[flag] is not None}
 
@@ -127,10 +136,11 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     from lienzo.api import load_model, prepare_loras
     from lienzo.generation.engine import generate
     from lienzo.generation.request import build_request
-    from lienzo.outputs import output_dir, save_generated
+    from lienzo.images.provenance import Provenance
+    from lienzo.outputs import output_dir, save_generated, wants_watermark
 
     settings = _settings(ctx)
-    request = build_request(**fields)
+    request = build_request(**{"safety": settings.safety_cli, **fields})
     device = opts.get("device") or settings.device
     dtype = opts.get("dtype") or settings.dtype
     with err_console.status("loading model"):
@@ -138,10 +148,14 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
             opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype, settings=settings
         )
         prepare_loras(components, request, settings)
+        provenance = Provenance.for_model(components)
     out_dir = opts.get("out") or output_dir(settings, mode)
 
     def save(image) -> None:
-        click.echo(str(save_generated(image, out_dir)))
+        path = save_generated(image, out_dir, provenance, watermark=wants_watermark(request, settings)).path
+        click.echo(str(path))
+        if image.filtered:
+            err_console.print(f"[yellow]{escape(path.name)}: {image.filtered} by the safety filter", highlight=False)
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
@@ -281,19 +295,26 @@ def outpaint(ctx, image, prompt, **opts):
 
 
 @app.command()
+@click.option("--details", is_flag=True, help="also the full sha256 and what each model states about its training data")
 @click.pass_context
-def models(ctx):
-    """List the models in the models dir with their A1111 short hashes."""
-    from lienzo.models.registry import Registry
+def models(ctx, details):
+    """List lienzo's own model and the models dir's, with their A1111 short hashes."""
+    from lienzo.images.provenance import describe_training_data, training_data_for
+    from lienzo.models.registry import Registry, embedded_model
 
     settings = _settings(ctx)
     registry = Registry(settings.models_dir, settings.cache_dir)
     table = Table(title=f"models in {settings.models_dir}")
     for column in ("name", "architecture", "size", "hash"):
         table.add_column(column)
-    for entry in registry.scan():
+    embedded = embedded_model()
+    entries = ([registry.entry(embedded)] if embedded else []) + registry.scan()
+    for entry in entries:
         table.add_row(entry.name, entry.architecture, f"{entry.size_bytes / 2**20:,.1f} MiB", entry.short_hash)
     Console().print(table)
+    if details:
+        for entry in entries:
+            click.echo(f"{entry.name}\n  sha256: {entry.sha256}\n  training data: {describe_training_data(training_data_for(entry.path))}")
     loras = registry.loras()
     if loras:
         table = Table(title="LoRAs (use as <lora:NAME:WEIGHT> or --lora NAME:WEIGHT)")
@@ -320,18 +341,35 @@ def samplers():
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
 def info(image):
-    """Show the generation parameters stored in an image (lienzo, AUTOMATIC1111, Forge, ...)."""
+    """Show the generation parameters stored in an image (lienzo, AUTOMATIC1111, Forge, ...), its
+    lienzo provenance record and whether it carries lienzo's invisible watermark."""
+    from lienzo.images.io import load_image
     from lienzo.images.metadata import parse_infotext, read_parameters
+    from lienzo.images.provenance import read_provenance
+    from lienzo.images.watermark import detect
 
     text = read_parameters(image)
-    if text is None:
+    try:
+        record = read_provenance(image)
+        provenance = record.lines() if record is not None else None
+    except LienzoError as err:
+        # A damaged record is worth saying, not a reason to hide the rest.
+        provenance = [f"unreadable: {err}"]
+    found = detect(load_image(image))
+    if text is None and provenance is None and not found.detected:
         raise LienzoError(f"image: {image} carries no generation parameters")
-    parsed = parse_infotext(text)
-    click.echo(f"Prompt: {parsed.prompt}")
-    if parsed.negative_prompt:
-        click.echo(f"Negative prompt: {parsed.negative_prompt}")
-    for key, value in parsed.params.items():
-        click.echo(f"{key}: {value}")
+    if text is not None:
+        parsed = parse_infotext(text)
+        click.echo(f"Prompt: {parsed.prompt}")
+        if parsed.negative_prompt:
+            click.echo(f"Negative prompt: {parsed.negative_prompt}")
+        for key, value in parsed.params.items():
+            click.echo(f"{key}: {value}")
+    if provenance is not None:
+        click.echo("Provenance:")
+        for line in provenance:
+            click.echo(f"  {line}")
+    click.echo(f"Watermark: {found.describe()}")
 
 
 @app.group()
@@ -550,6 +588,9 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
                f"memorised = nearest training image within cosine distance {report.threshold}")
     for caption, path, distance in report.closest[:3]:
         click.echo(f"closest: {caption!r} -> {path} ({distance:.4f})")
+    if report.rows[0].memorised > 0:
+        copied = ", ".join(path for _, path, distance in report.closest if distance < report.threshold)
+        err_console.print(f"[yellow]warning: {report.rows[0].memorised:.1%} of the generated images copy training images: {escape(copied)}")
     if json_out is not None:
         json_out.write_text(json.dumps(asdict(report), indent=1))
 

@@ -1,10 +1,14 @@
 """Typed settings: explicit arguments (CLI flags), then LIENZO_* environment variables, then per-user defaults."""
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What the safety filter does with a flagged image (GenerationRequest.safety uses it too).
+SafetyPolicy = Literal["off", "blur", "block"]
 
 
 def _data_dir() -> Path:
@@ -22,6 +26,9 @@ class Settings(BaseSettings):
     default_model: str | None = None  # a name or path; unset: the model lienzo ships
     device: str = "auto"
     dtype: str = "auto"
+    watermark: bool = True  # invisible watermark in every saved image; a request may turn it off
+    safety_cli: SafetyPolicy = "off"  # safety filter policy when a request gives none, per front door
+    safety_server: SafetyPolicy = "blur"
 
     # lienzo serve's limits, answered with a 4xx naming the limit; GenerationRequest's own ranges stay the ceiling.
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)  # width x height of one output image

@@ -26,8 +26,12 @@ from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
+from lienzo.safety import SafetyFilter, Screened, screen
 
 log = logging.getLogger(__name__)
+
+# Models already reported as having no safety filter for a blur/block policy (names, for the log only).
+_WARNED_UNFILTERED: set[str] = set()
 
 # Linear maps from the 4 latent channels to RGB, fitted for the SD 1.x/2.x and SDXL VAEs; a preview
 # costs one 4x3 matmul instead of a VAE decode (the "Approx cheap" live preview of A1111).
@@ -69,6 +73,7 @@ class GeneratedImage:
     infotext: str
     parameters: dict
     pixels: np.ndarray = field(repr=False)  # HxWx3 float32 in [0, 1], before 8-bit rounding
+    filtered: str | None = None  # "blurred" or "blocked" by the safety filter; None: shown as made
 
 
 @dataclass
@@ -180,7 +185,9 @@ def generate(
     ``progress`` is called after every step, ``cancel`` before every step (return True to stop with
     GenerationCancelled), ``on_image`` as soon as each image is finished (so a caller can save it
     before a later batch is cancelled). ``skip``, also checked before every step, drops the batch
-    being denoised and goes on with the next one (A1111's "Skip").
+    being denoised and goes on with the next one (A1111's "Skip"). With ``request.safety`` blur or
+    block, ``components.safety_filter`` checks every finished batch (None counts as off: the front
+    doors choose the default).
     """
     started = time.perf_counter()
     # 1. Resolve what the request leaves open: seed, sampler, schedule, sizes.
@@ -190,6 +197,9 @@ def generate(
     cv = _prepare_canvas(components, request)
     device = components.unet.device
     _check_loras(components, request)
+    policy = request.safety or "off"  # None: the front door chose nothing, and the engine does not filter
+    safety = _safety_filter(components, policy)
+    unchecked = "unavailable" if policy != "off" and safety is None else None
 
     # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
     prompt, _ = extract_lora_tags(request.prompt)
@@ -203,11 +213,15 @@ def generate(
             pixels = _denoise(components, request, cv, pos, neg, first, sampler, schedule, batch, progress, cancel, skip)
         except _Skipped:
             continue
-        for i, array in enumerate(pixels):
-            image = _finish(Image.fromarray((array * 255).round().astype(np.uint8)), cv)
-            params = _parameters(components, request, cv, first + i, sampler.name, schedule)
+        finished = [_finish(Image.fromarray((array * 255).round().astype(np.uint8)), cv) for array in pixels]
+        # 9. Safety filter: flagged images are blurred or blocked, never dropped, and their infotext says so.
+        screened = screen(safety, finished, policy, prompt) if safety is not None else [Screened(im) for im in finished]
+        for i, (array, kept) in enumerate(zip(pixels, screened, strict=True)):
+            if kept.filtered is not None:
+                array = np.asarray(kept.image, dtype=np.float32) / 255  # the replacement's pixels, not the original's
+            params = _parameters(components, request, cv, first + i, sampler.name, schedule, kept.label or unchecked)
             infotext = format_infotext(info_prompt, request.negative_prompt, params)
-            images.append(GeneratedImage(image, first + i, infotext, params, array))
+            images.append(GeneratedImage(kept.image, first + i, infotext, params, array, kept.filtered))
             if on_image is not None:
                 on_image(images[-1])
     return GenerationResult(images, request.model_copy(update={"seed": seed}), time.perf_counter() - started)
@@ -222,6 +236,21 @@ def _check_loras(components: Components, request: GenerationRequest) -> None:
             f"loras: the request asks for {' '.join(wanted) or 'no LoRA'} but the model has {' '.join(applied) or 'none'} "
             "applied; apply them first with lienzo.api.prepare_loras(components, request)"
         )
+
+
+def _safety_filter(components: Components, policy: str) -> SafetyFilter | None:
+    """The model's filter, loaded onto its device, when the policy needs one; None when it is off or
+    the model has none (its images then pass, and their infotext says "Safety filter: unavailable")."""
+    if policy == "off":
+        return None
+    if components.safety_filter is None:
+        name = components.name or str(components.source or "the model")
+        if name not in _WARNED_UNFILTERED:  # once per model: a server would otherwise say it on every job
+            _WARNED_UNFILTERED.add(name)
+            log.warning("safety policy %r: %s has no safety filter, so its images pass unchecked", policy, name)
+        return None
+    components.safety_filter.prepare(components.unet.device)
+    return components.safety_filter
 
 
 def _infotext_prompt(request: GenerationRequest) -> str:
@@ -343,7 +372,9 @@ def _fill_latents(image_latents, mask, fill: str, generators, latent_shape) -> t
     return image_latents
 
 
-def _parameters(components: Components, req: GenerationRequest, cv: _Canvas, seed: int, sampler: str, schedule: str) -> dict:
+def _parameters(
+    components: Components, req: GenerationRequest, cv: _Canvas, seed: int, sampler: str, schedule: str, safety: str | None = None
+) -> dict:
     """The infotext fields of one image, in A1111's order."""
     params = {
         "Steps": req.steps,
@@ -373,5 +404,7 @@ def _parameters(components: Components, req: GenerationRequest, cv: _Canvas, see
     hashes = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, _, h in components.extra.get("active_loras", []) if h]
     if hashes:
         params["Lora hashes"] = ", ".join(hashes)
+    if safety:
+        params["Safety filter"] = safety
     params["Version"] = f"lienzo {__version__}"
     return params

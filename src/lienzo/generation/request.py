@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.prompts import extract_lora_tags
 from lienzo.generation.samplers import SCHEDULES, resolve_sampler
+from lienzo.settings import SafetyPolicy
 
 MAX_SIDE = 4096
 MAX_STEPS = 150  # AUTOMATIC1111's slider limit; more steps stop changing the picture long before
@@ -111,6 +112,10 @@ class GenerationRequest(BaseModel):
     outpaint_right: int = 0
     outpaint_up: int = 0
     outpaint_down: int = 0
+
+    # Not pixels but what happens to them: None leaves the choice to the settings / the front door.
+    watermark: bool | None = None  # invisible watermark in saved images (settings default: on)
+    safety: SafetyPolicy | None = None  # safety filter policy (defaults: blur in the server, off in the CLI)
 
     @field_validator("width", "height")
     @classmethod

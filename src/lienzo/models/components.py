@@ -9,6 +9,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lienzo.safety.base import SafetyFilter
+
 Family = Literal["sd1", "sd2", "sdxl"]
 
 
@@ -18,7 +20,8 @@ class Components:
 
     ``scheduler_config`` is a diffusers scheduler config (``num_train_timesteps``, ``beta_*``,
     ``prediction_type``, ``timestep_spacing``, ...); the sampler table builds any scheduler from it.
-    SDXL has a second text encoder (OpenCLIP bigG, with projection) and tokenizer.
+    SDXL has a second text encoder (OpenCLIP bigG, with projection) and tokenizer. ``safety_filter``
+    is the model's own checker when its folder has one; set it to plug in another.
     """
 
     unet: UNet2DConditionModel
@@ -31,8 +34,11 @@ class Components:
     tokenizer_2: CLIPTokenizer | None = None
     name: str = ""
     short_hash: str = ""
+    sha256: str = ""
     source: Path | None = None
     extra: dict = field(default_factory=dict)
+    # Runs when a request's safety policy is blur or block; a diffusers folder's safety_checker sets it.
+    safety_filter: SafetyFilter | None = None
 
     @property
     def is_inpainting(self) -> bool:

@@ -12,6 +12,7 @@ from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file, scheduler_config_for
+from lienzo.safety import find_safety_checker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dty
         tokenizer_2=_folder_tokenizer(path / "tokenizer_2", family, second=True) if text_encoder_2 is not None else None,
         name=path.name,
         source=path,
+        # Found now, loaded on first use: the checker is 1.2 GB and a policy of "off" never runs it.
+        safety_filter=find_safety_checker(path, dtype=dtype),
     )
 
 

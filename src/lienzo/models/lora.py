@@ -11,7 +11,6 @@ import itertools
 import json
 import logging
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -25,9 +24,9 @@ from diffusers.loaders.lora_base import (
     set_adapters_for_text_encoder,
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers.utils import logging as transformers_logging
 
 from lienzo.errors import ModelFileError
+from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.registry import LORA_SHORT_HASH, lora_hash
@@ -142,7 +141,7 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
         state_dict, network_alphas = _mixin(components).lora_state_dict(tensors, unet_config=components.unet.config)
     except ValueError as err:
         raise ModelFileError(
-            f"lora: {path.name} is in a LoRA format lienzo cannot read ({_first_line(err)}); "
+            f"lora: {path.name} is in a LoRA format lienzo cannot read ({first_line(err)}); "
             "kohya and diffusers/peft LoRAs are supported, LyCORIS LoHa/LoKr are not"
         ) from None
     metadata = None
@@ -170,14 +169,14 @@ def _fold_alphas(tensors: dict[str, torch.Tensor]) -> None:
 def _inject(components: Components, path: Path, state_dict, network_alphas, metadata, adapter: str) -> tuple[str, ...]:
     """Load the adapter into every part the file has weights for; returns the parts it changed."""
     try:
-        with _quiet_transformers(), warnings.catch_warnings():
+        with quiet_transformers(), warnings.catch_warnings():
             # peft warns whenever a model gets a second adapter; holding many is what this module is for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
             return tuple(p for p in _PARTS if _inject_part(components, p, path, state_dict, network_alphas, metadata, adapter))
     except (ValueError, RuntimeError) as err:
         _forget(components, adapter)
         raise ModelFileError(
-            f"lora: {path.name} does not fit this {components.family} model ({_first_line(err)}); "
+            f"lora: {path.name} does not fit this {components.family} model ({first_line(err)}); "
             "is it a LoRA for another model family?"
         ) from None
 
@@ -225,22 +224,3 @@ def _forget(components: Components, adapter: str) -> None:
                 model.delete_adapters(adapter)
             else:
                 model.delete_adapter(adapter)
-
-
-@contextmanager
-def _quiet_transformers():
-    """transformers draws a progress bar and logs a table of key names for every adapter it loads into a
-    text encoder; the CLI draws its own progress, and _inject reports layers that do not fit in one line."""
-    bar_was_on, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bar_was_on:
-            transformers_logging.enable_progress_bar()
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -41,10 +41,12 @@ class ModelEntry:
     architecture: str
     size_bytes: int
     short_hash: str
+    sha256: str  # of the file; of a folder, over its files' hashes
 
     @property
     def is_checkpoint(self) -> bool:
-        return self.architecture.startswith(tuple(_FAMILY_NAMES.values()))
+        """A whole model that can generate: "SD 1.x", "SDXL inpainting", "SD (diffusers)", ..."""
+        return self.architecture.startswith("SD")
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Registry:
             name = path.name
         name = name.removesuffix(path.suffix) if path.is_file() else name
         size = sum(s for _, s, _ in stamp)
-        return ModelEntry(name, path, cached["architecture"], size, cached["sha256"][:10])
+        return ModelEntry(name, path, cached["architecture"], size, cached["sha256"][:10], cached["sha256"])
 
     def scan(self) -> list[ModelEntry]:
         return [self.entry(p) for p in self.candidates()]

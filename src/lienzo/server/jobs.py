@@ -25,7 +25,8 @@ from lienzo.generation import engine
 from lienzo.generation.request import GenerationRequest
 from lienzo.models.components import Components
 from lienzo.models.registry import Registry
-from lienzo.outputs import output_dir, save_generated
+from lienzo.images.provenance import Provenance
+from lienzo.outputs import output_dir, save_generated, wants_watermark
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class SavedImage:
     parameters: dict
     width: int
     height: int
+    filtered: str | None = None  # "blurred" or "blocked" by the safety filter
+    watermarked: bool = False  # the pixels carry lienzo's invisible watermark
 
     def png(self) -> bytes:
         """The file as saved, infotext included."""
@@ -166,6 +169,9 @@ class JobQueue:
     def submit(self, request: GenerationRequest, *, model: str | None = None, source: str = "native") -> Job:
         """Queue a request after checking the server's limits; raises InvalidRequestError or QueueFullError."""
         self.check_limits(request)
+        if request.safety is None:
+            # The server's default policy (blur unless configured), recorded on the job for all to see.
+            request = request.model_copy(update={"safety": self.settings.safety_server})
         if model is not None:
             self.resolve_model(model)  # fail now, with the list of models, not when the job runs
         job = Job(id=uuid.uuid4().hex, request=request, model=model, source=source)
@@ -347,6 +353,8 @@ class JobQueue:
         components = self._components(job.model)
         job.model_name = components.name
         prepare_loras(components, job.request, self.settings)
+        provenance = Provenance.for_model(components)
+        watermark = wants_watermark(job.request, self.settings)
         out_dir = output_dir(self.settings, job.request.mode)
 
         def on_step(p: engine.Progress) -> None:
@@ -358,8 +366,10 @@ class JobQueue:
             self._notify(job)
 
         def on_image(image: engine.GeneratedImage) -> None:
-            path = save_generated(image, out_dir)
-            job.images.append(SavedImage(path, image.seed, image.infotext, image.parameters, *image.image.size))
+            saved = save_generated(image, out_dir, provenance, watermark=watermark)
+            job.images.append(
+                SavedImage(saved.path, image.seed, image.infotext, image.parameters, *image.image.size, image.filtered, saved.watermarked)
+            )
             self._notify(job)
 
         def skip() -> bool:

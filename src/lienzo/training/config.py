@@ -117,6 +117,9 @@ class Samples(_Section):
     steps: Positive = 20
     cfg_scale: Annotated[float, Field(ge=0, le=30)] = 5.0
     sampler: str = "DPM++ 2M"
+    # Warn when a UNet sample is closer than this to a training image (tiny-image cosine distance,
+    # calibrated in training/memorisation.py); 0 turns the check off.
+    memorisation: Annotated[float, Field(ge=0, le=1)] = 0.01
 
 
 class Lora(_Section):
@@ -176,6 +179,7 @@ class TrainConfig(_Section):
         data.pop("log_every")
         data.pop("keep_checkpoints")
         data["samples"].pop("every")
+        data["samples"].pop("memorisation")
         return data
 
 

@@ -14,6 +14,7 @@ with batch B/N see the same samples and noise as one process with batch B.
 """
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from lienzo.errors import LienzoError
 from lienzo.generation.engine import generate, native_size
 from lienzo.generation.request import build_request
 from lienzo.images.grid import image_grid
+from lienzo.training.memorisation import MemorisationCheck
 from lienzo.images.io import save_png_atomic
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
@@ -231,6 +233,7 @@ class Trainer:
         self.stop_after, self.time_limit = stop_after, time_limit
         self.training = self.out / "training"
         self.log = artifacts.LossLog(self.training / "loss.csv")
+        self._memorisation: MemorisationCheck | None = None
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -598,13 +601,13 @@ class Trainer:
             ema.store(trainable)
             ema.copy_to(trainable)
         try:
-            grid = self._unet_grid() if stage == "unet" else self._vae_grid()
+            grid = self._unet_grid(step) if stage == "unet" else self._vae_grid()
         finally:
             if ema is not None:
                 ema.restore(trainable)
         save_png_atomic(grid, self.training / "samples" / f"{stage}-{step:06d}.png")
 
-    def _unet_grid(self):
+    def _unet_grid(self, step: int):
         s = self.config.samples
         rows = []
         components = self.components()
@@ -614,7 +617,27 @@ class Trainer:
                 batch_size=s.per_prompt, width=self.config.resolution, height=self.config.resolution,
             )
             rows.append([i.image for i in generate(components, request).images])
+        if s.memorisation > 0:
+            self._check_memorisation(step, rows)
         return image_grid(rows, labels=s.prompts)
+
+    def _check_memorisation(self, step: int, rows: list[list[Image.Image]]) -> None:
+        """Warn when samples copy training images; every sample's nearest file goes to memorisation.csv."""
+        if self._memorisation is None:
+            self._memorisation = MemorisationCheck(self.data, self.scan.records, self.config.samples.memorisation)
+        images = [image for row in rows for image in row]
+        matches = self._memorisation.nearest(images)
+        self._memorisation.copies(images, f"samples at unet step {step}")
+        path = self.training / "memorisation.csv"
+        new = not path.exists()
+        per_prompt, threshold = self.config.samples.per_prompt, self._memorisation.threshold
+        with path.open("a", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "prompt", "sample", "nearest_training_file", "distance", "copy"])
+            for m in matches:
+                prompt = self.config.samples.prompts[m.index // per_prompt]
+                writer.writerow([step, prompt, m.index % per_prompt, m.file, f"{m.distance:.5f}", int(m.is_copy(threshold))])
 
     @torch.no_grad()
     def _vae_grid(self):

@@ -373,7 +373,7 @@ def model_item(entry: ModelEntry) -> SDModelItem:
         title=f"{file_name} [{entry.short_hash}]",
         model_name=entry.name.replace("/", "_").replace("\\", "_"),
         hash=entry.short_hash,
-        sha256=None,
+        sha256=entry.sha256,
         filename=str(entry.path),
     )
 
@@ -494,6 +494,8 @@ def job_info(job: Job, body: _Common) -> dict[str, Any]:
         "job_timestamp": _job_timestamp(job),
         "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": False,
+        # lienzo's addition, one entry per image as in "infotexts": "blurred"/"blocked" by the safety filter, or null.
+        "filtered": [saved.filtered for saved in job.images],
     }
 
 

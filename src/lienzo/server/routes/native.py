@@ -5,6 +5,7 @@ can never drift from the engine; the values are validated once, by ``build_reque
 """
 
 import json
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.generation.samplers import SAMPLERS
+from lienzo.images.provenance import describe_training_data, training_data_for
+from lienzo.models.registry import ModelEntry
 from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
@@ -24,7 +27,7 @@ router = APIRouter(prefix=PREFIX, tags=["lienzo"])
 
 _COMMON = [
     "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "schedule", "seed",
-    "batch_size", "batch_count", "clip_skip", "loras",
+    "batch_size", "batch_count", "clip_skip", "loras", "safety", "watermark",
 ]
 _IMAGE = ["init_image", "denoising_strength"]
 _MODE_FIELDS = {
@@ -39,6 +42,9 @@ _IMAGE_HELP = {
     "init_image": "the input image, base64 (a data: URL prefix is fine)",
     "mask": "base64; white (or opaque on a transparent layer) = repaint, black = keep; same size as init_image",
 }
+_HELP = {
+    "safety": "safety filter for flagged images: off, blur or block; default: the server's safety_server setting (blur unless configured)",
+}
 
 
 def _body_model(mode: str) -> type[BaseModel]:
@@ -50,7 +56,7 @@ def _body_model(mode: str) -> type[BaseModel]:
             continue
         info = GenerationRequest.model_fields[name]
         default = _MODE_DEFAULTS.get(mode, {}).get(name, info.default)
-        fields[name] = (info.annotation, Field(default))
+        fields[name] = (info.annotation, Field(default, description=_HELP.get(name)))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -75,6 +81,8 @@ class ImageView(BaseModel):
     seed: int
     infotext: str
     file: str
+    filtered: str | None = Field(None, description='"blurred" or "blocked" by the safety filter; null: shown as made')
+    watermarked: bool = Field(False, description="the PNG carries lienzo's invisible watermark (images under 256x256 cannot)")
 
 
 class ProgressView(BaseModel):
@@ -133,7 +141,7 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
             preview_url=f"{base}/preview?step={job.preview_step}" if job.preview else None,
         ),
         images=[
-            ImageView(url=f"{base}/images/{i}", seed=s.seed, infotext=s.infotext, file=str(s.path))
+            ImageView(url=f"{base}/images/{i}", seed=s.seed, infotext=s.infotext, file=str(s.path), filtered=s.filtered, watermarked=s.watermarked)
             for i, s in enumerate(job.images)
         ],
         error=job.error,
@@ -226,12 +234,31 @@ async def job_preview(job_id: str, queue: Queue) -> Response:
     return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
+class TrainingDataView(BaseModel):
+    images: int
+    licence: str | None
+    source: str | None
+    manifest_sha256: str
+
+
 class ModelView(BaseModel):
     name: str
     architecture: str
     size_bytes: int
     short_hash: str
+    sha256: str
     current: bool
+    training_data: TrainingDataView | None = Field(description="what a lienzo-trained model states about its data")
+    provenance: str = Field(description="the training data in one line, or 'provenance unknown'")
+
+
+def model_view(entry: ModelEntry, current: bool) -> ModelView:
+    data = training_data_for(entry.path)
+    return ModelView(
+        name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash,
+        sha256=entry.sha256, current=current, training_data=TrainingDataView(**asdict(data)) if data else None,
+        provenance=describe_training_data(data),
+    )
 
 
 class ModelChoice(BaseModel):
@@ -244,10 +271,7 @@ class ModelChoice(BaseModel):
 @router.get("/models", response_model=list[ModelView])
 def list_models(queue: Queue) -> list[ModelView]:
     current = queue.current_model_or_none()
-    return [
-        ModelView(name=e.name, architecture=e.architecture, size_bytes=e.size_bytes, short_hash=e.short_hash, current=e.path == current)
-        for e in queue.registry.checkpoints()
-    ]
+    return [model_view(e, e.path == current) for e in queue.registry.checkpoints()]
 
 
 @router.put("/models/current", response_model=ModelView)
@@ -255,8 +279,7 @@ def switch_model(choice: ModelChoice, queue: Queue) -> ModelView:
     """The model for jobs that name none, from the next job on."""
     path = queue.resolve_model(choice.name)
     queue.model = str(path)
-    entry = queue.registry.entry(path)
-    return ModelView(name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash, current=True)
+    return model_view(queue.registry.entry(path), True)
 
 
 class SamplerView(BaseModel):

@@ -159,6 +159,7 @@ class ImageData(BaseModel):
     b64_json: str | None = Field(None, description="the PNG, base64 (response_format b64_json)")
     url: str | None = Field(None, description="where to GET the PNG (response_format url)")
     revised_prompt: str | None = Field(None, description="always null: lienzo draws the prompt as given")
+    filtered: str | None = Field(None, description=f'{_EXTENSION}: "blurred" or "blocked" by the safety filter; absent: shown as made')
 
 
 class ImagesResponse(BaseModel):
@@ -257,9 +258,11 @@ def variation_request(form: VariationForm, image: Image.Image) -> GenerationRequ
 
 def images_response(job: Job, response_format: str | None, request: Request) -> ImagesResponse:
     def item(i: int) -> ImageData:
+        # Set only for a filtered image: responses leave unset fields out, so OpenAI's shape stays as it is.
+        filtered = {"filtered": job.images[i].filtered} if job.images[i].filtered else {}
         if response_format == "url":
-            return ImageData(url=str(request.url_for("job_image", job_id=job.id, index=i)), revised_prompt=None)
-        return ImageData(b64_json=b64encode(job.images[i].png()), revised_prompt=None)
+            return ImageData(url=str(request.url_for("job_image", job_id=job.id, index=i)), revised_prompt=None, **filtered)
+        return ImageData(b64_json=b64encode(job.images[i].png()), revised_prompt=None, **filtered)
 
     width, height = (job.images[0].width, job.images[0].height) if job.images else (0, 0)
     return ImagesResponse(
