@@ -210,6 +210,28 @@ def test_label_conditioning_v_prediction_frozen_text_encoder(straight, art, tmp_
     assert torch.equal(load_file(straight / "vae" / "diffusion_pytorch_model.safetensors")["encoder.conv_in.weight"], components.vae.encoder.conv_in.weight)
 
 
+def test_vae_trains_on_random_crops(art, tmp_path):
+    from lienzo.training.trainer import _random_crop
+
+    image = torch.arange(3 * 64 * 64, dtype=torch.float32).view(3, 64, 64)
+    corners = set()
+    for seed in range(20):
+        crop = _random_crop(image, 32, torch.Generator().manual_seed(seed))
+        assert crop.shape == (3, 32, 32)
+        assert torch.equal(crop, _random_crop(image, 32, torch.Generator().manual_seed(seed)))  # seeded: resumable
+        top, left = divmod(int(crop[0, 0, 0]), 64)
+        assert torch.equal(crop, image[:, top : top + 32, left : left + 32])
+        corners.add((top, left))
+    assert len(corners) > 10
+    assert _random_crop(image, None, torch.Generator()) is image
+
+    config = build_config("tiny", overrides=QUICK + [{"stages": ["vae"], "vae": {"steps": 2, "crop": 32}}])
+    result = Trainer(config, data=art, out=tmp_path / "c", device="cpu").run()
+    assert result.status == "finished" and result.steps == {"vae": 2}
+    with pytest.raises(ConfigError, match="vae.crop"):
+        build_config("tiny", overrides=[{"vae": {"crop": 4096}}])
+
+
 def test_perceptual_loss_reads_a_vgg16_file(art, tmp_path):
     from lienzo.training.losses import VGGPerceptual
 

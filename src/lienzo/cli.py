@@ -150,9 +150,11 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
         prepare_loras(components, request, settings)
         provenance = Provenance.for_model(components)
     out_dir = opts.get("out") or output_dir(settings, mode)
+    gallery = _open_gallery(settings)
 
     def save(image) -> None:
-        path = save_generated(image, out_dir, provenance, watermark=wants_watermark(request, settings)).path
+        watermark = wants_watermark(request, settings)
+        path = save_generated(image, out_dir, provenance, watermark=watermark, gallery=gallery, source="cli", mode=mode).path
         click.echo(str(path))
         if image.filtered:
             err_console.print(f"[yellow]{escape(path.name)}: {image.filtered} by the safety filter", highlight=False)
@@ -169,8 +171,25 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     except GenerationCancelled:
         err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
         sys.exit(130)
+    finally:
+        if gallery is not None:
+            gallery.close()
     seeds = ", ".join(str(i.seed) for i in result.images)
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+
+
+def _open_gallery(settings: Settings):
+    """The settings' gallery, or None when it cannot be opened: images are still saved, and
+    ``lienzo gallery reconcile`` indexes them once it can."""
+    import sqlite3
+
+    from lienzo.gallery.store import Gallery, GalleryError
+
+    try:
+        return Gallery.for_settings(settings)
+    except (GalleryError, sqlite3.Error) as err:
+        err_console.print(f"[yellow]warning: images will not be added to the gallery: {escape(str(err))}", highlight=False, soft_wrap=True)
+        return None
 
 
 @contextmanager
@@ -370,6 +389,65 @@ def info(image):
         for line in provenance:
             click.echo(f"  {line}")
     click.echo(f"Watermark: {found.describe()}")
+
+
+@app.group("gallery")
+def gallery_group():
+    """The gallery of every image lienzo made or imported (shared with `lienzo serve`)."""
+
+
+@gallery_group.command("list")
+@click.argument("query", required=False, default="")
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.pass_context
+def gallery_list(ctx, query, limit):
+    """Images newest first, or those whose prompt holds every word of QUERY: id, date, prompt, path."""
+    from datetime import datetime
+
+    from lienzo.gallery.store import Gallery
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        page = gallery.search(query, limit=limit)
+    for item in page.items:
+        when = datetime.fromtimestamp(item.created).strftime("%Y-%m-%d %H:%M")
+        prompt = " ".join(item.prompt.split())
+        click.echo(f"{item.id}\t{when}\t{prompt[:60] + '...' if len(prompt) > 60 else prompt}\t{item.path}")
+
+
+@gallery_group.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.pass_context
+def gallery_import(ctx, files):
+    """Copy images (PNG, JPEG, WebP) into the gallery with the parameters their metadata holds
+    (lienzo, AUTOMATIC1111, Forge, InvokeAI, ComfyUI, NovelAI); prints each new path."""
+    from lienzo.gallery.store import Gallery
+
+    settings = _settings(ctx)
+    failed = 0
+    with Gallery.for_settings(settings) as gallery:
+        for file in files:
+            try:
+                item = gallery.import_image(file.read_bytes(), file.name, max_pixels=settings.max_input_pixels)
+            except (LienzoError, OSError) as err:
+                failed += 1
+                message = err.strerror if isinstance(err, OSError) else str(err)
+                err_console.print(f"[red]error:[/red] {escape(str(file))}: {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                click.echo(str(item.path))
+    if failed:
+        sys.exit(2)
+
+
+@gallery_group.command("reconcile")
+@click.pass_context
+def gallery_reconcile(ctx):
+    """Make the gallery match the files: add images under the outputs dir that have no row, drop rows
+    whose file has gone, remove temporary files an interrupted save left."""
+    from lienzo.gallery.store import Gallery
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        report = gallery.reconcile()
+    click.echo(f"added {report.added} images, removed {report.removed} rows, removed {report.temp_files} temporary files")
 
 
 @app.group()

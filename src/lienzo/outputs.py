@@ -5,25 +5,33 @@ Each PNG carries the A1111 infotext (``parameters``), lienzo's provenance record
 AI-generated, ``Software``, and, unless turned off, the invisible watermark in its pixels.
 """
 
+import logging
+import sqlite3
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from lienzo.gallery.importers import meta_from_infotext
+from lienzo.gallery.store import Gallery, GalleryError
 from lienzo.generation.engine import GeneratedImage
 from lienzo.generation.request import GenerationRequest
 from lienzo.images.io import next_image_path, save_png_atomic
-from lienzo.images.metadata import pnginfo
+from lienzo.images.metadata import parse_infotext, pnginfo
 from lienzo.images.provenance import GENERATOR, PROVENANCE_KEY, XMP_KEY, Provenance, ProvenanceRecord, WatermarkInfo, xmp_packet
 from lienzo.images.watermark import mark
 from lienzo.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SavedOutput:
-    """Where an image was saved and the provenance record written into it."""
+    """Where an image was saved, the provenance record written into it and its gallery id (None:
+    not in the gallery, or not yet: ``lienzo gallery reconcile`` adds it)."""
 
     path: Path
     record: ProvenanceRecord
+    gallery_id: int | None = None
 
     @property
     def watermarked(self) -> bool:
@@ -40,9 +48,19 @@ def wants_watermark(request: GenerationRequest, settings: Settings) -> bool:
     return settings.watermark if request.watermark is None else request.watermark
 
 
-def save_generated(image: GeneratedImage, out_dir: Path, provenance: Provenance, *, watermark: bool) -> SavedOutput:
+def save_generated(
+    image: GeneratedImage,
+    out_dir: Path,
+    provenance: Provenance,
+    *,
+    watermark: bool,
+    gallery: Gallery | None = None,
+    source: str = "cli",
+    mode: str | None = None,
+) -> SavedOutput:
     """Write one generated image, atomically, as the next numbered PNG in ``out_dir``, watermarked
-    when ``watermark`` is on and the image can hold the mark, with its infotext and provenance."""
+    when ``watermark`` is on and the image can hold the mark, with its infotext and provenance; then
+    add it to ``gallery`` (if given) as made by ``source`` in ``mode``."""
     # 1. Watermark the pixels first: the mark lives in them, and the record must say whether it is there.
     if watermark:
         marked = mark(image.image)
@@ -58,4 +76,13 @@ def save_generated(image: GeneratedImage, out_dir: Path, provenance: Provenance,
 
     # 3. Write.
     path = save_png_atomic(pixels, next_image_path(out_dir, image.seed), chunks)
-    return SavedOutput(path, record)
+
+    # 4. Index it, now that the file is whole. A gallery that fails (locked past its timeout) must not
+    # lose the image: the file is kept, and reconcile adds it later.
+    gallery_id = None
+    if gallery is not None:
+        try:
+            gallery_id = gallery.add(path, meta_from_infotext(parse_infotext(image.infotext), pixels.size, image.infotext), source=source, mode=mode)
+        except (GalleryError, sqlite3.Error) as err:
+            log.warning("%s was saved but not added to the gallery (%s); `lienzo gallery reconcile` adds it", path, err)
+    return SavedOutput(path, record, gallery_id)

@@ -48,3 +48,8 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def gallery_db(self) -> Path:
+        """The gallery's SQLite database (the CLI and the server share it)."""
+        return self.data_dir / "gallery.db"

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from lienzo.errors import LienzoError
-from lienzo.images.metadata import parse_infotext, read_parameters
+from lienzo.images.metadata import Infotext, parse_infotext, read_parameters
 
 # A1111 before v1.9 folded the schedule into the sampler name ("DPM++ 2M Karras").
 _FOLDED_SCHEDULES = ("Karras", "Exponential", "SGM Uniform")
@@ -14,7 +14,12 @@ def fields_from_image(path: Path) -> dict:
     text = read_parameters(path)
     if text is None:
         raise LienzoError(f"from: {path} carries no generation parameters to remake it from")
-    info = parse_infotext(text)
+    return fields_from_infotext(parse_infotext(text))
+
+
+def fields_from_infotext(info: Infotext) -> dict:
+    """Request fields (plus ``model``: hash or name) from a parsed infotext; absent keys are left out.
+    ``denoising_strength`` is there for images that had an input image (img2img, inpaint, outpaint)."""
     fields = {
         "prompt": info.prompt,
         "negative_prompt": info.negative_prompt,
@@ -24,6 +29,7 @@ def fields_from_image(path: Path) -> dict:
         "width": info.width,
         "height": info.height,
         "clip_skip": info.clip_skip,
+        "denoising_strength": info.denoising_strength,
         "sampler": info.sampler,
         "schedule": info.schedule_type,
         "model": info.model_hash or info.model,

@@ -4,7 +4,9 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -116,18 +118,23 @@ def _mask(image: Image.Image, size: tuple[int, int], field: str) -> Image.Image:
 
 
 def save_png_atomic(image: Image.Image, path: str | Path, pnginfo: PngInfo | None = None) -> Path:
-    """Write ``image`` as PNG to ``path`` so that readers see either no file or the whole file.
+    """Write ``image`` as PNG to ``path`` so that readers see either no file or the whole file."""
+    return write_atomic(path, lambda file: image.save(file, format="PNG", pnginfo=pnginfo))
 
-    The PNG goes to a hidden temporary file in the same folder (``os.replace`` is atomic only
-    within one file system), is flushed to disk, then renamed over ``path``. Parent folders
-    are created.
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Create ``path`` with what ``write(file)`` writes, so that readers see either no file or the whole file.
+
+    The bytes go to a hidden temporary file in the same folder, ``.<name>.<random>.tmp``
+    (``os.replace`` is atomic only within one file system), are flushed to disk, then the file is
+    renamed over ``path``. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as temp:
-            image.save(temp, format="PNG", pnginfo=pnginfo)
+            write(temp)
             temp.flush()
             os.fsync(temp.fileno())
         os.replace(temp_name, path)

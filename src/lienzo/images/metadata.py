@@ -232,12 +232,17 @@ def read_parameters(path: str | PathLike) -> str | None:
     """
     try:
         with Image.open(path) as image:
-            text = image.info.get(PARAMETERS_KEY)
-            if text is None:
-                comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-                text = None if comment is None else _decode_user_comment(comment)
+            return parameters_from(image)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise ImageFileError(f"cannot read image metadata from {path}: {err}") from None
+
+
+def parameters_from(image: Image.Image) -> str | None:
+    """As :func:`read_parameters`, from an image already open."""
+    text = image.info.get(PARAMETERS_KEY)
+    if text is None:
+        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+        text = None if comment is None else _decode_user_comment(comment)
     return str(text) if text else None
 
 

@@ -114,6 +114,23 @@ def describe(path: Path) -> str:
     return _FAMILY_NAMES[arch.family] + (" inpainting" if arch.inpainting else "")
 
 
+# The size each family was trained at, which single-file checkpoints don't state (SD 2.x: the 768-v models).
+_NATIVE_SIDES = {"SD 1.x": 512, "SD 2.x": 768, "SDXL": 1024}
+
+
+def native_size(entry: ModelEntry) -> int | None:
+    """The side, in pixels, a model draws best at: from a diffusers folder's UNet and VAE configs,
+    else by architecture; ``None`` when neither tells."""
+    if entry.path.is_dir():
+        try:
+            unet = json.loads((entry.path / "unet" / "config.json").read_text())
+            vae = json.loads((entry.path / "vae" / "config.json").read_text())
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return _NATIVE_SIDES.get(entry.architecture.removesuffix(" inpainting"))
+
+
 class Registry:
     """Scans ``models_dir`` (recursively) and resolves ``--model`` names to paths."""
 

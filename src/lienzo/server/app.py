@@ -11,18 +11,23 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lienzo import __version__
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, ModelFileError
+from lienzo.gallery.store import Gallery, NotFoundError
 from lienzo.models.components import Components
 from lienzo.server.jobs import JobNotFoundError, JobQueue, QueueFullError
-from lienzo.server.routes import a1111, native, openai
+from lienzo.server.routes import a1111, gallery, native, openai
 from lienzo.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,7 @@ def _error(path: str, status: int, message: str, field: str | None) -> JSONRespo
 
 
 def _status(err: LienzoError) -> int:
-    if isinstance(err, JobNotFoundError):
+    if isinstance(err, (JobNotFoundError, NotFoundError)):
         return 404
     if isinstance(err, QueueFullError):
         return 429
@@ -140,7 +145,7 @@ def _status(err: LienzoError) -> int:
 
 
 def _field(err: Exception) -> str | None:
-    if isinstance(err, InvalidRequestError):
+    if isinstance(err, (InvalidRequestError, NotFoundError)):
         return err.field
     if isinstance(err, (ImageFileError, ModelFileError)):
         return str(err).partition(":")[0] or None
@@ -157,18 +162,23 @@ def create_app(
     """The server, not yet started: its queue's worker starts with the app (lifespan) and stops with it.
     ``model`` is the model jobs use when they name none; ``loader`` replaces ``lienzo.api.load_model``."""
     settings = settings or Settings()
-    queue = JobQueue(settings, model=model, loader=loader)
+    store = Gallery.for_settings(settings)
+    queue = JobQueue(settings, model=model, loader=loader, gallery=store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # Before the first job: files a crash left without a row are added, rows without a file dropped.
+        report = store.reconcile()
+        log.info("gallery reconciled: %d images added, %d rows removed, %d temporary files removed", report.added, report.removed, report.temp_files)
         queue.start()
         try:
             yield
         finally:
             queue.stop()
+            store.close()
 
     app = FastAPI(title="lienzo", version=__version__, lifespan=lifespan, description=__doc__)
-    app.state.queue, app.state.settings = queue, settings
+    app.state.queue, app.state.settings, app.state.gallery = queue, settings, store
 
     @app.exception_handler(LienzoError)
     async def lienzo_error(request: Request, err: LienzoError) -> JSONResponse:
@@ -190,10 +200,14 @@ def create_app(
     app.include_router(native.router)
     app.include_router(a1111.router)
     app.include_router(openai.router)
+    app.include_router(gallery.router)
+
+    # The studio: static files, no build step and nothing from a CDN; a client of /api/v1 like any other.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
-    async def home() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    async def studio() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(_BodyLimitMiddleware, limit=int(settings.max_body_mb * 2**20))
     if auth is not None and auth.enabled:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from lienzo.api import default_model, load_model, prepare_loras
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError, ModelFileError
+from lienzo.gallery.store import Gallery
 from lienzo.generation import engine
 from lienzo.generation.request import GenerationRequest
 from lienzo.models.components import Components
@@ -64,6 +65,7 @@ class SavedImage:
     height: int
     filtered: str | None = None  # "blurred" or "blocked" by the safety filter
     watermarked: bool = False  # the pixels carry lienzo's invisible watermark
+    gallery_id: int | None = None  # None: not in the gallery (yet; reconcile adds it)
 
     def png(self) -> bytes:
         """The file as saved, infotext included."""
@@ -127,10 +129,18 @@ class JobQueue:
 
     ``loader(name_or_None)`` returns ready Components; by default ``lienzo.api.load_model`` on the
     settings' device. A job naming another model swaps it in (and the old one out) before it runs.
+    Saved images are added to ``gallery``, when given, with the job's source.
     """
 
-    def __init__(self, settings: Settings, model: str | None = None, loader: Callable[[str | None], Components] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None = None,
+        loader: Callable[[str | None], Components] | None = None,
+        gallery: Gallery | None = None,
+    ):
         self.settings = settings
+        self.gallery = gallery
         self.registry = Registry(settings.models_dir, settings.cache_dir)
         self.model = model  # what jobs without a model use; None: the default model
         self._loader = loader or (lambda name: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings))
@@ -366,9 +376,14 @@ class JobQueue:
             self._notify(job)
 
         def on_image(image: engine.GeneratedImage) -> None:
-            saved = save_generated(image, out_dir, provenance, watermark=watermark)
+            saved = save_generated(
+                image, out_dir, provenance, watermark=watermark, gallery=self.gallery, source=job.source, mode=job.request.mode
+            )
             job.images.append(
-                SavedImage(saved.path, image.seed, image.infotext, image.parameters, *image.image.size, image.filtered, saved.watermarked)
+                SavedImage(
+                    saved.path, image.seed, image.infotext, image.parameters, *image.image.size, image.filtered, saved.watermarked,
+                    saved.gallery_id,
+                )
             )
             self._notify(job)
 

@@ -161,6 +161,16 @@ def noise_scheduler(config: TrainConfig, base: dict | None = None) -> DDPMSchedu
     )
 
 
+def _random_crop(pixels: torch.Tensor, side: int | None, generator: torch.Generator) -> torch.Tensor:
+    """A ``side`` x ``side`` window of a C,H,W image at a corner drawn from ``generator``; the image when ``side`` is None."""
+    if side is None:
+        return pixels
+    height, width = pixels.shape[-2:]
+    top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+    return pixels[:, top : top + side, left : left + side]
+
+
 def build_models(config: TrainConfig) -> dict[str, torch.nn.Module]:
     """Fresh seeded VAE, text encoder and UNet with the Stable Diffusion architecture (SD 1.x layout)."""
     torch.manual_seed(config.seed)
@@ -513,8 +523,9 @@ class Trainer:
         generators = [torch.Generator().manual_seed(sample_seed(self.config.seed, stage_index, p)) for p, _, _ in samples]
         device = self.acc.device
         if stage == "vae":
-            pixels = torch.stack([self.dataset[(i, flip)]["pixels"] for _, i, flip in samples]).to(device)
-            return module(pixels, generators)
+            # Draw order per sample: crop corner (when cropping), then the posterior sample.
+            crops = [_random_crop(self.dataset[(i, flip)]["pixels"], self.config.vae.crop, g) for (_, i, flip), g in zip(samples, generators, strict=True)]
+            return module(torch.stack(crops).to(device), generators)
         vae = self.models["vae"]
         shape = (vae.config.latent_channels, *self._latent_hw())
         # Draw order per sample: posterior sample, noise, timestep, caption dropout.

@@ -16,7 +16,7 @@ from lienzo.errors import InvalidRequestError
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.generation.samplers import SAMPLERS
 from lienzo.images.provenance import describe_training_data, training_data_for
-from lienzo.models.registry import ModelEntry
+from lienzo.models.registry import ModelEntry, native_size
 from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
@@ -83,6 +83,7 @@ class ImageView(BaseModel):
     file: str
     filtered: str | None = Field(None, description='"blurred" or "blocked" by the safety filter; null: shown as made')
     watermarked: bool = Field(False, description="the PNG carries lienzo's invisible watermark (images under 256x256 cannot)")
+    gallery_id: int | None = Field(None, description="the image's id in the gallery (/api/v1/gallery/{id}); null: not indexed yet")
 
 
 class ProgressView(BaseModel):
@@ -141,7 +142,10 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
             preview_url=f"{base}/preview?step={job.preview_step}" if job.preview else None,
         ),
         images=[
-            ImageView(url=f"{base}/images/{i}", seed=s.seed, infotext=s.infotext, file=str(s.path), filtered=s.filtered, watermarked=s.watermarked)
+            ImageView(
+                url=f"{base}/images/{i}", seed=s.seed, infotext=s.infotext, file=str(s.path), filtered=s.filtered,
+                watermarked=s.watermarked, gallery_id=s.gallery_id,
+            )
             for i, s in enumerate(job.images)
         ],
         error=job.error,
@@ -248,6 +252,7 @@ class ModelView(BaseModel):
     short_hash: str
     sha256: str
     current: bool
+    native_size: int | None = Field(description="the side in pixels the model draws best at (null: unknown)")
     training_data: TrainingDataView | None = Field(description="what a lienzo-trained model states about its data")
     provenance: str = Field(description="the training data in one line, or 'provenance unknown'")
 
@@ -256,7 +261,7 @@ def model_view(entry: ModelEntry, current: bool) -> ModelView:
     data = training_data_for(entry.path)
     return ModelView(
         name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash,
-        sha256=entry.sha256, current=current, training_data=TrainingDataView(**asdict(data)) if data else None,
+        sha256=entry.sha256, current=current, native_size=native_size(entry), training_data=TrainingDataView(**asdict(data)) if data else None,
         provenance=describe_training_data(data),
     )
 

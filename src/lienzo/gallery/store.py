@@ -1,0 +1,546 @@
+"""The gallery: every image lienzo made or was given, indexed in one SQLite database.
+
+The files are the truth and the rows their index. A file is written whole first (temporary file,
+fsync, rename) and its row committed after, so a crash in between leaves a file without a row, never
+a row without a file. :meth:`Gallery.reconcile`, run when the server starts and by ``lienzo gallery
+reconcile``, adds such files, drops rows whose file has gone and removes the temporary files a
+crashed write left behind.
+
+The database runs in WAL mode so that the CLI and the server, two processes, can share it: readers
+never wait, and a writer takes the write lock up front (``BEGIN IMMEDIATE``) and waits up to
+``timeout`` seconds for another writer. Prompts are searchable through an FTS5 index over the
+table that triggers keep in step. The schema is versioned with ``PRAGMA user_version``: opening a
+database applies the migrations it lacks, in order.
+"""
+
+import io
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from PIL import Image
+
+from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError
+from lienzo.gallery.importers import ImageMeta, read_meta
+from lienzo.images.io import decode_image, write_atomic
+from lienzo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Schema migrations, oldest first: migration i takes a database from user_version i to i + 1.
+# Append new ones; never edit one that has shipped.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        # AUTOINCREMENT: a deleted image's id is never given to another (URLs and thumbnails use ids).
+        """CREATE TABLE images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            source TEXT NOT NULL,
+            mode TEXT,
+            prompt TEXT NOT NULL DEFAULT '',
+            negative_prompt TEXT NOT NULL DEFAULT '',
+            model TEXT,
+            model_hash TEXT,
+            seed INTEGER,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            steps INTEGER,
+            cfg_scale REAL,
+            sampler TEXT,
+            schedule TEXT,
+            infotext TEXT NOT NULL DEFAULT '',
+            parameters TEXT NOT NULL DEFAULT '{}',
+            favourite INTEGER NOT NULL DEFAULT 0,
+            size_bytes INTEGER NOT NULL
+        )""",
+        "CREATE INDEX images_newest ON images (created DESC, id DESC)",
+        "CREATE INDEX images_model ON images (model)",
+        """CREATE VIRTUAL TABLE images_fts USING fts5(
+            prompt, negative_prompt, content='images', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
+        )""",
+        """CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
+            INSERT INTO images_fts (rowid, prompt, negative_prompt) VALUES (new.id, new.prompt, new.negative_prompt);
+        END""",
+        """CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
+            INSERT INTO images_fts (images_fts, rowid, prompt, negative_prompt) VALUES ('delete', old.id, old.prompt, old.negative_prompt);
+        END""",
+        """CREATE TRIGGER images_fts_update AFTER UPDATE OF prompt, negative_prompt ON images BEGIN
+            INSERT INTO images_fts (images_fts, rowid, prompt, negative_prompt) VALUES ('delete', old.id, old.prompt, old.negative_prompt);
+            INSERT INTO images_fts (rowid, prompt, negative_prompt) VALUES (new.id, new.prompt, new.negative_prompt);
+        END""",
+        """CREATE TABLE presets (
+            name TEXT PRIMARY KEY COLLATE NOCASE,
+            prompt TEXT NOT NULL,
+            negative_prompt TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+    ),
+]
+
+SOURCES = ("cli", "native", "a1111", "openai", "import")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+_IMPORT_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+# A crashed write's temporary file is removed once it is this old: a live write takes well under a
+# second, and another process (the server, while the CLI reconciles) may be in the middle of one.
+STALE_TEMP_SECONDS = 300
+_MODE_FOLDER = re.compile(r"(txt2img|img2img|inpaint|outpaint)-images")
+_COLUMNS = (
+    "path, created, source, mode, prompt, negative_prompt, model, model_hash, seed, width, height, steps, "
+    "cfg_scale, sampler, schedule, infotext, parameters, size_bytes"
+)
+_SELECT = f"SELECT id, favourite, {_COLUMNS} FROM images"
+_SELECT_PRESET = "SELECT name, prompt, negative_prompt, created FROM presets"
+MAX_PAGE = 200
+
+
+class GalleryError(LienzoError):
+    """The gallery's database cannot be used (a newer schema, a broken file)."""
+
+
+class NotFoundError(GalleryError):
+    """No image (or preset) by that id (or name); ``field`` names which."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One image's row. ``parameters`` are request fields that remake it; ``created`` is epoch seconds."""
+
+    id: int
+    path: Path
+    created: float
+    source: str
+    mode: str | None
+    prompt: str
+    negative_prompt: str
+    model: str | None
+    model_hash: str | None
+    seed: int | None
+    width: int
+    height: int
+    steps: int | None
+    cfg_scale: float | None
+    sampler: str | None
+    schedule: str | None
+    infotext: str
+    parameters: dict
+    favourite: bool
+    size_bytes: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "GalleryItem":
+        values = dict(row)
+        values.update(path=Path(row["path"]), parameters=json.loads(row["parameters"]), favourite=bool(row["favourite"]))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, newest first; ``next`` is the cursor of the page after it (None: the last)."""
+
+    items: list[GalleryItem]
+    next: str | None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A saved style: prompt and negative prompt to start from."""
+
+    name: str
+    prompt: str
+    negative_prompt: str
+    created: float
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What :meth:`Gallery.reconcile` changed."""
+
+    added: int  # files that had no row
+    removed: int  # rows whose file had gone
+    temp_files: int  # leftovers of interrupted atomic writes
+
+
+class Gallery:
+    """The gallery in ``db_path`` for the images under ``outputs_dir`` (and any other path added to it).
+
+    Thread-safe: one connection, used under a lock. Open it with :meth:`for_settings` to use the
+    settings' database, outputs and thumbnail cache; :meth:`close` it when done (using it after
+    reopens the connection).
+    """
+
+    def __init__(self, db_path: str | Path, outputs_dir: str | Path, *, thumbs_dir: str | Path, timeout: float = 10.0):
+        self.db_path = Path(db_path)
+        self.outputs_dir = Path(outputs_dir)
+        self.thumbs_dir = Path(thumbs_dir)
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._connection()  # fail now on a database this lienzo cannot use
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> "Gallery":
+        return cls(settings.gallery_db, settings.outputs_dir, thumbs_dir=settings.cache_dir / "thumbs")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    # -- the connection -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._conn is None:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: transactions are begun and ended here, explicitly.
+                conn = sqlite3.connect(self.db_path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+                try:
+                    conn.row_factory = sqlite3.Row
+                    migrate(conn, self.db_path)  # first: a database from a newer lienzo is left exactly as it was
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    # NORMAL is safe in WAL mode; a power cut may lose the last commits, which reconcile restores from the files.
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.execute("PRAGMA foreign_keys = ON")
+                except BaseException:
+                    conn.close()
+                    raise
+                self._conn = conn
+            return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, committed when the block ends and rolled back when it raises."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def add(self, path: str | Path, meta: ImageMeta, *, source: str, mode: str | None = None, created: float | None = None) -> int:
+        """Index the image file at ``path``, already written whole, and return its id. ``source`` is one
+        of :data:`SOURCES`. A path already in the gallery keeps its id and favourite; the rest is replaced."""
+        with self._write() as conn:
+            return _insert(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
+
+    def get(self, image_id: int) -> GalleryItem:
+        rows = self._read(f"{_SELECT} WHERE id = ?", (image_id,))
+        if not rows:
+            raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+        return GalleryItem.from_row(rows[0])
+
+    def search(
+        self,
+        q: str = "",
+        *,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        favourite: bool | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page:
+        """Images newest first, ``limit`` at a time: those whose prompt or negative prompt holds every
+        word of ``q`` (the last as a prefix), made with ``model``, created at or after ``since`` and
+        before ``until`` (epoch seconds), (not) favourites. ``cursor`` is a previous page's ``next``."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequestError("limit", f"must be 1 to {MAX_PAGE}, got {limit}")
+        where, params = [], []
+        match = fts_query(q)
+        if match is not None:
+            where.append("id IN (SELECT rowid FROM images_fts WHERE images_fts MATCH ?)")
+            params.append(match)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        if since is not None:
+            where.append("created >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("created < ?")
+            params.append(until)
+        if favourite is not None:
+            where.append("favourite = ?")
+            params.append(int(favourite))
+        if cursor:
+            created, image_id = _parse_cursor(cursor)
+            where.append("(created < ? OR (created = ? AND id < ?))")
+            params += [created, created, image_id]
+        sql = f"{_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created DESC, id DESC LIMIT ?"
+        rows = self._read(sql, [*params, limit + 1])
+        items = [GalleryItem.from_row(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, f"{items[-1].created!r}_{items[-1].id}" if more else None)
+
+    def models(self) -> list[str]:
+        """The model names images were made with, for the filter."""
+        rows = self._read("SELECT DISTINCT model FROM images WHERE model IS NOT NULL AND model != '' ORDER BY model COLLATE NOCASE")
+        return [row["model"] for row in rows]
+
+    def set_favourite(self, image_id: int, favourite: bool) -> GalleryItem:
+        with self._write() as conn:
+            if conn.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), image_id)).rowcount == 0:
+                raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+        return self.get(image_id)
+
+    def delete(self, image_id: int) -> GalleryItem:
+        """Delete the image's file and row together: the row is deleted, the file unlinked, then the
+        deletion committed; a file that cannot be unlinked (permissions) keeps its row."""
+        with self._write() as conn:
+            rows = conn.execute(f"{_SELECT} WHERE id = ?", (image_id,)).fetchall()
+            if not rows:
+                raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+            item = GalleryItem.from_row(rows[0])
+            conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            item.path.unlink(missing_ok=True)
+        self._drop_thumbnails(image_id)
+        return item
+
+    def import_image(self, data: bytes, filename: str, *, max_pixels: int) -> GalleryItem:
+        """Add an image given as bytes (a PNG, JPEG or WebP dropped into the gallery): its bytes are copied
+        as they are, metadata and all, into ``<outputs>/imported/<date>/``, and its parameters read
+        from lienzo's, A1111's, InvokeAI's, ComfyUI's or NovelAI's metadata. Nothing is written for a
+        file that is not a whole image within ``max_pixels`` (ImageFileError naming ``files``)."""
+        # 1. Validate: every pixel decodes, within the limit, in a format the gallery shows.
+        decode_image(data, field="files", max_pixels=max_pixels)
+        with Image.open(io.BytesIO(data)) as image:
+            suffix = _IMPORT_FORMATS.get(image.format or "")
+        if suffix is None:
+            raise ImageFileError(f"files: {filename} is {image.format}; the gallery imports PNG, JPEG and WebP images")
+        meta = read_meta(data)
+
+        # 2. Write the bytes verbatim, atomically, under a free name (the lock keeps two imports apart).
+        with self._lock:
+            path = write_atomic(self._import_path(filename, suffix), lambda file: file.write(data))
+            image_id = self.add(path, meta, source="import")
+        return self.get(image_id)
+
+    def _import_path(self, filename: str, suffix: str) -> Path:
+        folder = self.outputs_dir / "imported" / date.today().isoformat()
+        stem = re.sub(r"[^\w.-]+", "_", Path(filename).stem).strip("._")[:80] or "image"
+        path, n = folder / f"{stem}{suffix}", 1
+        while path.exists():
+            path, n = folder / f"{stem}-{n}{suffix}", n + 1
+        return path
+
+    # -- thumbnails -----------------------------------------------------------------------------
+
+    def thumbnail(self, image_id: int, size: int = 256) -> bytes:
+        """A WebP of the image fitted in ``size`` x ``size``, cached under ``thumbs_dir`` by id, size and
+        the file's modification time."""
+        item = self.get(image_id)
+        try:
+            mtime = item.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            raise NotFoundError("id", f"image {image_id}'s file {item.path} is gone; `lienzo gallery reconcile` drops its row") from None
+        cached = self.thumbs_dir / f"{image_id}-{size}-{mtime}.webp"
+        if cached.is_file():
+            return cached.read_bytes()
+        with Image.open(item.path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="WEBP", quality=80)
+        for old in self.thumbs_dir.glob(f"{image_id}-{size}-*.webp"):
+            old.unlink(missing_ok=True)
+        write_atomic(cached, lambda file: file.write(buffer.getvalue()))
+        return buffer.getvalue()
+
+    def _drop_thumbnails(self, image_id: int) -> None:
+        for path in self.thumbs_dir.glob(f"{image_id}-*.webp"):
+            path.unlink(missing_ok=True)
+
+    # -- reconciling rows and files -------------------------------------------------------------
+
+    def reconcile(self, *, stale_after: float = STALE_TEMP_SECONDS) -> ReconcileReport:
+        """Make rows and files agree after a crash or a change made by hand: rows whose file has gone
+        are deleted; images under ``outputs_dir`` without a row are added (their parameters read from
+        their metadata, their source "import" under ``imported/`` and "cli" elsewhere, their mode from
+        A1111's ``<mode>-images`` folders); temporary files older than ``stale_after`` seconds are
+        removed. Only new files are opened, so a gallery of thousands reconciles in about a second."""
+        # 1. Rows whose file has gone; checked inside the transaction, so a file re-added meanwhile stays.
+        with self._write() as conn:
+            rows = conn.execute("SELECT id, path FROM images").fetchall()
+            gone = [row["id"] for row in rows if not os.path.exists(row["path"])]
+            conn.executemany("DELETE FROM images WHERE id = ?", [(image_id,) for image_id in gone])
+        for image_id in gone:
+            self._drop_thumbnails(image_id)
+        known = {row["path"] for row in rows}
+
+        # 2. Walk the outputs: new images, and the leftovers of interrupted writes.
+        root = self.outputs_dir.resolve()
+        new: list[Path] = []
+        temp_files = 0
+        now = time.time()
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            for name in names:
+                path = Path(folder, name)
+                if name.startswith(".") and name.endswith(".tmp"):
+                    temp_files += _remove_if_stale(path, now - stale_after)
+                elif not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and str(path) not in known:
+                    new.append(path)
+
+        # 3. Read the new files outside the lock, then index them in one transaction. A row a writer
+        # committed meanwhile for the same path is kept: it knows the image's source.
+        entries = []
+        for path in new:
+            try:
+                meta, mtime = read_meta(path), path.stat().st_mtime
+            except (ImageFileError, FileNotFoundError) as err:
+                log.warning("%s: not added to the gallery: %s", path, err)
+                continue
+            entries.append((path, meta, *_source_and_mode(path.relative_to(root), meta), mtime))
+        with self._write() as conn:
+            added = sum(_insert(conn, *entry, replace=False) is not None for entry in entries)
+        return ReconcileReport(added, len(gone), temp_files)
+
+    # -- presets --------------------------------------------------------------------------------
+
+    def presets(self) -> list[Preset]:
+        return [Preset(**row) for row in self._read(f"{_SELECT_PRESET} ORDER BY name COLLATE NOCASE")]
+
+    def preset(self, name: str) -> Preset:
+        rows = self._read(f"{_SELECT_PRESET} WHERE name = ?", (name,))
+        if not rows:
+            raise NotFoundError("name", f"no preset named {name!r}")
+        return Preset(**rows[0])
+
+    def put_preset(self, name: str, prompt: str, negative_prompt: str = "") -> Preset:
+        """Save a preset, replacing one of the same name (names are matched ignoring case)."""
+        name = name.strip()
+        if not 1 <= len(name) <= 100:
+            raise InvalidRequestError("name", f"a preset name must be 1 to 100 characters, got {len(name)}")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO presets (name, prompt, negative_prompt, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET name = excluded.name, prompt = excluded.prompt, negative_prompt = excluded.negative_prompt",
+                (name, prompt, negative_prompt, time.time()),
+            )
+        return self.preset(name)
+
+    def delete_preset(self, name: str) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM presets WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFoundError("name", f"no preset named {name!r}")
+
+
+def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery") -> None:
+    """Bring the database to the newest schema, applying the migrations it lacks in one transaction;
+    GalleryError for a database written by a newer lienzo."""
+    latest = len(MIGRATIONS)
+    if _user_version(conn, what) == latest:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _user_version(conn, what)  # again, under the lock: another process may have migrated it
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {latest}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if version < latest:
+        log.info("%s: gallery schema migrated from version %d to %d", what, version, latest)
+
+
+def _user_version(conn: sqlite3.Connection, what: Path | str) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise GalleryError(
+            f"gallery: {what} has schema version {version}, newer than this lienzo's {len(MIGRATIONS)}; "
+            "upgrade lienzo, or point LIENZO_DATA_DIR elsewhere"
+        )
+    return version
+
+
+def fts_query(text: str) -> str | None:
+    """User text as a safe FTS5 query: every word must match, the last one as a prefix (so results
+    follow typing). Each word is quoted, so what FTS5 would read as syntax (``"``, ``-``, ``:``,
+    ``*``, ``AND``, ``NEAR``) is only text; None when the text holds no word at all."""
+    words = re.findall(r"\w+", text)
+    if not words:
+        return None
+    return " ".join(f'"{word}"' for word in words) + "*"
+
+
+def _parse_cursor(cursor: str) -> tuple[float, int]:
+    created, _, image_id = cursor.partition("_")
+    try:
+        return float(created), int(image_id)
+    except ValueError:
+        raise InvalidRequestError("cursor", f"{cursor!r} is not a cursor the gallery gave out (use a page's 'next')") from None
+
+
+def _insert(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: str, mode: str | None, created: float, *, replace: bool) -> int | None:
+    """Insert a row for ``path``; an existing row is replaced (``replace``) or kept (returns None)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    values = (
+        str(path), created, source, mode, meta.prompt, meta.negative_prompt, meta.model, meta.model_hash, meta.seed,
+        meta.width, meta.height, meta.steps, meta.cfg_scale, meta.sampler, meta.schedule, meta.infotext,
+        json.dumps(meta.parameters), path.stat().st_size,
+    )
+    if replace:
+        names = [name.strip() for name in _COLUMNS.split(",")][1:]
+        conflict = "DO UPDATE SET " + ", ".join(f"{name} = excluded.{name}" for name in names)
+    else:
+        conflict = "DO NOTHING"
+    placeholders = ", ".join("?" * len(values))
+    row = conn.execute(f"INSERT INTO images ({_COLUMNS}) VALUES ({placeholders}) ON CONFLICT (path) {conflict} RETURNING id", values).fetchone()
+    return None if row is None else row["id"]
+
+
+def _source_and_mode(relative: Path, meta: ImageMeta) -> tuple[str, str | None]:
+    """What a file's place under the outputs tells: ``imported/...`` was imported, ``<mode>-images/...``
+    made in that mode (by the CLI or the server: the file does not say which; "cli" stands for both)."""
+    top = relative.parts[0] if len(relative.parts) > 1 else ""
+    if top == "imported":
+        return "import", meta.mode
+    folder = _MODE_FOLDER.fullmatch(top)
+    return "cli", folder.group(1) if folder else meta.mode
+
+
+def _remove_if_stale(path: Path, before: float) -> int:
+    """Remove ``path`` if it was last modified before ``before``; 1 if it was removed."""
+    try:
+        if path.stat().st_mtime >= before:
+            return 0
+        path.unlink()
+    except FileNotFoundError:  # its write finished (renamed) or failed (removed) meanwhile
+        return 0
+    return 1

@@ -1,0 +1,219 @@
+"""The gallery, ``/api/v1/gallery``: every image lienzo made (CLI and every API) or was given, newest
+first; search, filters, favourites, delete, download, import; and saved style presets, ``/api/v1/presets``.
+
+Errors have the native shape, ``{"detail", "field"}``; an unknown id is a 404 naming ``id``.
+Routes are plain ``def`` (run in the thread pool): SQLite and thumbnails are blocking work.
+"""
+
+import json
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, File, Path, Query, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lienzo.errors import LienzoError
+from lienzo.gallery.store import MAX_PAGE, GalleryItem, NotFoundError, Preset
+from lienzo.images.provenance import read_provenance
+from lienzo.server.deps import AppSettings, Gallery
+
+PREFIX = "/api/v1"
+router = APIRouter(prefix=PREFIX, tags=["gallery"])
+
+ImageId = Annotated[int, Path(alias="id", description="the image's gallery id")]
+
+
+class ItemView(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: int
+    url: str = Field(description="the file as saved")
+    thumb_url: str = Field(description="a WebP thumbnail, 256 pixels on its longer side")
+    created: float = Field(description="epoch seconds")
+    source: str = Field(description="cli, native, a1111, openai or import")
+    mode: str | None = Field(description="txt2img, img2img, inpaint or outpaint; null: unknown")
+    prompt: str
+    negative_prompt: str
+    model: str | None
+    seed: int | None
+    width: int
+    height: int
+    steps: int | None
+    cfg_scale: float | None
+    sampler: str | None
+    schedule: str | None
+    favourite: bool
+
+
+class DetailView(ItemView):
+    model_hash: str | None
+    file: str = Field(description="the file's path on the server")
+    size_bytes: int
+    infotext: str = Field(description="the parameters in AUTOMATIC1111's layout")
+    parameters: dict = Field(
+        description="request fields that remake the image: POST them to /api/v1/{mode} (with init_image, and mask, for the image modes)"
+    )
+    provenance: dict | None = Field(description="the lienzo-provenance record in the file; null: none, or unreadable")
+
+
+class PageView(BaseModel):
+    items: list[ItemView]
+    next: str | None = Field(description="cursor for the next page (?cursor=); null: this is the last")
+
+
+def _urls(item: GalleryItem) -> dict:
+    base = f"{PREFIX}/gallery/{item.id}"
+    return {"url": f"{base}/image", "thumb_url": f"{base}/thumb"}
+
+
+def item_view(item: GalleryItem) -> ItemView:
+    fields = {name: getattr(item, name) for name in ItemView.model_fields if name not in ("url", "thumb_url")}
+    return ItemView(**fields, **_urls(item))
+
+
+def detail_view(item: GalleryItem) -> DetailView:
+    try:
+        record = read_provenance(item.path)
+        provenance = json.loads(record.to_json()) if record is not None else None
+    except LienzoError:  # a damaged record, or the file has gone: the rest is still worth showing
+        provenance = None
+    fields = {name: getattr(item, name) for name in DetailView.model_fields if name not in ("url", "thumb_url", "file", "provenance")}
+    return DetailView(**fields, **_urls(item), file=str(item.path), provenance=provenance)
+
+
+@router.get("/gallery", response_model=PageView)
+def list_images(
+    gallery: Gallery,
+    q: Annotated[str, Query(description="words the prompt or negative prompt holds (the last may be the start of a word)")] = "",
+    model: Annotated[str | None, Query(description="only images made with this model (see /gallery/models)")] = None,
+    since: Annotated[float | None, Query(description="created at or after, epoch seconds")] = None,
+    until: Annotated[float | None, Query(description="created before, epoch seconds")] = None,
+    favourite: Annotated[bool | None, Query(description="true: only favourites; false: only the others")] = None,
+    cursor: Annotated[str | None, Query(description="the previous page's next")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> PageView:
+    """Images newest first, a page at a time."""
+    page = gallery.search(q, model=model, since=since, until=until, favourite=favourite, cursor=cursor, limit=limit)
+    return PageView(items=[item_view(item) for item in page.items], next=page.next)
+
+
+@router.get("/gallery/models", response_model=list[str])
+def list_gallery_models(gallery: Gallery) -> list[str]:
+    """The models the gallery's images were made with."""
+    return gallery.models()
+
+
+class ImportErrorView(BaseModel):
+    file: str
+    detail: str
+
+
+class ImportView(BaseModel):
+    imported: list[ItemView]
+    errors: list[ImportErrorView] = Field(description="files that were not imported, and why; the others were")
+
+
+@router.post("/gallery/import", response_model=ImportView)
+async def import_images(
+    gallery: Gallery, settings: AppSettings, files: Annotated[list[UploadFile], File(description="PNG, JPEG or WebP images, one or many")]
+) -> ImportView:
+    """Add images to the gallery, their bytes (and metadata) kept as they are; their parameters are read
+    from lienzo's, AUTOMATIC1111's, InvokeAI's, ComfyUI's or NovelAI's metadata."""
+    imported, errors = [], []
+    for upload in files:
+        name = upload.filename or "image"
+        data = await upload.read()
+        try:
+            item = await run_in_threadpool(gallery.import_image, data, name, max_pixels=settings.max_input_pixels)
+        except LienzoError as err:
+            errors.append(ImportErrorView(file=name, detail=str(err)))
+        else:
+            imported.append(item_view(item))
+    return ImportView(imported=imported, errors=errors)
+
+
+@router.get("/gallery/{id}", response_model=DetailView)
+def get_image(image_id: ImageId, gallery: Gallery) -> DetailView:
+    """An image with all its parameters and its provenance record."""
+    return detail_view(gallery.get(image_id))
+
+
+class FavouriteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    favourite: bool
+
+
+@router.patch("/gallery/{id}", response_model=DetailView)
+def update_image(image_id: ImageId, body: FavouriteBody, gallery: Gallery) -> DetailView:
+    """Mark or unmark an image as a favourite."""
+    return detail_view(gallery.set_favourite(image_id, body.favourite))
+
+
+@router.delete("/gallery/{id}", status_code=204)
+def delete_image(image_id: ImageId, gallery: Gallery) -> Response:
+    """Delete the image: its file, its row and its thumbnails."""
+    gallery.delete(image_id)
+    return Response(status_code=204)
+
+
+@router.get("/gallery/{id}/image", response_class=FileResponse)
+def image_file(image_id: ImageId, gallery: Gallery, download: bool = False) -> FileResponse:
+    """The file as saved, metadata included; ``?download=true`` asks the browser to save it."""
+    item = gallery.get(image_id)
+    if not item.path.is_file():
+        raise NotFoundError("id", f"image {image_id}'s file {item.path} is gone; `lienzo gallery reconcile` drops its row")
+    media_type = mimetypes.guess_type(item.path.name)[0] or "application/octet-stream"
+    if download:
+        return FileResponse(item.path, media_type=media_type, filename=item.path.name, content_disposition_type="attachment")
+    return FileResponse(item.path, media_type=media_type)
+
+
+@router.get("/gallery/{id}/thumb", responses={200: {"content": {"image/webp": {}}}})
+def image_thumbnail(image_id: ImageId, gallery: Gallery, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+    """A WebP thumbnail fitted in ``size`` x ``size``, made once and cached."""
+    # An id's file does not change (a new image gets a new id), so browsers may keep it a day.
+    return Response(gallery.thumbnail(image_id, size), media_type="image/webp", headers={"Cache-Control": "max-age=86400"})
+
+
+class PresetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+class PresetView(BaseModel):
+    name: str
+    prompt: str
+    negative_prompt: str
+    created: float
+
+
+def _preset_view(preset: Preset) -> PresetView:
+    return PresetView(name=preset.name, prompt=preset.prompt, negative_prompt=preset.negative_prompt, created=preset.created)
+
+
+@router.get("/presets", response_model=list[PresetView])
+def list_presets(gallery: Gallery) -> list[PresetView]:
+    """Saved style presets, by name."""
+    return [_preset_view(preset) for preset in gallery.presets()]
+
+
+@router.get("/presets/{name}", response_model=PresetView)
+def get_preset(name: str, gallery: Gallery) -> PresetView:
+    return _preset_view(gallery.preset(name))
+
+
+@router.put("/presets/{name}", response_model=PresetView)
+def put_preset(name: str, body: PresetBody, gallery: Gallery) -> PresetView:
+    """Save a preset, replacing one of the same name (ignoring case)."""
+    return _preset_view(gallery.put_preset(name, body.prompt, body.negative_prompt))
+
+
+@router.delete("/presets/{name}", status_code=204)
+def delete_preset(name: str, gallery: Gallery) -> Response:
+    gallery.delete_preset(name)
+    return Response(status_code=204)

@@ -1,0 +1,261 @@
+"""The web studio in a real browser: Debian's chromium driven by Playwright against a real ``lienzo serve``.
+
+Screenshots of the main screens go to ``screenshots/`` (ignored) for a person to look at.
+"""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+from playwright import sync_api as playwright
+
+from servers import lienzo_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "screenshots"
+# Chromium's own background traffic (updates, sync, metrics) fails on an offline machine; keep it off.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT = 60_000  # ms: a tiny model on a busy 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    with lienzo_server(home, env={"LIENZO_PREVIEW_EVERY": "1"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("the browser tests need Debian's chromium: apt-get install chromium (.ci/run installs it)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
+
+
+def small_settings(page, side: int = 256, steps: int = 2) -> None:
+    page.fill("#width", str(side))
+    page.fill("#height", str(side))
+    page.fill("#steps", str(steps))
+
+
+def result_count(page) -> int:
+    return page.locator("#results .tile").count()
+
+
+def wait_for_results(page, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#results .tile img').length >= {count}")
+    page.wait_for_function("[...document.querySelectorAll('#results .tile img')].every(i => i.complete && i.naturalWidth > 0)")
+
+
+def picture(path: Path, size=(256, 256), colour=(200, 60, 40), infotext: str | None = None) -> Path:
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    Image.new("RGB", size, colour).save(path, pnginfo=info)
+    return path
+
+
+def test_generate_from_the_prompt_box(page):
+    page.fill("#prompt", "a lighthouse on a cliff at dawn")
+    small_settings(page)
+    page.fill("#seed", "1234")
+    shot(page, "create")
+    page.locator("#prompt").press("Control+Enter")
+    wait_for_results(page, 1)
+    width = page.eval_on_selector("#results .tile img", "img => img.naturalWidth")
+    assert width == 256
+    # The seed it used is there to reuse.
+    page.fill("#seed", "-1")
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "1234"
+    # Click to enlarge: the viewer shows its parameters.
+    page.click("#results .tile")
+    page.wait_for_selector("#viewer[open]")
+    page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('1234')")
+    assert "lighthouse" in page.text_content("#viewer-prompt")
+    shot(page, "viewer")
+    page.keyboard.press("Escape")
+
+
+def test_live_progress_and_cancel(page):
+    page.fill("#prompt", "a long job to cancel")
+    small_settings(page, steps=60)
+    page.click("#generate")
+    page.wait_for_function("/Step \\d+\\/60/.test(document.querySelector('#progress-text').textContent)")
+    page.wait_for_selector("#preview-box:not([hidden])")
+    shot(page, "progress")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#generate').disabled === false")
+    assert "Cancelled" in page.text_content("#progress-text")
+
+
+def test_server_error_shows_next_to_its_field(page):
+    page.fill("#prompt", "too many steps")
+    small_settings(page, steps=999)
+    page.click("#generate")
+    error = page.locator('[data-field="steps"] .error')
+    error.wait_for(state="visible")
+    assert "steps" in error.text_content() and "150" in error.text_content()
+    assert result_count(page) == 0
+
+
+def test_paint_a_mask_and_inpaint(page, tmp_path):
+    page.click('.modes label:has-text("Inpaint")')
+    page.set_input_files("#file", str(picture(tmp_path / "red.png")))
+    canvas = page.locator("#mask-canvas")
+    canvas.wait_for(state="visible")
+    # Generating with no mask is refused in the page, next to the image.
+    page.click("#generate")
+    assert "mask" in page.locator('[data-field="init_image"] .error').text_content()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
+    page.mouse.up()
+    page.fill("#prompt", "a blue circle")
+    page.fill("#steps", "2")
+    shot(page, "inpaint")
+    with page.expect_request(re.compile(r"/api/v1/inpaint$")) as sent:
+        page.click("#generate")
+    body = sent.value.post_data_json
+    assert body["mask"].startswith("data:image/png;base64,") and body["init_image"].startswith("data:image/png")
+    wait_for_results(page, 1)
+    assert page.eval_on_selector("#results .tile img", "img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+
+
+def test_outpaint_grows_the_canvas(page, tmp_path):
+    page.click('.modes label:has-text("Outpaint")')
+    page.set_input_files("#file", str(picture(tmp_path / "green.png", colour=(40, 160, 60))))
+    page.fill("#outpaint_right", "64")
+    page.fill("#outpaint_down", "0")
+    page.fill("#prompt", "more meadow")
+    page.fill("#steps", "2")
+    page.wait_for_function("document.querySelector('#image-canvas').width === 320")
+    shot(page, "outpaint")
+    page.click("#generate")
+    wait_for_results(page, 1)
+    assert page.eval_on_selector("#results .tile img", "img => [img.naturalWidth, img.naturalHeight]") == [320, 256]
+
+
+def test_prompt_helper_builds_a_prompt_and_saves_presets(page):
+    page.click("#helper summary")
+    page.fill("#h-kind", "an oil painting of")
+    page.fill("#h-subject", "a red fox")
+    page.fill("#h-place", "in a snowy forest")
+    page.click("#chips >> text=highly detailed")
+    page.click("#h-build")
+    assert page.input_value("#prompt") == "an oil painting of a red fox, in a snowy forest, highly detailed"
+    page.once("dialog", lambda d: d.accept("Foxy"))
+    page.click("#preset-save")
+    page.wait_for_function("[...document.querySelectorAll('#preset-list option')].some(o => o.value === 'Foxy')")
+    page.fill("#prompt", "a cat")
+    page.select_option("#preset-list", "Foxy")
+    page.click("#preset-apply")
+    assert page.input_value("#prompt").startswith("a cat, an oil painting of a red fox")
+
+
+def test_gallery_search_reuse_and_import(page, tmp_path):
+    page.fill("#prompt", "a zeppelin over the harbour")
+    small_settings(page)
+    page.fill("#seed", "77")
+    page.click("#generate")
+    wait_for_results(page, 1)
+
+    page.click("#tab-gallery")
+    page.wait_for_selector("#gallery-grid .tile")
+    assert page.locator("#gallery-grid .tile").count() >= 2  # this and the images the other tests made
+    page.keyboard.press("/")
+    page.keyboard.type("zeppelin")
+    page.wait_for_function(
+        "(() => { const t = [...document.querySelectorAll('#gallery-grid .tile')];"
+        " return t.length === 1 && t[0].title.includes('zeppelin'); })()"
+    )
+    shot(page, "gallery")
+
+    page.click("#gallery-grid .tile")
+    page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('77')")
+    page.click("#act-fav")
+    page.wait_for_function("document.querySelector('#act-fav').getAttribute('aria-pressed') === 'true'")
+    page.click("#act-reuse")
+    assert page.locator("#view-create").is_visible()
+    assert page.input_value("#prompt") == "a zeppelin over the harbour"
+    assert page.input_value("#seed") == "77"
+    assert page.input_value("#width") == "256"
+
+    # Import a PNG made by another tool: it lands with its prompt and is found by search.
+    page.click("#tab-gallery")
+    infotext = "a brass owl automaton\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 9, Size: 256x256"
+    page.set_input_files("#import-file", str(picture(tmp_path / "owl.png", colour=(150, 120, 40), infotext=infotext)))
+    page.fill("#search", "owl")
+    page.wait_for_function(
+        "(() => { const t = [...document.querySelectorAll('#gallery-grid .tile')];"
+        " return t.length === 1 && t[0].title.includes('brass owl') && t[0].querySelector('.badge'); })()"
+    )
+    # Favourites filter: only the zeppelin is starred.
+    page.fill("#search", "")
+    page.check("#filter-fav")
+    page.wait_for_function(
+        "(() => { const t = [...document.querySelectorAll('#gallery-grid .tile')];"
+        " return t.length === 1 && t[0].title.includes('zeppelin'); })()"
+    )
+
+
+def test_delete_from_the_gallery(page):
+    page.fill("#prompt", "a picture to delete")
+    small_settings(page)
+    page.click("#generate")
+    wait_for_results(page, 1)
+    page.click("#tab-gallery")
+    page.fill("#search", "delete")
+    page.wait_for_function("document.querySelectorAll('#gallery-grid .tile').length === 1")
+    page.click("#gallery-grid .tile")
+    page.wait_for_selector("#act-delete:not([hidden])")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#act-delete")
+    page.wait_for_function("document.querySelectorAll('#gallery-grid .tile').length === 0")
+    page.reload()
+    page.click("#tab-gallery")
+    page.fill("#search", "delete")
+    page.wait_for_function("document.querySelector('#gallery-end').textContent.includes('Nothing')")
+
+
+@pytest.mark.parametrize("width,height,name", [(390, 844, "phone"), (1280, 720, "laptop")])
+def test_fits_phone_and_laptop_screens(browser, server, width, height, name):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+    # Nothing wider than the window: no sideways scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for selector in ("#prompt", "#generate", "#steps", "#seed"):
+        assert page.locator(selector).is_visible()
+    shot(page, f"create-{name}")
+    page.click("#tab-gallery")
+    page.wait_for_selector("#gallery-end")
+    page.wait_for_function("[...document.querySelectorAll('#gallery-grid img')].every(i => i.complete)")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    shot(page, f"gallery-{name}")
+    context.close()
