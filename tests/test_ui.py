@@ -112,6 +112,20 @@ def test_live_progress_and_cancel(page):
     assert "Cancelled" in page.text_content("#progress-text")
 
 
+def test_fast_mode_is_sent_and_reused(page):
+    page.fill("#prompt", "a paper boat on a pond")
+    small_settings(page)
+    assert not page.is_checked("#fast")  # never on by default
+    page.check("#fast")
+    page.click("#generate")
+    wait_for_results(page, 1)
+    page.uncheck("#fast")
+    page.click("#results .tile")
+    page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('Fast modetrue')")
+    page.click("#act-reuse")
+    assert page.is_checked("#fast")
+
+
 def test_server_error_shows_next_to_its_field(page):
     page.fill("#prompt", "too many steps")
     small_settings(page, steps=999)

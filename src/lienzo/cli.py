@@ -78,6 +78,10 @@ def _generation_options(f):
             click.option("--batch-count", type=int, default=1, show_default=True, help="batches, one after another"),
             click.option("--clip-skip", type=int, default=1, show_default=True),
             click.option(
+                "--fast/--no-fast", default=False, show_default=True,
+                help="fast mode: reuse deep U-Net features across steps (DeepCache), a little less faithful",
+            ),
+            click.option(
                 "--lora", "loras", type=_LoraParam(), multiple=True,
                 help="apply a LoRA from the models dir's Lora folder (repeatable); also <lora:NAME:WEIGHT> in the prompt",
             ),
@@ -126,7 +130,7 @@ def _request_fields(opts: dict) -> dict:
         "mask_blur": "mask_blur", "only_masked": "inpaint_only_masked", "padding": "only_masked_padding",
         "fill": "inpainting_fill", "left": "outpaint_left", "right": "outpaint_right", "up": "outpaint_up",
         "down": "outpaint_down", "loras": "loras", "safety": "safety",
-        "watermark": "watermark",
+        "watermark": "watermark", "fast": "fast",
     }
     return {field: opts[flag] for flag, field in names.items() if flag in opts and opts[flag] is not None}
 

@@ -20,6 +20,7 @@ from PIL import Image
 from lienzo import __version__
 from lienzo.errors import GenerationCancelled, LienzoError
 from lienzo.generation import canvas
+from lienzo.generation.deepcache import DeepCacheUNet, fast_label
 from lienzo.generation.noise import batch_noise, image_generators, random_seed
 from lienzo.generation.prompts import PromptEmbeddings, encode_pair, extract_lora_tags, lora_tag
 from lienzo.generation.request import GenerationRequest
@@ -325,6 +326,8 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
 
     # 6.-7. Denoising loop.
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators, strict=True)]
+    # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache).
+    denoiser = DeepCacheUNet(unet) if req.fast else unet
     started = time.perf_counter()
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel():
@@ -337,7 +340,7 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
             extra = torch.cat([mask, masked_latents], dim=1)
             model_in = torch.cat([model_in, torch.cat([extra, extra]) if cfg else extra], dim=1)
         with torch.no_grad():
-            pred = unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+            pred = denoiser(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + req.cfg_scale * (cond - uncond)
@@ -404,6 +407,8 @@ def _parameters(
     hashes = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, _, h in components.extra.get("active_loras", []) if h]
     if hashes:
         params["Lora hashes"] = ", ".join(hashes)
+    if req.fast:
+        params["Fast"] = fast_label()
     if safety:
         params["Safety filter"] = safety
     params["Version"] = f"lienzo {__version__}"

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from lienzo.errors import LienzoError
+from lienzo.generation.deepcache import INTERVAL, fast_label, interval_from_label
 from lienzo.images.metadata import Infotext, parse_infotext, read_parameters
 
 # A1111 before v1.9 folded the schedule into the sampler name ("DPM++ 2M Karras").
@@ -33,9 +34,21 @@ def fields_from_infotext(info: Infotext) -> dict:
         "sampler": info.sampler,
         "schedule": info.schedule_type,
         "model": info.model_hash or info.model,
+        "fast": _fast(info),
     }
     sampler = info.sampler or ""
     for schedule in _FOLDED_SCHEDULES:
         if fields["schedule"] is None and sampler.endswith(f" {schedule}"):
             fields["sampler"], fields["schedule"] = sampler.removesuffix(f" {schedule}"), schedule
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _fast(info: Infotext) -> bool | None:
+    """``Fast: DeepCache 3`` → True; absent → None (normal mode). Another interval would remake a
+    different image, so it is refused rather than remade with this version's."""
+    value = info.params.get("Fast")
+    if value is None:
+        return None
+    if interval_from_label(value) != INTERVAL:
+        raise LienzoError(f"infotext 'Fast' must be {fast_label()!r}, the fast mode this lienzo remakes, got {value!r}")
+    return True

@@ -112,6 +112,8 @@ class GenerationRequest(BaseModel):
     outpaint_right: int = 0
     outpaint_up: int = 0
     outpaint_down: int = 0
+    # DeepCache: reuse deep U-Net features across steps; faster, a little less faithful. Never on by default.
+    fast: bool = False
 
     # Not pixels but what happens to them: None leaves the choice to the settings / the front door.
     watermark: bool | None = None  # invisible watermark in saved images (settings default: on)

@@ -80,6 +80,7 @@ class _Common(BaseModel):
     )
     send_images: bool = Field(True, description="false: answer without the images (they are saved in the outputs folder)")
     save_images: bool = Field(False, description="lienzo always saves its images")
+    fast: bool = Field(False, description="lienzo extension: fast mode (DeepCache), reusing deep U-Net features across steps")
 
     # Accepted and ignored: lienzo has no such feature.
     styles: list[str] | None = Field(None, description=_IGNORED)
@@ -168,7 +169,7 @@ _USED = {
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
     "cfg_scale", "width", "height", "override_settings", "send_images", "save_images", "init_images", "resize_mode",
     "denoising_strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-    "inpainting_mask_invert", "include_init_images",
+    "inpainting_mask_invert", "include_init_images", "fast",
 }
 # Options lienzo acts on in override_settings.
 _OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
@@ -279,6 +280,7 @@ def common_fields(body: _Common, options: dict[str, Any]) -> dict[str, Any]:
         "batch_size": body.batch_size,
         "batch_count": body.n_iter,
         "clip_skip": overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1)),
+        "fast": body.fast,
     }
 
 
@@ -462,6 +464,9 @@ def job_info(job: Job, body: _Common) -> dict[str, Any]:
     first = job.images[0].parameters if job.images else {}
     seeds = job.seeds or [req.seed]
     count = len(seeds)
+    extra = {"Schedule type": first.get("Schedule type", req.schedule)}
+    if "Fast" in first:
+        extra["Fast"] = first["Fast"]
     return {
         "prompt": req.prompt,
         "all_prompts": [req.prompt] * count,
@@ -487,7 +492,7 @@ def job_info(job: Job, body: _Common) -> dict[str, Any]:
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": req.denoising_strength if req.init_image is not None else None,
-        "extra_generation_params": {"Schedule type": first.get("Schedule type", req.schedule)},
+        "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": [saved.infotext for saved in job.images],
         "styles": body.styles or [],

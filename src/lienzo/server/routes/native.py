@@ -27,7 +27,7 @@ router = APIRouter(prefix=PREFIX, tags=["lienzo"])
 
 _COMMON = [
     "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "schedule", "seed",
-    "batch_size", "batch_count", "clip_skip", "loras", "safety", "watermark",
+    "batch_size", "batch_count", "clip_skip", "loras", "safety", "watermark", "fast",
 ]
 _IMAGE = ["init_image", "denoising_strength"]
 _MODE_FIELDS = {
@@ -43,6 +43,7 @@ _IMAGE_HELP = {
     "mask": "base64; white (or opaque on a transparent layer) = repaint, black = keep; same size as init_image",
 }
 _HELP = {
+    "fast": "fast mode (DeepCache): reuses deep U-Net features across steps; faster, a little less faithful",
     "safety": "safety filter for flagged images: off, blur or block; default: the server's safety_server setting (blur unless configured)",
 }
 

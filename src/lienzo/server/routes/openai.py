@@ -104,6 +104,7 @@ class _ImageOptions(BaseModel):
     steps: int | None = Field(None, description=f"{_EXTENSION}: denoising steps (default 20)")
     cfg_scale: float | None = Field(None, description=f"{_EXTENSION}: prompt guidance (default 7)")
     sampler: str | None = Field(None, description=f"{_EXTENSION}: e.g. 'Euler a' (default DPM++ 2M)")
+    fast: bool | None = Field(None, description=f"{_EXTENSION}: fast mode (DeepCache), a little less faithful (default false)")
 
     def ignored_fields(self) -> list[str]:
         fields = type(self).model_fields.items()

@@ -210,6 +210,7 @@ function body() {
     sampler: $("sampler").value,
     schedule: $("schedule").value,
     seed: number("seed"),
+    fast: $("fast").checked,
   };
   if (m === "txt2img") {
     fields.width = number("width");
@@ -323,6 +324,7 @@ function reuse(parameters) {
   location.hash = "#create";
   const fields = ["prompt", "negative_prompt", "steps", "cfg_scale", "seed", "batch_size", "denoising_strength"];
   for (const key of fields) setValue(key, parameters[key]);
+  $("fast").checked = Boolean(parameters.fast); // absent: the image was made in the normal mode
   if (parameters.negative_prompt) $("negative-box").open = true;
   if (parameters.sampler && state.samplers.some((s) => s.name === parameters.sampler)) {
     $("sampler").value = parameters.sampler;

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const LABELS = {
   negative_prompt: "Negative prompt", model: "Model", width: "Width", height: "Height", steps: "Steps",
   cfg_scale: "CFG scale", sampler: "Sampler", schedule: "Schedule", seed: "Seed", clip_skip: "Clip skip",
-  denoising_strength: "Strength", batch_size: "Images", created: "Made", source: "Made by",
+  denoising_strength: "Strength", batch_size: "Images", fast: "Fast mode", created: "Made", source: "Made by",
 };
 const HIDDEN = new Set(["prompt", "batch_count", "loras", "safety", "watermark"]);
 const SOURCES = { cli: "the CLI", native: "the studio or lienzo's API", a1111: "the A1111 API", openai: "the OpenAI API", import: "imported" };
@@ -32,6 +32,7 @@ export function initViewer({ onReuse, onSend, gallery, toast }) {
 
   function paint(item, detail) {
     const params = { ...(detail?.parameters ?? item.parameters ?? {}) };
+    if (!params.fast) delete params.fast; // off is the normal mode: no row for it
     if (detail) {
       params.model = detail.model ?? params.model;
       params.created = new Date(detail.created * 1000).toLocaleString();
