@@ -3,7 +3,7 @@
 import logging
 from pathlib import Path
 
-from lienzo.devices import pick_device, pick_dtype
+from lienzo.devices import configure_threads, pick_device, pick_dtype
 from lienzo.errors import ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.request import GenerationRequest, build_request
@@ -11,6 +11,7 @@ from lienzo.models.components import Components
 from lienzo.models.loading import load_components
 from lienzo.models.lora import apply_loras
 from lienzo.models.registry import Registry, embedded_model
+from lienzo.models.speed import SpeedOptions, apply_speed
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,42 @@ def load_model(
     prediction_type: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    vae_dtype: str | None = None,
+    threads: int | None = None,
+    channels_last: bool | None = None,
+    compile: bool | None = None,
+    vae_tiling: str | None = None,
+    low_vram: bool | None = None,
+    attention_slicing: bool | None = None,
     settings: Settings | None = None,
 ) -> Components:
-    """Load a model by path or by name in the models dir, on the chosen device, ready to generate."""
+    """Load a model by path or by name in the models dir, on the chosen device, ready to generate.
+
+    ``dtype`` ``auto`` is fp16 on GPUs, bf16 on CPUs that compute it natively and fp32 on others;
+    ``vae_dtype`` ``auto`` follows it (fp32 beside fp16 for VAEs that overflow in fp16). The speed
+    switches (``threads``, ``channels_last``, ``compile``, ``vae_tiling``, ``low_vram``, ``attention_slicing``; see
+    :class:`lienzo.models.speed.SpeedOptions`) left at None come from ``settings``.
+    """
     settings = settings or Settings()
     registry = Registry(settings.models_dir, settings.cache_dir)
     path = registry.resolve(model) if model is not None else default_model(registry, settings)
     vae_path = registry.resolve(vae) if vae is not None else None
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    vae_dtype = vae_dtype or settings.vae_dtype
+    torch_vae_dtype = None if vae_dtype == "auto" else pick_dtype(vae_dtype, torch_device)
+    speed = SpeedOptions.from_settings(
+        settings, channels_last=channels_last, compile=compile, vae_tiling=vae_tiling, low_vram=low_vram,
+        attention_slicing=attention_slicing,
+    )
+    configure_threads(threads or settings.threads)
     entry = registry.entry(path)
-    components = load_components(path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype)
+    components = load_components(path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype, vae_dtype=torch_vae_dtype)
     components.name, components.short_hash, components.sha256 = Path(entry.name).name, entry.short_hash, entry.sha256
-    return components.to(torch_device)
+    if not (speed.low_vram and torch_device.type == "cuda"):  # offloaded models stay in CPU memory
+        components.to(torch_device)
+    log.info("loaded %s on %s in %s (VAE %s)", entry.name, torch_device, torch_dtype, components.vae.dtype)
+    return apply_speed(components, speed, torch_device)
 
 
 def prepare_loras(components: Components, request: GenerationRequest, settings: Settings | None = None) -> None:

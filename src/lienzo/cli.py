@@ -50,6 +50,7 @@ class _LoraParam(click.ParamType):
 
 
 def _model_options(f):
+    f = _speed_options(f)
     for option in reversed(
         [
             click.option("--model", "-m", help="model name in the models dir, or a path (file or diffusers folder)"),
@@ -61,6 +62,43 @@ def _model_options(f):
     ):
         f = option(f)
     return f
+
+
+def _speed_options(f):
+    """Speed and memory switches; unset, they come from the settings (LIENZO_THREADS, LIENZO_COMPILE, ...)."""
+    for option in reversed(
+        [
+            click.option("--vae-dtype", default=None, help="auto, float32, float16 or bfloat16 [default: auto, the model's]"),
+            click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: one per physical core]"),
+            click.option(
+                "--channels-last/--no-channels-last", default=None,
+                help="NHWC memory layout for the U-Net and VAE [default: on for CUDA only]",
+            ),
+            click.option(
+                "--compile", "compile_", is_flag=True, default=None, help="torch.compile the U-Net and VAE (slow first image, cached)"
+            ),
+            click.option(
+                "--vae-tiling", type=click.Choice(["auto", "on", "off"]),
+                help="VAE in tiles: auto (decodes above 1024x1024), on (decodes and encodes), off [default: auto]",
+            ),
+            click.option("--low-vram", is_flag=True, default=None, help="VAE tiling and (CUDA) CPU offload of the U-Net and text encoders"),
+            click.option(
+                "--attention-slicing/--no-attention-slicing", default=None,
+                help="attention a few heads at a time [default: with --low-vram, except on CPU and CUDA]",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _speed_kwargs(opts: dict) -> dict:
+    """The speed flags given, as ``load_model`` arguments (None leaves a setting as it is)."""
+    return {
+        "vae_dtype": opts.get("vae_dtype"), "threads": opts.get("threads"), "channels_last": opts.get("channels_last"),
+        "compile": opts.get("compile_"), "vae_tiling": opts.get("vae_tiling"), "low_vram": opts.get("low_vram"),
+        "attention_slicing": opts.get("attention_slicing"),
+    }
 
 
 def _generation_options(f):
@@ -149,7 +187,8 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     dtype = opts.get("dtype") or settings.dtype
     with err_console.status("loading model"):
         components = load_model(
-            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype, settings=settings
+            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
+            settings=settings, **_speed_kwargs(opts),
         )
         prepare_loras(components, request, settings)
         provenance = Provenance.for_model(components)
@@ -686,8 +725,10 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
 @click.option("--insecure", is_flag=True, help="allow listening beyond this machine without authentication")
 @click.option("-m", "--model", help="model for requests that name none (default: lienzo's own, else the models dir's first)")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+@click.option("--dtype", help="auto, float32, float16 or bfloat16 [default: auto]")
+@_speed_options
 @click.pass_context
-def serve(ctx, host, port, listen, auth, api_key, insecure, model, device):
+def serve(ctx, host, port, listen, auth, api_key, insecure, model, device, dtype, **speed):
     """HTTP server: lienzo's API (/api/v1), AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images); docs at /docs."""
     import ipaddress
 
@@ -698,6 +739,11 @@ def serve(ctx, host, port, listen, auth, api_key, insecure, model, device):
     settings = _settings(ctx)
     if device:
         settings.device = device
+    if dtype:
+        settings.dtype = dtype
+    for name, value in _speed_kwargs(speed).items():
+        if value is not None:
+            setattr(settings, name, value)
     host = "0.0.0.0" if listen else host
     user, sep, password = (auth or "").partition(":")
     if auth is not None and (not sep or not user):

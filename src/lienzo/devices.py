@@ -1,11 +1,23 @@
-"""Pick a torch device and dtype. Nothing here runs at import time."""
+"""Pick a torch device, dtype and thread count. Nothing here runs at import time."""
+
+import functools
+import logging
+import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
 from lienzo.errors import LienzoError
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
+
+# /proc/cpuinfo flags of x86 CPUs with bf16 dot products in hardware (AVX512-BF16: Cooper Lake, Zen 4;
+# AMX: Sapphire Rapids); ARMv8.6's BF16 extension is "bf16" in the Features line.
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -26,9 +38,74 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on GPUs (half the memory, tensor cores), fp32 on the CPU (fp16 matmuls are slow there)."""
+    """``auto``: fp16 on GPUs (half the memory, tensor cores); on the CPU bf16 where it computes bf16
+    natively (see :func:`cpu_has_native_bf16`), else fp32 (fp16 and emulated bf16 are slow there)."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.float16
     if name not in DTYPES:
         raise LienzoError(f"dtype: choose one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on ARM.
+
+    Read from ``/proc/cpuinfo`` on Linux and ``sysctl`` on macOS; False wherever it cannot be told.
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        try:
+            return cpuinfo_has_bf16(cpuinfo.read_text(errors="replace"))
+        except OSError:
+            return False
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.strip() == "1"
+    return False
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether a Linux ``/proc/cpuinfo`` text lists bf16 arithmetic among the first CPU's flags (x86) or Features (ARM)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            words = set(value.split())
+            return bool(words & _BF16_FLAGS) or "bf16" in words
+    return False
+
+
+def configure_threads(threads: int | None = None) -> None:
+    """CPU threads for torch: ``threads`` intra-op threads (None: torch's default, one per physical core,
+    or ``OMP_NUM_THREADS``) and one inter-op thread, so that the two pools never compete for the cores.
+
+    The inter-op pool can only be sized before its first use; later calls leave it as it is.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise LienzoError(f"threads: give 1 or more; got {threads}")
+        torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already started (or already set) in this process
+            log.debug("inter-op threads stay at %d", torch.get_num_interop_threads())
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its parameters' device, or, when accelerate's CPU offload hooks hold its
+    weights (their parameters then sit on the ``meta`` device), the device the hooks load them onto."""
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type != "meta":
+        return first.device
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return first.device if first is not None else torch.device("cpu")

@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # What the safety filter does with a flagged image (GenerationRequest.safety uses it too).
 SafetyPolicy = Literal["off", "blur", "block"]
+# When the VAE works in overlapping tiles: "auto" above AUTO_TILE_PIXELS (lienzo.generation.vae_decode).
+VaeTiling = Literal["auto", "on", "off"]
 
 
 def _data_dir() -> Path:
@@ -25,7 +27,16 @@ class Settings(BaseSettings):
     outputs_dir: Path | None = None
     default_model: str | None = None  # a name or path; unset: the model lienzo ships
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: fp16 on GPUs; bf16 on CPUs that compute it natively, else fp32
+    vae_dtype: str = "auto"  # auto: the model's dtype, but fp32 beside fp16 unless the VAE's config allows fp16
+
+    # Speed and memory (README "Speed"); every switch can be compared on its own.
+    threads: int | None = Field(None, ge=1)  # CPU threads; unset: torch's default (one per physical core)
+    channels_last: bool | None = None  # NHWC memory layout for the U-Net and VAE; unset: on for CUDA only
+    compile: bool = False  # torch.compile the U-Net and VAE decoder (slow first image, cached in cache_dir)
+    vae_tiling: VaeTiling = "auto"
+    low_vram: bool = False  # VAE tiling and, on CUDA, CPU offload of the U-Net and text encoders
+    attention_slicing: bool | None = None  # unset: with low_vram where fused attention is missing (not CPU/CUDA)
     watermark: bool = True  # invisible watermark in every saved image; a request may turn it off
     safety_cli: SafetyPolicy = "off"  # safety filter policy when a request gives none, per front door
     safety_server: SafetyPolicy = "blur"

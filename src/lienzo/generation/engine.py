@@ -25,6 +25,7 @@ from lienzo.generation.noise import batch_noise, image_generators, random_seed
 from lienzo.generation.prompts import PromptEmbeddings, encode_pair, extract_lora_tags, lora_tag
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule
+from lienzo.generation.vae_decode import decode_latents
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
 from lienzo.safety import SafetyFilter, Screened, screen
@@ -196,7 +197,7 @@ def generate(
     sampler = resolve_sampler(request.sampler)
     schedule = resolve_schedule(sampler, request.schedule)
     cv = _prepare_canvas(components, request)
-    device = components.unet.device
+    device = components.execution_device
     _check_loras(components, request)
     policy = request.safety or "off"  # None: the front door chose nothing, and the engine does not filter
     safety = _safety_filter(components, policy)
@@ -250,7 +251,7 @@ def _safety_filter(components: Components, policy: str) -> SafetyFilter | None:
             _WARNED_UNFILTERED.add(name)
             log.warning("safety policy %r: %s has no safety filter, so its images pass unchecked", policy, name)
         return None
-    components.safety_filter.prepare(components.unet.device)
+    components.safety_filter.prepare(components.execution_device)
     return components.safety_filter
 
 
@@ -268,7 +269,7 @@ class _Skipped(Exception):
 def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, cancel, skip) -> np.ndarray:
     """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1]."""
     unet, vae = components.unet, components.vae
-    device, dtype = unet.device, unet.dtype
+    device, dtype = components.execution_device, unet.dtype
     n = req.batch_size
     cfg = req.cfg_scale > 1.0  # guidance 1 is the conditional prediction alone: skip the second pass
     processor = VaeImageProcessor(vae_scale_factor=components.vae_scale_factor)
@@ -359,10 +360,9 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
         if progress is not None:
             progress(Progress(i + 1, len(timesteps), batch, req.batch_count, latents, components.family, time.perf_counter() - started))
 
-    # 8. Decode.
-    with torch.no_grad():
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return processor.postprocess(decoded.float(), output_type="np")
+    # 8. Decode: in tiles for large images; a half-precision VAE that overflows decodes again in fp32.
+    decoded = decode_latents(vae, latents, tiling=components.vae_tiling)
+    return processor.postprocess(decoded, output_type="np")
 
 
 def _fill_latents(image_latents, mask, fill: str, generators, latent_shape) -> torch.Tensor:

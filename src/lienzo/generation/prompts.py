@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lienzo.devices import execution_device
 from lienzo.errors import InvalidRequestError, LienzoError
 from lienzo.models.components import Components
 
@@ -276,7 +277,7 @@ def _encode_chunk(
 
     Only SDXL's second encoder (with projection) has ``text_embeds``; the others give None.
     """
-    ids = torch.tensor([chunk.ids], dtype=torch.long, device=encoder.device)
+    ids = torch.tensor([chunk.ids], dtype=torch.long, device=execution_device(encoder))
     output = encoder(ids, output_hidden_states=is_sdxl or clip_skip > 1)
     if is_sdxl:
         hidden = output.hidden_states[-(clip_skip + 1)]

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lienzo.devices import execution_device
 from lienzo.safety.base import SafetyFilter
 
 Family = Literal["sd1", "sd2", "sdxl"]
@@ -39,6 +40,8 @@ class Components:
     extra: dict = field(default_factory=dict)
     # Runs when a request's safety policy is blur or block; a diffusers folder's safety_checker sets it.
     safety_filter: SafetyFilter | None = None
+    # When the VAE decodes in tiles: "auto" (large images), "on" or "off" (lienzo.models.speed sets it).
+    vae_tiling: str = "auto"
 
     @property
     def is_inpainting(self) -> bool:
@@ -53,10 +56,17 @@ class Components:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the U-Net computes, also when CPU offload hooks hold its weights (low-VRAM mode)."""
+        return execution_device(self.unet)
+
     def to(self, device, dtype=None) -> "Components":
         device = torch.device(device)
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is None or getattr(module, "_hf_hook", None) is not None:
+                continue  # offloaded: its hooks decide where it runs
             # Only move what must move: diffusers 0.42 warns on every .to() of its models.
-            if module is not None and (module.device != device or (dtype is not None and module.dtype != dtype)):
+            if module.device != device or (dtype is not None and module.dtype != dtype):
                 module.to(device=device, dtype=dtype)
         return self

@@ -74,8 +74,14 @@ def load_components(
     vae: Path | None = None,
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
 ) -> Components:
-    """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE."""
+    """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE.
+
+    ``vae_dtype`` None follows ``dtype``, except that beside fp16 a VAE whose config says ``force_upcast``
+    (SD 1.x's, SD 2.x's and SDXL's own VAEs) stays in fp32: in fp16 they overflow to NaN (black images).
+    A half-precision VAE that overflows anyway decodes again in fp32 (lienzo.generation.vae_decode).
+    """
     kind = formats.sniff(path)
     if kind == "diffusers-folder":
         components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype)
@@ -90,7 +96,9 @@ def load_components(
             components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=dtype)
         components.vae.eval()
         components.extra["vae_name"] = vae.stem
-    if dtype == torch.float16:
-        # fp32 VAE: the SD 1.5 and SDXL VAEs overflow to NaN (black images) when decoding in fp16.
-        components.vae.to(torch.float32)
+    if vae_dtype is None:
+        upcast = dtype == torch.float16 and components.vae.config.get("force_upcast", True)
+        vae_dtype = torch.float32 if upcast else dtype
+    if components.vae.dtype != vae_dtype:
+        components.vae.to(vae_dtype)
     return components

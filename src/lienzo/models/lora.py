@@ -30,6 +30,7 @@ from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.registry import LORA_SHORT_HASH, lora_hash
+from lienzo.models.speed import offload_suspended
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,20 @@ def _load(components: Components, path: Path) -> _Loaded:
     previous = loaded.get(key)
     if previous is not None and previous.stamp == stamp:
         return previous
-    if previous is not None:
-        _forget(components, previous.adapter)
-        del loaded[key]
-    # "lora_" in the name: transformers' load_adapter tells adapter weights from base weights by whether
-    # their names contain the adapter's name, so a short name such as "a" would match every weight.
-    used = {entry.adapter for entry in loaded.values()}
-    adapter = next(f"lora_{n}" for n in itertools.count() if f"lora_{n}" not in used)
-    state_dict, network_alphas, metadata = _read(path, components)
-    parts = _inject(components, path, state_dict, network_alphas, metadata, adapter)
+    # Low-VRAM offload keeps weights off the modules; adapters are added to the whole modules.
+    with offload_suspended(components):
+        if previous is not None:
+            _forget(components, previous.adapter)
+            del loaded[key]
+        # "lora_" in the name: transformers' load_adapter tells adapter weights from base weights by whether
+        # their names contain the adapter's name, so a short name such as "a" would match every weight.
+        used = {entry.adapter for entry in loaded.values()}
+        adapter = next(f"lora_{n}" for n in itertools.count() if f"lora_{n}" not in used)
+        state_dict, network_alphas, metadata = _read(path, components)
+        parts = _inject(components, path, state_dict, network_alphas, metadata, adapter)
+        if not parts:
+            _forget(components, adapter)
     if not parts:
-        _forget(components, adapter)
         raise ModelFileError(
             f"lora: none of the layers in {path.name} exist in this {components.family} model; "
             "is it a LoRA for another model family?"
