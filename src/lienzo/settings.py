@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     # Speed and memory (README "Speed"); every switch can be compared on its own.
     threads: int | None = Field(None, ge=1)  # CPU threads; unset: torch's default (one per physical core)
-    channels_last: bool | None = None  # NHWC memory layout for the U-Net and VAE; unset: on for CUDA only
+    channels_last: bool | None = None  # NHWC memory layout for the U-Net and VAE; unset: on for CUDA and the CPU
     compile: bool = False  # torch.compile the U-Net and VAE decoder (slow first image, cached in cache_dir)
     vae_tiling: VaeTiling = "auto"
     low_vram: bool = False  # VAE tiling and, on CUDA, CPU offload of the U-Net and text encoders

@@ -29,14 +29,17 @@ _USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 # The parts low_vram offloads to CPU memory, and where components.extra keeps their weights meanwhile.
 _OFFLOADED_PARTS = ("unet", "text_encoder", "text_encoder_2")
 _OFFLOAD_STATE = "offload_state"
+# Where NHWC is the default layout: CUDA's convolutions prefer it, and on the CPU oneDNN's do too
+# (SD 1.5 on a 2-core AVX2 EPYC: 1.10x at 256 and 1.11x at 512, 80 dB from NCHW; benchmarks/RESULTS.md).
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
 class SpeedOptions:
     """How to run loaded components; the defaults are what lienzo does when nothing is asked.
 
-    ``channels_last``: NHWC memory layout for the U-Net and VAE (None: on CUDA, where convolutions
-    prefer it, off elsewhere). ``compile``: ``torch.compile`` the U-Net and the VAE decoder (mode
+    ``channels_last``: NHWC memory layout for the U-Net and VAE (None: on CUDA and the CPU,
+    see ``CHANNELS_LAST_DEVICES``; off elsewhere). ``compile``: ``torch.compile`` the U-Net and the VAE decoder (mode
     default, ``fullgraph=False``); the first image pays the compilation, which inductor caches on disk
     in ``compile_cache``. ``vae_tiling``: ``auto`` (images above 1024 x 1024), ``on`` or ``off``.
     ``low_vram``: VAE tiling and batch slicing, sliced attention where it saves memory (see below), and
@@ -84,7 +87,7 @@ def apply_speed(components: Components, options: SpeedOptions, device: torch.dev
     components.vae_tiling = tiling
     components.vae.use_tiling = tiling == "on"  # encodes follow the VAE's own flag; decodes are decided per image
 
-    channels_last = device.type == "cuda" if options.channels_last is None else options.channels_last
+    channels_last = device.type in CHANNELS_LAST_DEVICES if options.channels_last is None else options.channels_last
     if channels_last:
         for module in (components.unet, components.vae):
             module.to(memory_format=torch.channels_last)
