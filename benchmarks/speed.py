@@ -10,14 +10,17 @@ and seed, alternating runs after one warm-up each. It prints, per size:
 - peak memory added during a run (CPU: resident set sampled every 5 ms; GPU: torch's peak allocation);
 - the speed-up over diffusers (its median s/image over the row's);
 - agreement with the fp32 reference (diffusers in fp32 on the CPU, lienzo in fp32 on a GPU): PSNR in
-  dB over 8-bit pixels and the largest absolute pixel difference (0-255).
+  dB over 8-bit pixels and the largest absolute pixel difference (0-255);
+- under each table, the FLOP floor: one CFG step's floating-point operations (torch's FLOP counter over
+  the U-Net at batch 2) divided by the rate of a large matmul in the baseline's dtype on this device,
+  and the share of that floor each row's steps reach (floor s/step x it/s).
 
 Weights are random: speed does not depend on their values, and PSNR compares the same computation in
 other number formats. A compiled row also reports the first run (compilation included) on its own.
 
     python benchmarks/speed.py                          # CPU: 256 and 512, 4 steps
     python benchmarks/speed.py --sizes 512 --steps 20   # GPU: SD 1.5 at 512 and SDXL at 1024
-    python benchmarks/speed.py --compile --channels-last
+    python benchmarks/speed.py --compile --int8
     python benchmarks/speed.py --model MODEL --sizes 128 --fast-png fast.png   # judge --fast on a real model
 """
 
@@ -224,6 +227,45 @@ def table(rows: list[Row], reference: np.ndarray, baseline: Row) -> str:
     return "\n".join(lines)
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` on ``device``, median of 5: what dense layers can reach here."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(6):
+        _sync(device)
+        started = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def step_flops(components: Components, size: int, device: torch.device) -> float:
+    """Floating-point operations of one CFG step: the U-Net once at batch 2 (convolutions, matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = components.unet
+    latents = torch.zeros(2, unet.config.in_channels, size // 8, size // 8, device=device, dtype=unet.dtype)
+    context = torch.zeros(2, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    extra = {}
+    if components.family == "sdxl":
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(2, 1280, device=device, dtype=unet.dtype), "time_ids": torch.zeros(2, 6, device=device, dtype=unet.dtype),
+        }
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, torch.tensor([500, 500], device=device), encoder_hidden_states=context, **extra)
+    return float(counter.get_total_flops())
+
+
+def floor_line(rows: list[Row], flops: float, rate: float, dtype: torch.dtype) -> str:
+    floor = flops / rate
+    shares = ", ".join(f"{row.name} {100 * floor * statistics.median(row.rates):.0f}%" for row in rows if row.rates)
+    return (
+        f"FLOP floor: one CFG step is {flops / 1e12:.2f} TFLOP; a {str(dtype).removeprefix('torch.')} matmul runs at "
+        f"{rate / 1e9:.0f} GFLOP/s here, so a step takes at least {floor:.2f} s. Share of it reached: {shares}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", help="image sides (default: 256 512 on a CPU, 512 on a GPU)")
@@ -231,7 +273,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sampler", default="Euler")
     parser.add_argument("--compile", action="store_true", help="add a row with torch.compile (the first run compiles)")
-    parser.add_argument("--channels-last", action="store_true", help="add a row with the channels_last layout")
+    parser.add_argument("--nchw", action="store_true", help="add a row without the channels_last layout (on by default)")
+    parser.add_argument("--int8", action="store_true", help="add rows with int8 linear layers, alone and with --fast (CPU)")
     parser.add_argument("--sdxl", action="store_true", help="also SDXL at 1024 (default on a GPU with 16 GB or more)")
     parser.add_argument("--fast-png", help="write the normal and fast images side by side to this PNG")
     parser.add_argument("--model", help="a real checkpoint instead of random SD 1.5 weights (for --fast-png)")
@@ -264,10 +307,12 @@ def main() -> None:
         baseline_model = copy.deepcopy(fp32).to(device, base_dtype) if base_dtype != torch.float32 else fp32
         default_model = apply_speed(copy.deepcopy(fp32).to(device, auto), SpeedOptions(), device)
         variants = {}
-        if args.channels_last:
-            variants["channels_last"] = apply_speed(copy.deepcopy(fp32).to(device, auto), SpeedOptions(channels_last=True), device)
+        if args.nchw:
+            variants["--no-channels-last"] = apply_speed(copy.deepcopy(fp32).to(device, auto), SpeedOptions(channels_last=False), device)
         if args.compile:
             variants["compile"] = apply_speed(copy.deepcopy(fp32).to(device, auto), SpeedOptions(compile=True), device)
+        if args.int8:
+            variants["--int8"] = apply_speed(copy.deepcopy(fp32).to(device, auto), SpeedOptions(int8=True), device)
         fp32.to(device)
         for size in model_sizes:
             request = build_request(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler=sampler.name, schedule="Uniform", seed=1, width=size, height=size)
@@ -276,11 +321,15 @@ def main() -> None:
             fast = lienzo_row("lienzo --fast", default_model, device, request.model_copy(update={"fast": True}), note="DeepCache 3")
             rows = [baseline] + ([lienzo_row("lienzo (float32)", fp32, device, request)] if gpu else []) + [normal, fast]
             rows += [lienzo_row(f"lienzo {name}", model, device, request) for name, model in variants.items()]
+            if "--int8" in variants:
+                rows.append(lienzo_row("lienzo --int8 --fast", variants["--int8"], device, request.model_copy(update={"fast": True})))
             measure(rows, args.repeats, device)
             # The fp32 reference: diffusers' own run on the CPU; on a GPU, one more diffusers run in fp32.
             reference = baseline.pixels if not gpu else diffusers_row("fp32", fp32, device, size, steps, sampler).run()[0]
             print(f"## {fp32.name}, {size}x{size}\n")
             print(table(rows, reference, baseline))
+            print()
+            print(floor_line(rows, step_flops(fp32, size, device), matmul_rate(device, base_dtype, 8192 if gpu else 2048), base_dtype))
             print()
             if args.fast_png:
                 side = np.concatenate([normal.pixels, fast.pixels], axis=1)

@@ -304,12 +304,51 @@ def test_threads():
         configure_threads(0)
 
 
+# --- int8 ----------------------------------------------------------------------------------------
+
+
+def test_int8_quantizes_the_unets_linear_layers_and_stays_close(reference):
+    components = apply_speed(build_tiny("sd1"), SpeedOptions(int8=True), "cpu")
+    quantized = [m for m in components.unet.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized and not any(type(m) is torch.nn.Linear for m in components.unet.modules())
+    assert all(type(m) is torch.nn.Linear for m in components.text_encoder.modules() if isinstance(m, torch.nn.Linear))
+    assert components.extra[speed.INT8] is True
+    image = engine.generate(components, build_request(**FAST)).images[0]
+    pixels = image.pixels
+    assert "Int8: U-Net linear layers" in image.infotext
+    assert not np.array_equal(pixels, reference)  # the layers really compute in int8
+    assert _psnr(pixels, reference) > 30
+    assert np.isfinite(_pixels(components, fast=True)).all()
+
+
+def test_int8_is_left_off_where_it_cannot_run(caplog):
+    components = build_tiny("sd1").to("cpu", torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="lienzo.models.speed"):
+        apply_speed(components, SpeedOptions(int8=True), "cpu")
+    assert "int8: only float32 models on the CPU are quantized" in caplog.text
+    assert speed.INT8 not in components.extra
+    assert any(type(m) is torch.nn.Linear for m in components.unet.modules())
+
+
+def test_lora_on_an_int8_model_is_refused(tmp_path):
+    from lienzo.models.lora import apply_loras
+    from test_lora import SD1_LAYERS, _write_kohya
+
+    path = tmp_path / "style.safetensors"
+    components = build_tiny("sd1")
+    _write_kohya(path, components, SD1_LAYERS)
+    apply_speed(components, SpeedOptions(int8=True), "cpu")
+    with pytest.raises(LienzoError, match="lora: style.safetensors cannot be added to a model whose linear layers are int8"):
+        apply_loras(components, [(path, "style", 0.8)])
+
+
 # --- settings and front doors ------------------------------------------------------------------
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
     env = {"THREADS": "3", "CHANNELS_LAST": "true", "COMPILE": "1", "VAE_TILING": "on", "LOW_VRAM": "yes", "VAE_DTYPE": "float32"}
     env["ATTENTION_SLICING"] = "false"
+    env["INT8"] = "1"
     for name, value in env.items():
         monkeypatch.setenv(f"LIENZO_{name}", value)
     settings = Settings(data_dir=tmp_path)
@@ -318,7 +357,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     options = SpeedOptions.from_settings(settings, low_vram=False, channels_last=None)
     cache = tmp_path / "cache" / "torch-compile"
     assert options == SpeedOptions(
-        channels_last=True, compile=True, vae_tiling="on", low_vram=False, attention_slicing=False, compile_cache=cache
+        channels_last=True, compile=True, vae_tiling="on", low_vram=False, attention_slicing=False, compile_cache=cache, int8=True
     )
     monkeypatch.setenv("LIENZO_VAE_TILING", "sometimes")
     with pytest.raises(ValueError, match="vae_tiling"):
@@ -337,7 +376,7 @@ def test_cli_speed_flags_reach_load_model(home, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lienzo.api, "load_model", spy)
     base = ["--models-dir", str(home / "models"), "--data-dir", str(tmp_path / "data"), "--outputs-dir", str(tmp_path / "out")]
-    flags = ["--low-vram", "--vae-tiling", "on", "--no-channels-last", "--threads", "1", "--vae-dtype", "float32", "--attention-slicing"]
+    flags = ["--low-vram", "--vae-tiling", "on", "--no-channels-last", "--threads", "1", "--vae-dtype", "float32", "--attention-slicing", "--int8"]
     threads = torch.get_num_threads()
     try:
         args = [*base, "generate", "a fox", "--steps", "2", "-W", "64", "-H", "64", *flags]
@@ -347,5 +386,5 @@ def test_cli_speed_flags_reach_load_model(home, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert Image.open(result.stdout.strip()).size == (64, 64)
     want = {"low_vram": True, "vae_tiling": "on", "channels_last": False, "threads": 1, "vae_dtype": "float32", "compile": None}
-    want["attention_slicing"] = True
+    want["attention_slicing"] = want["int8"] = True
     assert {k: seen[k] for k in want} == want

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1)  # CPU threads; unset: torch's default (one per physical core)
     channels_last: bool | None = None  # NHWC memory layout for the U-Net and VAE; unset: on for CUDA and the CPU
     compile: bool = False  # torch.compile the U-Net and VAE decoder (slow first image, cached in cache_dir)
+    int8: bool = False  # CPU: the U-Net's linear layers in int8 (faster, agrees less with fp32)
     vae_tiling: VaeTiling = "auto"
     low_vram: bool = False  # VAE tiling and, on CUDA, CPU offload of the U-Net and text encoders
     attention_slicing: bool | None = None  # unset: with low_vram where fused attention is missing (not CPU/CUDA)

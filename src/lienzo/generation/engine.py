@@ -28,6 +28,7 @@ from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve
 from lienzo.generation.vae_decode import decode_latents
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
+from lienzo.models.speed import INT8
 from lienzo.safety import SafetyFilter, Screened, screen
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,8 @@ def _parameters(
         params["Lora hashes"] = ", ".join(hashes)
     if req.fast:
         params["Fast"] = fast_label()
+    if components.extra.get(INT8):  # a load-time switch, so only a record: --from does not turn it on
+        params["Int8"] = "U-Net linear layers"
     if safety:
         params["Safety filter"] = safety
     params["Version"] = f"lienzo {__version__}"

@@ -25,12 +25,12 @@ from diffusers.loaders.lora_base import (
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from lienzo.errors import ModelFileError
+from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.registry import LORA_SHORT_HASH, lora_hash
-from lienzo.models.speed import offload_suspended
+from lienzo.models.speed import INT8, offload_suspended
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def _load(components: Components, path: Path) -> _Loaded:
     """The adapter holding ``path``, reading the file into every part it fits unless already done."""
     if not path.is_file():
         raise ModelFileError(f"lora: {path}: no such file")
+    if components.extra.get(INT8):
+        raise LienzoError(f"lora: {path.name} cannot be added to a model whose linear layers are int8; load it without int8")
     key = str(path.resolve())
     stat = path.stat()
     stamp = (stat.st_size, stat.st_mtime_ns)

@@ -1,10 +1,12 @@
-"""Speed and memory switches for loaded components: memory layout, torch.compile, VAE tiling, attention
-slicing and the low-VRAM mode (VAE tiling and slicing, CPU offload).
+"""Speed and memory switches for loaded components: memory layout, torch.compile, int8 linear layers on
+the CPU, VAE tiling, attention slicing and the low-VRAM mode (VAE tiling and slicing, CPU offload).
 
 Each switch is a field of :class:`SpeedOptions`, applied by :func:`apply_speed` after the components
 are on their device, so a benchmark can turn them on one at a time. None of them changes what an image
 means: sliced attention and offload compute the same numbers, channels_last and compiled kernels the
 same up to float rounding, and tiles differ from a whole decode only where their seams are blended.
+``int8`` is the exception, and is off unless asked: it trades agreement with fp32 (about 40 dB PSNR on
+SD 1.5's architecture, benchmarks/RESULTS.md) for speed.
 The dtype (bf16 on CPUs that compute it natively) and the threads are chosen at load time
 (:mod:`lienzo.devices`); the NaN-safe, tiled decode itself is :mod:`lienzo.generation.vae_decode`.
 """
@@ -12,6 +14,7 @@ The dtype (bf16 on CPUs that compute it natively) and the threads are chosen at 
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ _USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 # The parts low_vram offloads to CPU memory, and where components.extra keeps their weights meanwhile.
 _OFFLOADED_PARTS = ("unet", "text_encoder", "text_encoder_2")
 _OFFLOAD_STATE = "offload_state"
+INT8 = "int8"  # components.extra key: the U-Net's linear layers are quantized
 # Where NHWC is the default layout: CUDA's convolutions prefer it, and on the CPU oneDNN's do too
 # (SD 1.5 on a 2-core AVX2 EPYC: 1.10x at 256 and 1.11x at 512, 80 dB from NCHW; benchmarks/RESULTS.md).
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
@@ -49,7 +53,8 @@ class SpeedOptions:
     (``scaled_dot_product_attention``) runs, it needs far less memory than sliced attention and is
     faster, so slicing would cost there what it means to save. ``compile_mode`` is torch.compile's mode
     (None: its default; ``reduce-overhead`` adds CUDA graphs), ``compile_backend`` its backend (tests use
-    ``eager`` and ``aot_eager``, which generate no code).
+    ``eager`` and ``aot_eager``, which generate no code). ``int8``: on the CPU, the U-Net's linear layers
+    (attention projections and feed-forwards) compute in int8 (:func:`quantize_int8`); ignored elsewhere.
     """
 
     channels_last: bool | None = None
@@ -60,6 +65,7 @@ class SpeedOptions:
     compile_cache: Path | None = None
     compile_mode: str | None = None
     compile_backend: str = "inductor"
+    int8: bool = False
 
     def __post_init__(self):
         if self.vae_tiling not in TILING_CHOICES:
@@ -75,6 +81,7 @@ class SpeedOptions:
             low_vram=settings.low_vram,
             attention_slicing=settings.attention_slicing,
             compile_cache=settings.cache_dir / "torch-compile",
+            int8=settings.int8,
         )
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
@@ -105,6 +112,9 @@ def apply_speed(components: Components, options: SpeedOptions, device: torch.dev
             enable_sequential_offload(components, device)
             offloaded = True
 
+    if options.int8:
+        quantize_int8(components, device)
+
     if options.compile:
         set_compile_cache(options.compile_cache)
         if offloaded:
@@ -114,6 +124,28 @@ def apply_speed(components: Components, options: SpeedOptions, device: torch.dev
             compile_module(components, "unet", components.unet, options.compile_backend, options.compile_mode)
         compile_module(components, "vae decoder", components.vae.decoder, options.compile_backend, options.compile_mode)
     return components
+
+
+def quantize_int8(components: Components, device: torch.device) -> None:
+    """Dynamic int8 quantization of the U-Net's ``nn.Linear`` layers, in place (PyTorch's fbgemm kernels).
+
+    Weights become int8 with one scale per output channel; each call quantizes its input with a scale
+    from that input's own range, multiplies in int8 and returns float32. Convolutions, attention itself,
+    the text encoders and the VAE stay in float. Where it pays: a CPU without native bf16, where the
+    fp32 matmuls of the transformer blocks are a large part of a step (SD 1.5, one CFG step on a 2-core
+    AVX2 EPYC: 1.6x at 256x256, 1.2x at 512x512 where attention itself weighs more). Only float32
+    weights on the CPU are quantized; elsewhere the switch is logged and left off. Marked in
+    ``components.extra["int8"]``, which LoRA loading checks: adapters cannot wrap quantized layers.
+    """
+    if device.type != "cpu" or components.unet.dtype != torch.float32:
+        log.warning("int8: only float32 models on the CPU are quantized; this one is %s on %s", components.unet.dtype, device)
+        return
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # the eager API's notice that torchao will replace it, once per call
+        warnings.simplefilter("ignore")
+        quantize_dynamic(components.unet, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    components.extra[INT8] = True
 
 
 def enable_attention_slicing(unet: torch.nn.Module) -> None:
