@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import lienzo.api
 from lienzo import devices
@@ -388,3 +388,29 @@ def test_cli_speed_flags_reach_load_model(home, tmp_path, monkeypatch):
     want = {"low_vram": True, "vae_tiling": "on", "channels_last": False, "threads": 1, "vae_dtype": "float32", "compile": None}
     want["attention_slicing"] = want["int8"] = True
     assert {k: seen[k] for k in want} == want
+
+
+# --- start-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["info", "IMAGE"]])
+def test_cli_help_and_info_do_not_import_torch(args, tmp_path):
+    """`lienzo --help` and `lienzo info` answer without loading torch, diffusers or transformers."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "made.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64")
+    Image.new("RGB", (64, 64)).save(image, pnginfo=info)
+    args = [str(image) if a == "IMAGE" else a for a in args]
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom lienzo.cli import app\n"
+        f"result = CliRunner().invoke(app, {args!r})\n"
+        "print(result.exit_code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+        "print(result.output)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, _, output = done.stdout.partition("\n")
+    assert first == "0 []", done.stdout + done.stderr
+    assert ("Seed: 3" in output) if args[0] == "info" else ("Usage: " in output)
