@@ -133,7 +133,7 @@ def quantize_int8(components: Components, device: torch.device) -> None:
     from that input's own range, multiplies in int8 and returns float32. Convolutions, attention itself,
     the text encoders and the VAE stay in float. Where it pays: a CPU without native bf16, where the
     fp32 matmuls of the transformer blocks are a large part of a step (SD 1.5, one CFG step on a 2-core
-    AVX2 EPYC: 1.6x at 256x256, 1.2x at 512x512 where attention itself weighs more). Only float32
+    AVX2 EPYC: 1.5-1.6x at 256x256, 1.2x at 512x512 where attention itself weighs more). Only float32
     weights on the CPU are quantized; elsewhere the switch is logged and left off. Marked in
     ``components.extra["int8"]``, which LoRA loading checks: adapters cannot wrap quantized layers.
     """
