@@ -35,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 def components_for(name: str):
     if name == "sd15":
         sys.path.insert(0, str(HERE))
-        from generate import sd15_components
+        from speed import sd15
 
-        return sd15_components()
+        return sd15()
     sys.path.insert(0, str(HERE.parent / "tests"))
     from tiny_models import build_tiny
 

@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _hide_shipped_model(request, monkeypatch, tmp_path_factory):
+    """Tests choose their own tiny models: the shipped lienzo-mini stays out of the default-model
+    choice unless a test is marked ``shipped`` (subprocesses get ``LIENZO_DEFAULT_MODEL`` instead)."""
+    if "shipped" in request.keywords:
+        return
+    from lienzo.models import registry
+
+    monkeypatch.setattr(registry, "EMBEDDED", tmp_path_factory.getbasetemp() / "no-shipped-model")
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A models dir holding one tiny SD 1.x checkpoint (``tiny-sd15``); modules may define their own."""

@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a single-file checkpoint in, PNGs with parameters out, clear errors."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def test_ctrl_c_stops_between_steps_and_leaves_no_partial_file(home, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "lienzo.cli", "--models-dir", str(home / "models"), "--data-dir", str(home / "data")]
     args += ["generate", "a fox", "--out", str(out), "--batch-count", "2", "--steps", "60", "--width", "64", "--height", "64"]
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    env = {**os.environ, "LIENZO_DEFAULT_MODEL": "tiny-sd15"}  # not the shipped model
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         first = proc.stdout.readline().strip()  # the first batch is saved before the signal is sent
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)

@@ -44,21 +44,22 @@ def test_memorisation_flags_a_copy_and_passes_a_fresh_image():
 
 
 def test_eval_on_a_prepared_openmoji_folder(tmp_path):
-    """End to end on a tiny package and a tiny model: three rows, numbers in range, a JSON report."""
+    """End to end on a tiny package and a tiny model folder: three rows, numbers in range, a JSON report,
+    and the table written into the model card in place of an older one."""
     import json
 
     from click.testing import CliRunner
     from test_openmoji import _package
 
     from lienzo.cli import app
-    from lienzo.models.single_file import save_single_file
     from lienzo.training.openmoji import prepare_openmoji
-    from tiny_models import build_tiny
+    from tiny_models import build_tiny, save_diffusers_folder
 
     prepare_openmoji(_package(tmp_path / "om.tgz"), tmp_path / "om", size=64, holdout=0.25)
-    save_single_file(build_tiny("sd1"), tmp_path / "tiny.safetensors")
-    args = ["--data-dir", str(tmp_path / "home"), "eval", "-m", str(tmp_path / "tiny.safetensors"), "--data", str(tmp_path / "om"),
-            "--steps", "2", "--classifier-epochs", "2", "--json", str(tmp_path / "report.json")]
+    model = save_diffusers_folder(build_tiny("sd1"), tmp_path / "tiny")
+    (model / "README.md").write_text("# tiny\n\n## Data\n\nsome emoji\n\n## Evaluation\n\nan old table\n\n## Known limits\n\nmany\n")
+    args = ["--data-dir", str(tmp_path / "home"), "eval", "-m", str(model), "--data", str(tmp_path / "om"),
+            "--steps", "2", "--classifier-epochs", "2", "--json", str(tmp_path / "report.json"), "--card"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
@@ -67,3 +68,20 @@ def test_eval_on_a_prepared_openmoji_folder(tmp_path):
     for r in report["rows"]:
         assert r["frechet"] >= 0 and 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["memorised"] <= 1
     assert "Fréchet distance" in result.output and "closest:" in result.output
+    card = (model / "README.md").read_text()
+    assert "an old table" not in card and card.count("## Evaluation") == 1
+    assert f"| floor (held-out vs training) | {report['rows'][1]['frechet']:.2f} |" in card and "--steps 2 --cfg 5.0" in card
+    assert card.index("## Data") < card.index("## Evaluation") < card.index("## Known limits") and card.endswith("many\n")
+
+
+def test_card_sections_are_replaced_added_and_kept():
+    from lienzo.training.artifacts import keep_sections, sections, set_section
+
+    card = "# m\n\n## Data\n\nimages\n\n## Recipe\n\n```toml\nseed = 0\n```\n"
+    assert sections(card) == {"Data": "images", "Recipe": "```toml\nseed = 0\n```"}
+    assert sections(set_section(card, "Data", "other")) == {"Data": "other", "Recipe": "```toml\nseed = 0\n```"}
+    added = set_section(card, "Evaluation", "| a |")
+    assert added.startswith(card.rstrip()) and sections(added)["Evaluation"] == "| a |"
+    # the trainer writes its card again: what it does not write survives, what it writes is its own
+    rewritten = keep_sections(card.replace("images", "more images"), added)
+    assert sections(rewritten) == {"Data": "more images", "Recipe": "```toml\nseed = 0\n```", "Evaluation": "| a |"}

@@ -81,13 +81,7 @@ def test_registry_lists_resolves_and_caches(tmp_path):
     assert (tmp_path / "cache" / "models.json").is_file()
 
 
-@pytest.fixture
-def no_embedded(monkeypatch, tmp_path):
-    """An install without the shipped model, so the models dir decides the default."""
-    monkeypatch.setattr(registry_module, "EMBEDDED", tmp_path / "not-shipped")
-
-
-def test_load_model_by_name_sets_name_and_hash(tmp_path, no_embedded):
+def test_load_model_by_name_sets_name_and_hash(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models")
     save_single_file(build_tiny("sd1"), tmp_path / "models" / "apple.safetensors")
     components = load_model("apple", settings=settings, device="cpu")
@@ -95,7 +89,7 @@ def test_load_model_by_name_sets_name_and_hash(tmp_path, no_embedded):
     assert load_model(settings=settings, device="cpu").short_hash == components.short_hash
 
 
-def test_no_model_anywhere_is_a_clear_error(tmp_path, no_embedded):
+def test_no_model_anywhere_is_a_clear_error(tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ModelFileError, match="no model given and none found"):
         load_model(settings=settings, device="cpu")

@@ -48,7 +48,7 @@ def _art(root: Path) -> Path:
     whole = (root / "cats" / "0.png").read_bytes()
     (root / "cut.png").write_bytes(whole[: len(whole) // 2])
     (root / "notes.pdf").write_bytes(b"%PDF-1.4")
-    (root / "LICENSE").write_text("CC0 1.0\n")
+    (root / "LICENSE").write_text("CC0 1.0\nPhotos by the lienzo test suite.\n")
     return root
 
 
@@ -142,7 +142,8 @@ def test_run_leaves_model_card_samples_logs_and_checkpoints(straight, art):
     assert len(manifest["images"]) == 10 and {p["path"] for p in manifest["problems"]} == {"broken.png", "cut.png", "notes.pdf"}
     card = (straight / "README.md").read_text()
     assert "Images: 10 (10 with captions); labels: cats (5), dogs (5)" in card
-    assert "Licence: CC0 1.0" in card and "Steps: vae: 3, unet: 3" in card and "[unet]" in card
+    assert "Licence: CC0 1.0" in card and "Notice: Photos by the lienzo test suite." in card
+    assert "Steps: vae: 3, unet: 3" in card and "[unet]" in card
 
 
 def test_result_loads_like_any_model_and_generates(straight):

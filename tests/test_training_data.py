@@ -126,7 +126,7 @@ def test_manifest_round_trip_and_stable_bytes(folder, tmp_path):
     assert without_created(first) == without_created(second)
     assert manifest_summary(manifest, digest) == {
         "images": 7, "captioned": 2, "labels": {"cats": 2, "dogs": 3}, "licence": "CC BY-SA 4.0", "licence_file": "LICENSE.md",
-        "source": None, "sha256": digest, "problems": 4, "duplicates": 1,
+        "source": None, "notice": "full text follows", "sha256": digest, "problems": 4, "duplicates": 1,
     }
 
 

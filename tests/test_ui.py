@@ -22,7 +22,7 @@ TIMEOUT = 60_000  # ms: a tiny model on a busy 2-core CPU
 
 @pytest.fixture(scope="module")
 def server(home):
-    with lienzo_server(home, env={"LIENZO_PREVIEW_EVERY": "1"}) as url:
+    with lienzo_server(home, env={"LIENZO_PREVIEW_EVERY": "1", "LIENZO_DEFAULT_MODEL": "tiny-sd15"}) as url:
         yield url
 
 

@@ -687,16 +687,22 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
 @click.option("--classifier-epochs", type=int, default=8, show_default=True)
 @click.option("--threshold", type=float, default=0.01, show_default=True, help="cosine distance below which an image counts as a copy")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="also write the report as JSON")
+@click.option("--card", is_flag=True, help="write the report into the model folder's card (README.md), as its Evaluation section")
 @click.pass_context
-def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, json_out):
+def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, json_out, card):
     """Fréchet distance, prompt accuracy and memorisation on OpenMoji's held-out split."""
     import json
     from dataclasses import asdict
 
+    from lienzo import __version__
     from lienzo.api import load_model
+    from lienzo.training.artifacts import set_section
     from lienzo.training.evaluate import evaluate_openmoji, untrained_like
 
     components = load_model(model, device="cpu", settings=_settings(ctx))
+    card_path = Path(components.source) / "README.md"
+    if card and not card_path.is_file():
+        raise click.BadParameter(f"{card_path} does not exist; --card needs a model folder with a model card", param_hint="--card")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -718,6 +724,10 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
         err_console.print(f"[yellow]warning: {report.rows[0].memorised:.1%} of the generated images copy training images: {escape(copied)}")
     if json_out is not None:
         json_out.write_text(json.dumps(asdict(report), indent=1))
+    if card:
+        how = f"`lienzo eval --data {data.name}{f' --limit {limit}' if limit else ''} --steps {steps} --cfg {cfg}`, lienzo {__version__}"
+        card_path.write_text(set_section(card_path.read_text(), "Evaluation", report.markdown(how)))
+        click.echo(f"wrote the evaluation into {card_path}")
 
 
 @app.command()

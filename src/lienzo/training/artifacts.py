@@ -148,7 +148,7 @@ tags: [lienzo, text-to-image, stable-diffusion-architecture]
 - Images: {data.get('images', 0):,} ({data.get('captioned', 0):,} with captions); labels: {label_text}
 - Source: {data.get('source') or 'not stated'}
 - Licence: {licence}{f" (from {data['licence_file']})" if data.get('licence_file') else ''}
-- Skipped files: {data.get('problems', 0)}; exact duplicates dropped: {data.get('duplicates', 0)}
+{f"- Notice: {data['notice']}{chr(10)}" if data.get('notice') else ''}- Skipped files: {data.get('problems', 0)}; exact duplicates dropped: {data.get('duplicates', 0)}
 - Manifest: `dataset_manifest.json` (sha256 `{data.get('sha256', '')}`): path, sha256, size, caption, label of every image.
 
 The weights are derived from these images; their licence terms apply to the weights.
@@ -169,3 +169,36 @@ The weights are derived from these images; their licence terms apply to the weig
 {config_toml.strip()}
 ```
 """
+
+
+def sections(card: str) -> dict[str, str]:
+    """The ``## title`` sections of a markdown card, title to body."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in card.splitlines():
+        if line.startswith("## "):
+            current = found.setdefault(line[3:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {title: "\n".join(body).strip() for title, body in found.items()}
+
+
+def keep_sections(card: str, old: str) -> str:
+    """``card`` plus the sections of ``old`` it lacks: what was added by hand or by ``lienzo eval --card``
+    survives the trainer writing the card again."""
+    for title, body in sections(old).items():
+        if title not in sections(card):
+            card = set_section(card, title, body)
+    return card
+
+
+def set_section(card: str, title: str, body: str) -> str:
+    """``card`` (markdown) with its ``## title`` section replaced by ``body``, or added at the end."""
+    lines = card.splitlines()
+    heading = f"## {title}"
+    if heading not in lines:
+        return f"{card.rstrip()}\n\n{heading}\n\n{body.strip()}\n"
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    kept = "\n".join(lines[end:])
+    return "\n".join(lines[:start]) + f"\n{heading}\n\n{body.strip()}\n" + (f"\n{kept}\n" if kept else "")

@@ -35,6 +35,7 @@ MANIFEST_VERSION = 1
 
 _LICENCE_NAME = re.compile(r"(licen[cs]e|copying)(\.(txt|md))?", re.IGNORECASE)
 _LICENCE_MAX_CHARS = 200
+_NOTICE_MAX_CHARS = 1000
 # EXIF orientations 5 to 8 turn the picture a quarter: the stored width is the displayed height.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _MANIFEST_KEYS = ("root", "created", "source", "licence", "licence_file", "counts", "images", "problems", "duplicates")
@@ -255,6 +256,21 @@ def _first_line(path: Path) -> str | None:
     return next((line.strip()[:_LICENCE_MAX_CHARS] for line in text.splitlines() if line.strip()), None)
 
 
+def _licence_notice(manifest: dict) -> str | None:
+    """The licence file's text after the licence's name (the attribution CC BY asks to pass on), while
+    the data folder is still there to read it from."""
+    if not manifest["licence_file"]:
+        return None
+    try:
+        text = (Path(manifest["root"]) / manifest["licence_file"]).read_text(encoding="utf-8-sig", errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    notice = " ".join(lines[1:])
+    # A short notice is an attribution; a long one is the licence's full text, which the card names by file.
+    return notice if 0 < len(notice) <= _NOTICE_MAX_CHARS else None
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -345,6 +361,7 @@ def manifest_summary(manifest: dict, sha256: str) -> dict:
         "licence": manifest["licence"],
         "licence_file": manifest["licence_file"],
         "source": manifest["source"],
+        "notice": _licence_notice(manifest),
         "sha256": sha256,
         "problems": counts["problems"],
         "duplicates": counts["duplicates"],

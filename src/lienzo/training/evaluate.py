@@ -139,6 +139,18 @@ class EvalReport:
             lines.append(f"{r.name:30} {r.frechet:>17.2f} {r.prompt_accuracy:>16.1%} {r.memorised:>10.1%}")
         return "\n".join(lines)
 
+    def markdown(self, how: str) -> str:
+        """The report as a model card's section body; ``how`` says how it was made (command, settings)."""
+        lines = ["| | Fréchet distance | prompt accuracy | memorised |", "|---|---:|---:|---:|"]
+        lines += [f"| {r.name} | {r.frechet:.2f} | {r.prompt_accuracy:.1%} | {r.memorised:.1%} |" for r in self.rows]
+        lines += [
+            "", f"{how}. {self.images} held-out captions, one image each. Fréchet distance and prompt accuracy use the "
+            "penultimate features and subgroup predictions of a small classifier trained on the training split "
+            f"(its accuracy on the held-out real images: {self.classifier_accuracy:.1%}); memorised is the share of "
+            f"images whose nearest training image is within cosine distance {self.threshold} in those features.",
+        ]
+        return "\n".join(lines)
+
 
 def evaluate_openmoji(components, data, *, untrained=None, limit: int | None = None, steps: int = 20, cfg_scale: float = 5.0,
                       seed: int = 0, classifier_epochs: int = 8, threshold: float = 0.01, progress=None) -> EvalReport:

@@ -719,7 +719,10 @@ class Trainer:
         compute = artifacts.Compute(self.state.device or str(self.acc.device), self.acc.num_processes, self.precision, self.state.seconds, self.state.images_seen)
         base = Path(self.config.lora.base).name if self.config.lora is not None else None
         card = artifacts.model_card(name=self.out.name, config_toml=to_toml(self.config), data=summary, steps=steps, compute=compute, base=base, finished=finished)
-        (self.out / "README.md").write_text(card)
+        card_path = self.out / "README.md"
+        if card_path.is_file():
+            card = artifacts.keep_sections(card, card_path.read_text())
+        card_path.write_text(card)
         artifacts.plot_losses(self.log, self.training / "loss.png")
 
 
