@@ -66,7 +66,7 @@ def main() -> None:
     print(f"lienzo generate {args.prompt!r} --batch-size {args.batch_size} {' '.join(model + args.extra)}".rstrip())
     print(f"{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
           f"{args.runs} runs each, alternating · {pngs} PNGs written\n")
-    print(f"| command | median s | min s | max s |\n|---|---:|---:|---:|")
+    print("| command | median s | min s | max s |\n|---|---:|---:|---:|")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
     per_image = (statistics.median(times["generate"]) - statistics.median(times["load"])) / args.batch_size

@@ -1,5 +1,8 @@
 """Reading images and masks, atomic PNG writes and A1111-style output numbering."""
 
+import os
+import stat
+
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -160,6 +163,17 @@ def test_save_png_atomic_replaces_and_leaves_no_temp_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
     with Image.open(path) as saved:
         assert saved.getpixel((0, 0)) == (0, 0, 255)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX's")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_umask_permissions_like_any_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = save_png_atomic(Image.new("RGB", (8, 8), "red"), tmp_path / "out.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_next_image_path_numbering(tmp_path):

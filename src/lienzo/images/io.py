@@ -3,7 +3,7 @@
 import io
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -127,11 +127,13 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
 
     The bytes go to a hidden temporary file in the same folder, ``.<name>.<random>.tmp``
     (``os.replace`` is atomic only within one file system), are flushed to disk, then the file is
-    renamed over ``path``. Parent folders are created.
+    renamed over ``path``. Parent folders are created. The file gets the permissions of any new
+    file (0666 less the umask), not ``mkstemp``'s private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp_name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(handle, "wb") as temp:
             write(temp)

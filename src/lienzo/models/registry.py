@@ -7,12 +7,11 @@ file) are cached in ``<data dir>/cache/models.json``, keyed by path and invalida
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lienzo.errors import ModelFileError
+from lienzo.images.io import write_atomic
 from lienzo.models import formats
 
 log = logging.getLogger(__name__)
@@ -148,11 +147,7 @@ class Registry:
         return self._cache
 
     def _save_cache(self) -> None:
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._cache, f)
-        os.replace(tmp, self.cache_file)
+        write_atomic(self.cache_file, lambda file: file.write(json.dumps(self._cache).encode()))
 
     def candidates(self) -> list[Path]:
         """Weight files and diffusers folders under the models dir, in name order."""

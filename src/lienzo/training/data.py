@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from lienzo.errors import DatasetError
-from lienzo.images.io import load_image
+from lienzo.images.io import load_image, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -307,24 +306,12 @@ def write_manifest(scan: DatasetScan, path: Path, *, field: str = "manifest") ->
     """
     data = (json.dumps(_manifest(scan), indent=2, ensure_ascii=False) + "\n").encode()
     path = Path(path)
-    temp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException as err:
-        # BaseException: a Ctrl-C mid-write must not leave the temporary file behind either.
-        if temp_name is not None:
-            Path(temp_name).unlink(missing_ok=True)
-        if isinstance(err, (FileExistsError, NotADirectoryError)):
-            raise DatasetError(f"{field}: cannot write {path} (a folder on the way is a file)") from err
-        if isinstance(err, OSError):
-            raise DatasetError(f"{field}: cannot write {path} ({err.strerror or err})") from err
-        raise
+        write_atomic(path, lambda file: file.write(data))
+    except (FileExistsError, NotADirectoryError) as err:
+        raise DatasetError(f"{field}: cannot write {path} (a folder on the way is a file)") from err
+    except OSError as err:
+        raise DatasetError(f"{field}: cannot write {path} ({err.strerror or err})") from err
     return hashlib.sha256(data).hexdigest()
 
 

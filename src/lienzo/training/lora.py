@@ -8,7 +8,6 @@ for SDXL kohya writes sgm block names instead, but A1111, ComfyUI and diffusers 
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +15,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers import CLIPTextModel
+
+from lienzo.images.io import write_atomic
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -112,14 +113,4 @@ def save_kohya_lora(
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
 
     # 3. Write next to the target and rename, so a reader never sees half a file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda file: file.write(save(out, metadata=meta)))
