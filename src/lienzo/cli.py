@@ -696,6 +696,7 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
 
     from lienzo import __version__
     from lienzo.api import load_model
+    from lienzo.images.io import write_atomic
     from lienzo.training.artifacts import set_section
     from lienzo.training.evaluate import evaluate_openmoji, untrained_like
 
@@ -726,7 +727,8 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
         json_out.write_text(json.dumps(asdict(report), indent=1))
     if card:
         how = f"`lienzo eval --data {data.name}{f' --limit {limit}' if limit else ''} --steps {steps} --cfg {cfg}`, lienzo {__version__}"
-        card_path.write_text(set_section(card_path.read_text(), "Evaluation", report.markdown(how)))
+        text = set_section(card_path.read_text(), "Evaluation", report.markdown(how))
+        write_atomic(card_path, lambda file: file.write(text.encode()))
         click.echo(f"wrote the evaluation into {card_path}")
 
 
