@@ -12,7 +12,7 @@ from PIL import Image
 
 from lienzo.cli import app
 from lienzo.errors import DatasetError
-from lienzo.training.data import read_manifest
+from lienzo.training.data import read_manifest, scan_folder
 from lienzo.training.openmoji import Emoji, holdout_split, prepare_openmoji
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="{r}" fill="{fill}"/></svg>'
@@ -57,8 +57,10 @@ def test_prepare_rasterises_captions_splits_and_attributes(tmp_path):
     held = [e for e in index["images"] if e["split"] == "holdout"]
     assert sorted(e["subgroup"] for e in held) == ["face-smiling"] * 3 + ["fruit"] * 3
     assert (om / held[0]["path"]).is_file()
-    manifest = read_manifest(om / "train-manifest.json")
+    manifest = read_manifest(om / "train" / "lienzo-manifest.json")
     assert manifest["licence"] == "CC BY-SA 4.0" and "openmoji.org" in manifest["source"]
+    assert manifest["root"] == str(om / "train")
+    assert scan_folder(om / "train").source == manifest["source"]  # what the trainer will record
     assert len(manifest["images"]) == 17 and all(len(i["sha256"]) == 64 and i["caption"] for i in manifest["images"])
     assert "OpenMoji" in (om / "train" / "LICENSE").read_text()
     assert not (om / ".openmoji.tmp").exists()

@@ -1,8 +1,10 @@
 """The trainer on the tiny preset: it trains, checkpoints, resumes bit for bit, and its result generates."""
 
 import csv
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +176,22 @@ def test_stopped_and_resumed_run_equals_straight_run(straight, art, tmp_path):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
     rows = (out / "training" / "loss.csv").read_text().splitlines()
     assert rows == (straight / "training" / "loss.csv").read_text().splitlines() or len(rows) == 7
+
+
+def test_resume_records_a_source_added_since(straight, art, tmp_path):
+    """A finished run resumed after ``dataset check --source`` re-exports its card with the source."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(straight, out)
+    shutil.copytree(art, data)
+    assert "Source: not stated" in (out / "README.md").read_text()
+    CliRunner().invoke(app, ["dataset", "check", str(data), "--source", "scanned sketchbook, 2024"], catch_exceptions=False)
+    result = Trainer(build_config("tiny", overrides=QUICK), data=data, out=out, resume=True, device="cpu").run()
+    assert result.status == "finished"
+    manifest = out / "dataset_manifest.json"
+    assert json.loads(manifest.read_text())["source"] == "scanned sketchbook, 2024"
+    card = (out / "README.md").read_text()
+    assert "Source: scanned sketchbook, 2024" in card
+    assert hashlib.sha256(manifest.read_bytes()).hexdigest() in card  # the card names the manifest beside it
 
 
 def test_interrupt_saves_a_checkpoint(art, tmp_path):

@@ -220,6 +220,19 @@ def test_cli_check_reports_and_writes_manifest(folder):
     assert hashlib.sha256((folder / "lienzo-manifest.json").read_bytes()).hexdigest() in result.stdout
 
 
+def test_a_later_scan_keeps_what_the_folder_manifest_says(folder):
+    """``dataset check --source/--licence`` once, then every scan (the trainer's too) records them."""
+    (folder / "LICENSE.md").unlink()
+    assert _check(folder, "--source", "camera roll", "--licence", "CC0-1.0").exit_code == 0
+    scan = scan_folder(folder)
+    assert (scan.source, scan.licence, scan.licence_file) == ("camera roll", "CC0-1.0", None)
+    assert scan_folder(folder, source="my photos").source == "my photos"  # the caller's word still wins
+    (folder / "LICENSE").write_text("MIT License\n")
+    assert scan_folder(folder).licence == "MIT License"  # a licence file says more than an old manifest
+    (folder / "lienzo-manifest.json").write_text('{"format": "lienzo-dataset-manifest", "version": 99}')
+    assert scan_folder(folder).source is None  # an unreadable manifest is passed over, with a warning
+
+
 def test_cli_check_licence_override_and_manifest_path(folder, tmp_path):
     result = _check(folder, "--licence", "CC0-1.0", "--manifest", tmp_path / "out/m.json")
     assert result.exit_code == 0 and "licence: CC0-1.0" in result.stdout

@@ -116,9 +116,11 @@ def scan_folder(
 ) -> DatasetScan:
     """Decode every file under ``root`` and sort the usable images from the rest; never raises for a bad file.
 
-    ``licence`` and ``source`` are recorded as given; without ``licence``, the first line of a
-    LICENSE / LICENCE / COPYING file at the root is used. ``progress(done, total)`` is called
-    after each file. Of files with identical bytes only the first (by path) becomes a record.
+    ``licence`` and ``source`` are recorded as given; without them, what the folder says of itself:
+    the first line of a LICENSE / LICENCE / COPYING file at the root, and the licence and source in the
+    folder's own manifest (``lienzo dataset check --source``, ``lienzo dataset openmoji``).
+    ``progress(done, total)`` is called after each file. Of files with identical bytes only the first
+    (by path) becomes a record.
     """
     # 1. Check the folder
     root = Path(root)
@@ -147,10 +149,13 @@ def scan_folder(
             progress(done, len(candidates))
     duplicates = [paths for paths in paths_by_hash.values() if len(paths) > 1]
 
-    # 4. Licence: the caller's word wins over the folder's file
+    # 4. Licence and source: the caller's word, else the folder's licence file, else its own manifest
     licence_file = None
     if licence is None and licence_path is not None:
         licence, licence_file = _first_line(licence_path), licence_path.relative_to(root).as_posix()
+    recorded = _own_manifest(root)
+    licence = licence or recorded.get("licence")
+    source = source or recorded.get("source")
 
     scan = DatasetScan(root, records, problems, duplicates, licence, licence_file, source, len(candidates))
     log.info("scanned %s: %d images, %d problems, %d duplicates", root, len(records), len(problems), scan.duplicates_dropped)
@@ -197,6 +202,18 @@ def _is_manifest(path: Path) -> bool:
             return f'"{MANIFEST_FORMAT}"'.encode() in file.read(256)
     except OSError:
         return False
+
+
+def _own_manifest(root: Path) -> dict:
+    """The manifest ``lienzo dataset check`` left at the folder's root (its default name), or {}."""
+    path = root / MANIFEST_NAME
+    if not _is_manifest(path):
+        return {}
+    try:
+        return read_manifest(path)
+    except DatasetError as err:
+        log.warning("%s; its licence and source are not used", err)
+        return {}
 
 
 def _inspect(root: Path, path: Path, caption_path: Path | None) -> ImageRecord | Problem:

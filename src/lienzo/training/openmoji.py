@@ -4,9 +4,12 @@ Reads the npm package (``npm pack openmoji``) without unpacking it, rasterises e
 white with cairosvg, and writes the layout the trainer reads: ``OUT/train/<group>/<hexcode>.png`` with
 a same-name ``.txt`` caption, a held-out split in ``OUT/holdout/`` (about 5%, stratified by subgroup),
 a LICENSE file with the attribution, ``OUT/openmoji-index.json`` (hexcode, annotation, group,
-subgroup, author, split of every image) and a lienzo manifest for each split.
+subgroup, author, split of every image) and a lienzo manifest in each split's folder
+(``lienzo-manifest.json``: source, licence, sha256 and caption of every image), which the trainer
+reads the data's source from.
 """
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from lienzo.errors import DatasetError
-from lienzo.training.data import scan_folder, write_manifest
+from lienzo.training.data import MANIFEST_NAME, scan_folder, write_manifest
 
 LICENCE = "CC BY-SA 4.0"
 SOURCE = "OpenMoji (https://openmoji.org), the open-source emoji and icon project, npm package openmoji"
@@ -134,7 +137,8 @@ def prepare_openmoji(
     for split in ("train", "holdout"):
         (work / split / "LICENSE").write_text(f"{LICENCE}\n\n{ATTRIBUTION}\n")
         scan = scan_folder(work / split, licence=LICENCE, source=f"{SOURCE} {version}; {ATTRIBUTION}")
-        write_manifest(scan, work / f"{split}-manifest.json")
+        # In the folder, under the name the trainer reads its source from; its root is where it will be.
+        write_manifest(dataclasses.replace(scan, root=out / split), work / split / MANIFEST_NAME)
         counts[split] = len(scan.records)
     for entry in work.iterdir():
         os.replace(entry, out / entry.name)

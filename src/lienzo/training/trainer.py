@@ -15,6 +15,7 @@ with batch B/N see the same samples and noise as one process with batch B.
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -339,6 +340,10 @@ class Trainer:
             old = read_manifest(self.out / "dataset_manifest.json")
             if [r["sha256"] for r in old["images"]] != [r.sha256 for r in scan.records]:
                 raise TrainingError(f"resume: the images in {data} differ from the ones this run started with")
+            if (old["source"], old["licence"]) != (scan.source, scan.licence) and self.acc.is_main_process:
+                # The same images, better described since (a source or licence added): the record follows.
+                log.info("data: the source or licence changed since the run started; %s records the new one", self.out / "dataset_manifest.json")
+                write_manifest(scan, self.out / "dataset_manifest.json")
         elif self.acc.is_main_process:
             self.manifest_sha256 = write_manifest(scan, self.out / "dataset_manifest.json")
             (self.training / "config.toml").write_text(to_toml(self.config))
@@ -702,19 +707,22 @@ class Trainer:
     def _export(self, finished: bool) -> None:
         """The diffusers model folder (once a UNet has trained) and the model card."""
         trained_unet = "unet" in self.state.done or (self.state.stage == "unet" and self.state.step > 0)
+        # The hash of the manifest beside the model, which a resume may have rewritten (a source added).
+        manifest_bytes = (self.out / "dataset_manifest.json").read_bytes()
+        manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         if trained_unet and self.base is not None:
             lora = self.config.lora
             save_kohya_lora(
                 self.out / f"{lora.name}.safetensors", self.models["unet"], self.models["text_encoder"] if lora.text_encoder else None,
                 family=self.base.family, metadata={"ss_output_name": lora.name, "ss_steps": str(self.state.step),
-                "lienzo_base_model": Path(lora.base).name, "lienzo_dataset_manifest_sha256": self.state.manifest_sha256},
+                "lienzo_base_model": Path(lora.base).name, "lienzo_dataset_manifest_sha256": manifest_sha256},
             )
         elif trained_unet:
             components = self.components()
             if self.config.export_dtype == "float16":
                 components = Components(**{**components.__dict__, **{k: _half(v) for k, v in self.models.items()}})
             artifacts.export_diffusers(components, self.out)
-        summary = manifest_summary(read_manifest(self.out / "dataset_manifest.json"), self.state.manifest_sha256)
+        summary = manifest_summary(read_manifest(self.out / "dataset_manifest.json"), manifest_sha256)
         steps = self._steps_done()
         compute = artifacts.Compute(self.state.device or str(self.acc.device), self.acc.num_processes, self.precision, self.state.seconds, self.state.images_seen)
         base = Path(self.config.lora.base).name if self.config.lora is not None else None
