@@ -44,7 +44,7 @@ from lienzo.generation.engine import generate, native_size
 from lienzo.generation.request import build_request
 from lienzo.images.grid import image_grid
 from lienzo.training.memorisation import MemorisationCheck
-from lienzo.images.io import save_png_atomic
+from lienzo.images.io import save_png_atomic, write_atomic
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
 from lienzo.models.single_file import bundled_tokenizer
@@ -708,8 +708,8 @@ class Trainer:
         """The diffusers model folder (once a UNet has trained) and the model card."""
         trained_unet = "unet" in self.state.done or (self.state.stage == "unet" and self.state.step > 0)
         # The hash of the manifest beside the model, which a resume may have rewritten (a source added).
-        manifest_bytes = (self.out / "dataset_manifest.json").read_bytes()
-        manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+        manifest_path = self.out / "dataset_manifest.json"
+        manifest_sha256 = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
         if trained_unet and self.base is not None:
             lora = self.config.lora
             save_kohya_lora(
@@ -722,7 +722,7 @@ class Trainer:
             if self.config.export_dtype == "float16":
                 components = Components(**{**components.__dict__, **{k: _half(v) for k, v in self.models.items()}})
             artifacts.export_diffusers(components, self.out)
-        summary = manifest_summary(read_manifest(self.out / "dataset_manifest.json"), manifest_sha256)
+        summary = manifest_summary(read_manifest(manifest_path), manifest_sha256)
         steps = self._steps_done()
         compute = artifacts.Compute(self.state.device or str(self.acc.device), self.acc.num_processes, self.precision, self.state.seconds, self.state.images_seen)
         base = Path(self.config.lora.base).name if self.config.lora is not None else None
@@ -730,7 +730,8 @@ class Trainer:
         card_path = self.out / "README.md"
         if card_path.is_file():
             card = artifacts.keep_sections(card, card_path.read_text())
-        card_path.write_text(card)
+        # Atomic: the card holds sections written by hand (an evaluation, known limits) that a torn write would lose.
+        write_atomic(card_path, lambda file: file.write(card.encode()))
         artifacts.plot_losses(self.log, self.training / "loss.png")
 
 
