@@ -244,7 +244,7 @@ def test_png_info_reads_a_generated_image(client):
 
 def test_progress_skip_and_interrupt(client):
     """A 3-batch job: progress with a preview during batch 0, /skip drops batch 1, /interrupt stops
-    batch 2; the request answers 200 with batch 0's image."""
+    batch 2 mid-way; the request answers 200 with batch 0's image and batch 2's as it stood."""
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0  # idle
     slow = {**FAST, "steps": 20, "n_iter": 3, "cfg_scale": 1, "seed": 100}
 
@@ -267,13 +267,38 @@ def test_progress_skip_and_interrupt(client):
 
         progress_until(lambda p: p["state"]["job_no"] == 1)
         assert client.post("/sdapi/v1/skip").status_code == 200
-        progress_until(lambda p: p["state"]["job_no"] == 2)
+        progress_until(lambda p: p["state"]["job_no"] == 2 and p["state"]["sampling_step"] >= 2)
         assert client.post("/sdapi/v1/interrupt").json() == {}
         r = answer.result(timeout=120)
     assert r.status_code == 200, r.text
-    assert len(r.json()["images"]) == 1
-    assert json.loads(r.json()["info"])["all_seeds"] == [100]  # seed 101 skipped, 102 interrupted
+    assert len(r.json()["images"]) == 2
+    info = json.loads(r.json()["info"])
+    assert info["all_seeds"] == [100, 102]  # seed 101 skipped, 102 interrupted
+    assert "Interrupted" not in parse_infotext(info["infotexts"][0]).params
+    assert parse_infotext(info["infotexts"][1]).params["Interrupted"].endswith("of 20")
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0
+
+
+def test_interrupt_returns_the_image_in_progress(client):
+    """webuiapi reads result.image (images[0]): an interrupted one-image job must still have it, decoded
+    from the clean image its last step predicted, and the native API says the job was interrupted."""
+    slow = {**FAST, "steps": 40, "seed": 5}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.post, "/sdapi/v1/txt2img", json=slow)
+        deadline = time.monotonic() + 120
+        while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        client.post("/sdapi/v1/interrupt")
+        r = answer.result(timeout=120)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 1 and png_of(images[0]).size == (64, 64)
+    params = parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).params
+    step, _, total = params["Interrupted"].removeprefix("at step ").partition(" of ")
+    assert 3 <= int(step) < 40 and total == "40"
+    native = client.get("/api/v1/jobs", params={"status": "interrupted"}).json()
+    assert native and native[0]["images"] and native[0]["status"] == "interrupted"
 
 
 # -- errors ---------------------------------------------------------------------------------------

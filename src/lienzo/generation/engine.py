@@ -84,6 +84,7 @@ class GenerationResult:
     images: list[GeneratedImage]
     request: GenerationRequest
     seconds: float
+    interrupted: bool = False  # stopped early; the last image is the denoised estimate of its last step
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -182,13 +183,16 @@ def generate(
     cancel: CancelCheck | None = None,
     on_image: ImageCallback | None = None,
     skip: CancelCheck | None = None,
+    interrupt: CancelCheck | None = None,
 ) -> GenerationResult:
     """Run a request on loaded components (already on their device) and return the images.
 
     ``progress`` is called after every step, ``cancel`` before every step (return True to stop with
     GenerationCancelled), ``on_image`` as soon as each image is finished (so a caller can save it
     before a later batch is cancelled). ``skip``, also checked before every step, drops the batch
-    being denoised and goes on with the next one (A1111's "Skip"). With ``request.safety`` blur or
+    being denoised and goes on with the next one (A1111's "Skip"). ``interrupt``, checked there too,
+    ends the job as A1111's "Interrupt" does: the batch being denoised is finished from the clean
+    image its last step predicted, and later batches are not made. With ``request.safety`` blur or
     block, ``components.safety_filter`` checks every finished batch (None counts as off: the front
     doors choose the default).
     """
@@ -210,12 +214,17 @@ def generate(
     info_prompt = _infotext_prompt(request)
 
     images: list[GeneratedImage] = []
+    interrupted = False
     for batch in range(request.batch_count):
         first = seed + batch * request.batch_size
+        stop = _Stop(cancel, skip, interrupt)
         try:
-            pixels = _denoise(components, request, cv, pos, neg, first, sampler, schedule, batch, progress, cancel, skip)
+            pixels = _denoise(components, request, cv, pos, neg, first, sampler, schedule, batch, progress, stop)
         except _Skipped:
             continue
+        except _Interrupted:
+            interrupted = True
+            break
         finished = [_finish(Image.fromarray((array * 255).round().astype(np.uint8)), cv) for array in pixels]
         # 9. Safety filter: flagged images are blurred or blocked, never dropped, and their infotext says so.
         screened = screen(safety, finished, policy, prompt) if safety is not None else [Screened(im) for im in finished]
@@ -223,11 +232,17 @@ def generate(
             if kept.filtered is not None:
                 array = np.asarray(kept.image, dtype=np.float32) / 255  # the replacement's pixels, not the original's
             params = _parameters(components, request, cv, first + i, sampler.name, schedule, kept.label or unchecked)
+            if stop.stopped_at is not None:
+                # Not what the parameters would remake: say so, as the picture is only the estimate at that step.
+                params["Interrupted"] = f"at step {stop.stopped_at} of {stop.total}"
             infotext = format_infotext(info_prompt, request.negative_prompt, params)
             images.append(GeneratedImage(kept.image, first + i, infotext, params, array, kept.filtered))
             if on_image is not None:
                 on_image(images[-1])
-    return GenerationResult(images, request.model_copy(update={"seed": seed}), time.perf_counter() - started)
+        if stop.stopped_at is not None:
+            interrupted = True
+            break
+    return GenerationResult(images, request.model_copy(update={"seed": seed}), time.perf_counter() - started, interrupted)
 
 
 def _check_loras(components: Components, request: GenerationRequest) -> None:
@@ -267,7 +282,53 @@ class _Skipped(Exception):
     """The caller skipped the batch being denoised."""
 
 
-def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, cancel, skip) -> np.ndarray:
+class _Interrupted(Exception):
+    """The caller interrupted the job before the batch's first step: there is nothing to show."""
+
+
+@dataclass
+class _Stop:
+    """The caller's checks before every step, and where an interrupt stopped the batch."""
+
+    cancel: CancelCheck | None
+    skip: CancelCheck | None
+    interrupt: CancelCheck | None
+    stopped_at: int | None = None
+    total: int = 0
+
+    def before_step(self, done: int, total: int) -> bool:
+        """Raise for cancel and skip; True when an interrupt ends the batch after ``done`` steps."""
+        if self.cancel is not None and self.cancel():
+            raise GenerationCancelled("generation cancelled")
+        if self.skip is not None and self.skip():
+            raise _Skipped
+        if self.interrupt is None or not self.interrupt():
+            return False
+        if done == 0:
+            raise _Interrupted
+        self.stopped_at, self.total = done, total
+        return True
+
+
+def _denoised(scheduler, output, sample: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+    """The clean latents a step predicted (A1111 shows them when interrupted, not the noisy state).
+
+    Most diffusers schedulers return it; the multistep DPM++ and UniPC solvers keep it as their
+    last model output; PNDM has only its noise prediction, turned into x0 with the step's ᾱ."""
+    for name in ("pred_original_sample", "denoised"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    config = scheduler.config
+    predicts_x0 = str(config.get("algorithm_type", "")).endswith("++") or config.get("predict_x0", False)
+    if predicts_x0 and getattr(scheduler, "model_outputs", None) and scheduler.model_outputs[-1] is not None:
+        return scheduler.model_outputs[-1]
+    alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
+    if config.prediction_type == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * pred
+    return (sample - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+
+
+def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch, progress, stop: _Stop) -> np.ndarray:
     """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1]."""
     unet, vae = components.unet, components.vae
     device, dtype = components.execution_device, unet.dtype
@@ -331,11 +392,11 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
     # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache).
     denoiser = DeepCacheUNet(unet) if req.fast else unet
     started = time.perf_counter()
+    denoised = latents
     for i, t in enumerate(timesteps):
-        if cancel is not None and cancel():
-            raise GenerationCancelled("generation cancelled")
-        if skip is not None and skip():
-            raise _Skipped
+        if stop.before_step(i, len(timesteps)):
+            latents = denoised if mask is None or masked_latents is not None else (1 - mask) * image_latents + mask * denoised
+            break
         scaled = torch.cat([s.scale_model_input(latents[j : j + 1], t) for j, s in enumerate(schedulers)])
         model_in = torch.cat([scaled, scaled]) if cfg else scaled
         if masked_latents is not None:
@@ -346,12 +407,12 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + req.cfg_scale * (cond - uncond)
-        latents = torch.cat(
-            [
-                s.step(pred[j : j + 1], t, latents[j : j + 1], **step_kwargs[j], return_dict=False)[0]
-                for j, s in enumerate(schedulers)
-            ]
-        )
+        outputs = [s.step(pred[j : j + 1], t, latents[j : j + 1], **step_kwargs[j]) for j, s in enumerate(schedulers)]
+        latents = torch.cat([out.prev_sample for out in outputs])
+        if stop.interrupt is not None:
+            denoised = torch.cat(
+                [_denoised(s, out, scaled[j : j + 1], pred[j : j + 1], t) for j, (s, out) in enumerate(zip(schedulers, outputs))]
+            )
         if mask is not None and masked_latents is None:
             # 4-channel models repaint only the mask: the rest is reset to the original, noised to the next step.
             keep = image_latents

@@ -39,9 +39,10 @@ class JobStatus(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # stopped early by A1111's Interrupt, with the images it had
 
 
-FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.INTERRUPTED)
 
 
 class QueueFullError(LienzoError):
@@ -96,6 +97,7 @@ class Job:
     version: int = 0  # bumped on every change; progress streams send each version once
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _skip: threading.Event = field(default_factory=threading.Event, repr=False)
+    _interrupt: threading.Event = field(default_factory=threading.Event, repr=False)
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -269,10 +271,11 @@ class JobQueue:
         return job
 
     def interrupt(self) -> Job | None:
-        """Cancel the running job, if any (A1111's Interrupt)."""
+        """Stop the running job, if any, after its current step, keeping what it made (A1111's
+        Interrupt): finished images, and the one in progress as its last step predicted it."""
         job = self._running
         if job is not None:
-            job._cancel.set()
+            job._interrupt.set()
         return job
 
     def skip(self) -> Job | None:
@@ -342,8 +345,8 @@ class JobQueue:
                 self._running = job
             self._notify(job)
             try:
-                self._run(job)
-                job.status = JobStatus.DONE
+                interrupted = self._run(job)
+                job.status = JobStatus.INTERRUPTED if interrupted else JobStatus.DONE
             except GenerationCancelled:
                 job.status = JobStatus.CANCELLED
             except InvalidRequestError as err:
@@ -359,7 +362,8 @@ class JobQueue:
                     self._running = None
                 self._notify(job)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Run ``job``; True when an interrupt ended it early."""
         components = self._components(job.model)
         job.model_name = components.name
         prepare_loras(components, job.request, self.settings)
@@ -392,7 +396,11 @@ class JobQueue:
             job._skip.clear()
             return skipped
 
-        engine.generate(components, job.request, progress=on_step, cancel=job._cancel.is_set, on_image=on_image, skip=skip)
+        result = engine.generate(
+            components, job.request, progress=on_step, cancel=job._cancel.is_set, on_image=on_image, skip=skip,
+            interrupt=job._interrupt.is_set,
+        )
+        return result.interrupted
 
     def _components(self, name: str | None) -> Components:
         path = self.resolve_model(name) if name else self.current_model()

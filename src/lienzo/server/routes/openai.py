@@ -276,7 +276,7 @@ def images_response(job: Job, response_format: str | None, request: Request) -> 
 
 def job_failure(job: Job) -> JSONResponse | None:
     """The error to answer for a job that did not finish with its images; None when it did."""
-    if job.status == JobStatus.DONE:
+    if job.status == JobStatus.DONE or (job.status == JobStatus.INTERRUPTED and job.images):
         return None
     if job.status == JobStatus.FAILED and job.error_field:
         err = _openai_error(job.error_field, (job.error or "").removeprefix(f"{job.error_field}: "))

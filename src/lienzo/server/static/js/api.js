@@ -45,7 +45,7 @@ export const api = {
 // Follow a job through its Server-Sent Events until it finishes; ``onUpdate`` gets every state.
 export function followJob(job, onUpdate) {
   return new Promise((resolve) => {
-    const finished = (j) => ["done", "failed", "cancelled"].includes(j.status);
+    const finished = (j) => ["done", "failed", "cancelled", "interrupted"].includes(j.status);
     if (finished(job)) {
       onUpdate(job);
       resolve(job);

@@ -249,7 +249,7 @@ function showProgress(job) {
     text = `Step ${p.step}/${p.total_steps}${p.batch_count > 1 ? `, batch ${p.batch + 1}/${p.batch_count}` : ""}`;
     const eta = formatEta(p.eta);
     if (eta) text += ` · ${eta}`;
-  } else text = job.status === "done" ? "Done" : job.status === "cancelled" ? "Cancelled" : "Failed";
+  } else text = { done: "Done", cancelled: "Cancelled", interrupted: "Interrupted" }[job.status] || "Failed";
   $("progress-text").textContent = text;
   if (p.preview_url && job.status === "running") {
     $("preview-box").hidden = false;
@@ -293,6 +293,7 @@ async function generate() {
     }
     if (final.status === "failed") showError(final.error, final.error_field);
     if (final.status === "cancelled") toast(`Cancelled${final.images.length ? `; kept ${final.images.length} finished image(s)` : ""}.`);
+    if (final.status === "interrupted") toast(`Interrupted; kept ${final.images.length} image(s), the last one unfinished.`);
     const blocked = final.images.filter((i) => i.filtered).length;
     if (blocked) toast(`${blocked} image(s) ${final.images.find((i) => i.filtered).filtered} by the server's safety filter.`, true);
   } catch (err) {
