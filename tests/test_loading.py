@@ -1,5 +1,7 @@
 """The one loading path: diffusers folders and single files give the same model; VAE override; registry."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,34 @@ def test_default_model_is_the_shipped_one_unless_settings_name_another(monkeypat
     assert Registry(settings.models_dir, settings.cache_dir).resolve("lienzo-mini") == shipped
     chosen = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "models", default_model="apple")
     assert load_model(settings=chosen, device="cpu").name == "apple"
+
+
+@pytest.fixture
+def diffusers_log(caplog):
+    """diffusers logs through its own stderr handler and does not propagate: listen on its logger too."""
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_load_and_move_say_nothing_about_float32_modules(dtype, diffusers_log, tmp_path):
+    """diffusers 0.42 logs "There are modules in AutoencoderKL that should be kept in float32: []" on every
+    .to() that names a dtype, None included; an fp16 load (every GPU command) used to print it three times."""
+    components = build_tiny("sd1")
+    sources = save_diffusers_folder(components, tmp_path / "folder"), save_single_file(components, tmp_path / "one.safetensors")
+    for source in sources:
+        loaded = load_components(source, dtype=dtype)
+        assert loaded.unet.dtype == dtype and loaded.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+        loaded.to("meta")  # another device, as a GPU command moves the model to CUDA after loading
+    assert not [r for r in diffusers_log.records if "kept in float32" in r.getMessage()]
+
+
+def test_fp32_vae_stays_exact_beside_an_fp16_model(tmp_path):
+    """The VAE is read in float32 rather than read in fp16 and cast up, which would round its weights."""
+    components = build_tiny("sd1")
+    folder = save_diffusers_folder(components, tmp_path / "folder")
+    loaded = load_components(folder, dtype=torch.float16)
+    for a, b in zip(loaded.vae.state_dict().values(), components.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

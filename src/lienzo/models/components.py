@@ -66,7 +66,21 @@ class Components:
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is None or getattr(module, "_hf_hook", None) is not None:
                 continue  # offloaded: its hooks decide where it runs
-            # Only move what must move: diffusers 0.42 warns on every .to() of its models.
+            # Only move what must move, and name a dtype only when one is asked for: diffusers 0.42 logs
+            # "There are modules in ... that should be kept in float32: []" on every .to() given a dtype, None too.
             if module.device != device or (dtype is not None and module.dtype != dtype):
-                module.to(device=device, dtype=dtype)
+                module.to(device=device, **({} if dtype is None else {"dtype": dtype}))
         return self
+
+
+def vae_dtype_for(vae_config: dict, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a VAE is read in: ``vae_dtype`` when given, else the model's ``dtype``, except that beside fp16 a
+    VAE whose config says ``force_upcast`` (SD 1.x's, SD 2.x's and SDXL's own VAEs) stays in fp32: in fp16 they
+    overflow to NaN (black images). A half-precision VAE that overflows anyway decodes again in fp32
+    (lienzo.generation.vae_decode).
+    """
+    if vae_dtype is not None:
+        return vae_dtype
+    # AutoencoderKL's own default, which a config without the key gets too.
+    upcast = dtype == torch.float16 and vae_config.get("force_upcast", True)
+    return torch.float32 if upcast else dtype

@@ -10,7 +10,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from lienzo.errors import ModelFileError
 from lienzo.models import formats
-from lienzo.models.components import Components
+from lienzo.models.components import Components, vae_dtype_for
+from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file, scheduler_config_for
 from lienzo.safety import find_safety_checker
 
@@ -23,17 +24,27 @@ _SCHEDULE_KEYS = (
 )
 
 
-def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dtype=torch.float32) -> Components:
-    """A diffusers pipeline folder (``model_index.json`` + one sub-folder per component)."""
+def load_diffusers_folder(
+    path: Path, *, prediction_type: str | None = None, dtype=torch.float32, vae_dtype: torch.dtype | None = None
+) -> Components:
+    """A diffusers pipeline folder (``model_index.json`` + one sub-folder per component).
+
+    ``vae_dtype`` None: see :func:`lienzo.models.components.vae_dtype_for`.
+    """
     index = json.loads((path / "model_index.json").read_text())
     local = {"local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **local)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **local)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
-        text_encoder_2 = None
-        if "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
+        vae_config = AutoencoderKL.load_config(path, subfolder="vae", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype_for(vae_config, dtype, vae_dtype)
+        )
+        # quiet: transformers 5 draws a "Loading weights" bar per encoder, lines in the CLI's one-line errors.
+        with quiet_transformers():
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
+            text_encoder_2 = None
+            if "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {err}") from None
     family = "sdxl" if text_encoder_2 is not None else ("sd2" if text_encoder.config.hidden_act == "gelu" else "sd1")
@@ -48,11 +59,12 @@ def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dty
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
-        tokenizer=_folder_tokenizer(path / "tokenizer", family),
+        # OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!"; OpenAI CLIP pads with end-of-text.
+        tokenizer=_folder_tokenizer(path / "tokenizer", text_encoder, "!" if family == "sd2" else "<|endoftext|>"),
         scheduler_config=schedule,
         family=family,
         text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
-        tokenizer_2=_folder_tokenizer(path / "tokenizer_2", family, second=True) if text_encoder_2 is not None else None,
+        tokenizer_2=_folder_tokenizer(path / "tokenizer_2", text_encoder_2, "!") if text_encoder_2 is not None else None,
         name=path.name,
         source=path,
         # Found now, loaded on first use: the checker is 1.2 GB and a policy of "off" never runs it.
@@ -60,12 +72,64 @@ def load_diffusers_folder(path: Path, *, prediction_type: str | None = None, dty
     )
 
 
-def _folder_tokenizer(path: Path, family: str, second: bool = False) -> CLIPTokenizer:
-    """The folder's own tokenizer, or the bundled CLIP BPE when a folder ships without one."""
-    if (path / "vocab.json").is_file():
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    # OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!"; OpenAI CLIP pads with end-of-text.
-    return bundled_tokenizer("!" if family == "sd2" or second else "<|endoftext|>")
+def _folder_tokenizer(folder: Path, encoder: torch.nn.Module, pad_token: str) -> CLIPTokenizer:
+    """The model folder's own tokenizer, in each layout transformers writes: ``tokenizer.json`` alone
+    (transformers 5), ``vocab.json`` + ``merges.txt`` (4.x slow tokenizers) or all three (4.x fast ones).
+
+    A folder without one gets lienzo's CLIP tokenizer, as every single-file checkpoint does (they carry
+    none): it is the vocabulary every SD 1.x/2.x/XL text encoder was trained on, so refusing would turn
+    away a model lienzo reads correctly. It is said in a warning, and only for a text encoder with CLIP's
+    number of tokens: with another vocabulary CLIP's ids would index other words, or none.
+    """
+    model, encoder_name = folder.parent.name, folder.name.replace("tokenizer", "text_encoder")
+    pair = [name for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]
+    if (folder / "tokenizer.json").is_file() or len(pair) == 2:
+        try:
+            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        # The tokenizers library raises a plain Exception for a tokenizer.json it cannot parse.
+        except Exception as err:
+            raise ModelFileError(f"model {model}: cannot read {folder.name}/ ({first_line(err)})") from None
+    if pair:
+        missing = "merges.txt" if pair == ["vocab.json"] else "vocab.json"
+        raise ModelFileError(
+            f"model {model}: {folder.name}/ has {pair[0]} but no {missing}; the tokenizer is incomplete"
+        )
+    clip, rows = bundled_tokenizer(pad_token), _embedding_rows(encoder)
+    if rows != len(clip):
+        raise ModelFileError(
+            f"model {model}: there is no tokenizer in {folder.name}/ (tokenizer.json, or vocab.json and merges.txt), "
+            f"and {encoder_name}'s embedding has {rows:,} rows where CLIP's tokenizer has {len(clip):,} tokens; "
+            "copy the tokenizer folder from where the model came from"
+        )
+    log.warning(
+        "model %s: no tokenizer in %s/; using lienzo's CLIP tokenizer, which fits its %s", model, folder.name, encoder_name
+    )
+    return clip
+
+
+def _embedding_rows(encoder: torch.nn.Module) -> int:
+    return encoder.get_input_embeddings().num_embeddings
+
+
+def _check_vocabularies(components: Components, *, folder: bool) -> None:
+    """Refuse a tokenizer whose ids can pass the end of its text encoder's embedding: the model would
+    otherwise load, then stop at the first prompt with torch's "index out of range in self"."""
+    for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = getattr(components, tokenizer_name), getattr(components, encoder_name)
+        if tokenizer is None or encoder is None:
+            continue
+        tokens, rows = len(tokenizer), _embedding_rows(encoder)
+        if tokens > rows:
+            why = (
+                f"its {tokenizer_name}/ and {encoder_name}/ folders come from different models"
+                if folder
+                else "a single file carries no tokenizer and is read with CLIP's, so this text encoder needs "
+                "a diffusers folder with its own tokenizer"
+            )
+            raise ModelFileError(
+                f"model {components.name}: {tokenizer_name} has {tokens:,} tokens "
+                f"but {encoder_name}'s embedding has {rows:,} rows; {why}"
+            )
 
 
 def load_components(
@@ -78,27 +142,30 @@ def load_components(
 ) -> Components:
     """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE.
 
-    ``vae_dtype`` None follows ``dtype``, except that beside fp16 a VAE whose config says ``force_upcast``
-    (SD 1.x's, SD 2.x's and SDXL's own VAEs) stays in fp32: in fp16 they overflow to NaN (black images).
-    A half-precision VAE that overflows anyway decodes again in fp32 (lienzo.generation.vae_decode).
+    ``vae_dtype`` None follows ``dtype``, with fp32 beside fp16 for VAEs that overflow in fp16
+    (:func:`lienzo.models.components.vae_dtype_for`). Each VAE is read straight in its dtype: read in fp16
+    and cast up, an fp32 VAE would keep fp16's rounding.
     """
+    # 1. The model
     kind = formats.sniff(path)
     if kind == "diffusers-folder":
-        components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype)
+        components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype)
     else:
-        components = load_single_file(path, prediction_type=prediction_type, dtype=dtype)
+        components = load_single_file(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype)
+    # 2. Another VAE
     if vae is not None:
         if vae.is_dir():
-            components.vae = AutoencoderKL.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
+            config = AutoencoderKL.load_config(vae, local_files_only=True)
+            components.vae = AutoencoderKL.from_pretrained(
+                vae, local_files_only=True, torch_dtype=vae_dtype_for(config, dtype, vae_dtype)
+            )
         else:
             # A VAE file does not say which model it was made for; keep the checkpoint's latent scale.
             scaling = components.vae.config.scaling_factor
-            components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=dtype)
+            # The config read from the tensors leaves force_upcast at AutoencoderKL's default.
+            components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=vae_dtype_for({}, dtype, vae_dtype))
         components.vae.eval()
         components.extra["vae_name"] = vae.stem
-    if vae_dtype is None:
-        upcast = dtype == torch.float16 and components.vae.config.get("force_upcast", True)
-        vae_dtype = torch.float32 if upcast else dtype
-    if components.vae.dtype != vae_dtype:
-        components.vae.to(vae_dtype)
+    # 3. Tokenizers that fit their text encoders, whichever way they were found
+    _check_vocabularies(components, folder=kind == "diffusers-folder")
     return components

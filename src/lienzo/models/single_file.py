@@ -30,7 +30,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lienzo.errors import LienzoError, ModelFileError
-from lienzo.models.components import Components
+from lienzo.models.components import Components, vae_dtype_for
 from lienzo.models.formats import UNET_PREFIX, VAE_PREFIX, detect_architecture, load_state_dict, read_metadata, sniff
 
 logger = logging.getLogger(__name__)
@@ -117,12 +117,18 @@ def scheduler_config_for(prediction_type: str) -> dict:
     return config
 
 
-def load_single_file(path, *, prediction_type: str | None = None, dtype: torch.dtype = torch.float32) -> Components:
+def load_single_file(
+    path,
+    *,
+    prediction_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+) -> Components:
     """Load an SD 1.x / 2.x / XL checkpoint with ldm key names; every config is read from its tensors.
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the file says; otherwise it comes
     from a sidecar ``<stem>.yaml``, then ``modelspec.prediction_type`` metadata, then a ``v_pred``
-    marker tensor, then the family default.
+    marker tensor, then the family default. ``vae_dtype`` None: see :func:`vae_dtype_for`.
     """
     # 1. Validate the request and read the tensors
     path = Path(path)
@@ -139,7 +145,8 @@ def load_single_file(path, *, prediction_type: str | None = None, dtype: torch.d
             scaling_factor=_VAE_SCALING[arch.family],
             sample_size=_IMAGE_SIZE[arch.family],
             name=path.name,
-            dtype=dtype,
+            # The config read from the tensors leaves force_upcast at AutoencoderKL's default.
+            dtype=vae_dtype_for({}, dtype, vae_dtype),
         )
         # 4. Text encoders and their tokenizers
         text = {}
