@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a single-file checkpoint in, PNGs with parameters out, clear errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lienzo.cli import app
-from lienzo.images.metadata import parse_infotext, read_parameters
+from lienzo.images.metadata import parse_infotext, pnginfo, read_parameters
 from lienzo.models import registry as registry_module
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "5"]
@@ -26,6 +27,12 @@ def test_help_lists_the_commands():
     result = CliRunner().invoke(app, ["--help"])
     for command in ("generate", "img2img", "inpaint", "outpaint", "models", "samplers", "info"):
         assert command in result.stdout
+
+
+def test_help_says_where_the_images_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIENZO_OUTPUTS_DIR", str(tmp_path / "my-pictures"))
+    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert f"outputs  {tmp_path / 'my-pictures'}" in result.stdout
 
 
 def test_generate_prints_one_path_per_image_with_infotext(lienzo):
@@ -90,6 +97,21 @@ def test_samplers_lists_every_sampler(lienzo):
     out = lienzo("samplers").stdout
     for name in ("Euler a", "DPM++ 2M SDE", "UniPC", "LCM", "Karras"):
         assert name in out
+    for a1111_id in ("polyexponential", "sgm_uniform", "kl_optimal", "align_your_steps", "simple", "normal", "ddim", "beta"):
+        assert a1111_id in out
+
+
+def test_a_schedule_the_sampler_cannot_run_still_generates(lienzo):
+    path = _paths(lienzo("generate", "a fox", "--sampler", "DDIM", "--schedule", "karras", *FAST))[0]
+    assert parse_infotext(read_parameters(path)).schedule_type == "Karras"
+
+
+def test_an_empty_prompt_is_noted_on_one_line_and_still_generates(lienzo):
+    result = lienzo("generate", *FAST)
+    assert len(_paths(result)) == 1
+    notes = [line for line in result.stderr.splitlines() if "prompt" in line]
+    assert notes == ["note: the prompt is empty; generating without one"]
+    assert "prompt" not in lienzo("generate", "a fox", *FAST).stderr
 
 
 @pytest.mark.parametrize(
@@ -102,7 +124,7 @@ def test_samplers_lists_every_sampler(lienzo):
         (["--steps", "1000"], "steps must be between 1 and 150, got 1000"),
         (["--cfg", "nan"], "cfg_scale must be between 0 and 30, got nan"),
         (["--sampler", "Eulr a"], "unknown sampler 'Eulr a'; choose one of: Euler a, Euler"),
-        (["--schedule", "Karras", "--sampler", "DDIM"], "cannot use the Karras schedule"),
+        (["--schedule", "karas"], "unknown schedule type 'karas'; choose one of: Automatic, Uniform, Karras"),
         (["--seed", "-5"], "seed must be -1 (random)"),
         (["--model", "nothing-here"], "no model named 'nothing-here'"),
     ],
@@ -134,6 +156,67 @@ def test_bad_model_files(lienzo, home, tmp_path, content):
     bad.write_bytes(good[: len(good) // 2] if content == "half" else content)
     result = lienzo("generate", "a fox", "--model", str(bad), *FAST, code=2)
     assert "Traceback" not in result.output and bad.name in result.stderr
+
+
+# Runs the CLI in a fresh interpreter, then reports its exit code and which heavy libraries it imported.
+_REPORT_IMPORTS = """
+import json, sys
+from lienzo.cli import main
+sys.argv = ["lienzo", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "imported": [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]}))
+"""
+
+
+def _fresh_cli(home, tmp_path, *args: str) -> tuple[dict, str]:
+    base = ["--models-dir", str(home / "models"), "--data-dir", str(tmp_path / "data"), "--outputs-dir", str(tmp_path / "out")]
+    run = subprocess.run(
+        [sys.executable, "-c", _REPORT_IMPORTS, json.dumps([*base, *args])], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(run.stdout.splitlines()[-1]), run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sampler", "Eulr a"], "sampler: unknown sampler 'Eulr a'; choose one of: Euler a, Euler, LMS, Heun"),
+        (["--width", "100"], "width: width must be a multiple of 8 between 64 and 4096, got 100"),
+        (["--schedule", "karas"], "schedule: unknown schedule type 'karas'; choose one of: Automatic, Uniform"),
+    ],
+)
+def test_a_bad_request_fails_before_torch_is_imported(home, tmp_path, args, message):
+    report, stderr = _fresh_cli(home, tmp_path, "generate", "x", *args)
+    assert report == {"code": 2, "imported": []}
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
+
+
+def test_inputs_fail_before_the_heavy_imports(home, tmp_path, picture):
+    report, stderr = _fresh_cli(home, tmp_path, "img2img", str(tmp_path / "missing.png"), "a fox")
+    assert report == {"code": 2, "imported": []} and "no such file" in stderr
+    report, stderr = _fresh_cli(home, tmp_path, "inpaint", str(picture), str(picture), "a fox", "--sampler", "bogus")
+    assert report == {"code": 2, "imported": []} and "unknown sampler 'bogus'" in stderr
+    report, stderr = _fresh_cli(home, tmp_path, "outpaint", str(picture), "a fox", "--left", "12")
+    assert report == {"code": 2, "imported": []} and "outpaint_left must be a multiple of 8" in stderr
+    # A model name is looked up by the registry, which reads model files with torch; diffusers still waits.
+    report, stderr = _fresh_cli(home, tmp_path, "generate", "x", "--model", "nothing-here")
+    assert report["code"] == 2 and "diffusers" not in report["imported"] and "no model named 'nothing-here'" in stderr
+
+
+def test_remaking_from_an_image_validates_before_torch(home, tmp_path):
+    image = tmp_path / "old.png"
+    infotext = "a fox\nSteps: 2, Sampler: DPM++ 2M SGMUniform, CFG scale: 5, Seed: 1, Size: 64x64, Model hash: 0123456789"
+    Image.new("RGB", (64, 64)).save(image, pnginfo=pnginfo(infotext))
+    report, stderr = _fresh_cli(home, tmp_path, "generate", "--from", str(image), "--steps", "0")
+    assert report == {"code": 2, "imported": []} and "steps must be between 1 and 150, got 0" in stderr
+
+
+def test_importing_the_request_imports_no_torch():
+    code = "import sys, lienzo.generation.request; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_ctrl_c_stops_between_steps_and_leaves_no_partial_file(home, tmp_path):

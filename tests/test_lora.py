@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from lienzo.cli import app
 from lienzo.errors import InvalidRequestError, LienzoError, ModelFileError
 from lienzo.generation import engine
-from lienzo.generation.prompts import extract_lora_tags, lora_tag
+from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.remake import fields_from_image
 from lienzo.generation.request import LoraRef, build_request
 from lienzo.images.metadata import parse_infotext, read_parameters

@@ -66,5 +66,6 @@ def test_schedules_resolve_and_configure_the_scheduler():
     assert build_scheduler(dpm, "Exponential", base).config.use_exponential_sigmas is True
     assert build_scheduler(dpm, "SGM Uniform", base).config.timestep_spacing == "trailing"
     assert build_scheduler(dpm, "Uniform", base).config.prediction_type == "v_prediction"
-    with pytest.raises(InvalidRequestError, match="cannot use the Karras schedule; choose one of: Automatic, Uniform, SGM Uniform"):
-        build_scheduler(resolve_sampler("Euler a"), "Karras", base)
+    # Euler a has no Karras sigmas in diffusers: it runs Uniform, the nearest, rather than refuse.
+    assert build_scheduler(resolve_sampler("Euler a"), "Karras", base).config.timestep_spacing == "linspace"
+    assert resolve_schedule(resolve_sampler("Euler a"), "karras") == "Karras"  # the infotext says what was asked

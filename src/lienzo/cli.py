@@ -114,7 +114,11 @@ def _generation_options(f):
             click.option("--steps", type=int, default=20, show_default=True),
             click.option("--cfg", type=float, default=7.0, show_default=True, help="classifier-free guidance scale"),
             click.option("--sampler", default="DPM++ 2M", show_default=True, help=SAMPLER_HELP),
-            click.option("--schedule", default="Automatic", show_default=True, help="Automatic, Uniform, Karras, Exponential, SGM Uniform"),
+            click.option(
+                "--schedule", default="Automatic", show_default=True,
+                help="schedule type by its A1111 label or id: Karras, Exponential, SGM Uniform, Align Your Steps, ... "
+                "(see `lienzo samplers`)",
+            ),
             click.option("--seed", type=int, default=-1, show_default=True, help="-1 picks a random seed"),
             click.option("--batch-size", type=int, default=1, show_default=True, help="images per batch (run together)"),
             click.option("--batch-count", type=int, default=1, show_default=True, help="batches, one after another"),
@@ -178,15 +182,23 @@ def _request_fields(opts: dict) -> dict:
 
 
 def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
-    """Build the request, load the model, generate with a progress bar, save each image as it is done."""
+    """Validate the request, load the model, generate with a progress bar, save each image as it is done."""
+    from lienzo.generation.request import build_request
+
+    # 1. Validate before the heavy imports: torch, diffusers and transformers take 5 s on a busy
+    #    2-core machine, and a typo should not wait for them (nor for the model's 20 s).
+    settings = _settings(ctx)
+    request = build_request(**{"safety": settings.safety_cli, **fields})
+    _check_models(opts, settings)
+    if not request.prompt.strip():
+        err_console.print("note: the prompt is empty; generating without one", highlight=False)
+
+    # 2. Load the model, then generate.
     from lienzo.api import load_model, prepare_loras
     from lienzo.generation.engine import generate
-    from lienzo.generation.request import build_request
     from lienzo.images.provenance import Provenance
     from lienzo.outputs import output_dir, save_generated, wants_watermark
 
-    settings = _settings(ctx)
-    request = build_request(**{"safety": settings.safety_cli, **fields})
     device = opts.get("device") or settings.device
     dtype = opts.get("dtype") or settings.dtype
     with err_console.status("loading model"):
@@ -223,6 +235,18 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
             gallery.close()
     seeds = ", ".join(str(i.seed) for i in result.images)
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+
+
+def _check_models(opts: dict, settings: Settings) -> None:
+    """``--model`` and ``--vae`` name something that exists. A path is checked without torch; a name is
+    looked up by the registry, which imports torch (to read model files) but not diffusers or the weights."""
+    for flag in ("model", "vae"):
+        value = opts.get(flag)
+        if value is None or Path(value).expanduser().exists():
+            continue
+        from lienzo.models.registry import Registry
+
+        Registry(settings.models_dir, settings.cache_dir).resolve(value)
 
 
 def _open_gallery(settings: Settings):
@@ -266,6 +290,15 @@ class _Group(click.Group):
         except LienzoError as err:
             err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(2)
+
+    def format_epilog(self, ctx, formatter):
+        """Where this machine's folders are (from the environment and the defaults; --help is answered
+        before the other flags are read), so that a user can find the images every command saves."""
+        settings = Settings()
+        with formatter.section("Folders (--outputs-dir, --models-dir and --data-dir change them)"):
+            formatter.write_dl(
+                [("outputs", str(settings.outputs_dir)), ("models", str(settings.models_dir)), ("data", str(settings.data_dir))]
+            )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -393,14 +426,21 @@ def models(ctx, details):
 
 @app.command()
 def samplers():
-    """List the samplers and the schedule types each can use."""
-    from lienzo.generation.samplers import SAMPLERS
+    """List the samplers, the schedule types each runs as asked, and every schedule type's names."""
+    from lienzo.generation.samplers import SAMPLERS, SCHEDULES, runs_as
 
-    table = Table()
+    table = Table(title="samplers (any other schedule runs as the nearest its scheduler can)")
     for column in ("sampler", "schedules", "automatic =", "method"):
         table.add_column(column)
     for s in SAMPLERS.values():
         table.add_row(s.name, ", ".join(s.schedules), s.automatic, s.paper)
+    Console().print(table)
+    table = Table(title="schedule types (--schedule takes the label or the A1111 id, in any case)")
+    for column in ("label", "A1111 id", "aliases", "runs as Uniform, the nearest, on"):
+        table.add_column(column)
+    for schedule in list(SCHEDULES.values())[1:]:
+        nearest = [s.name for s in SAMPLERS.values() if runs_as(s, schedule.label) != schedule.label]
+        table.add_row(schedule.label, schedule.name, ", ".join(schedule.aliases), ", ".join(nearest))
     Console().print(table)
 
 

@@ -21,10 +21,11 @@ from lienzo import __version__
 from lienzo.errors import GenerationCancelled, LienzoError
 from lienzo.generation import canvas
 from lienzo.generation.deepcache import DeepCacheUNet, fast_label
+from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import batch_noise, image_generators, random_seed
-from lienzo.generation.prompts import PromptEmbeddings, encode_pair, extract_lora_tags, lora_tag
+from lienzo.generation.prompts import PromptEmbeddings, encode_pair
 from lienzo.generation.request import GenerationRequest
-from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule
+from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule, set_timesteps
 from lienzo.generation.vae_decode import decode_latents
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
@@ -85,6 +86,7 @@ class GenerationResult:
     request: GenerationRequest
     seconds: float
     interrupted: bool = False  # stopped early; the last image is the denoised estimate of its last step
+    warnings: list[str] = field(default_factory=list)  # what the caller should tell the user (also logged)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -202,6 +204,7 @@ def generate(
     sampler = resolve_sampler(request.sampler)
     schedule = resolve_schedule(sampler, request.schedule)
     cv = _prepare_canvas(components, request)
+    warnings = _size_warnings(components, cv)
     device = components.execution_device
     _check_loras(components, request)
     policy = request.safety or "off"  # None: the front door chose nothing, and the engine does not filter
@@ -242,7 +245,21 @@ def generate(
         if stop.stopped_at is not None:
             interrupted = True
             break
-    return GenerationResult(images, request.model_copy(update={"seed": seed}), time.perf_counter() - started, interrupted)
+    result_request = request.model_copy(update={"seed": seed})
+    return GenerationResult(images, result_request, time.perf_counter() - started, interrupted, warnings)
+
+
+def _size_warnings(components: Components, cv: _Canvas) -> list[str]:
+    """A size far from the model's: past about twice its side, models repeat subjects and break into tiles."""
+    native = native_size(components)
+    if max(cv.width, cv.height) <= 2 * native:
+        return []
+    message = (
+        f"{cv.width}x{cv.height} is more than twice the side this model was trained at ({native}x{native}); "
+        f"expect repeated subjects, noise or tiles: ask for about {native}x{native}"
+    )
+    log.warning("%s", message)
+    return [message]
 
 
 def _check_loras(components: Components, request: GenerationRequest) -> None:
@@ -342,7 +359,7 @@ def _denoise(components, req, cv, pos, neg, first_seed, sampler, schedule, batch
     # 3. One scheduler per image, so stochastic samplers draw each image's noise from its own seed.
     schedulers = [build_scheduler(sampler, schedule, components.scheduler_config, seed=s) for s in seeds]
     for s in schedulers:
-        s.set_timesteps(req.steps, device=device)
+        set_timesteps(s, sampler, schedule, req.steps, device=device, family=components.family)
     timesteps = schedulers[0].timesteps
     start = 0
     if cv.init is not None:

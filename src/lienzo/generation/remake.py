@@ -3,11 +3,8 @@
 from pathlib import Path
 
 from lienzo.errors import LienzoError
-from lienzo.generation.deepcache import INTERVAL, fast_label, interval_from_label
+from lienzo.generation.samplers import split_folded_schedule
 from lienzo.images.metadata import Infotext, parse_infotext, read_parameters
-
-# A1111 before v1.9 folded the schedule into the sampler name ("DPM++ 2M Karras").
-_FOLDED_SCHEDULES = ("Karras", "Exponential", "SGM Uniform")
 
 
 def fields_from_image(path: Path) -> dict:
@@ -36,10 +33,8 @@ def fields_from_infotext(info: Infotext) -> dict:
         "model": info.model_hash or info.model,
         "fast": _fast(info),
     }
-    sampler = info.sampler or ""
-    for schedule in _FOLDED_SCHEDULES:
-        if fields["schedule"] is None and sampler.endswith(f" {schedule}"):
-            fields["sampler"], fields["schedule"] = sampler.removesuffix(f" {schedule}"), schedule
+    if info.sampler and info.schedule_type is None:
+        fields["sampler"], fields["schedule"] = split_folded_schedule(info.sampler)
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -49,6 +44,9 @@ def _fast(info: Infotext) -> bool | None:
     value = info.params.get("Fast")
     if value is None:
         return None
+    # Imported for fast images only: deepcache imports torch, and `lienzo generate --from` validates before torch.
+    from lienzo.generation.deepcache import INTERVAL, fast_label, interval_from_label
+
     if interval_from_label(value) != INTERVAL:
         raise LienzoError(f"infotext 'Fast' must be {fast_label()!r}, the fast mode this lienzo remakes, got {value!r}")
     return True

@@ -7,8 +7,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.prompts import extract_lora_tags
-from lienzo.generation.samplers import SCHEDULES, resolve_sampler
+from lienzo.generation.lora_tags import extract_lora_tags
+from lienzo.generation.samplers import resolve_sampler, schedule_label
 from lienzo.settings import SafetyPolicy
 
 MAX_SIDE = 4096
@@ -156,10 +156,12 @@ class GenerationRequest(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        matches = [s for s in SCHEDULES if s.lower() == v.lower()]
-        if not matches:
-            raise ValueError(f"unknown schedule type {v!r}; choose one of: {', '.join(SCHEDULES)}")
-        return matches[0]
+        """Any schedule id, label or alias A1111 lists, in any case, as its label; every sampler
+        takes every schedule (one its scheduler cannot run runs as the nearest, see samplers.py)."""
+        try:
+            return schedule_label(v)
+        except InvalidRequestError as err:
+            raise ValueError(str(err).removeprefix("schedule: ")) from None
 
     @field_validator("seed")
     @classmethod

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from lienzo.api import default_model, load_model, prepare_loras
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError, ModelFileError
@@ -92,6 +93,10 @@ class Job:
     images: list[SavedImage] = field(default_factory=list)
     error: str | None = None
     error_field: str | None = None
+    warnings: list[str] = field(default_factory=list)  # for the user, e.g. a size far from the model's
+    # OpenAI's fixed sizes (1024x1024, ...) on a smaller model: make the model's size, answer resized.
+    fit_to_model: bool = False
+    resize_to: tuple[int, int] | None = None
     preview: bytes | None = None  # PNG of the latest latent preview
     preview_step: int = 0
     version: int = 0  # bumped on every change; progress streams send each version once
@@ -124,6 +129,21 @@ class Job:
     @property
     def seeds(self) -> list[int]:
         return [saved.seed for saved in self.images]
+
+    def png(self, index: int) -> bytes:
+        """Image ``index`` as the client asked for it: the saved file, or resized to ``resize_to`` with
+        its text chunks (infotext, provenance) kept; the saved file stays the model's own size."""
+        data = self.images[index].png()
+        if self.resize_to is None:
+            return data
+        with Image.open(io.BytesIO(data)) as image:
+            info = PngInfo()
+            for key, value in image.info.items():
+                if isinstance(key, str) and isinstance(value, str):
+                    info.add_itxt(key, value)
+            buffer = io.BytesIO()
+            image.convert("RGB").resize(self.resize_to, Image.Resampling.LANCZOS).save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
 
 
 class JobQueue:
@@ -178,15 +198,18 @@ class JobQueue:
 
     # -- submitting and reading -----------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, *, model: str | None = None, source: str = "native") -> Job:
-        """Queue a request after checking the server's limits; raises InvalidRequestError or QueueFullError."""
+    def submit(
+        self, request: GenerationRequest, *, model: str | None = None, source: str = "native", fit_to_model: bool = False
+    ) -> Job:
+        """Queue a request after checking the server's limits; raises InvalidRequestError or QueueFullError.
+        ``fit_to_model``: a size over twice the model's side is made at the model's size and answered resized."""
         self.check_limits(request)
         if request.safety is None:
             # The server's default policy (blur unless configured), recorded on the job for all to see.
             request = request.model_copy(update={"safety": self.settings.safety_server})
         if model is not None:
             self.resolve_model(model)  # fail now, with the list of models, not when the job runs
-        job = Job(id=uuid.uuid4().hex, request=request, model=model, source=source)
+        job = Job(id=uuid.uuid4().hex, request=request, model=model, source=source, fit_to_model=fit_to_model)
         with self._lock:
             if self._stopping:
                 raise QueueFullError("queue: the server is shutting down")
@@ -366,6 +389,8 @@ class JobQueue:
         """Run ``job``; True when an interrupt ended it early."""
         components = self._components(job.model)
         job.model_name = components.name
+        if job.fit_to_model:
+            _fit_to_model(job, engine.native_size(components))
         prepare_loras(components, job.request, self.settings)
         provenance = Provenance.for_model(components)
         watermark = wants_watermark(job.request, self.settings)
@@ -400,6 +425,7 @@ class JobQueue:
             components, job.request, progress=on_step, cancel=job._cancel.is_set, on_image=on_image, skip=skip,
             interrupt=job._interrupt.is_set,
         )
+        job.warnings += result.warnings
         return result.interrupted
 
     def _components(self, name: str | None) -> Components:
@@ -431,6 +457,22 @@ def _output_size(request: GenerationRequest) -> tuple[int, int]:
         return request.width or w, request.height or h
     # txt2img at the model's native size: at most 1024 for the families lienzo loads.
     return request.width or 1024, request.height or 1024
+
+
+def _fit_to_model(job: Job, native: int) -> None:
+    """Make a txt2img request over twice the model's side at about the model's area (same aspect, sides
+    multiples of 8), to be answered resized to the size asked for."""
+    width, height = job.request.width, job.request.height
+    if job.request.init_image is not None or not width or not height or max(width, height) <= 2 * native:
+        return
+    scale = native / (width * height) ** 0.5
+    fitted = (max(64, round(width * scale / 8) * 8), max(64, round(height * scale / 8) * 8))
+    job.request = job.request.model_copy(update={"width": fitted[0], "height": fitted[1]})
+    job.resize_to = (width, height)
+    job.warnings.append(
+        f"{width}x{height} is more than twice this model's side ({native}); made at {fitted[0]}x{fitted[1]} "
+        f"and resized to {width}x{height}"
+    )
 
 
 def _png(image: Image.Image) -> bytes:

@@ -2,8 +2,10 @@
 
 Routes only translate: an A1111 body becomes GenerationRequest fields (``build_request`` validates
 them, and its errors are renamed back to the A1111 field), a finished Job becomes A1111's answer.
-Fields lienzo does not implement (hires fix, face restoration, scripts, ...) are accepted and
-ignored, with one logged warning per request naming those that were set.
+A script lienzo does not have is refused (422), as A1111 refuses one it lacks. Fields lienzo does
+not implement yet (hires fix, face restoration, tiling, ...) are accepted; those a request turned
+on are named in the answer's ``info`` (``ignored``) and its ``X-Lienzo-Ignored`` header, so a client
+can tell its picture was made without them.
 """
 
 import io
@@ -11,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -25,12 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.generation.request import GenerationRequest, build_request
-from lienzo.generation.samplers import SAMPLERS, SCHEDULES, resolve_sampler
-from lienzo.images.io import decode_image
+from lienzo.generation.samplers import SAMPLERS, SCHEDULES, find_schedule, split_folded_schedule
+from lienzo.gallery.store import Preset
+from lienzo.images.io import decode_image, write_atomic
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.models.registry import ModelEntry
 from lienzo.server.codec import b64decode, b64encode, image_from_b64, mask_from_b64
-from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.deps import AppSettings, Gallery, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings
 
@@ -67,7 +70,11 @@ class _Common(BaseModel):
     seed: int = -1
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; old names such as 'DPM++ 2M Karras' work")
     sampler_index: str | None = Field("Euler", description="older name of sampler_name, used when sampler_name is empty")
-    scheduler: str | None = Field(None, description="schedule type: automatic, uniform, karras, exponential, sgm_uniform")
+    scheduler: str | None = Field(
+        None,
+        description="schedule type, any id or label of GET /sdapi/v1/schedulers in any case (karras, sgm_uniform, "
+        "'Align Your Steps', ...); one the sampler cannot run in diffusers runs as the nearest it can",
+    )
     batch_size: int = 1
     n_iter: int = Field(1, description="batches, one after the other")
     steps: int = 50
@@ -82,8 +89,11 @@ class _Common(BaseModel):
     save_images: bool = Field(False, description="lienzo always saves its images")
     fast: bool = Field(False, description="lienzo extension: fast mode (DeepCache), reusing deep U-Net features across steps")
 
-    # Accepted and ignored: lienzo has no such feature.
-    styles: list[str] | None = Field(None, description=_IGNORED)
+    styles: list[str] | None = Field(None, description="names of saved presets (GET /prompt-styles), added to the prompts as A1111's styles")
+    script_name: str | None = Field(None, description="lienzo has no scripts: a named one is refused (422), as A1111 refuses one it lacks")
+    alwayson_scripts: dict[str, Any] | None = Field(None, description="lienzo has no scripts: any entry is refused (422), as in A1111")
+
+    # Accepted and ignored: lienzo has no such feature yet (a request turning one on is told so in ``info``).
     subseed: int | None = Field(-1, description=_IGNORED)
     subseed_strength: float | None = Field(0, description=_IGNORED)
     seed_resize_from_h: int | None = Field(-1, description=_IGNORED)
@@ -103,9 +113,7 @@ class _Common(BaseModel):
     refiner_switch_at: float | None = Field(None, description=_IGNORED)
     disable_extra_networks: bool | None = Field(False, description=_IGNORED)
     comments: dict[str, Any] | None = Field(None, description=_IGNORED)
-    script_name: str | None = Field(None, description=_IGNORED)
-    script_args: list[Any] | None = Field(None, description=_IGNORED)
-    alwayson_scripts: dict[str, Any] | None = Field(None, description=_IGNORED)
+    script_args: list[Any] | None = Field(None, description="arguments of script_name")
     force_task_id: str | None = Field(None, description=_IGNORED)
     infotext: str | None = Field(None, description=_IGNORED)
 
@@ -169,7 +177,7 @@ _USED = {
     "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
     "cfg_scale", "width", "height", "override_settings", "send_images", "save_images", "init_images", "resize_mode",
     "denoising_strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-    "inpainting_mask_invert", "include_init_images", "fast",
+    "inpainting_mask_invert", "include_init_images", "fast", "styles", "script_name", "alwayson_scripts",
 }
 # Options lienzo acts on in override_settings.
 _OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
@@ -192,6 +200,35 @@ def ignored_fields(body: _Common) -> list[str]:
     if isinstance(body, Img2ImgRequest) and body.resize_mode == 3:
         ignored.append("resize_mode=3 (done as a plain resize of the image, not of the latents)")
     return ignored
+
+
+def check_scripts(body: _Common) -> None:
+    """lienzo has no A1111 scripts; A1111 itself answers 422 for a script it does not have."""
+    if body.script_name:
+        raise InvalidRequestError("script_name", f"script '{body.script_name}' not found; lienzo has no scripts ({PREFIX}/scripts)")
+    for name in body.alwayson_scripts or {}:
+        raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has no scripts ({PREFIX}/scripts)")
+
+
+def merge_style(prompt: str, style: str) -> str:
+    """A1111's rule: a style with ``{prompt}`` wraps the prompt; any other is appended after a comma."""
+    if "{prompt}" in style:
+        return style.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)
+
+
+def apply_styles(body: _Common, presets: list[Preset]) -> tuple[_Common, list[str]]:
+    """``body`` with its styles (lienzo's saved presets, by name, ignoring case) merged into its
+    prompts, and a warning for each name no preset has (A1111 skips those silently)."""
+    by_name = {preset.name.lower(): preset for preset in presets}
+    prompt, negative, warnings = body.prompt or "", body.negative_prompt or "", []
+    for name in body.styles or []:
+        preset = by_name.get(name.lower())
+        if preset is None:
+            warnings.append(f"styles: no preset named {name!r} (GET {PREFIX}/prompt-styles lists them); it was not applied")
+            continue
+        prompt, negative = merge_style(prompt, preset.prompt), merge_style(negative, preset.negative_prompt)
+    return body.model_copy(update={"prompt": prompt, "negative_prompt": negative}), warnings
 
 
 # -- A1111 names <-> lienzo's ---------------------------------------------------------------------
@@ -228,39 +265,22 @@ def a1111_fields() -> Iterator[None]:
         raise a1111_error(err) from None
 
 
-def _normalized(name: str) -> str:
-    return name.lower().replace("_", "").replace(" ", "")
-
-
 def schedule_name(scheduler: str | None) -> str:
-    """A1111's scheduler name or label (``karras``, ``sgm_uniform``, ``SGM Uniform``) as lienzo's schedule;
-    an unknown one is passed on for build_request to refuse with the list."""
+    """A1111's scheduler id, label or alias in any case (``karras``, ``sgm_uniform``, ``SGMUniform``,
+    ``Align Your Steps``) as lienzo's schedule; an unknown one is passed on for build_request to refuse
+    with the list."""
     if not scheduler:
         return "Automatic"
-    for schedule in SCHEDULES:
-        if _normalized(schedule) == _normalized(scheduler):
-            return schedule
-    return scheduler
+    return find_schedule(scheduler) or scheduler
 
 
 def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]:
     """Split older A1111 names such as "DPM++ 2M Karras" into sampler and schedule; an explicit
-    non-automatic ``scheduler`` wins over the suffix."""
+    non-automatic ``scheduler`` wins over the suffix. An unknown sampler is passed on for build_request
+    to refuse with the list."""
     schedule = schedule_name(scheduler)
-    try:
-        resolve_sampler(sampler)
-        return sampler, schedule
-    except InvalidRequestError:
-        pass
-    for suffix in sorted(SCHEDULES[1:], key=len, reverse=True):
-        if sampler.lower().endswith(" " + suffix.lower()):
-            base = sampler[: -len(suffix)].strip()
-            try:
-                resolve_sampler(base)
-            except InvalidRequestError:
-                continue
-            return base, suffix if schedule == "Automatic" else schedule
-    return sampler, schedule  # unknown: build_request names the choices
+    base, folded = split_folded_schedule(sampler)
+    return base, folded if folded is not None and schedule == "Automatic" else schedule
 
 
 def common_fields(body: _Common, options: dict[str, Any]) -> dict[str, Any]:
@@ -416,32 +436,66 @@ def current_title(queue: JobQueue) -> str | None:
 # -- per-app state: options and the Skip / Interrupt flags ----------------------------------------
 
 
+OPTIONS_FILE = "a1111-options.json"
+# Every option AUTOMATIC1111 documents, with its default (names and values only, for clients that read
+# them); default_options overlays what lienzo really does.
+_A1111_OPTIONS = Path(__file__).resolve().parents[1] / "a1111_options.json"
+
+
 @dataclass
 class ApiState:
     options: dict[str, Any] = dataclass_field(default_factory=dict)  # what clients POSTed to /options
+    path: Path | None = None  # where they persist across restarts
     interrupted: str | None = None  # id of the job /interrupt stopped
     skipped: tuple[str, int] | None = None  # (job id, batch) /skip dropped
+
+    @classmethod
+    def load(cls, path: Path) -> "ApiState":
+        """The options saved in ``path``; none when it is missing or unreadable (said in the log: a
+        damaged settings file must not keep the server from starting)."""
+        options: dict[str, Any] = {}
+        try:
+            options = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as err:
+            log.warning("%s: cannot read the saved A1111 options (%s); starting from the defaults", path, err)
+        return cls(options=options if isinstance(options, dict) else {}, path=path)
+
+    def save(self) -> None:
+        if self.path is not None:
+            data = json.dumps(self.options, indent=1, sort_keys=True).encode()
+            write_atomic(self.path, lambda file: file.write(data))
 
 
 def get_api_state(request: Request) -> ApiState:
     state = getattr(request.app.state, "a1111", None)
     if state is None:
-        state = request.app.state.a1111 = ApiState()
+        state = request.app.state.a1111 = ApiState.load(request.app.state.settings.data_dir / OPTIONS_FILE)
     return state
 
 
 State = Annotated[ApiState, Depends(get_api_state)]
 
 
-def default_options(settings: Settings) -> dict[str, Any]:
+def default_options(settings: Settings, queue: JobQueue) -> dict[str, Any]:
+    """A1111's documented options with lienzo's values where lienzo has the setting."""
+    current = queue.current_model_or_none()
     return {
-        "samples_format": "png",
+        **json.loads(_A1111_OPTIONS.read_text(encoding="utf-8")),
+        "samples_save": True,
+        "enable_pnginfo": True,
         "CLIP_stop_at_last_layers": 1,
-        "sd_vae": "Automatic",
-        "live_previews_enable": True,
+        "randn_source": "CPU",  # lienzo draws noise on the CPU, so a seed gives the same picture on every device
         "show_progress_every_n_steps": settings.preview_every,
+        "show_progress_type": "Approx cheap",  # previews are a linear map of the latents (engine._PREVIEW_RGB)
+        "save_incomplete_images": True,  # an interrupted image is saved, marked "Interrupted" in its infotext
+        "outdir_samples": "",
         "outdir_txt2img_samples": str(settings.outputs_dir / "txt2img-images"),
         "outdir_img2img_samples": str(settings.outputs_dir / "img2img-images"),
+        "sd_checkpoint_hash": queue.registry.entry(current).sha256 if current is not None else "",
+        "face_restoration": False,
+        "tiling": False,
     }
 
 
@@ -458,8 +512,9 @@ def _job_timestamp(job: Job) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created))
 
 
-def job_info(job: Job, body: _Common) -> dict[str, Any]:
-    """A1111's ``info`` (Processed.js) for a finished job."""
+def job_info(job: Job, body: _Common, notes: "Notes | None" = None) -> dict[str, Any]:
+    """A1111's ``info`` (Processed.js) for a finished job, with lienzo's ``ignored`` and ``warnings``."""
+    notes = notes or Notes()
     req = job.request
     first = job.images[0].parameters if job.images else {}
     seeds = job.seeds or [req.seed]
@@ -499,8 +554,11 @@ def job_info(job: Job, body: _Common) -> dict[str, Any]:
         "job_timestamp": _job_timestamp(job),
         "clip_skip": req.clip_skip,
         "is_using_inpainting_conditioning": False,
-        # lienzo's addition, one entry per image as in "infotexts": "blurred"/"blocked" by the safety filter, or null.
+        # lienzo's additions. "filtered", one entry per image as in "infotexts": "blurred"/"blocked" by the
+        # safety filter, or null. "ignored": fields the request turned on that lienzo does not implement yet.
         "filtered": [saved.filtered for saved in job.images],
+        "ignored": notes.ignored,
+        "warnings": notes.warnings + job.warnings,
     }
 
 
@@ -511,7 +569,20 @@ def echoed_parameters(body: _Common) -> dict[str, Any]:
     return parameters
 
 
-def job_response(job: Job, body: _Common) -> GenerationResponse | JSONResponse:
+@dataclass
+class Notes:
+    """What a request should be told besides its images: fields ignored, and warnings."""
+
+    ignored: list[str] = dataclass_field(default_factory=list)
+    warnings: list[str] = dataclass_field(default_factory=list)
+
+    def headers(self, job: Job) -> dict[str, str]:
+        """The same as response headers, for clients that read only the images (one line each, ASCII)."""
+        headers = {"X-Lienzo-Ignored": self.ignored, "X-Lienzo-Warnings": self.warnings + job.warnings}
+        return {k: "; ".join(v).encode("ascii", "replace").decode().replace("\n", " ") for k, v in headers.items() if v}
+
+
+def job_response(job: Job, body: _Common, notes: Notes | None = None) -> GenerationResponse | JSONResponse:
     """Images finished so far (an interrupted job keeps them, as A1111 does), or the job's error."""
     if job.status == JobStatus.FAILED:
         message = job.error or "the job failed"
@@ -522,7 +593,8 @@ def job_response(job: Job, body: _Common) -> GenerationResponse | JSONResponse:
         err = a1111_error(InvalidRequestError(job.error_field, message.removeprefix(f"{job.error_field}: ")))
         return error_response(422, str(err), err.field)
     images = [b64encode(saved.png()) for saved in job.images] if body.send_images else []
-    return GenerationResponse(images=images, parameters=echoed_parameters(body), info=json.dumps(job_info(job, body)))
+    answer = GenerationResponse(images=images, parameters=echoed_parameters(body), info=json.dumps(job_info(job, body, notes)))
+    return JSONResponse(answer.model_dump(), headers=(notes or Notes()).headers(job))
 
 
 def request_model(body: _Common, queue: JobQueue) -> str | None:
@@ -533,27 +605,33 @@ def request_model(body: _Common, queue: JobQueue) -> str | None:
     return str(resolve_checkpoint(queue, str(name), "override_settings.sd_model_checkpoint"))
 
 
-async def generate(body: _Common, gen: GenerationRequest, request: Request, queue: JobQueue, endpoint: str):
-    ignored = ignored_fields(body)
-    if ignored:
-        log.warning("%s%s: ignoring what lienzo does not implement: %s", PREFIX, endpoint, ", ".join(ignored))
+async def generate(
+    body: _Common, build: Callable[[Any], GenerationRequest], request: Request, queue: JobQueue, presets: list[Preset], endpoint: str
+):
+    """Refuse scripts, apply styles, note what is ignored, then run the request ``build`` makes."""
+    check_scripts(body)
+    notes = Notes(ignored=ignored_fields(body))
+    if notes.ignored:
+        log.warning("%s%s: ignoring what lienzo does not implement: %s", PREFIX, endpoint, ", ".join(notes.ignored))
+    styled, notes.warnings = apply_styles(body, presets)
+    gen = build(styled)
     model = request_model(body, queue)
     with a1111_fields():
         job = queue.submit(gen, model=model, source="a1111")
     await queue.wait(job, request.is_disconnected)
-    return job_response(job, body)
+    return job_response(job, body, notes)
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
-async def txt2img(body: Txt2ImgRequest, request: Request, queue: Queue, state: State):
+async def txt2img(body: Txt2ImgRequest, request: Request, queue: Queue, state: State, gallery: Gallery):
     """Generate from a prompt; answers when the images are done (or /interrupt stopped it)."""
-    return await generate(body, txt2img_request(body, state.options), request, queue, "/txt2img")
+    return await generate(body, lambda b: txt2img_request(b, state.options), request, queue, gallery.presets(), "/txt2img")
 
 
 @router.post("/img2img", response_model=GenerationResponse)
-async def img2img(body: Img2ImgRequest, request: Request, queue: Queue, settings: AppSettings, state: State):
+async def img2img(body: Img2ImgRequest, request: Request, queue: Queue, settings: AppSettings, state: State, gallery: Gallery):
     """Repaint ``init_images[0]``; with a ``mask``, only the white part of it (inpainting)."""
-    return await generate(body, img2img_request(body, state.options, settings), request, queue, "/img2img")
+    return await generate(body, lambda b: img2img_request(b, state.options, settings), request, queue, gallery.presets(), "/img2img")
 
 
 # -- progress and control -------------------------------------------------------------------------
@@ -639,7 +717,9 @@ async def skip(queue: Queue, state: State) -> None:
 
 
 def set_options(values: dict[str, Any], queue: JobQueue, state: ApiState) -> None:
-    """Check every value lienzo acts on before changing anything, then apply them all."""
+    """Check every value lienzo acts on before changing anything, then apply them all and save them in
+    the data dir (all but the model, which ``lienzo serve --model`` or the default decides at start).
+    Options lienzo does not know are kept and returned, as A1111 does."""
     path = None
     if values.get("sd_model_checkpoint") is not None:
         path = resolve_checkpoint(queue, str(values["sd_model_checkpoint"]), "sd_model_checkpoint")
@@ -649,12 +729,13 @@ def set_options(values: dict[str, Any], queue: JobQueue, state: ApiState) -> Non
     if path is not None:
         queue.model = str(path)
     state.options.update({k: v for k, v in values.items() if k != "sd_model_checkpoint"})
+    state.save()
 
 
 @router.get("/options", response_model=dict[str, Any])
 async def get_options(queue: Queue, settings: AppSettings, state: State) -> dict[str, Any]:
     """Settings: ``sd_model_checkpoint`` is the current model's title; other options as last set."""
-    return {**default_options(settings), **state.options, "sd_model_checkpoint": current_title(queue)}
+    return {**default_options(settings, queue), **state.options, "sd_model_checkpoint": current_title(queue)}
 
 
 @router.post("/options")
@@ -718,13 +799,9 @@ async def samplers() -> list[SamplerItem]:
 async def schedulers() -> list[SchedulerItem]:
     return [
         SchedulerItem(
-            name=s.lower().replace(" ", "_"),
-            label=s,
-            aliases=None,
-            default_rho=7.0 if s == "Karras" else -1,
-            need_inner_model=False,
+            name=s.name, label=s.label, aliases=list(s.aliases) or None, default_rho=s.default_rho, need_inner_model=s.need_inner_model
         )
-        for s in SCHEDULES
+        for s in SCHEDULES.values()
     ]
 
 
@@ -757,6 +834,98 @@ async def upscalers() -> list[UpscalerItem]:
 @router.get("/scripts", response_model=ScriptsList)
 async def scripts() -> ScriptsList:
     return ScriptsList(txt2img=[], img2img=[])
+
+
+# What clients read at start-up. Empty lists where lienzo has none of the thing yet (no hires fix,
+# hence no latent upscale modes; no face restorers, Real-ESRGAN, hypernetworks or embeddings).
+
+
+class NamedItem(BaseModel):
+    name: str
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class FaceRestorerItem(BaseModel):
+    name: str
+    cmd_dir: str | None
+
+
+class RealesrganItem(BaseModel):
+    name: str
+    path: str | None
+    scale: int | None
+
+
+class HypernetworkItem(BaseModel):
+    name: str
+    path: str | None
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, Any] = Field(description="embeddings the current model can use, by name")
+    skipped: dict[str, Any] = Field(description="embeddings found that do not fit the current model")
+
+
+@router.get("/latent-upscale-modes", response_model=list[NamedItem])
+async def latent_upscale_modes() -> list[NamedItem]:
+    return []
+
+
+@router.get("/prompt-styles", response_model=list[PromptStyleItem])
+async def prompt_styles(gallery: Gallery) -> list[PromptStyleItem]:
+    """lienzo's saved presets (the studio's styles, /api/v1/presets); ``styles`` in a request applies them."""
+    return [PromptStyleItem(name=p.name, prompt=p.prompt, negative_prompt=p.negative_prompt) for p in gallery.presets()]
+
+
+@router.get("/face-restorers", response_model=list[FaceRestorerItem])
+async def face_restorers() -> list[FaceRestorerItem]:
+    return []
+
+
+@router.get("/realesrgan-models", response_model=list[RealesrganItem])
+async def realesrgan_models() -> list[RealesrganItem]:
+    return []
+
+
+@router.get("/hypernetworks", response_model=list[HypernetworkItem])
+async def hypernetworks() -> list[HypernetworkItem]:
+    return []
+
+
+@router.get("/embeddings", response_model=EmbeddingsResponse)
+async def embeddings() -> EmbeddingsResponse:
+    return EmbeddingsResponse(loaded={}, skipped={})
+
+
+@router.get("/cmd-flags", response_model=dict[str, Any])
+async def cmd_flags(request: Request, settings: AppSettings, queue: Queue) -> dict[str, Any]:
+    """A1111's command-line flags that have a lienzo counterpart, with lienzo's values."""
+    return {
+        "api": True,
+        "nowebui": False,
+        "port": request.url.port,
+        "api_auth": None,  # never the credentials themselves
+        "data_dir": str(settings.data_dir),
+        "models_dir": str(settings.models_dir),
+        "ckpt_dir": str(settings.models_dir),
+        "ckpt": str(queue.current_model_or_none() or ""),
+        "lora_dir": str(settings.models_dir / "Lora"),
+        "vae_dir": str(settings.models_dir),
+        "embeddings_dir": None,
+        "hypernetwork_dir": None,
+        "device_id": None,
+        "use_cpu": [] if settings.device != "cpu" else ["all"],
+        "no_half": settings.dtype == "float32",
+        "no_half_vae": settings.vae_dtype == "float32",
+        "lowvram": settings.low_vram,
+        "medvram": False,
+        "disable_safe_unpickle": False,  # lienzo never unpickles code from model files
+    }
 
 
 # -- png-info and memory --------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class JobView(BaseModel):
     images: list[ImageView]
     error: str | None
     error_field: str | None
+    warnings: list[str] = Field(description="what the user should know, e.g. a size far from the model's")
     parameters: dict
 
 
@@ -151,6 +152,7 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
         ],
         error=job.error,
         error_field=job.error_field,
+        warnings=job.warnings,
         parameters=parameters(job.request),
     )
 
@@ -223,10 +225,12 @@ async def delete_job(job_id: str, queue: Queue) -> JobView:
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse)
 async def job_image(job_id: str, index: int, queue: Queue) -> FileResponse:
-    """An image as saved: PNG with its infotext."""
+    """An image as saved: PNG with its infotext (resized to the size asked for where the job says so)."""
     job = queue.get(job_id)
     if not 0 <= index < len(job.images):
         raise InvalidRequestError("index", f"job {job_id} has {len(job.images)} images; index must be 0 to {len(job.images) - 1}")
+    if job.resize_to is not None:
+        return Response(job.png(index), media_type="image/png")
     return FileResponse(job.images[index].path, media_type="image/png")
 
 

@@ -183,6 +183,11 @@ def lienzo_model(name: str | None) -> str | None:
     return name.strip()
 
 
+# The sizes OpenAI's models take; clients offer only these, so on a model trained smaller (lienzo-mini
+# is 128x128) they are made at the model's size and answered resized (Job.fit_to_model).
+OPENAI_SIZES = {(256, 256), (512, 512), (1024, 1024), (1536, 1024), (1024, 1536), (1792, 1024), (1024, 1792)}
+
+
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WxH"`` as (width, height); ``"auto"`` or none as (None, None). Ranges are build_request's to check."""
     if size is None or size.strip().lower() in ("", "auto"):
@@ -263,9 +268,9 @@ def images_response(job: Job, response_format: str | None, request: Request) -> 
         filtered = {"filtered": job.images[i].filtered} if job.images[i].filtered else {}
         if response_format == "url":
             return ImageData(url=str(request.url_for("job_image", job_id=job.id, index=i)), revised_prompt=None, **filtered)
-        return ImageData(b64_json=b64encode(job.images[i].png()), revised_prompt=None, **filtered)
+        return ImageData(b64_json=b64encode(job.png(i)), revised_prompt=None, **filtered)
 
-    width, height = (job.images[0].width, job.images[0].height) if job.images else (0, 0)
+    width, height = job.resize_to or ((job.images[0].width, job.images[0].height) if job.images else (0, 0))
     return ImagesResponse(
         created=int(job.finished or time.time()),
         data=[item(i) for i in range(len(job.images))],
@@ -296,8 +301,9 @@ def _warn_ignored(body: _ImageOptions) -> None:
 
 
 async def _run(generation: GenerationRequest, body: _ImageOptions, request: Request, queue: JobQueue) -> JSONResponse:
+    fixed = (generation.width, generation.height) in OPENAI_SIZES
     with _openai_fields():
-        job = queue.submit(generation, model=lienzo_model(body.model), source="openai")
+        job = queue.submit(generation, model=lienzo_model(body.model), source="openai", fit_to_model=fixed)
     await queue.wait(job, request.is_disconnected)
     failure = job_failure(job)
     if failure is not None:
