@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -32,6 +33,22 @@ SAMPLER_HELP = "sampler by its AUTOMATIC1111 name (see `lienzo samplers`)"
 
 def _settings(ctx: click.Context) -> Settings:
     return ctx.find_root().obj
+
+
+def _load_settings(**given) -> Settings:
+    """The settings from ``given`` flags, the LIENZO_* environment and the defaults; a bad value is one
+    line naming its flag or variable. A data dir that is a file is refused here, before anything uses it."""
+    try:
+        settings = Settings(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = str(first["loc"][0])
+        where = f"--{name.replace('_', '-')}" if name in given else f"LIENZO_{name.upper()}"
+        raise LienzoError(f"{where}: {first['msg']}, got {first['input']!r}") from None
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        where = "--data-dir" if "data_dir" in given else "LIENZO_DATA_DIR"
+        raise LienzoError(f"{where}: {settings.data_dir} is a file, not a folder")
+    return settings
 
 
 class _LoraParam(click.ParamType):
@@ -183,13 +200,17 @@ def _request_fields(opts: dict) -> dict:
 
 def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     """Validate the request, load the model, generate with a progress bar, save each image as it is done."""
+    from lienzo.generation.limits import check_limits
     from lienzo.generation.request import build_request
 
     # 1. Validate before the heavy imports: torch, diffusers and transformers take 5 s on a busy
     #    2-core machine, and a typo should not wait for them (nor for the model's 20 s).
     settings = _settings(ctx)
     request = build_request(**{"safety": settings.safety_cli, **fields})
+    check_limits(request, settings, name=lambda field: "--" + _flag_for(field).replace("_", "-"), count_batches=False)
     _check_models(opts, settings)
+    out_option = "--out" if opts.get("out") else "--outputs-dir"
+    _make_output_folder(opts.get("out") or settings.outputs_dir, out_option)
     if not request.prompt.strip():
         err_console.print("note: the prompt is empty; generating without one", highlight=False)
 
@@ -213,7 +234,10 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
 
     def save(image) -> None:
         watermark = wants_watermark(request, settings)
-        path = save_generated(image, out_dir, provenance, watermark=watermark, gallery=gallery, source="cli", mode=mode).path
+        try:
+            path = save_generated(image, out_dir, provenance, watermark=watermark, gallery=gallery, source="cli", mode=mode).path
+        except OSError as err:  # a disk that filled up, a folder removed or locked meanwhile
+            raise LienzoError(f"{out_option}: cannot save into {out_dir}: {err.strerror or err}") from None
         click.echo(str(path))
         if image.filtered:
             err_console.print(f"[yellow]{escape(path.name)}: {image.filtered} by the safety filter", highlight=False)
@@ -237,16 +261,35 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
 
 
+def _make_output_folder(folder: Path, option: str) -> None:
+    """Create the output folder now: one that cannot be written fails in one line before the model
+    loads, not after the images are made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LienzoError(f"{option}: {folder} is a file, not a folder") from None
+    except OSError as err:
+        raise LienzoError(f"{option}: cannot create {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LienzoError(f"{option}: cannot write into {folder}: permission denied")
+
+
 def _check_models(opts: dict, settings: Settings) -> None:
-    """``--model`` and ``--vae`` name something that exists. A path is checked without torch; a name is
-    looked up by the registry, which imports torch (to read model files) but not diffusers or the weights."""
+    """``--model`` and ``--vae`` name something that exists. A path is checked without torch, and must be a
+    regular file or model folder (a FIFO or /dev/zero would hang the load); a name is looked up by the
+    registry, which imports torch (to read model files) but not diffusers or the weights."""
     for flag in ("model", "vae"):
         value = opts.get(flag)
-        if value is None or Path(value).expanduser().exists():
+        if value is None:
+            continue
+        if Path(value).expanduser().exists():
+            from lienzo.models.paths import check_model_path
+
+            check_model_path(Path(value).expanduser(), flag)
             continue
         from lienzo.models.registry import Registry
 
-        Registry(settings.models_dir, settings.cache_dir).resolve(value)
+        Registry(settings.models_dir, settings.cache_dir).resolve(value, field=flag)
 
 
 def _open_gallery(settings: Settings):
@@ -294,7 +337,12 @@ class _Group(click.Group):
     def format_epilog(self, ctx, formatter):
         """Where this machine's folders are (from the environment and the defaults; --help is answered
         before the other flags are read), so that a user can find the images every command saves."""
-        settings = Settings()
+        try:
+            settings = _load_settings()
+        except LienzoError as err:
+            with formatter.section("Folders"):
+                formatter.write_text(f"unknown: {err}")
+            return
         with formatter.section("Folders (--outputs-dir, --models-dir and --data-dir change them)"):
             formatter.write_dl(
                 [("outputs", str(settings.outputs_dir)), ("models", str(settings.models_dir)), ("data", str(settings.data_dir))]
@@ -312,7 +360,7 @@ def app(ctx, models_dir, outputs_dir, data_dir, verbose):
     """lienzo: create art with diffusion models, offline."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {"models_dir": models_dir, "outputs_dir": outputs_dir, "data_dir": data_dir}
-    ctx.obj = Settings(**{k: v for k, v in given.items() if v is not None})
+    ctx.obj = _load_settings(**{k: v for k, v in given.items() if v is not None})
 
 
 @app.command()
@@ -351,7 +399,8 @@ def img2img(ctx, image, prompt, **opts):
     """Image to image: repaint IMAGE guided by PROMPT."""
     from lienzo.images.io import load_image
 
-    _run(ctx, "img2img", {**_request_fields(opts), "prompt": prompt, "init_image": load_image(image)}, opts)
+    init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
+    _run(ctx, "img2img", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
 
 
 @app.command()
@@ -367,8 +416,9 @@ def inpaint(ctx, image, mask, prompt, **opts):
     """Repaint the white part of MASK in IMAGE."""
     from lienzo.images.io import load_image, load_mask
 
-    init = load_image(image)
-    fields = {**_request_fields(opts), "prompt": prompt, "init_image": init, "mask": load_mask(mask, init.size)}
+    most = _settings(ctx).max_input_pixels
+    init = load_image(image, max_pixels=most)
+    fields = {**_request_fields(opts), "prompt": prompt, "init_image": init, "mask": load_mask(mask, init.size, max_pixels=most)}
     _run(ctx, "inpaint", fields, opts)
 
 
@@ -390,7 +440,8 @@ def outpaint(ctx, image, prompt, **opts):
 
     if not any(opts[k] for k in ("left", "right", "up", "down")):
         raise click.UsageError("give at least one of --left, --right, --up, --down")
-    _run(ctx, "outpaint", {**_request_fields(opts), "prompt": prompt, "init_image": load_image(image)}, opts)
+    init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
+    _run(ctx, "outpaint", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
 
 
 @app.command()
@@ -649,9 +700,9 @@ _TRAIN_FLAGS = {
 @click.option("--lora-alpha", type=float, help="LoRA alpha")
 @click.option("--lora-name", help="file name of the saved LoRA")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
-@click.option("--num-processes", type=int, default=1, show_default=True, help="processes (one per GPU, or CPU processes)")
-@click.option("--stop-after", type=int, help="save a checkpoint and stop after this many steps (resume later)")
-@click.option("--time-limit", type=float, help="save a checkpoint and stop after this many minutes")
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True, help="processes (one per GPU, or CPU processes)")
+@click.option("--stop-after", type=click.IntRange(min=0), help="save a checkpoint and stop after this many steps (resume later)")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="save a checkpoint and stop after this many minutes")
 @click.pass_context
 def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perceptual_weights, lora, device, num_processes, stop_after, time_limit, **flags):
     """Train a diffusion model on a folder of images, or a LoRA on an existing model."""
@@ -779,18 +830,29 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
 @click.option("--auth", envvar="LIENZO_AUTH", metavar="USER:PASS", help="require HTTP Basic credentials [env LIENZO_AUTH]")
 @click.option("--api-key", envvar="LIENZO_API_KEY", metavar="KEY", help="require 'Authorization: Bearer KEY' [env LIENZO_API_KEY]")
 @click.option("--insecure", is_flag=True, help="allow listening beyond this machine without authentication")
+@click.option(
+    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+    help="also answer to this Host name (besides localhost, IP addresses and this machine's name); repeatable; "
+    ".example.com: a domain and its subdomains; '*': any [env LIENZO_ALLOWED_HOSTS, comma-separated]",
+)
+@click.option(
+    "--public-url", metavar="URL",
+    help="the address clients reach this server at, for links in answers, e.g. https://studio.example behind a proxy "
+    "[env LIENZO_PUBLIC_URL; default: the address a request arrived at]",
+)
 @click.option("-m", "--model", help="model for requests that name none (default: lienzo's own, else the models dir's first)")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
 @click.option("--dtype", help="auto, float32, float16 or bfloat16 [default: auto]")
 @_speed_options
 @click.pass_context
-def serve(ctx, host, port, listen, auth, api_key, insecure, model, device, dtype, **speed):
+def serve(ctx, host, port, listen, auth, api_key, insecure, allowed_hosts, public_url, model, device, dtype, **speed):
     """HTTP server: lienzo's API (/api/v1), AUTOMATIC1111's (/sdapi/v1) and OpenAI's (/v1/images); docs at /docs."""
     import ipaddress
 
     import uvicorn
 
     from lienzo.server.app import Auth, create_app
+    from lienzo.settings import parse_allowed_hosts, parse_public_url
 
     settings = _settings(ctx)
     if device:
@@ -800,6 +862,15 @@ def serve(ctx, host, port, listen, auth, api_key, insecure, model, device, dtype
     for name, value in _speed_kwargs(speed).items():
         if value is not None:
             setattr(settings, name, value)
+    try:
+        settings.allowed_hosts = [*settings.allowed_hosts, *parse_allowed_hosts(list(allowed_hosts))]
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--allowed-host") from None
+    if public_url is not None:
+        try:
+            settings.public_url = parse_public_url(public_url)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--public-url") from None
     host = "0.0.0.0" if listen else host
     user, sep, password = (auth or "").partition(":")
     if auth is not None and (not sep or not user):
@@ -809,6 +880,7 @@ def serve(ctx, host, port, listen, auth, api_key, insecure, model, device, dtype
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name
         loopback = host == "localhost"
+        settings.allowed_hosts.append(host.lower())  # the name it listens on is its own
     if not loopback and not credentials.enabled and not insecure:
         raise click.UsageError(
             f"refusing to listen on {host} without authentication: give --auth USER:PASS or --api-key KEY "

@@ -15,7 +15,7 @@ from lienzo.gallery.importers import meta_from_infotext
 from lienzo.gallery.store import Gallery, GalleryError
 from lienzo.generation.engine import GeneratedImage
 from lienzo.generation.request import GenerationRequest
-from lienzo.images.io import next_image_path, save_png_atomic
+from lienzo.images.io import save_png_numbered
 from lienzo.images.metadata import parse_infotext, pnginfo
 from lienzo.images.provenance import GENERATOR, PROVENANCE_KEY, XMP_KEY, Provenance, ProvenanceRecord, WatermarkInfo, xmp_packet
 from lienzo.images.watermark import mark
@@ -58,7 +58,8 @@ def save_generated(
     source: str = "cli",
     mode: str | None = None,
 ) -> SavedOutput:
-    """Write one generated image, atomically, as the next numbered PNG in ``out_dir``, watermarked
+    """Write one generated image, atomically, as the next free numbered PNG in ``out_dir`` (never over
+    another's, even one saved at the same moment by another process), watermarked
     when ``watermark`` is on and the image can hold the mark, with its infotext and provenance; then
     add it to ``gallery`` (if given) as made by ``source`` in ``mode``."""
     # 1. Watermark the pixels first: the mark lives in them, and the record must say whether it is there.
@@ -75,7 +76,7 @@ def save_generated(
     chunks.add_itxt(XMP_KEY, xmp_packet(record))
 
     # 3. Write.
-    path = save_png_atomic(pixels, next_image_path(out_dir, image.seed), chunks)
+    path = save_png_numbered(pixels, out_dir, image.seed, chunks)
 
     # 4. Index it, now that the file is whole. A gallery that fails (locked past its timeout) must not
     # lose the image: the file is kept, and reconcile adds it later.

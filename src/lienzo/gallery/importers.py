@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lienzo.errors import ImageFileError, LienzoError
 from lienzo.generation.remake import fields_from_infotext
-from lienzo.images.metadata import Infotext, format_infotext, parameters_from, parse_infotext
+from lienzo.images.metadata import Infotext, format_infotext, parameters_from, parse_infotext, replace_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ def read_meta(source: str | PathLike | bytes) -> ImageMeta:
 def meta_from_infotext(info: Infotext, size: tuple[int, int], text: str | None = None) -> ImageMeta:
     """``info`` as gallery values, for an image of ``size``. ``text`` is the infotext as the image
     holds it; None writes one from ``info`` (for the formats that are not A1111's)."""
+    # A file's metadata may hold anything. A JSON escape such as "\ud800" reads as a lone surrogate,
+    # which nothing downstream can write (SQLite, JSON answers): shown as U+FFFD, the rest is kept.
+    clean = replace_lone_surrogates
+    info = Infotext(clean(info.prompt), clean(info.negative_prompt), {clean(key): clean(value) for key, value in info.params.items()})
+    text = None if text is None else clean(text)
     try:
         fields = fields_from_infotext(info)
     except LienzoError as err:
@@ -86,6 +91,11 @@ def meta_from_infotext(info: Infotext, size: tuple[int, int], text: str | None =
         log.warning("ignoring unreadable generation parameters: %s", err)
         info = Infotext(info.prompt, info.negative_prompt)
         fields = fields_from_infotext(info)
+    for key, value in list(fields.items()):
+        # SQLite integers are 64-bit; ComfyUI's seeds go up to 2**64 - 1, and any file can claim more.
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            log.warning("ignoring %s = %d: beyond the 64-bit integers the gallery stores", key, value)
+            del fields[key]
     mode = _mode(info.params)
     if mode == "txt2img":
         fields.pop("denoising_strength", None)  # a hires-fix pass's; txt2img takes none

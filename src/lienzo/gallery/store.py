@@ -10,12 +10,14 @@ The database runs in WAL mode so that the CLI and the server, two processes, can
 never wait, and a writer takes the write lock up front (``BEGIN IMMEDIATE``) and waits up to
 ``timeout`` seconds for another writer. Prompts are searchable through an FTS5 index over the
 table that triggers keep in step. The schema is versioned with ``PRAGMA user_version``: opening a
-database applies the migrations it lacks, in order.
+database applies the migrations it lacks, in order. Opening a damaged database file moves it aside
+(``gallery.db.damaged-<time>``) and rebuilds the index from the files, with a warning that says so.
 """
 
 import io
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -32,6 +34,7 @@ from PIL import Image
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError
 from lienzo.gallery.importers import ImageMeta, read_meta
 from lienzo.images.io import decode_image, write_atomic
+from lienzo.images.metadata import lone_surrogate
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ _COLUMNS = (
 _SELECT = f"SELECT id, favourite, {_COLUMNS} FROM images"
 _SELECT_PRESET = "SELECT name, prompt, negative_prompt, created FROM presets"
 MAX_PAGE = 200
+# Ids are SQLite rowids, 1 to 2**63 - 1; a number outside cannot even be bound to a query.
+MAX_ID = 2**63 - 1
 
 
 class GalleryError(LienzoError):
@@ -213,20 +218,51 @@ class Gallery:
         with self._lock:
             if self._conn is None:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
-                # isolation_level=None: transactions are begun and ended here, explicitly.
-                conn = sqlite3.connect(self.db_path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
                 try:
-                    conn.row_factory = sqlite3.Row
-                    migrate(conn, self.db_path)  # first: a database from a newer lienzo is left exactly as it was
-                    conn.execute("PRAGMA journal_mode = WAL")
-                    # NORMAL is safe in WAL mode; a power cut may lose the last commits, which reconcile restores from the files.
-                    conn.execute("PRAGMA synchronous = NORMAL")
-                    conn.execute("PRAGMA foreign_keys = ON")
-                except BaseException:
-                    conn.close()
-                    raise
-                self._conn = conn
+                    self._conn = self._open()
+                except _Damaged as damage:
+                    self._rebuild(str(damage))
             return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are begun and ended here, explicitly.
+        conn = sqlite3.connect(self.db_path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            _check_pages(conn)
+            migrate(conn, self.db_path)  # before any write: a database from a newer lienzo is left exactly as it was
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is safe in WAL mode; a power cut may lose the last commits, which reconcile restores from the files.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _rebuild(self, damage: str) -> None:
+        """Move the damaged database (and its WAL and shared-memory files) aside, start a new one and
+        index the images under the outputs again from their own metadata. Only the database knew the
+        favourites, the presets and the images saved outside the outputs dir; they are not recovered."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = self.db_path.with_name(f"{self.db_path.name}.damaged-{stamp}"), 1
+        while aside.exists():  # damaged again within the second
+            aside, n = self.db_path.with_name(f"{self.db_path.name}.damaged-{stamp}-{n}"), n + 1
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.db_path}{suffix}").exists():
+                    os.replace(f"{self.db_path}{suffix}", f"{aside}{suffix}")
+        except OSError as err:
+            raise GalleryError(
+                f"gallery: {self.db_path} is damaged ({damage}) and could not be moved aside ({err.strerror}); move it away by hand"
+            ) from None
+        self._conn = self._open()
+        report = self.reconcile()
+        log.warning(
+            "gallery: %s was damaged (%s); it was moved to %s and the gallery rebuilt from the %d images under %s. "
+            "Favourites, presets and images saved elsewhere could not be recovered.",
+            self.db_path, damage, aside.name, report.added, self.outputs_dir,
+        )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -255,9 +291,9 @@ class Gallery:
             return _insert(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
 
     def get(self, image_id: int) -> GalleryItem:
-        rows = self._read(f"{_SELECT} WHERE id = ?", (image_id,))
+        rows = self._read(f"{_SELECT} WHERE id = ?", (_known_id(image_id),))
         if not rows:
-            raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+            raise _no_image(image_id)
         return GalleryItem.from_row(rows[0])
 
     def search(
@@ -276,6 +312,9 @@ class Gallery:
         before ``until`` (epoch seconds), (not) favourites. ``cursor`` is a previous page's ``next``."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequestError("limit", f"must be 1 to {MAX_PAGE}, got {limit}")
+        _savable("q", q)
+        if model is not None:
+            _savable("model", model)
         where, params = [], []
         match = fts_query(q)
         if match is not None:
@@ -310,17 +349,17 @@ class Gallery:
 
     def set_favourite(self, image_id: int, favourite: bool) -> GalleryItem:
         with self._write() as conn:
-            if conn.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), image_id)).rowcount == 0:
-                raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+            if conn.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), _known_id(image_id))).rowcount == 0:
+                raise _no_image(image_id)
         return self.get(image_id)
 
     def delete(self, image_id: int) -> GalleryItem:
         """Delete the image's file and row together: the row is deleted, the file unlinked, then the
         deletion committed; a file that cannot be unlinked (permissions) keeps its row."""
         with self._write() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE id = ?", (image_id,)).fetchall()
+            rows = conn.execute(f"{_SELECT} WHERE id = ?", (_known_id(image_id),)).fetchall()
             if not rows:
-                raise NotFoundError("id", f"no image with id {image_id} in the gallery")
+                raise _no_image(image_id)
             item = GalleryItem.from_row(rows[0])
             conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
             item.path.unlink(missing_ok=True)
@@ -363,15 +402,21 @@ class Gallery:
         try:
             mtime = item.path.stat().st_mtime_ns
         except FileNotFoundError:
-            raise NotFoundError("id", f"image {image_id}'s file {item.path} is gone; `lienzo gallery reconcile` drops its row") from None
+            raise file_gone(image_id) from None
         cached = self.thumbs_dir / f"{image_id}-{size}-{mtime}.webp"
         if cached.is_file():
             return cached.read_bytes()
-        with Image.open(item.path) as image:
-            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="WEBP", quality=80)
+        try:
+            with Image.open(item.path) as image:
+                image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+                image.thumbnail((size, size))
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="WEBP", quality=80)
+        except FileNotFoundError:
+            raise file_gone(image_id) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            # Changed by hand since it was indexed. Pillow's message names the server's path: not said.
+            raise ImageFileError(f"id: image {image_id}'s file is no longer a readable image") from None
         for old in self.thumbs_dir.glob(f"{image_id}-{size}-*.webp"):
             old.unlink(missing_ok=True)
         write_atomic(cached, lambda file: file.write(buffer.getvalue()))
@@ -417,9 +462,12 @@ class Gallery:
         entries = []
         for path in new:
             try:
+                _path_text(path)
                 meta, mtime = read_meta(path), path.stat().st_mtime
-            except (ImageFileError, FileNotFoundError) as err:
-                log.warning("%s: not added to the gallery: %s", path, err)
+            except (GalleryError, ImageFileError, FileNotFoundError) as err:
+                # A name that is not UTF-8 is shown escaped: logging it raw fails in every UTF-8 handler.
+                shown = str(path).encode("utf-8", "backslashreplace").decode()
+                log.warning("%s: not added to the gallery: %s", shown, err)
                 continue
             entries.append((path, meta, *_source_and_mode(path.relative_to(root), meta), mtime))
         with self._write() as conn:
@@ -432,16 +480,18 @@ class Gallery:
         return [Preset(**row) for row in self._read(f"{_SELECT_PRESET} ORDER BY name COLLATE NOCASE")]
 
     def preset(self, name: str) -> Preset:
-        rows = self._read(f"{_SELECT_PRESET} WHERE name = ?", (name,))
+        rows = self._read(f"{_SELECT_PRESET} WHERE name = ?", (_savable("name", name),))
         if not rows:
             raise NotFoundError("name", f"no preset named {name!r}")
         return Preset(**rows[0])
 
     def put_preset(self, name: str, prompt: str, negative_prompt: str = "") -> Preset:
         """Save a preset, replacing one of the same name (names are matched ignoring case)."""
-        name = name.strip()
+        name = _savable("name", name.strip())
         if not 1 <= len(name) <= 100:
             raise InvalidRequestError("name", f"a preset name must be 1 to 100 characters, got {len(name)}")
+        _savable("prompt", prompt)
+        _savable("negative_prompt", negative_prompt)
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO presets (name, prompt, negative_prompt, created) VALUES (?, ?, ?, ?) "
@@ -452,7 +502,7 @@ class Gallery:
 
     def delete_preset(self, name: str) -> None:
         with self._write() as conn:
-            if conn.execute("DELETE FROM presets WHERE name = ?", (name,)).rowcount == 0:
+            if conn.execute("DELETE FROM presets WHERE name = ?", (_savable("name", name),)).rowcount == 0:
                 raise NotFoundError("name", f"no preset named {name!r}")
 
 
@@ -478,6 +528,28 @@ def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery") -> None:
         log.info("%s: gallery schema migrated from version %d to %d", what, version, latest)
 
 
+class _Damaged(Exception):
+    """The database file is not one, or its pages do not add up; the message says which."""
+
+
+# SQLite's result codes for a damaged file (the low byte: extended codes refine it).
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _check_pages(conn: sqlite3.Connection) -> None:
+    """_Damaged when the file is not a database or its pages are broken (a crash on a disk that lies
+    about flushes, a copy cut short). quick_check reads each page once (about 20 ms for 5,000 images),
+    and so finds damage at opening, not in the middle of a request."""
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as err:
+        if (getattr(err, "sqlite_errorcode", 0) & 0xFF) in _DAMAGE_CODES:
+            raise _Damaged(str(err)) from err
+        raise
+    if problems != ["ok"]:
+        raise _Damaged("; ".join(problems[:3]))
+
+
 def _user_version(conn: sqlite3.Connection, what: Path | str) -> int:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
@@ -501,9 +573,37 @@ def fts_query(text: str) -> str | None:
 def _parse_cursor(cursor: str) -> tuple[float, int]:
     created, _, image_id = cursor.partition("_")
     try:
-        return float(created), int(image_id)
+        parsed = float(created), int(image_id)
     except ValueError:
-        raise InvalidRequestError("cursor", f"{cursor!r} is not a cursor the gallery gave out (use a page's 'next')") from None
+        parsed = None
+    # An id beyond a rowid's range would fail to bind; the gallery gives out finite times and real ids.
+    if parsed is None or not math.isfinite(parsed[0]) or not 1 <= parsed[1] <= MAX_ID:
+        raise InvalidRequestError("cursor", f"{cursor!r} is not a cursor the gallery gave out (use a page's 'next')")
+    return parsed
+
+
+def _known_id(image_id: int) -> int:
+    """``image_id``, or NotFoundError for a number no row can have (SQLite would refuse to bind it)."""
+    if not 1 <= image_id <= MAX_ID:
+        raise _no_image(image_id)
+    return image_id
+
+
+def file_gone(image_id: int) -> NotFoundError:
+    """Image ``image_id``'s row outlived its file. The message is for HTTP clients too: no server path."""
+    return NotFoundError("id", f"image {image_id}'s file is gone; `lienzo gallery reconcile` drops its row")
+
+
+def _no_image(image_id: int) -> NotFoundError:
+    return NotFoundError("id", f"no image with id {image_id} in the gallery")
+
+
+def _savable(field: str, text: str) -> str:
+    """``text``, or InvalidRequestError naming ``field`` when SQLite (UTF-8) cannot store or look it up."""
+    problem = lone_surrogate(text)
+    if problem is not None:
+        raise InvalidRequestError(field, problem)
+    return text
 
 
 def _insert(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: str, mode: str | None, created: float, *, replace: bool) -> int | None:
@@ -511,7 +611,7 @@ def _insert(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: str, 
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     values = (
-        str(path), created, source, mode, meta.prompt, meta.negative_prompt, meta.model, meta.model_hash, meta.seed,
+        _path_text(path), created, source, mode, meta.prompt, meta.negative_prompt, meta.model, meta.model_hash, meta.seed,
         meta.width, meta.height, meta.steps, meta.cfg_scale, meta.sampler, meta.schedule, meta.infotext,
         json.dumps(meta.parameters), path.stat().st_size,
     )
@@ -523,6 +623,14 @@ def _insert(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: str, 
     placeholders = ", ".join("?" * len(values))
     row = conn.execute(f"INSERT INTO images ({_COLUMNS}) VALUES ({placeholders}) ON CONFLICT (path) {conflict} RETURNING id", values).fetchone()
     return None if row is None else row["id"]
+
+
+def _path_text(path: Path) -> str:
+    """``path`` as the gallery stores it, or GalleryError for a file name that is not UTF-8 (Python
+    reads such a name with surrogates, which SQLite cannot store)."""
+    if lone_surrogate(str(path)) is not None:
+        raise GalleryError(f"gallery: the file name is not valid UTF-8; rename the file to add it ({ascii(path.name)})")
+    return str(path)
 
 
 def _source_and_mode(relative: Path, meta: ImageMeta) -> tuple[str, str | None]:

@@ -189,14 +189,14 @@ def generate(
 ) -> GenerationResult:
     """Run a request on loaded components (already on their device) and return the images.
 
-    ``progress`` is called after every step, ``cancel`` before every step (return True to stop with
-    GenerationCancelled), ``on_image`` as soon as each image is finished (so a caller can save it
-    before a later batch is cancelled). ``skip``, also checked before every step, drops the batch
-    being denoised and goes on with the next one (A1111's "Skip"). ``interrupt``, checked there too,
-    ends the job as A1111's "Interrupt" does: the batch being denoised is finished from the clean
-    image its last step predicted, and later batches are not made. With ``request.safety`` blur or
-    block, ``components.safety_filter`` checks every finished batch (None counts as off: the front
-    doors choose the default).
+    ``progress`` is called after every step, ``cancel`` before every prompt chunk encoded and every
+    step (return True to stop with GenerationCancelled), ``on_image`` as soon as each image is
+    finished (so a caller can save it before a later batch is cancelled). ``skip``, also checked
+    before every step, drops the batch being denoised and goes on with the next one (A1111's
+    "Skip"). ``interrupt``, checked there too, ends the job as A1111's "Interrupt" does: the batch
+    being denoised is finished from the clean image its last step predicted, and later batches are
+    not made. With ``request.safety`` blur or block, ``components.safety_filter`` checks every
+    finished batch (None counts as off: the front doors choose the default).
     """
     started = time.perf_counter()
     # 1. Resolve what the request leaves open: seed, sampler, schedule, sizes.
@@ -213,7 +213,7 @@ def generate(
 
     # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
     prompt, _ = extract_lora_tags(request.prompt)
-    pos, neg = encode_pair(components, prompt, request.negative_prompt, clip_skip=request.clip_skip, device=device)
+    pos, neg = encode_pair(components, prompt, request.negative_prompt, clip_skip=request.clip_skip, device=device, cancel=cancel)
     info_prompt = _infotext_prompt(request)
 
     images: list[GeneratedImage] = []

@@ -9,6 +9,7 @@ Three steps, one function each:
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lienzo.devices import execution_device
-from lienzo.errors import InvalidRequestError, LienzoError
+from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
 from lienzo.models.components import Components
 
 # The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
@@ -196,6 +197,7 @@ def encode_prompt(
     clip_skip: int = 1,
     min_chunks: int = 1,
     device: torch.device | str | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> PromptEmbeddings:
     """Encode one prompt; pad with empty-prompt chunks up to ``min_chunks``.
 
@@ -205,6 +207,8 @@ def encode_prompt(
     hidden state of both encoders, unnormalised, as SDXL was trained; n is the (n+1)-th last.
     Emphasis weights apply to each encoder's output on its own, as A1111 does for SDXL.
     The result is moved to ``device`` (default: it stays where the text encoder is).
+    ``cancel`` is checked before every chunk (True: stop with GenerationCancelled), as a long
+    prompt is hundreds of encoder passes.
     """
     # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
     encoders = _encoders(components)
@@ -222,7 +226,11 @@ def encode_prompt(
     pooled = None
     for (encoder, _), chunks in zip(encoders, chunk_lists):
         _check_clip_skip(encoder, clip_skip, is_sdxl)
-        encoded = [_encode_chunk(encoder, chunk, clip_skip, is_sdxl) for chunk in chunks]
+        encoded = []
+        for chunk in chunks:
+            if cancel is not None and cancel():
+                raise GenerationCancelled("generation cancelled")
+            encoded.append(_encode_chunk(encoder, chunk, clip_skip, is_sdxl))
         per_encoder.append(torch.cat([hidden for hidden, _ in encoded], dim=1))
         pooled = encoded[0][1]
     embeds = torch.cat(per_encoder, dim=-1)
@@ -241,13 +249,14 @@ def encode_pair(
     *,
     clip_skip: int = 1,
     device: torch.device | str | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings]:
     """Encode prompt and negative prompt padded to the same number of chunks, so that
-    classifier-free guidance can batch them into one UNet call."""
+    classifier-free guidance can batch them into one UNet call; ``cancel`` as in :func:`encode_prompt`."""
     chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in (prompt, negative))
     return (
-        encode_prompt(components, prompt, clip_skip=clip_skip, min_chunks=chunks, device=device),
-        encode_prompt(components, negative, clip_skip=clip_skip, min_chunks=chunks, device=device),
+        encode_prompt(components, prompt, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
+        encode_prompt(components, negative, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
     )
 
 

@@ -1,16 +1,19 @@
 """GenerationRequest: the one object every front door builds, and the one place that knows the limits."""
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.samplers import resolve_sampler, schedule_label
+from lienzo.images.metadata import lone_surrogate
 from lienzo.settings import SafetyPolicy
 
+MIN_SIDE = 64
 MAX_SIDE = 4096
 MAX_STEPS = 150  # AUTOMATIC1111's slider limit; more steps stop changing the picture long before
 MAX_SEED = 2**32 - 1
@@ -18,6 +21,11 @@ MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 100
 # A1111 takes negative LoRA weights too (they push away from the LoRA); beyond ±10 any LoRA is noise.
 MAX_LORA_WEIGHT = 10
+# Long prompts are real (A1111 encodes them in 75-token chunks, BREAK starts another), but every chunk is a
+# text-encoder pass and widens every U-Net step: 40,000 characters is about 10,000 CLIP tokens of prompt
+# text (4 characters a token), ten times the longest prompts in use. Characters, not tokens: exact, and
+# counted without loading a tokenizer, so a client can check it too.
+MAX_PROMPT_CHARS = 40_000
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
@@ -32,6 +40,48 @@ _RANGES = {
     "mask_blur": (0, 256, " pixels"),
     "only_masked_padding": (0, 256, " pixels"),
 }
+_OUTPAINT = ("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
+# What the limits leave out, as the API descriptions say it: rules across fields and the server's settings.
+_UNSAID = {
+    "width": "width x height is also held to the server's max_pixels",
+    "height": "width x height is also held to the server's max_pixels",
+    "steps": "also at most the server's max_steps",
+    "batch_size": "the images of one request (batch size x batches) are also held to the server's max_images",
+    "batch_count": "the images of one request (batch size x batches) are also held to the server's max_images",
+}
+
+
+def json_limits(name: str) -> dict[str, int | float]:
+    """The limits the validators below hold ``name`` to, as JSON Schema keywords ({} for none). The API
+    descriptions take them from here, so that a value they allow is one the field takes (what depends on
+    other fields or on the server's settings is said in words, see _UNSAID)."""
+    if name in ("width", "height"):
+        return {"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": 8}
+    if name in _OUTPAINT:
+        return {"minimum": 0, "maximum": MAX_SIDE, "multipleOf": 8}
+    if name == "seed":
+        return {"minimum": -1, "maximum": MAX_SEED}
+    if name in ("prompt", "negative_prompt"):
+        return {"maxLength": MAX_PROMPT_CHARS}
+    if name in _RANGES:
+        low, high, _ = _RANGES[name]
+        return {"minimum": low, "maximum": high}
+    return {}
+
+
+def schema_limits(name: str) -> Callable[[dict[str, Any]], None]:
+    """A ``json_schema_extra`` for an API field that carries ``name``: its limits, on the value (not on
+    the null an optional field also takes), and what they leave out, in the field's description."""
+    keywords, unsaid = json_limits(name), _UNSAID.get(name)
+
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") != "null":
+                branch.update(keywords)
+        if unsaid:
+            schema["description"] = "; ".join(filter(None, [schema.get("description"), unsaid]))
+
+    return extra
 
 
 def _check_lora_weight(weight: float, what: str) -> float:
@@ -48,8 +98,9 @@ class LoraRef(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    weight: float = 1.0
+    # The validators below check these (with messages that say what is allowed); the schema tells clients.
+    name: str = Field(description="not blank, without '<', '>' or ':'", json_schema_extra={"minLength": 1, "pattern": "^[^<>:]*$"})
+    weight: float = Field(1.0, json_schema_extra={"minimum": -MAX_LORA_WEIGHT, "maximum": MAX_LORA_WEIGHT})
 
     @model_validator(mode="before")
     @classmethod
@@ -69,6 +120,9 @@ class LoraRef(BaseModel):
         # The name goes into the infotext as <lora:NAME:WEIGHT>, which these characters would break.
         if not v or any(c in v for c in "<>:"):
             raise ValueError(f"a LoRA name must be non-empty, without '<', '>' or ':', got {v!r}")
+        problem = lone_surrogate(v)
+        if problem is not None:
+            raise ValueError(f"a LoRA name {problem}")
         return v
 
     @field_validator("weight")
@@ -122,8 +176,8 @@ class GenerationRequest(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _side(cls, v: int | None, info) -> int | None:
-        if v is not None and (v % 8 or not 64 <= v <= MAX_SIDE):
-            raise ValueError(f"{info.field_name} must be a multiple of 8 between 64 and {MAX_SIDE}, got {v}")
+        if v is not None and (v % 8 or not MIN_SIDE <= v <= MAX_SIDE):
+            raise ValueError(f"{info.field_name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {v}")
         return v
 
     @field_validator(*_RANGES)
@@ -132,6 +186,23 @@ class GenerationRequest(BaseModel):
         low, high, unit = _RANGES[info.field_name]
         if not math.isfinite(v) or not low <= v <= high:
             raise ValueError(f"{info.field_name} must be between {low} and {high}{unit}, got {v}")
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _length(cls, v: str, info) -> str:
+        if len(v) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{info.field_name} is {len(v):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _savable(cls, v: str) -> str:
+        # Refused here, at every front door, not half-way through the job: the tokenizer, the PNG's
+        # text and the gallery all fail on it.
+        problem = lone_surrogate(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("prompt")
@@ -170,7 +241,7 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {v}")
         return v
 
-    @field_validator("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
+    @field_validator(*_OUTPAINT)
     @classmethod
     def _outpaint(cls, v: int, info) -> int:
         if v % 8 or not 0 <= v <= MAX_SIDE:

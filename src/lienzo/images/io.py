@@ -4,7 +4,8 @@ import io
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,8 +18,9 @@ from lienzo.errors import ImageFileError, InvalidRequestError
 _ALPHA_MODES = ("RGBA", "LA", "PA")
 
 
-def _open(path: str | Path, field: str) -> Image.Image:
-    """Open and fully decode ``path``, turned upright by its EXIF orientation; errors name ``field``."""
+def _open(path: str | Path, field: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode ``path``, turned upright by its EXIF orientation; errors name ``field``;
+    ``max_pixels`` as in :func:`_decode`."""
     path = Path(path)
     if path.is_dir():
         raise ImageFileError(f"{field}: {path} is a folder, not an image file")
@@ -27,7 +29,7 @@ def _open(path: str | Path, field: str) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageFileError(f"{field}: {path} is empty (0 bytes)")
     try:
-        return _decode(path, field, str(path))
+        return _decode(path, field, str(path), max_pixels)
     except PermissionError as err:
         raise ImageFileError(f"{field}: cannot read {path}: permission denied") from err
 
@@ -40,7 +42,9 @@ def _decode(source, field: str, what: str, max_pixels: int | None = None) -> Ima
         with Image.open(source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 w, h = image.size
-                raise ImageFileError(f"{field}: {what} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+                raise ImageFileError(
+                    f"{field}: {what} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} (max_input_pixels, LIENZO_MAX_INPUT_PIXELS)"
+                )
             # Decode every pixel now: Image.open reads only the header, so a truncated
             # file would otherwise fail later, in the middle of a generation.
             image.load()
@@ -77,13 +81,14 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
-def load_image(path: str | Path, *, field: str = "image") -> Image.Image:
-    """Read an input image as RGB, upright, with any transparency composited onto white.
+def load_image(path: str | Path, *, field: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Read an input image as RGB, upright, with any transparency composited onto white; one over
+    ``max_pixels`` is refused before its pixels are decoded.
 
     White, because it is the background editors show behind transparency and the one
     AUTOMATIC1111 flattens img2img inputs onto by default.
     """
-    return flatten(_open(path, field))
+    return flatten(_open(path, field, max_pixels))
 
 
 def flatten(image: Image.Image) -> Image.Image:
@@ -95,14 +100,15 @@ def flatten(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def load_mask(path: str | Path, size: tuple[int, int], *, field: str = "mask") -> Image.Image:
+def load_mask(path: str | Path, size: tuple[int, int], *, field: str = "mask", max_pixels: int | None = None) -> Image.Image:
     """Read an inpainting mask as mode "L": white (255) = repaint, black (0) = keep, as AUTOMATIC1111.
 
     A mask with some transparency is read from its alpha channel (opaque strokes painted on a
     transparent layer are the area to repaint); a fully opaque one from its luminance.
-    ``size`` is the (width, height) of the image the mask belongs to; they must match.
+    ``size`` is the (width, height) of the image the mask belongs to; they must match. One over
+    ``max_pixels`` is refused before its pixels are decoded.
     """
-    return _mask(_open(path, field), size, field)
+    return _mask(_open(path, field, max_pixels), size, field)
 
 
 def _mask(image: Image.Image, size: tuple[int, int], field: str) -> Image.Image:
@@ -131,6 +137,16 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     file (0666 less the umask), not ``mkstemp``'s private 0600.
     """
     path = Path(path)
+    with _finished_temp(path, write) as temp_name:
+        os.replace(temp_name, path)
+    return path
+
+
+@contextmanager
+def _finished_temp(path: Path, write: Callable[[BinaryIO], object]) -> Iterator[Path]:
+    """A hidden temporary file beside ``path``, ``.<name>.<random>.tmp`` (the pattern ``lienzo gallery
+    reconcile`` cleans up after a crash), holding what ``write(file)`` wrote, flushed to disk; it is
+    removed on leaving unless it was renamed away. Parent folders are created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -139,12 +155,39 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
             write(temp)
             temp.flush()
             os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        # BaseException: a Ctrl-C mid-save must not leave the temporary file behind either.
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+        yield temp_name
+    finally:
+        # Also on a Ctrl-C (not an Exception) mid-save: no temporary file is left behind.
+        temp_name.unlink(missing_ok=True)
+
+
+def save_png_numbered(image: Image.Image, out_dir: str | Path, seed: int, pnginfo: PngInfo | None = None, prefix: str = "") -> Path:
+    """Write ``image`` as the next numbered PNG in ``out_dir`` (see :func:`next_image_path`) and return its path.
+
+    Several writers may save into one folder at once (two ``lienzo generate`` with the same seed want
+    the same name), so the name is claimed atomically: the finished temporary file is hard-linked to
+    it, which fails when the name is taken, and then the next number is tried. Readers see no file or
+    the whole file. Where the file system has no hard links (FAT, exFAT, some network shares) the name
+    is claimed by creating it exclusively and the temporary file is renamed over it: an empty file shows
+    for that moment.
+    """
+    out_dir = Path(out_dir)
+    with _finished_temp(out_dir / f"{prefix}{seed}.png", lambda file: image.save(file, format="PNG", pnginfo=pnginfo)) as temp_name:
+        while True:
+            path = next_image_path(out_dir, seed, prefix)
+            try:
+                os.link(temp_name, path)
+                return path
+            except FileExistsError:
+                continue  # another writer took this number after the scan: the next scan sees it
+            except OSError:
+                pass  # no hard links here; a real failure (disk full, read-only) recurs just below
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            os.replace(temp_name, path)
+            return path
 
 
 def next_image_path(out_dir: str | Path, seed: int, prefix: str = "") -> Path:
@@ -152,6 +195,7 @@ def next_image_path(out_dir: str | Path, seed: int, prefix: str = "") -> Path:
 
     The 5-digit counter continues from the highest number already used by a file named
     ``{prefix}<digits>-...`` in the folder (0 for an empty or missing folder); the seed follows.
+    Another writer may take it before it is written: :func:`save_png_numbered` claims it atomically.
     """
     out_dir = Path(out_dir)
     pattern = re.compile(rf"{re.escape(prefix)}(\d+)-")

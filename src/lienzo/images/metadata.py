@@ -33,6 +33,9 @@ _KEY = re.compile(rf"\s*({_KEY_NAME.pattern}?)\s*:\s*")
 _MIN_PARAMETER_PAIRS = 3
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _JSON = json.JSONDecoder()
+# Half of a UTF-16 pair on its own: a JSON "\ud800" escape or a file name that is not UTF-8
+# (Python's surrogateescape) puts one in a str, and no UTF-8 writer (PNG iTXt, SQLite, JSON) takes it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # EXIF: the Exif sub-IFD and its UserComment tag, whose first 8 bytes name the encoding.
 _EXIF_IFD = 0x8769
@@ -130,6 +133,21 @@ class Infotext:
         if match is None:
             raise LienzoError(f"infotext 'Size' must be WIDTHxHEIGHT such as 512x768, got {value!r}")
         return int(match.group(1)), int(match.group(2))
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Why ``text`` cannot be saved (into an image's metadata, the gallery or a JSON answer), or None
+    when it can: the first lone surrogate it holds, by code point and position."""
+    match = _LONE_SURROGATE.search(text)
+    if match is None:
+        return None
+    code, at = ord(match.group()), match.start()
+    return f"contains a lone surrogate (U+{code:04X}) at character {at}: half of a UTF-16 pair, which cannot be saved as text"
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD, as a UTF-8 decoder shows a broken byte."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:

@@ -6,8 +6,12 @@ header) and either names the format or raises :class:`ModelFileError` with a one
 """
 
 import json
+import math
 import pickle
+import re
+import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +19,23 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lienzo.errors import ModelFileError
+from lienzo.errors import GenerationCancelled, ModelFileError
 
 # The safetensors format itself refuses headers above 100 MB; a bigger number means a damaged file.
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# A valid header nests 3 deep (header, tensor entry, shape); json.loads recurses once per level, so a
+# damaged one nested thousands deep would raise RecursionError instead of a one-line reason.
+_MAX_HEADER_NESTING = 8
+# Bits per element of every safetensors dtype, to check that each tensor's byte range fits its shape.
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
+    "U64": 64,
+}
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# model_index.json and scheduler_config.json are a few hundred bytes; a bigger one is not what it says.
+_MAX_CONFIG_BYTES = 1024 * 1024
 
 # Pickle protocols 2-5 start with the PROTO opcode (0x80) and the protocol number; torch's legacy
 # (pre-1.6) .ckpt format is a protocol-2 pickle stream.
@@ -53,16 +70,29 @@ class Architecture:
         return f"{name} inpainting" if self.inpainting else name
 
 
+def stop_if_cancelled(cancel: Callable[[], bool] | None) -> None:
+    """Raise GenerationCancelled when ``cancel`` says so; loaders call it between their long steps."""
+    if cancel is not None and cancel():
+        raise GenerationCancelled
+
+
 def sniff(path) -> str:
-    """Name a model file's format by its content: "safetensors", "torch-zip", "pickle" or "diffusers-folder"."""
+    """Name a model file's format by its content: "safetensors", "torch-zip", "pickle" or "diffusers-folder".
+
+    Only a regular file is opened: a FIFO would block the reader and a device never end.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such file or folder")
     if path.is_dir():
         if (path / "model_index.json").is_file():
+            read_model_index(path)
             return "diffusers-folder"
         raise ModelFileError(f"{path} is a folder without model_index.json, so not a diffusers model folder")
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelFileError(f"{path} is not a regular file or model folder")
+    size = info.st_size
     if size == 0:
         raise ModelFileError(f"{path.name} is empty (0 bytes); the download or copy probably failed")
     with path.open("rb") as f:
@@ -79,6 +109,30 @@ def sniff(path) -> str:
         f"{path.name} is not a model file lienzo knows: expected safetensors, a PyTorch checkpoint "
         "(.ckpt/.pt) or a diffusers folder"
     )
+
+
+def read_json_file(path: Path) -> dict:
+    """A small JSON object file of a model folder (``model_index.json``, a scheduler config), or a one-line error."""
+    label = f"{path.parent.name}/{path.name}"
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelFileError(f"{label} is not a regular file")
+        if info.st_size > _MAX_CONFIG_BYTES:
+            raise ModelFileError(f"{label} has {info.st_size:,} bytes; a model config has a few hundred")
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise ModelFileError(f"cannot read {label}: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelFileError(f"{label} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{label} is not a JSON object")
+    return data
+
+
+def read_model_index(folder: Path) -> dict:
+    """A diffusers folder's ``model_index.json``, checked to be a JSON object."""
+    return read_json_file(Path(folder) / "model_index.json")
 
 
 def read_header(path) -> dict[str, tuple[Shape, str]]:
@@ -116,7 +170,8 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
             f"lienzo refuses to load {path.name}: it holds Python objects or code besides tensors (or is damaged), "
             "and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
         ) from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    # A damaged pickle stream fails in whichever reader meets the damage first (struct: a cut-off record).
+    except (RuntimeError, OSError, EOFError, ValueError, IndexError, struct.error) as err:
         raise ModelFileError(f"cannot read {path.name}: damaged or not a PyTorch checkpoint ({err})") from err
     # Lightning-era .ckpt files wrap the weights next to epoch counters and optimizer state.
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -133,20 +188,28 @@ def detect_architecture(shapes: dict[str, Shape], *, name: str = "this file") ->
     """Tell SD 1.x, 2.x and XL (and their inpainting variants) apart from ldm tensor names and shapes."""
     if _UNET_CONV_IN not in shapes or _VAE_CONV_IN not in shapes:
         raise ModelFileError(f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: {_what_it_looks_like(shapes)}")
-    in_channels = shapes[_UNET_CONV_IN][1]
+    in_channels = _width(shapes, _UNET_CONV_IN, name)
     has_label_emb = _UNET_LABEL_EMB in shapes
     if _SDXL_CLIP in shapes and _SDXL_OPEN_CLIP in shapes and has_label_emb:
-        family, context_dim = "sdxl", shapes[_SDXL_CLIP][1] + shapes[_SDXL_OPEN_CLIP][1]
+        family, context_dim = "sdxl", _width(shapes, _SDXL_CLIP, name) + _width(shapes, _SDXL_OPEN_CLIP, name)
     elif _SD2_OPEN_CLIP in shapes and not has_label_emb:
-        family, context_dim = "sd2", shapes[_SD2_OPEN_CLIP][1]
+        family, context_dim = "sd2", _width(shapes, _SD2_OPEN_CLIP, name)
     elif _SD1_CLIP in shapes and not has_label_emb:
-        family, context_dim = "sd1", shapes[_SD1_CLIP][1]
+        family, context_dim = "sd1", _width(shapes, _SD1_CLIP, name)
     else:
         raise ModelFileError(
             f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: it has a UNet and VAE but its text encoders "
             "or class embedding match none of them (SDXL refiner, unCLIP and upscaler models are not supported)"
         )
     return Architecture(family=family, inpainting=in_channels == 9, in_channels=in_channels, context_dim=context_dim)
+
+
+def _width(shapes: dict[str, Shape], key: str, name: str) -> int:
+    """Dimension 1 of ``key``'s tensor: the input channels of a conv, the width of an embedding."""
+    shape = shapes[key]
+    if len(shape) < 2:
+        raise ModelFileError(f"{name} is damaged: its tensor {key} has shape {list(shape)}, not 2 or more dimensions")
+    return shape[1]
 
 
 def _what_it_looks_like(shapes: dict[str, Shape]) -> str:
@@ -168,36 +231,85 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _read_safetensors_header(path: Path) -> dict:
-    """Parse and check the JSON header: 8-byte little-endian length, JSON object, offsets inside the file."""
+    """Parse and check the JSON header as the safetensors library does before it reads any tensor: an
+    8-byte little-endian length, a JSON object (nested no deeper than a header can be), every tensor with
+    a known dtype, a shape of non-negative integers and a byte range that holds exactly that shape, the
+    ranges one after another without overlap or gap, covering all the data after the header."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        first = f.read(8)
+        length = struct.unpack("<Q", first)[0] if len(first) == 8 else size
         if length > size - 8 or length > SAFETENSORS_MAX_HEADER:
             raise ModelFileError(
                 f"{path.name} is truncated or damaged: its safetensors header claims {length} bytes "
                 f"but the file has {size} bytes in all; download or copy it again"
             )
         raw = f.read(length)
+    if _nested_too_deep(raw):
+        raise _damaged(path, f"brackets nested more than {_MAX_HEADER_NESTING} deep, or unbalanced")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path.name} has a damaged safetensors header (not valid JSON: {err})") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, f"not valid JSON: {err}") from None
     if not isinstance(header, dict):
-        raise ModelFileError(f"{path.name} has a damaged safetensors header (not a JSON object)")
-    data_size = size - 8 - length
-    needed = 0
+        raise _damaged(path, "not a JSON object")
+    ranges = []
     for key, entry in header.items():
         if key == "__metadata__":
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise _damaged(path, "__metadata__ is not an object of strings")
             continue
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise ModelFileError(f"{path.name} has a damaged safetensors header (entry {key!r})")
-        try:
-            needed = max(needed, int(entry["data_offsets"][1]))
-        except (TypeError, IndexError, ValueError) as err:
-            raise ModelFileError(f"{path.name} has a damaged safetensors header (entry {key!r})") from err
-    if needed > data_size:
+        ranges.append((*_tensor_range(path, key, entry), key))
+    data_size = size - 8 - length
+    end = 0
+    for begin, stop, key in sorted(ranges):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise _damaged(path, f"the byte range of {key!r} {what}")
+        end = stop
+    if end > data_size:
         raise ModelFileError(
-            f"{path.name} is truncated: its tensors need {needed} bytes of data but only {data_size} are there; "
+            f"{path.name} is truncated: its tensors need {end} bytes of data but only {data_size} are there; "
             "download or copy it again"
         )
+    if end < data_size:
+        raise _damaged(path, f"{data_size - end} bytes after the last tensor belong to none")
     return header
+
+
+def _tensor_range(path: Path, key: str, entry) -> tuple[int, int]:
+    """A header entry's data range, once its dtype, shape and range are checked against each other."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _damaged(path, f"entry {key!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPE_BITS:
+        raise _damaged(path, f"entry {key!r} has the unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_natural(n) for n in shape):
+        raise _damaged(path, f"entry {key!r} has the shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(n) for n in offsets)) or offsets[0] > offsets[1]:
+        raise _damaged(path, f"entry {key!r} has the data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits != 8 * (offsets[1] - offsets[0]):
+        raise _damaged(
+            path, f"entry {key!r} is a {dtype} tensor of shape {shape} in {offsets[1] - offsets[0]} bytes, which it does not fill"
+        )
+    return offsets[0], offsets[1]
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _nested_too_deep(raw: bytes) -> bool:
+    """Whether the JSON text may nest deeper than the limit (or its brackets do not pair), judged without
+    recursion: strings removed, each pass strips the innermost bracket pairs, at least one level a pass."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(_MAX_HEADER_NESTING):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return bool(brackets)
+
+
+def _damaged(path: Path, why: str) -> ModelFileError:
+    return ModelFileError(f"{path.name} has a damaged safetensors header ({why})")

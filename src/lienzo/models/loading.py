@@ -1,7 +1,7 @@
 """The one place that turns model files into torch modules, with no network access at any point."""
 
-import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,25 +25,34 @@ _SCHEDULE_KEYS = (
 
 
 def load_diffusers_folder(
-    path: Path, *, prediction_type: str | None = None, dtype=torch.float32, vae_dtype: torch.dtype | None = None
+    path: Path,
+    *,
+    prediction_type: str | None = None,
+    dtype=torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Components:
     """A diffusers pipeline folder (``model_index.json`` + one sub-folder per component).
 
-    ``vae_dtype`` None: see :func:`lienzo.models.components.vae_dtype_for`.
+    ``vae_dtype`` None: see :func:`lienzo.models.components.vae_dtype_for`. ``cancel`` is asked
+    between components.
     """
-    index = json.loads((path / "model_index.json").read_text())
+    index = formats.read_model_index(path)
     local = {"local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **local)
+        formats.stop_if_cancelled(cancel)
         vae_config = AutoencoderKL.load_config(path, subfolder="vae", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype_for(vae_config, dtype, vae_dtype)
         )
+        formats.stop_if_cancelled(cancel)
         # quiet: transformers 5 draws a "Loading weights" bar per encoder, lines in the CLI's one-line errors.
         with quiet_transformers():
             text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
             text_encoder_2 = None
             if "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
+                formats.stop_if_cancelled(cancel)
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {err}") from None
@@ -51,7 +60,7 @@ def load_diffusers_folder(
     schedule = scheduler_config_for("epsilon")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
-        saved = json.loads(scheduler_file.read_text())
+        saved = formats.read_json_file(scheduler_file)
         schedule.update({k: saved[k] for k in _SCHEDULE_KEYS if k in saved})
     if prediction_type:
         schedule["prediction_type"] = prediction_type
@@ -139,21 +148,24 @@ def load_components(
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Components:
     """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE.
 
     ``vae_dtype`` None follows ``dtype``, with fp32 beside fp16 for VAEs that overflow in fp16
     (:func:`lienzo.models.components.vae_dtype_for`). Each VAE is read straight in its dtype: read in fp16
-    and cast up, an fp32 VAE would keep fp16's rounding.
+    and cast up, an fp32 VAE would keep fp16's rounding. ``cancel`` is asked between the model's parts;
+    when it says stop, GenerationCancelled is raised.
     """
     # 1. The model
     kind = formats.sniff(path)
     if kind == "diffusers-folder":
-        components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype)
+        components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
     else:
-        components = load_single_file(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype)
+        components = load_single_file(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
     # 2. Another VAE
     if vae is not None:
+        formats.stop_if_cancelled(cancel)
         if vae.is_dir():
             config = AutoencoderKL.load_config(vae, local_files_only=True)
             components.vae = AutoencoderKL.from_pretrained(

@@ -7,12 +7,14 @@ file) are cached in ``<data dir>/cache/models.json``, keyed by path and invalida
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lienzo.errors import ModelFileError
 from lienzo.images.io import write_atomic
 from lienzo.models import formats
+from lienzo.models.paths import check_model_path
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ class ModelEntry:
     architecture: str
     size_bytes: int
     short_hash: str
-    sha256: str  # of the file; of a folder, over its files' hashes
+    sha256: str  # of the file; of a folder, over its files' hashes ("" when it could not be read)
+    error: str | None = None  # why it cannot be read; architecture is then "unreadable: <error>"
 
     @property
     def is_checkpoint(self) -> bool:
@@ -56,12 +59,15 @@ class LoraEntry:
     short_hash: str
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24, *, offset: int = 0) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24, *, offset: int = 0, cancel: Callable[[], bool] | None = None) -> str:
+    """The file's sha256 from ``offset`` on; ``cancel`` is asked between 16 MB blocks (a 7 GB checkpoint
+    takes a while)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         f.seek(offset)
         while block := f.read(chunk):
             digest.update(block)
+            formats.stop_if_cancelled(cancel)
     return digest.hexdigest()
 
 
@@ -91,16 +97,21 @@ def _shapes(path: Path, kind: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in formats.load_state_dict(path).items() if hasattr(v, "shape")}
 
 
+UNREADABLE = "unreadable: "
+
+
 def describe(path: Path) -> str:
     """A short human name for what a file or folder holds, judged by its content."""
     try:
         kind = formats.sniff(path)
         if kind == "diffusers-folder":
-            index = json.loads((path / "model_index.json").read_text())
+            index = formats.read_model_index(path)
             return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
         shapes = _shapes(path, kind)
     except ModelFileError as err:
-        return f"unreadable: {err}"
+        return f"{UNREADABLE}{err}"
+    except OSError as err:
+        return f"{UNREADABLE}cannot read {path.name}: {err.strerror or err}"
     try:
         arch = formats.detect_architecture(shapes)
     except ModelFileError:
@@ -160,60 +171,93 @@ class Registry:
                 found.append(p)
         return sorted(found, key=lambda p: str(p).lower())
 
-    def entry(self, path: Path) -> ModelEntry:
-        """Describe one model, from the cache when the file is unchanged."""
+    def entry(self, path: Path, *, cancel: Callable[[], bool] | None = None) -> ModelEntry:
+        """Describe one model, from the cache when the file is unchanged. One that cannot be read is
+        described all the same, with ``error`` saying why, so that one damaged file hides no other model.
+        A device, FIFO or folder that is not a model is never opened nor hashed. ``cancel`` is asked while
+        hashing."""
         path = Path(path).resolve()
-        files = _folder_files(path) if path.is_dir() else [path]
-        stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-        cache = self._load_cache()
-        cached = cache.get(str(path))
-        if cached is None or cached["stamp"] != stamp:
-            if path.is_dir():
-                # A folder's hash: sha256 over its files' hashes, so any changed weight changes it.
-                joined = "".join(f"{f.relative_to(path)}:{sha256_file(f)}\n" for f in files)
-                digest = hashlib.sha256(joined.encode()).hexdigest()
-            else:
-                digest = sha256_file(path)
-            cached = {"stamp": stamp, "sha256": digest, "architecture": describe(path)}
-            cache[str(path)] = cached
-            self._save_cache()
         try:
             name = str(path.relative_to(self.models_dir.resolve()))
         except ValueError:
             name = path.name
         name = name.removesuffix(path.suffix) if path.is_file() else name
+        cache = self._load_cache()
+        try:
+            check_model_path(path, field=None)
+            files = _folder_files(path) if path.is_dir() else [path]
+            stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+            cached = cache.get(str(path))
+            fresh = cached is None or cached["stamp"] != stamp
+            if fresh:
+                if path.is_dir():
+                    # A folder's hash: sha256 over its files' hashes, so any changed weight changes it.
+                    joined = "".join(f"{f.relative_to(path)}:{sha256_file(f, cancel=cancel)}\n" for f in files)
+                    digest = hashlib.sha256(joined.encode()).hexdigest()
+                else:
+                    digest = sha256_file(path, cancel=cancel)
+                cached = {"stamp": stamp, "sha256": digest, "architecture": describe(path)}
+        except ModelFileError as err:
+            return ModelEntry(name, path, f"{UNREADABLE}{err}", 0, "", "", error=str(err))
+        except OSError as err:
+            reason = f"cannot read {path}: {err.strerror or err}"
+            return ModelEntry(name, path, f"{UNREADABLE}{reason}", 0, "", "", error=reason)
+        if fresh:
+            cache[str(path)] = cached
+            self._save_cache()
         size = sum(s for _, s, _ in stamp)
-        return ModelEntry(name, path, cached["architecture"], size, cached["sha256"][:10], cached["sha256"])
+        architecture = cached["architecture"]
+        error = architecture.removeprefix(UNREADABLE) if architecture.startswith(UNREADABLE) else None
+        return ModelEntry(name, path, architecture, size, cached["sha256"][:10], cached["sha256"], error)
 
     def scan(self) -> list[ModelEntry]:
         return [self.entry(p) for p in self.candidates()]
 
-    def checkpoints(self) -> list[ModelEntry]:
+    def checkpoints(self, *, unreadable: bool = False) -> list[ModelEntry]:
         """What can generate: lienzo's own model first (when this install ships it), then the
-        models dir's checkpoints (not its VAEs or unknown files)."""
+        models dir's checkpoints (not its VAEs or unknown files). With ``unreadable``, also the files
+        that cannot be read (``error`` says why), for listings that tell a user why a model is missing."""
         embedded = embedded_model()
         own = [self.entry(embedded)] if embedded is not None else []
-        return own + [e for e in self.scan() if e.is_checkpoint]
+        return [e for e in own + self.scan() if e.is_checkpoint or (unreadable and e.error)]
 
-    def resolve(self, name_or_path: str | Path) -> Path:
-        """A path as given, else a model in the models dir by name, file name or short hash."""
-        given = Path(name_or_path).expanduser()
-        if given.exists():
-            return given
-        wanted = str(name_or_path).lower()
+    def resolve(self, name_or_path: str | Path, *, allow_paths: bool = True, field: str = "model") -> Path:
+        """A model in the models dir by name, file name, short hash or path inside it; errors name ``field``.
+
+        ``allow_paths`` (a local user: the CLI, the Python API) also takes any path to a file or model
+        folder. A remote caller (every HTTP door) passes False: then a path must lead, symlinks followed,
+        into the models dir (or be the shipped model's), so no client makes the server read /etc/passwd,
+        hash a home directory or block on /dev/zero. Either way only a regular file or a folder with
+        model_index.json or config.json is returned.
+        """
+        text = str(name_or_path)
+        if allow_paths:
+            given = Path(text).expanduser()
+            if _exists(given):
+                return check_model_path(given, field)
+        else:
+            inside = _within(self.models_dir / text, [self.models_dir])
+            if inside is not None and _exists(inside):
+                return check_model_path(inside, field)
+        wanted = text.lower()
         candidates = self.candidates()
         for p in candidates:
-            rel = str(p.relative_to(self.models_dir)).lower()
+            rel = p.relative_to(self.models_dir).as_posix().lower()
             if wanted in (rel, rel.removesuffix(p.suffix.lower()), p.name.lower(), p.stem.lower()):
                 return p
         for p in candidates:
             if self.entry(p).short_hash == wanted:
                 return p
         embedded = embedded_model()
-        if embedded is not None and wanted == EMBEDDED_NAME:
+        if embedded is not None and (wanted == EMBEDDED_NAME or _within(Path(text), [embedded]) == embedded.resolve()):
             return embedded
         names = ", ".join(self.entry(p).name for p in candidates) or f"none: the models dir {self.models_dir} is empty"
-        raise ModelFileError(f"model: no model named {name_or_path!r}; available: {names}")
+        if not allow_paths and _looks_like_a_path(text):
+            raise ModelFileError(
+                f"{field}: {text!r} is not in the models dir {self.models_dir}; "
+                f"this server loads only the models there: {names}"
+            )
+        raise ModelFileError(f"{field}: no model named {text!r}; available: {names}")
 
     def _lora_dirs(self) -> list[Path]:
         if not self.models_dir.is_dir():
@@ -243,19 +287,64 @@ class Registry:
             self._save_cache()
         return LoraEntry(path.stem, path, stat.st_size, cached["hash"][:LORA_SHORT_HASH])
 
-    def resolve_lora(self, name_or_path: str | Path) -> Path:
-        """A LoRA file by path, else by stem, file name or path inside the LoRA folder (``styles/film``)."""
-        given = Path(name_or_path).expanduser()
-        if given.is_file():
-            return given
-        wanted = str(name_or_path).lower()
+    def resolve_lora(self, name_or_path: str | Path, *, allow_paths: bool = True, field: str = "lora") -> Path:
+        """A LoRA file by stem, file name or path inside the LoRA folder (``styles/film``); errors name ``field``.
+
+        ``allow_paths`` (a local user) also takes the path of any regular file. A remote caller passes
+        False: then a path counts only when it leads, symlinks followed, to a file the LoRA folders list.
+        """
+        text = str(name_or_path)
+        if allow_paths:
+            given = Path(text).expanduser()
+            if _is_file(given):
+                return given
         files = self._lora_files()
+        wanted = text.lower()
         for folder, p in files:
-            inside = p.relative_to(folder).with_suffix("").as_posix().lower()
-            if wanted in (p.stem.lower(), p.name.lower(), inside):
+            inside = p.relative_to(folder).as_posix().lower()
+            if wanted in (p.stem.lower(), p.name.lower(), inside, inside.removesuffix(p.suffix.lower())):
                 return p
+        if not allow_paths:
+            target = _within(self.models_dir / text, [folder for folder, _ in files])
+            for _, p in files:
+                if target is not None and p.resolve() == target:
+                    return p
         names = ", ".join(p.stem for _, p in files) or f"none: put LoRA files in {self.models_dir / 'Lora'}"
-        raise ModelFileError(f"lora: no LoRA named {str(name_or_path)!r}; available: {names}")
+        if not allow_paths and _looks_like_a_path(text):
+            raise ModelFileError(
+                f"{field}: {text!r} is not in the models dir's LoRA folder; this server applies only the LoRAs there: {names}"
+            )
+        raise ModelFileError(f"{field}: no LoRA named {text!r}; available: {names}")
 
     def as_dict(self, entry: ModelEntry) -> dict:
         return {**asdict(entry), "path": str(entry.path)}
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for names no file can have (a NUL byte, too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _within(path: Path, roots: list[Path]) -> Path | None:
+    """``path`` with symlinks and ``..`` resolved, when that lies inside one of ``roots`` (resolved too);
+    else None. Only ``lstat``/``readlink`` are used: nothing is opened."""
+    try:
+        resolved = path.resolve()
+        return resolved if any(resolved.is_relative_to(root.resolve()) for root in roots) else None
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop
+        return None
+
+
+def _looks_like_a_path(text: str) -> bool:
+    path = Path(text)
+    return path.is_absolute() or ".." in path.parts or text.startswith("~")

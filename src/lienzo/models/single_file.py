@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models.components import Components, vae_dtype_for
-from lienzo.models.formats import UNET_PREFIX, VAE_PREFIX, detect_architecture, load_state_dict, read_metadata, sniff
+from lienzo.models.formats import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    detect_architecture,
+    load_state_dict,
+    read_metadata,
+    sniff,
+    stop_if_cancelled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +132,14 @@ def load_single_file(
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Components:
     """Load an SD 1.x / 2.x / XL checkpoint with ldm key names; every config is read from its tensors.
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the file says; otherwise it comes
     from a sidecar ``<stem>.yaml``, then ``modelspec.prediction_type`` metadata, then a ``v_pred``
-    marker tensor, then the family default. ``vae_dtype`` None: see :func:`vae_dtype_for`.
+    marker tensor, then the family default. ``vae_dtype`` None: see :func:`vae_dtype_for`. ``cancel`` is
+    asked between the parts (GenerationCancelled when it says stop).
     """
     # 1. Validate the request and read the tensors
     path = Path(path)
@@ -138,8 +149,10 @@ def load_single_file(
     arch = detect_architecture({key: tuple(tensor.shape) for key, tensor in state_dict.items()}, name=path.name)
     try:
         # 2. UNet
+        stop_if_cancelled(cancel)
         unet = _load_unet(state_dict, arch.family, path.name, dtype)
         # 3. VAE
+        stop_if_cancelled(cancel)
         vae = _load_ldm_vae(
             state_dict,
             scaling_factor=_VAE_SCALING[arch.family],
@@ -151,6 +164,7 @@ def load_single_file(
         # 4. Text encoders and their tokenizers
         text = {}
         for slot in _TEXT_ENCODERS[arch.family]:
+            stop_if_cancelled(cancel)
             text[slot.encoder_attr] = _load_text_encoder(state_dict, slot, path.name, dtype)
             text[slot.tokenizer_attr] = bundled_tokenizer(_OPEN_CLIP_PAD if slot.open_clip else _CLIP_PAD)
     except KeyError as err:

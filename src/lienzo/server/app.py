@@ -7,22 +7,29 @@ GenerationRequest and back. Errors leave in the shape of the family the client s
 
 import base64
 import hmac
+import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lienzo import __version__
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.store import Gallery, NotFoundError
 from lienzo.models.components import Components
+from lienzo.server import openapi
 from lienzo.server.jobs import JobNotFoundError, JobQueue, QueueFullError
 from lienzo.server.routes import a1111, gallery, native, openai
 from lienzo.settings import Settings
@@ -78,24 +85,23 @@ class _AuthMiddleware:
         await response(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _too_large(limit_mb: float) -> str:
+    return f"the request body is larger than this server's limit of {limit_mb:g} MB (max_body_mb)"
 
 
 class _BodyLimitMiddleware:
     """Refuse request bodies over ``max_body_mb`` with 413, by Content-Length or by counting the stream."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit_mb: float):
+        self.app, self.limit_mb, self.limit = app, limit_mb, int(limit_mb * 2**20)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+            return await _error(scope["path"], 413, _too_large(self.limit_mb), None)(scope, receive, send)
         received = 0
-        started = False
 
         async def counting_receive():
             nonlocal received
@@ -103,23 +109,134 @@ class _BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge
+                    # An HTTPException: FastAPI's body parsers (JSON and multipart) let it through, where
+                    # any other error becomes 400 "error parsing the body"; create_app's handler shapes it.
+                    raise HTTPException(413, _too_large(self.limit_mb))
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        await self.app(scope, counting_receive, send)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is larger than this server's limit of {self.limit / 2**20:g} MB (max_body_mb)"
-        await _error(scope["path"], 413, message, None)(scope, receive, send)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _name_and_port(netloc: str, scheme: str) -> tuple[str, int] | None:
+    """``host[:port]`` (an IPv6 address in brackets) as a lower-case name and a port; None if malformed."""
+    url = urlsplit(f"//{netloc}")
+    try:
+        port = url.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None
+    return (url.hostname, port) if url.hostname else None
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _BrowserGuard:
+    """Only this server's own pages and clients that are no browser get in (README "Serve it"):
+
+    - **Host** must be a name this server answers to: localhost, any IP address, the address the
+      connection arrived at, this machine's name, public_url's host, or one of allowed_hosts ("*": any).
+      A page whose own name an attacker rebinds to this machine (DNS rebinding) is same-origin with
+      lienzo and could read and change everything; the Host it sends is the attacker's name. An IP
+      address cannot be rebound, and ports are not compared: the name is what gives a page away.
+    - A browser's request must come from lienzo's own page: an **Origin** other than the request's
+      own (or public_url's), "null" included, and a **Sec-Fetch-Site** other than same-origin or none
+      (same-site is another port on localhost: another app) are refused, for every method and
+      websockets, so that a page elsewhere can neither act nor read. A link followed from elsewhere
+      (a top-level navigation) still opens the studio. Other clients send neither header.
+
+    Refusals are 403, in the family's error shape; websockets are closed with 1008. They apply with
+    authentication too: browsers send saved credentials with any page's requests.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app = app
+        names = {"localhost", *settings.allowed_hosts}
+        machine = socket.gethostname().lower()
+        if machine:  # as the network and mDNS know it
+            names |= {machine, f"{machine.partition('.')[0]}.local"}
+        public = urlsplit(settings.public_url or "")
+        self.public = _name_and_port(public.netloc, public.scheme) if settings.public_url else None
+        if self.public is not None:
+            names.add(self.public[0])
+        self.any_host = "*" in names
+        self.names = {n for n in names if not n.startswith(".")}
+        self.domains = tuple(n for n in names if n.startswith("."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self._foreign_host(scope, headers) or self._cross_site(scope, headers)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        log.warning("refused %s %s: %s", scope.get("method", "websocket"), scope["path"], refusal)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        await _error(scope["path"], 403, refusal, None)(scope, receive, send)
+
+    def _answers_to(self, name: str, scope: Scope) -> bool:
+        arrived_at = (scope.get("server") or ("",))[0]  # the socket's address; a test client's made-up name
+        return (
+            self.any_host
+            or name in self.names
+            or name.endswith(self.domains)
+            or f".{name}" in self.domains
+            or _is_address(name)
+            or name == str(arrived_at).lower()
+        )
+
+    def _foreign_host(self, scope: Scope, headers: Headers) -> str | None:
+        host = headers.get("host")
+        if host is None:  # HTTP/1.0 without one: no browser sends that
+            return None
+        parsed = _name_and_port(host, scope["scheme"])
+        if parsed is not None and self._answers_to(parsed[0], scope):
+            return None
+        return (
+            f"Host {host!r} is not a name this server answers to (DNS rebinding protection): if it is this server's, "
+            "add it to allowed_hosts (LIENZO_ALLOWED_HOSTS or lienzo serve --allowed-host)"
+        )
+
+    def _cross_site(self, scope: Scope, headers: Headers) -> str | None:
+        origin = headers.get("origin")
+        if origin is not None:
+            url = urlsplit(origin)
+            given = _name_and_port(url.netloc, url.scheme)
+            own = _name_and_port(headers.get("host", ""), url.scheme)
+            if given is None or given not in (own, self.public):
+                return (
+                    f"cross-site request refused: Origin {origin} is not this server's; behind a proxy that rewrites Host, "
+                    "set public_url (LIENZO_PUBLIC_URL or lienzo serve --public-url) to the address browsers open"
+                )
+        site = headers.get("sec-fetch-site")
+        if site in (None, "same-origin", "none"):
+            return None
+        navigation = headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+        if navigation and scope.get("method") in ("GET", "HEAD"):
+            return None
+        return f"cross-site request refused: Sec-Fetch-Site is {site}; only lienzo's own pages may use it from a browser"
+
+
+async def _json_only(request: Request) -> None:
+    """A route that takes JSON refuses any other body with 415, so that no form or text/plain POST, which
+    browsers send from any page without asking first, reaches one. (Runs after FastAPI read the body.)"""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    if body is None or isinstance(body.field_info, params.Form):
+        return
+    given = request.headers.get("content-type")
+    media = (given or "").partition(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json") or (given is None and not await request.body()):
+        return
+    given = given or "none"
+    raise HTTPException(415, f"{request.method} {request.url.path} takes a JSON body: send Content-Type: application/json (got {given})")
 
 
 # Which family's error shape a path gets; the native one otherwise.
@@ -152,6 +269,16 @@ def _field(err: Exception) -> str | None:
     return None
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> str:
+    """Every method some route takes at this path: Starlette's 405 names only the first such route's.
+    Mounts (static files) take any method here and answer their own 405s."""
+    routes = [route for route in routes if not isinstance(route, Mount)]
+    return ", ".join(m for m in _METHODS if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in routes))
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -177,7 +304,11 @@ def create_app(
             queue.stop()
             store.close()
 
-    app = FastAPI(title="lienzo", version=__version__, lifespan=lifespan, description=__doc__)
+    # /docs and /redoc are openapi.install's: FastAPI's own would load their scripts from a CDN.
+    app = FastAPI(
+        title="lienzo", version=__version__, lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None,
+        dependencies=[Depends(_json_only)],
+    )
     app.state.queue, app.state.settings, app.state.gallery = queue, settings, store
 
     @app.exception_handler(LienzoError)
@@ -192,6 +323,17 @@ def create_app(
         message = first["msg"].removeprefix("Value error, ")
         return _error(request.url.path, 422, f"{field}: {message}" if field else message, field)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # Starlette's and FastAPI's own refusals (400 for a body that is not UTF-8, 404 for no such path,
+        # 405 with its Allow header) in the family's shape, as /openapi.json documents every error.
+        response = _error(request.url.path, err.status_code, str(err.detail), None)
+        response.headers.update(err.headers or {})
+        allowed = _allowed_methods(app.routes, request.scope) if err.status_code == 405 else None
+        if allowed:
+            response.headers["Allow"] = allowed
+        return response
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
@@ -201,6 +343,7 @@ def create_app(
     app.include_router(a1111.router)
     app.include_router(openai.router)
     app.include_router(gallery.router)
+    openapi.install(app, basic=bool(auth and auth.user), bearer=bool(auth and auth.api_key))
 
     # The studio: static files, no build step and nothing from a CDN; a client of /api/v1 like any other.
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -209,8 +352,10 @@ def create_app(
     async def studio() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    app.add_middleware(_BodyLimitMiddleware, limit=int(settings.max_body_mb * 2**20))
+    app.add_middleware(_BodyLimitMiddleware, limit_mb=settings.max_body_mb)
     if auth is not None and auth.enabled:
         app.add_middleware(_AuthMiddleware, auth=auth)
+    # Outermost: a request from a page elsewhere is refused before anything reads it.
+    app.add_middleware(_BrowserGuard, settings=settings)
     return app
 

@@ -6,6 +6,7 @@ State crosses over in one direction only: the worker changes a job, then wakes t
 """
 
 import asyncio
+import inspect
 import io
 import logging
 import threading
@@ -22,8 +23,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from lienzo.api import default_model, load_model, prepare_loras
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError, ModelFileError
-from lienzo.gallery.store import Gallery
-from lienzo.generation import engine
+from lienzo.gallery.store import Gallery, NotFoundError
+from lienzo.generation import engine, limits
+from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.request import GenerationRequest
 from lienzo.models.components import Components
 from lienzo.models.registry import Registry
@@ -70,8 +72,12 @@ class SavedImage:
     gallery_id: int | None = None  # None: not in the gallery (yet; reconcile adds it)
 
     def png(self) -> bytes:
-        """The file as saved, infotext included."""
-        return self.path.read_bytes()
+        """The file as saved, infotext included; NotFoundError (404) once it has been deleted."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            # The error's own text names the server's path; clients are told what happened instead.
+            raise NotFoundError("index", "the image's file was deleted after the job saved it (from the gallery or by hand)") from None
 
 
 @dataclass(eq=False)
@@ -165,7 +171,11 @@ class JobQueue:
         self.gallery = gallery
         self.registry = Registry(settings.models_dir, settings.cache_dir)
         self.model = model  # what jobs without a model use; None: the default model
-        self._loader = loader or (lambda name: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings))
+        # What self.model was when it last loaded: where a switch to a model that fails to load goes back to.
+        self._working_model = model
+        self._loader = loader or (
+            lambda name, cancel=None: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings, cancel=cancel)
+        )
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._running: Job | None = None
@@ -202,13 +212,15 @@ class JobQueue:
         self, request: GenerationRequest, *, model: str | None = None, source: str = "native", fit_to_model: bool = False
     ) -> Job:
         """Queue a request after checking the server's limits; raises InvalidRequestError or QueueFullError.
-        ``fit_to_model``: a size over twice the model's side is made at the model's size and answered resized."""
+        ``fit_to_model``: a size over twice the model's side is made at the model's size and answered resized.
+        The queue owns the request's input images from here: it closes them when the job finishes."""
         self.check_limits(request)
         if request.safety is None:
             # The server's default policy (blur unless configured), recorded on the job for all to see.
             request = request.model_copy(update={"safety": self.settings.safety_server})
         if model is not None:
             self.resolve_model(model)  # fail now, with the list of models, not when the job runs
+        self.check_loras(request)
         job = Job(id=uuid.uuid4().hex, request=request, model=model, source=source, fit_to_model=fit_to_model)
         with self._lock:
             if self._stopping:
@@ -222,22 +234,36 @@ class JobQueue:
         return job
 
     def check_limits(self, request: GenerationRequest) -> None:
-        s = self.settings
-        if request.steps > s.max_steps:
-            raise InvalidRequestError("steps", f"this server allows at most {s.max_steps} steps (max_steps), got {request.steps}")
-        images = request.batch_size * request.batch_count
-        if images > s.max_images:
-            raise InvalidRequestError(
-                "batch_size", f"this server makes at most {s.max_images} images per request (max_images), got {images}"
-            )
-        width, height = _output_size(request)
-        if width * height > s.max_pixels:
-            raise InvalidRequestError(
-                "width", f"{width}x{height} is {width * height:,} pixels; this server allows at most {s.max_pixels:,} (max_pixels)"
-            )
+        """The limits every front door applies (lienzo.generation.limits), with the request's field names."""
+        limits.check_limits(request, self.settings)
 
-    def resolve_model(self, name: str) -> Path:
-        return self.registry.resolve(name)
+    def resolve_model(self, name: str, field: str = "model") -> Path:
+        """A model a client names: one the registry lists or a path into the models dir, never a path
+        elsewhere (see ``Registry.resolve``); or the current model by its path, as the A1111 routes list
+        it (``lienzo serve --model`` may have named one outside the models dir)."""
+        if Path(name).is_absolute():
+            current = self.current_model_or_none()
+            if current is not None and _same_file(name, current):
+                return current
+        return self.registry.resolve(name, allow_paths=False, field=field)
+
+    def resolve_checkpoint(self, name: str, field: str = "model") -> Path:
+        """As :meth:`resolve_model`, and the model must be readable and able to generate: for switching
+        the current model, which every later job without a model would otherwise fail on."""
+        path = self.resolve_model(name, field)
+        entry = self.registry.entry(path)
+        if entry.error:
+            raise ModelFileError(f"{field}: {entry.name} cannot be used: {entry.error}")
+        if not entry.is_checkpoint:
+            raise ModelFileError(f"{field}: {entry.name} is not a model that can generate ({entry.architecture})")
+        return path
+
+    def check_loras(self, request: GenerationRequest) -> None:
+        """Every LoRA the request names is one the models dir's LoRA folder lists (no path elsewhere);
+        the error names the field it came from: ``prompt`` (a <lora:...> tag) or ``loras``."""
+        tagged = {name for name, _ in extract_lora_tags(request.prompt)[1]}
+        for lora in request.requested_loras():
+            self.registry.resolve_lora(lora.name, allow_paths=False, field="prompt" if lora.name in tagged else "loras")
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -270,8 +296,9 @@ class JobQueue:
         return self._loaded[0] if self._loaded else None
 
     def current_model(self) -> Path:
-        """The model a job without one runs on."""
-        return self.resolve_model(self.model) if self.model else default_model(self.registry, self.settings)
+        """The model a job without one runs on. ``self.model`` is resolved as a local path may be: it was
+        set by whoever started the server, or by a switch that checked it with :meth:`resolve_checkpoint`."""
+        return self.registry.resolve(self.model) if self.model else default_model(self.registry, self.settings)
 
     def current_model_or_none(self) -> Path | None:
         """As :meth:`current_model`, resolved, or None when there is no model at all."""
@@ -380,6 +407,7 @@ class JobQueue:
                 log.exception("job %s failed", job.id)
                 job.status, job.error = JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}"
             finally:
+                _let_go(job)
                 with self._lock:
                     job.finished = time.time()
                     self._running = None
@@ -391,7 +419,7 @@ class JobQueue:
         job.model_name = components.name
         if job.fit_to_model:
             _fit_to_model(job, engine.native_size(components))
-        prepare_loras(components, job.request, self.settings)
+        prepare_loras(components, job.request, self.settings, allow_paths=False)
         provenance = Provenance.for_model(components)
         watermark = wants_watermark(job.request, self.settings)
         out_dir = output_dir(self.settings, job.request.mode)
@@ -429,14 +457,35 @@ class JobQueue:
         return result.interrupted
 
     def _components(self, name: str | None) -> Components:
+        """The job's model, loaded. One model is in memory at a time, so the old one is dropped before the
+        new one loads (SDXL alone is ~7 GB). If the current model (a switch) fails to load, jobs without a
+        model go back to the one that last loaded: the next such job reloads it."""
+        tried = self.model
         path = self.resolve_model(name) if name else self.current_model()
         if self._loaded is None or self._loaded[0] != path:
-            # One model in memory at a time: drop the old one before loading (SDXL alone is ~7 GB).
             self._loaded = None
-            self._loaded = (path, self._loader(str(path)))
+            try:
+                self._loaded = (path, self._load(path))
+            except GenerationCancelled:
+                raise
+            except Exception:
+                if not name and self.model == tried and tried != self._working_model:
+                    log.warning("model %s failed to load; jobs without a model go back to %s", path, self._working_model or "the default")
+                    self.model = self._working_model
+                raise
+        if not name:
+            self._working_model = tried
         return self._loaded[1]
 
+    def _load(self, path: Path) -> Components:
+        """Call the loader, with the running job's cancel flag when it takes one (test loaders may not)."""
+        job = self._running
+        if job is not None and "cancel" in inspect.signature(self._loader).parameters:
+            return self._loader(str(path), cancel=job._cancel.is_set)
+        return self._loader(str(path))
+
     def _finish_cancelled(self, job: Job) -> None:
+        _let_go(job)
         job.status, job.finished = JobStatus.CANCELLED, time.time()
         self._notify(job)
 
@@ -447,16 +496,22 @@ class JobQueue:
             del self._jobs[job_id]
 
 
-def _output_size(request: GenerationRequest) -> tuple[int, int]:
-    """The size the request will make, as far as it is known before a model is loaded."""
-    if request.width and request.height:
-        return request.width, request.height
-    if request.init_image is not None:
-        w = request.init_image.width + request.outpaint_left + request.outpaint_right
-        h = request.init_image.height + request.outpaint_up + request.outpaint_down
-        return request.width or w, request.height or h
-    # txt2img at the model's native size: at most 1024 for the families lienzo loads.
-    return request.width or 1024, request.height or 1024
+def _let_go(job: Job) -> None:
+    """Drop what a finished job no longer needs: its input images' pixels (a 4096x4096 upload is 64 MB
+    decoded, and the server remembers ``keep_jobs`` jobs) and its live preview. A closed image keeps its
+    size and mode, so the job's mode and parameters read as before; only its pixels are gone."""
+    for image in (job.request.init_image, job.request.mask):
+        if image is not None:
+            image.close()
+    job.preview = None
+
+
+def _same_file(name: str, path: Path) -> bool:
+    """Whether the path a client wrote is ``path``, symlinks followed (nothing is opened)."""
+    try:
+        return Path(name).resolve() == path.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+        return False
 
 
 def _fit_to_model(job: Job, native: int) -> None:

@@ -202,9 +202,13 @@ def build_models(config: TrainConfig) -> dict[str, torch.nn.Module]:
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint of a run (stage order first, then step)."""
+    """The newest complete checkpoint of a run (stage order first, then step). A checkpoint is complete
+    once it has its name: it is written as ``<name>.tmp`` and renamed, and loses its ``state.json``
+    first when it is deleted, so a kill at any moment leaves the previous complete one to resume from."""
     found = []
     for state_file in (run / "training" / "checkpoints").glob("*/state.json"):
+        if _is_temp(state_file.parent):
+            continue
         state = json.loads(state_file.read_text())
         found.append(((STAGES.index(state["stage"]), state["step"]), state_file.parent))
     return max(found)[1] if found else None
@@ -213,6 +217,8 @@ def latest_checkpoint(run: Path) -> Path | None:
 def saved_config(run: Path) -> TrainConfig:
     """The config a run was started with (``training/config.toml``), for ``--resume``."""
     path = run / "training" / "config.toml"
+    if not path.is_file() and (run / "training").is_dir():
+        raise TrainingError(f"resume: {run} was stopped before it saved its config; start it again with --data FOLDER --out {run}")
     if not path.is_file():
         raise TrainingError(f"resume: {run} is not a lienzo training run (no training/config.toml)")
     return validate_config(read_toml(path))
@@ -243,6 +249,7 @@ class Trainer:
         self.progress, self.stop = progress, stop or (lambda: False)
         self.stop_after, self.time_limit = stop_after, time_limit
         self.training = self.out / "training"
+        self.take_over = False  # out holds a run killed before its first checkpoint; this one replaces it
         self.log = artifacts.LossLog(self.training / "loss.csv")
         self._memorisation: MemorisationCheck | None = None
 
@@ -260,6 +267,8 @@ class Trainer:
         # 2. The output folder: new, or the run to continue (same config, same images).
         checkpoint = self._check_out()
         self.base = self._load_base() if self.config.lora is not None else None
+        if checkpoint is None:
+            self._start_out()  # after the base: a LoRA's resolution comes from it and goes into the config
         # 3. Data: every image checked; broken ones reported and skipped.
         self.scan = self._scan()
         # 4. Models: built from the config (or the LoRA base), then the checkpoint's weights.
@@ -296,33 +305,74 @@ class Trainer:
     # -- 2. output folder ---------------------------------------------------------------------------
 
     def _check_out(self) -> Path | None:
+        """The checkpoint to continue from, or None for a run that starts at step 0; writes nothing."""
+        if self.vae_path is not None and not (Path(self.vae_path) / "config.json").is_file():
+            raise TrainingError(f"vae: {self.vae_path} is not a diffusers VAE folder (no config.json); give one such as RUN/vae")
         if self.resume:
             checkpoint = latest_checkpoint(self.out)
-            if checkpoint is None:
-                raise TrainingError(f"resume: {self.out} has no checkpoint to resume from")
             old, new = saved_config(self.out).identity(), self.config.identity()
             if old != new:
                 raise TrainingError(f"resume: {self.out} was trained with a different config ({_first_difference(old, new)})")
-            return checkpoint
+            if checkpoint is not None:
+                return checkpoint
+            # Killed before its first checkpoint: nothing to continue, so the run starts again as it began.
+            self._say("resume: %s was stopped before its first checkpoint; starting it again from step 0 with its saved config", self.out)
+            self.data = self.data or self._recorded_data()
+            self.resume, self.take_over = False, True
+            return None
         if self.out.exists() and not self.out.is_dir():
             raise TrainingError(f"out: {self.out} is a file, not a folder")
-        if (self.training / "config.toml").exists():
+        self.take_over = self._unstarted()
+        if self.take_over:
+            self._say("out: %s holds a run stopped before its first checkpoint; starting afresh in its place", self.out)
+        elif (self.training / "config.toml").exists():
             raise TrainingError(f"out: {self.out} already holds a training run; continue it with --resume {self.out} or choose another --out")
-        if self.out.is_dir() and any(self.out.iterdir()):
+        elif self.out.is_dir() and any(self.out.iterdir()):
             raise TrainingError(f"out: {self.out} is not empty; choose a new or empty folder")
+        return None
+
+    def _say(self, message: str, *args) -> None:
+        """Tell the user once, not once per process."""
+        if self.acc.is_main_process:
+            log.warning(message, *args)
+
+    def _unstarted(self) -> bool:
+        """``out`` holds only a run killed before its first checkpoint: its ``training`` folder, with the
+        run's config (written first) or, killed sooner, nothing but temporary files; perhaps its manifest."""
+        if not self.training.is_dir() or latest_checkpoint(self.out) is not None:
+            return False
+        if not {p.name for p in self.out.iterdir()} <= {"training", "dataset_manifest.json"}:
+            return False
+        return (self.training / "config.toml").is_file() or all(_is_temp(p) for p in self.training.iterdir())
+
+    def _recorded_data(self) -> Path:
+        """The data folder named by the manifest of a run killed before its first checkpoint."""
+        manifest = self.out / "dataset_manifest.json"
+        if not manifest.is_file():
+            raise TrainingError(f"resume: {self.out} was stopped before it recorded its data folder; give it with --data FOLDER")
+        return Path(read_manifest(manifest)["root"])
+
+    def _start_out(self) -> None:
+        """A new run's folder: the config first, the mark of a lienzo run, so that a run killed at any
+        later moment can be resumed or taken over. A run taken over is cleared around its config, which
+        stays in place until the new one replaces it."""
         # Every process checks before the first one writes, or the others would find the folder taken.
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             try:
-                (self.training / "samples").mkdir(parents=True, exist_ok=True)
+                if self.take_over:
+                    for entry in self.training.iterdir():
+                        if entry.is_dir():
+                            shutil.rmtree(entry)
+                        elif entry.name != "config.toml":
+                            entry.unlink()
+                    (self.out / "dataset_manifest.json").unlink(missing_ok=True)
+                write_atomic(self.training / "config.toml", lambda file: file.write(to_toml(self.config).encode()))
+                (self.training / "samples").mkdir(exist_ok=True)
                 (self.training / "checkpoints").mkdir(exist_ok=True)
-                probe = self.training / ".write-test"
-                probe.write_bytes(b"")
-                probe.unlink()
             except OSError as err:
                 raise TrainingError(f"out: cannot write to {self.out}: {err.strerror or err}") from None
         self.acc.wait_for_everyone()
-        return None
 
     # -- 3. data --------------------------------------------------------------------------------------
 
@@ -346,7 +396,6 @@ class Trainer:
                 write_manifest(scan, self.out / "dataset_manifest.json")
         elif self.acc.is_main_process:
             self.manifest_sha256 = write_manifest(scan, self.out / "dataset_manifest.json")
-            (self.training / "config.toml").write_text(to_toml(self.config))
         self.data = data
         self.dataset = ImageDataset(data, scan.records, self.config.resolution)
         return scan
@@ -671,38 +720,54 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             final = self.training / "checkpoints" / f"{ctx['stage']}-{step:06d}"
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if self.base is not None:
-                save_file(get_peft_model_state_dict(self.models["unet"], adapter_name=ADAPTER), tmp / "unet_lora.safetensors")
-                if self.config.lora.text_encoder:
-                    te = get_peft_model_state_dict(self.models["text_encoder"], adapter_name=ADAPTER)
-                    save_file(te, tmp / "text_encoder_lora.safetensors")
+            state = json.dumps(asdict(self.state), indent=1).encode()
+            if final.is_dir():
+                # Stopped right after resuming from this very checkpoint: its weights and optimizer are these
+                # already, and writing them anew would mean a moment with no complete checkpoint of this step.
+                write_atomic(final / "state.json", lambda file: file.write(state))
             else:
-                for name, module in self.models.items():
-                    module.save_pretrained(tmp / name)
-            ema = ctx["ema"]
-            torch.save(
-                {"optimizer": ctx["optimizer"].state_dict(), "schedule": ctx["schedule"].state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None},
-                tmp / "trainer.pt",
-            )
-            (tmp / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+                self._write_checkpoint(final, ctx, state)
             self._prune()
             artifacts.plot_losses(self.log, self.training / "loss.png")
         self.acc.wait_for_everyone()
 
-    def _prune(self) -> None:
-        found = sorted(
-            (STAGES.index(json.loads((p / "state.json").read_text())["stage"]), p.name, p)
-            for p in (self.training / "checkpoints").iterdir()
-            if (p / "state.json").is_file()
+    def _write_checkpoint(self, final: Path, ctx: dict, state: bytes) -> None:
+        """Everything into ``<final>.tmp``, then one rename: a kill mid-way leaves only a temporary folder,
+        which resuming ignores and the next checkpoint removes."""
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if self.base is not None:
+            save_file(get_peft_model_state_dict(self.models["unet"], adapter_name=ADAPTER), tmp / "unet_lora.safetensors")
+            if self.config.lora.text_encoder:
+                te = get_peft_model_state_dict(self.models["text_encoder"], adapter_name=ADAPTER)
+                save_file(te, tmp / "text_encoder_lora.safetensors")
+        else:
+            for name, module in self.models.items():
+                module.save_pretrained(tmp / name)
+        ema = ctx["ema"]
+        torch.save(
+            {"optimizer": ctx["optimizer"].state_dict(), "schedule": ctx["schedule"].state_dict(),
+             "ema": ema.state_dict() if ema is not None else None},
+            tmp / "trainer.pt",
         )
-        for *_, path in found[: -self.config.keep_checkpoints]:
-            shutil.rmtree(path)
+        (tmp / "state.json").write_bytes(state)
+        os.replace(tmp, final)
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_checkpoints`` complete checkpoints; remove older ones and what killed
+        writes and deletions left. Each loses its state.json first: half deleted, it is not taken for complete."""
+        folder = self.training / "checkpoints"
+        complete = sorted(
+            (STAGES.index(json.loads((p / "state.json").read_text())["stage"]), p.name, p)
+            for p in folder.iterdir()
+            if not _is_temp(p) and (p / "state.json").is_file()
+        )
+        kept = {path for *_, path in complete[-self.config.keep_checkpoints :]}
+        for path in folder.iterdir():
+            if path.is_dir() and path not in kept:
+                (path / "state.json").unlink(missing_ok=True)
+                shutil.rmtree(path)
 
     def _export(self, finished: bool) -> None:
         """The diffusers model folder (once a UNet has trained) and the model card."""
@@ -733,6 +798,11 @@ class Trainer:
         # Atomic: the card holds sections written by hand (an evaluation, known limits) that a torn write would lose.
         write_atomic(card_path, lambda file: file.write(card.encode()))
         artifacts.plot_losses(self.log, self.training / "loss.png")
+
+
+def _is_temp(path: Path) -> bool:
+    """What a write in progress (or killed) is named: ``<name>.tmp``, or write_atomic's ``.<name>.<random>.tmp``."""
+    return path.name.endswith(".tmp")
 
 
 def _half(module: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import InvalidRequestError, ModelFileError
-from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.request import GenerationRequest, build_request, schema_limits
 from lienzo.generation.samplers import SAMPLERS, SCHEDULES, find_schedule, split_folded_schedule
 from lienzo.gallery.store import Preset
 from lienzo.images.io import decode_image, write_atomic
@@ -49,15 +49,26 @@ _ERROR_KINDS = {
 }
 
 
+class A1111Error(BaseModel):
+    """A1111's error body: the kind of error, its detail, and the same text as ``errors``; lienzo adds ``field``."""
+
+    error: str = Field(description="the kind of error: " + ", ".join(dict.fromkeys(_ERROR_KINDS.values())) + " or HTTPException")
+    detail: str = Field(description="what is wrong and what is allowed, in one line")
+    body: str = Field(description="always empty")
+    errors: str = Field(description="the same as detail")
+    field: str | None = Field(description="lienzo extension: the request field at fault, by its A1111 name; null: none in particular")
+
+
 def error_response(status: int, message: str, field: str | None) -> JSONResponse:
-    """A1111's error body: the kind of error, its detail, and the same text as ``errors``."""
-    kind = _ERROR_KINDS.get(status, "HTTPException")
-    return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "field": field}, status_code=status)
+    body = A1111Error(error=_ERROR_KINDS.get(status, "HTTPException"), detail=message, body="", errors=message, field=field)
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 # -- request bodies -------------------------------------------------------------------------------
 
 _IGNORED = "accepted for compatibility; lienzo ignores it"
+_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+_RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 
 
 class _Common(BaseModel):
@@ -65,9 +76,9 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str | None = ""
-    negative_prompt: str | None = ""
-    seed: int = -1
+    prompt: str | None = Field("", json_schema_extra=schema_limits("prompt"))
+    negative_prompt: str | None = Field("", json_schema_extra=schema_limits("negative_prompt"))
+    seed: int = Field(-1, json_schema_extra=schema_limits("seed"))
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; old names such as 'DPM++ 2M Karras' work")
     sampler_index: str | None = Field("Euler", description="older name of sampler_name, used when sampler_name is empty")
     scheduler: str | None = Field(
@@ -75,12 +86,12 @@ class _Common(BaseModel):
         description="schedule type, any id or label of GET /sdapi/v1/schedulers in any case (karras, sgm_uniform, "
         "'Align Your Steps', ...); one the sampler cannot run in diffusers runs as the nearest it can",
     )
-    batch_size: int = 1
-    n_iter: int = Field(1, description="batches, one after the other")
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    batch_size: int = Field(1, json_schema_extra=schema_limits("batch_size"))
+    n_iter: int = Field(1, description="batches, one after the other", json_schema_extra=schema_limits("batch_count"))
+    steps: int = Field(50, json_schema_extra=schema_limits("steps"))
+    cfg_scale: float = Field(7.0, json_schema_extra=schema_limits("cfg_scale"))
+    width: int = Field(512, json_schema_extra=schema_limits("width"))
+    height: int = Field(512, json_schema_extra=schema_limits("height"))
     override_settings: dict[str, Any] | None = Field(
         None,
         description="sd_model_checkpoint picks this request's model, CLIP_stop_at_last_layers its clip skip; others are ignored",
@@ -118,6 +129,10 @@ class _Common(BaseModel):
     infotext: str | None = Field(None, description=_IGNORED)
 
 
+def _numbered(choices: dict[int, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in choices.items())
+
+
 class Txt2ImgRequest(_Common):
     enable_hr: bool | None = Field(False, description=_IGNORED + " (no hires fix)")
     denoising_strength: float | None = Field(0.75, description="used by the hires fix only: ignored")
@@ -137,13 +152,15 @@ class Txt2ImgRequest(_Common):
 
 class Img2ImgRequest(_Common):
     init_images: list[str] | None = Field(None, description="one base64 image (a data: URL prefix is fine)")
-    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)")
-    denoising_strength: float = 0.75
+    resize_mode: int = Field(0, description=_numbered(_RESIZE_MODES), json_schema_extra={"enum": list(_RESIZE_MODES)})
+    denoising_strength: float = Field(0.75, json_schema_extra=schema_limits("denoising_strength"))
     mask: str | None = Field(None, description="base64; white = repaint, black = keep; same size as the init image")
-    mask_blur: int | None = 4
-    inpainting_fill: int = Field(0, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    mask_blur: int | None = Field(4, json_schema_extra=schema_limits("mask_blur"))
+    inpainting_fill: int = Field(0, description=_numbered(_FILLS), json_schema_extra={"enum": list(_FILLS)})
     inpaint_full_res: bool = Field(True, description="inpaint only the masked area, at width x height, and paste it back")
-    inpaint_full_res_padding: int = Field(0, description="pixels around the masked area (inpaint_full_res)")
+    inpaint_full_res_padding: int = Field(
+        0, description="pixels around the masked area (inpaint_full_res)", json_schema_extra=schema_limits("only_masked_padding")
+    )
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part of the mask instead")
     include_init_images: bool = Field(False, description="echo init_images and mask in the answer's parameters")
     image_cfg_scale: float | None = Field(None, description="for instruct-pix2pix models only: ignored")
@@ -233,8 +250,6 @@ def apply_styles(body: _Common, presets: list[Preset]) -> tuple[_Common, list[st
 
 # -- A1111 names <-> lienzo's ---------------------------------------------------------------------
 
-_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-_RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 # GenerationRequest's field -> the A1111 field a client sent it as.
 _A1111_FIELDS = {
     "sampler": "sampler_name",
@@ -404,7 +419,8 @@ _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 
 
 def resolve_checkpoint(queue: JobQueue, value: str, field: str) -> Path:
-    """A model by A1111 title ("name.safetensors [hash]"), file name, name, short hash or path."""
+    """A model by A1111 title ("name.safetensors [hash]"), file name, name, short hash or path inside the
+    models dir (never elsewhere: see ``JobQueue.resolve_model``)."""
     wanted = value.strip()
     match = _TITLE.match(wanted)
     keys = {wanted.lower()}
@@ -419,11 +435,10 @@ def resolve_checkpoint(queue: JobQueue, value: str, field: str) -> Path:
         aliases = {item.title, item.title.rsplit(" [", 1)[0], entry.name, item.model_name, entry.short_hash, entry.path.name}
         if keys & {a.lower() for a in aliases}:
             return entry.path
-    if Path(wanted).is_absolute():  # lienzo's own extension: a model file or folder anywhere
-        try:
-            return queue.resolve_model(wanted)
-        except ModelFileError:
-            pass
+    try:  # lienzo's own extension: a path inside the models dir, to a readable checkpoint
+        return queue.resolve_checkpoint(wanted, field)
+    except ModelFileError:
+        pass
     titles = ", ".join(model_item(e).title for e in entries) or "none"
     raise InvalidRequestError(field, f"no model named {value!r}; available: {titles}")
 
@@ -807,6 +822,8 @@ async def schedulers() -> list[SchedulerItem]:
 
 @router.get("/sd-models", response_model=list[SDModelItem])
 async def sd_models(queue: Queue) -> list[SDModelItem]:
+    """Readable checkpoints only: A1111 clients offer every listed model for selection and have nowhere to
+    show why one cannot load (GET /api/v1/models lists unreadable files with the reason)."""
     return [model_item(entry) for entry in queue.registry.checkpoints()]
 
 

@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import LienzoError
-from lienzo.gallery.store import MAX_PAGE, GalleryItem, NotFoundError, Preset
+from lienzo.gallery.store import MAX_PAGE, GalleryItem, Preset, file_gone
+from lienzo.images.metadata import replace_lone_surrogates
 from lienzo.images.provenance import read_provenance
 from lienzo.server.deps import AppSettings, Gallery
 
@@ -76,7 +77,9 @@ def item_view(item: GalleryItem) -> ItemView:
 def detail_view(item: GalleryItem) -> DetailView:
     try:
         record = read_provenance(item.path)
-        provenance = json.loads(record.to_json()) if record is not None else None
+        # An imported file's record may hold anything JSON can escape, lone surrogates included,
+        # which no JSON answer can carry.
+        provenance = json.loads(replace_lone_surrogates(record.to_json())) if record is not None else None
     except LienzoError:  # a damaged record, or the file has gone: the rest is still worth showing
         provenance = None
     fields = {name: getattr(item, name) for name in DetailView.model_fields if name not in ("url", "thumb_url", "file", "provenance")}
@@ -164,7 +167,7 @@ def image_file(image_id: ImageId, gallery: Gallery, download: bool = False) -> F
     """The file as saved, metadata included; ``?download=true`` asks the browser to save it."""
     item = gallery.get(image_id)
     if not item.path.is_file():
-        raise NotFoundError("id", f"image {image_id}'s file {item.path} is gone; `lienzo gallery reconcile` drops its row")
+        raise file_gone(image_id)
     media_type = mimetypes.guess_type(item.path.name)[0] or "application/octet-stream"
     if download:
         return FileResponse(item.path, media_type=media_type, filename=item.path.name, content_disposition_type="attachment")

@@ -9,11 +9,11 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.request import MAX_LORA_WEIGHT, GenerationRequest, build_request, schema_limits
 from lienzo.generation.samplers import SAMPLERS
 from lienzo.images.provenance import describe_training_data, training_data_for
 from lienzo.models.registry import ModelEntry, native_size
@@ -43,6 +43,9 @@ _IMAGE_HELP = {
     "mask": "base64; white (or opaque on a transparent layer) = repaint, black = keep; same size as init_image",
 }
 _HELP = {
+    "prompt": f"may hold <lora:NAME:WEIGHT> tags, WEIGHT from -{MAX_LORA_WEIGHT} to {MAX_LORA_WEIGHT}",
+    "sampler": "a sampler GET /api/v1/samplers lists, or an AUTOMATIC1111 alias, in any case",
+    "schedule": "a schedule GET /api/v1/samplers lists, by label or AUTOMATIC1111 id, in any case",
     "fast": "fast mode (DeepCache): reuses deep U-Net features across steps; faster, a little less faithful",
     "safety": "safety filter for flagged images: off, blur or block; default: the server's safety_server setting (blur unless configured)",
 }
@@ -50,14 +53,14 @@ _HELP = {
 
 def _body_model(mode: str) -> type[BaseModel]:
     """A pydantic body with ``mode``'s GenerationRequest fields and defaults, images as base64 strings."""
-    fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name or path; default: the current model"))}
+    fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name, or a path inside the models dir; default: the current model"))}
     for name in _MODE_FIELDS[mode]:
         if name in _IMAGE_HELP:
             fields[name] = (str, Field(description=_IMAGE_HELP[name]))
             continue
         info = GenerationRequest.model_fields[name]
         default = _MODE_DEFAULTS.get(mode, {}).get(name, info.default)
-        fields[name] = (info.annotation, Field(default, description=_HELP.get(name)))
+        fields[name] = (info.annotation, Field(default, description=_HELP.get(name), json_schema_extra=schema_limits(name)))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -157,8 +160,15 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
     )
 
 
+class NativeError(BaseModel):
+    """Every error of lienzo's own API and of the gallery."""
+
+    detail: str = Field(description="what is wrong and what is allowed, in one line")
+    field: str | None = Field(description="the request field at fault; null: none in particular")
+
+
 def error_response(status: int, message: str, field: str | None) -> JSONResponse:
-    return JSONResponse({"detail": message, "field": field}, status_code=status)
+    return JSONResponse(NativeError(detail=message, field=field).model_dump(), status_code=status)
 
 
 async def _submit(mode: str, body: BaseModel, request: Request, queue: JobQueue, settings: Settings, wait: bool) -> JSONResponse:
@@ -223,15 +233,16 @@ async def delete_job(job_id: str, queue: Queue) -> JobView:
     return job_view(queue.cancel(job_id), queue)
 
 
-@router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse)
-async def job_image(job_id: str, index: int, queue: Queue) -> FileResponse:
-    """An image as saved: PNG with its infotext (resized to the size asked for where the job says so)."""
+# Plain ``def`` (run in the thread pool): it reads the file, and may resize it.
+@router.get("/jobs/{job_id}/images/{index}", responses={200: {"content": {"image/png": {}}}})
+def job_image(job_id: str, index: int, queue: Queue) -> Response:
+    """An image as saved: PNG with its infotext (resized to the size asked for where the job says so);
+    404 once its file has been deleted (from the gallery, say)."""
     job = queue.get(job_id)
     if not 0 <= index < len(job.images):
         raise InvalidRequestError("index", f"job {job_id} has {len(job.images)} images; index must be 0 to {len(job.images) - 1}")
-    if job.resize_to is not None:
-        return Response(job.png(index), media_type="image/png")
-    return FileResponse(job.images[index].path, media_type="image/png")
+    # Read whole, not streamed: a file deleted meanwhile is a 404 here, not a failure mid-response.
+    return Response(job.png(index), media_type="image/png")
 
 
 @router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
@@ -260,6 +271,7 @@ class ModelView(BaseModel):
     native_size: int | None = Field(description="the side in pixels the model draws best at (null: unknown)")
     training_data: TrainingDataView | None = Field(description="what a lienzo-trained model states about its data")
     provenance: str = Field(description="the training data in one line, or 'provenance unknown'")
+    error: str | None = Field(None, description="why the file cannot be read (it cannot be chosen); null: readable")
 
 
 def model_view(entry: ModelEntry, current: bool) -> ModelView:
@@ -267,27 +279,30 @@ def model_view(entry: ModelEntry, current: bool) -> ModelView:
     return ModelView(
         name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash,
         sha256=entry.sha256, current=current, native_size=native_size(entry), training_data=TrainingDataView(**asdict(data)) if data else None,
-        provenance=describe_training_data(data),
+        provenance=describe_training_data(data), error=entry.error,
     )
 
 
 class ModelChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="a model name from GET /models, a short hash, or a path")
+    name: str = Field(description="a model name from GET /models, a short hash, or a path inside the models dir")
 
 
 # Plain ``def`` (run in the thread pool): listing and resolving may hash a new multi-GB checkpoint.
 @router.get("/models", response_model=list[ModelView])
 def list_models(queue: Queue) -> list[ModelView]:
+    """The models that can generate, and the files in the models dir that cannot be read, with ``error``
+    saying why (so a damaged download shows up instead of silently missing)."""
     current = queue.current_model_or_none()
-    return [model_view(e, e.path == current) for e in queue.registry.checkpoints()]
+    return [model_view(e, e.path == current) for e in queue.registry.checkpoints(unreadable=True)]
 
 
 @router.put("/models/current", response_model=ModelView)
 def switch_model(choice: ModelChoice, queue: Queue) -> ModelView:
-    """The model for jobs that name none, from the next job on."""
-    path = queue.resolve_model(choice.name)
+    """The model for jobs that name none, from the next job on. It is checked now (a listed, readable
+    checkpoint); should it still fail to load, jobs go back to the previous model."""
+    path = queue.resolve_checkpoint(choice.name, "name")
     queue.model = str(path)
     return model_view(queue.registry.entry(path), True)
 

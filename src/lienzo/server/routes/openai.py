@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, build_request, schema_limits
 from lienzo.images.io import decode_image, decode_mask
 from lienzo.server.codec import b64encode
 from lienzo.server.deps import AppSettings, Queue
@@ -42,12 +42,25 @@ _ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded"}
 _ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="what is wrong and what is allowed, in one line")
+    type: str = Field(description="invalid_request_error, rate_limit_exceeded or server_error")
+    param: str | None = Field(description="the request field at fault; null: none in particular")
+    code: str | None = Field(description="invalid_api_key, rate_limit_exceeded or null")
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body."""
+
+    error: OpenAIErrorDetail
+
+
 def error_response(status: int, message: str, field: str | None) -> JSONResponse:
     """OpenAI's error body. OpenAI answers an invalid request with 400, where FastAPI says 422."""
     status = 400 if status == 422 else status
     kind = "server_error" if status >= 500 else _ERROR_TYPES.get(status, "invalid_request_error")
-    error = {"message": message, "type": kind, "param": field, "code": _ERROR_CODES.get(status)}
-    return JSONResponse({"error": error}, status_code=status)
+    body = OpenAIError(error=OpenAIErrorDetail(message=message, type=kind, param=field, code=_ERROR_CODES.get(status)))
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 # lienzo's request fields, as the OpenAI field the client sent them in.
@@ -91,18 +104,28 @@ class _ImageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="a lienzo model; OpenAI's names (dall-e-*, gpt-image-*) or none: the current one")
-    n: int | None = Field(None, description="number of images (1 by default)")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT' (multiples of 8) or 'auto': the model's native size or the image's")
+    n: int | None = Field(None, description="number of images (1 by default)", json_schema_extra=schema_limits("batch_size"))
+    size: str | None = Field(
+        None,
+        description=f"'WIDTHxHEIGHT', sides multiples of 8 from {MIN_SIDE} to {MAX_SIDE} and width x height at most the server's "
+        "max_pixels, or 'auto': the model's native size or the image's",
+    )
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="b64_json (default) or url, valid while the server remembers the job"
     )
     stream: bool | None = Field(None, description="only false: lienzo answers once the images are done")
     user: str | None = _ignored()
     safety_identifier: str | None = _ignored()
-    negative_prompt: str | None = Field(None, description=f"{_EXTENSION}: what the image should not show")
-    seed: int | None = Field(None, description=f"{_EXTENSION}: -1 or absent: random; image i gets seed + i")
-    steps: int | None = Field(None, description=f"{_EXTENSION}: denoising steps (default 20)")
-    cfg_scale: float | None = Field(None, description=f"{_EXTENSION}: prompt guidance (default 7)")
+    negative_prompt: str | None = Field(
+        None, description=f"{_EXTENSION}: what the image should not show", json_schema_extra=schema_limits("negative_prompt")
+    )
+    seed: int | None = Field(
+        None, description=f"{_EXTENSION}: -1 or absent: random; image i gets seed + i", json_schema_extra=schema_limits("seed")
+    )
+    steps: int | None = Field(None, description=f"{_EXTENSION}: denoising steps (default 20)", json_schema_extra=schema_limits("steps"))
+    cfg_scale: float | None = Field(
+        None, description=f"{_EXTENSION}: prompt guidance (default 7)", json_schema_extra=schema_limits("cfg_scale")
+    )
     sampler: str | None = Field(None, description=f"{_EXTENSION}: e.g. 'Euler a' (default DPM++ 2M)")
     fast: bool | None = Field(None, description=f"{_EXTENSION}: fast mode (DeepCache), a little less faithful (default false)")
 
@@ -119,7 +142,7 @@ class _ImageOptions(BaseModel):
 
 
 class GenerationBody(_ImageOptions):
-    prompt: str = Field(description="what to draw")
+    prompt: str = Field(description="what to draw", json_schema_extra=schema_limits("prompt"))
     quality: str | None = _ignored()
     style: str | None = _ignored()
     background: str | None = _ignored()
@@ -130,14 +153,16 @@ class GenerationBody(_ImageOptions):
 
 
 class _UploadOptions(_ImageOptions):
-    denoising_strength: float | None = Field(None, description=f"{_EXTENSION}: how much to change, 0 to 1 (default 0.75)")
+    denoising_strength: float | None = Field(
+        None, description=f"{_EXTENSION}: how much to change (default 0.75)", json_schema_extra=schema_limits("denoising_strength")
+    )
 
 
 class EditForm(_UploadOptions):
     image: UploadFile | None = Field(None, description="the image to edit (PNG, JPEG, WebP)")
     images: list[UploadFile] = Field([], alias="image[]", description="as image, as the openai client sends it; the first is used")
     mask: UploadFile | None = Field(None, description="same size as image; its fully transparent pixels are the area to edit")
-    prompt: str = Field(description="what the edited image should show")
+    prompt: str = Field(description="what the edited image should show", json_schema_extra=schema_limits("prompt"))
     quality: str | None = _ignored()
     background: str | None = _ignored()
     output_format: str | None = _ignored()
@@ -262,12 +287,27 @@ def variation_request(form: VariationForm, image: Image.Image) -> GenerationRequ
         return build_request(**_common_fields(form, ""), init_image=image)
 
 
+def base_url(request: Request) -> str:
+    """Where clients reach this server: ``public_url``, else the address the connection arrived at (the
+    socket's), never the Host header, which a client or a rebinding page chooses."""
+    public_url = request.app.state.settings.public_url
+    if public_url:
+        return public_url
+    host, port = request.scope["server"]
+    scheme = request.scope["scheme"]
+    netloc = f"[{host}]" if ":" in host else host
+    if port != {"http": 80, "https": 443}.get(scheme):
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{request.scope.get('root_path', '')}"
+
+
 def images_response(job: Job, response_format: str | None, request: Request) -> ImagesResponse:
     def item(i: int) -> ImageData:
         # Set only for a filtered image: responses leave unset fields out, so OpenAI's shape stays as it is.
         filtered = {"filtered": job.images[i].filtered} if job.images[i].filtered else {}
         if response_format == "url":
-            return ImageData(url=str(request.url_for("job_image", job_id=job.id, index=i)), revised_prompt=None, **filtered)
+            url = base_url(request) + request.app.url_path_for("job_image", job_id=job.id, index=i)
+            return ImageData(url=url, revised_prompt=None, **filtered)
         return ImageData(b64_json=b64encode(job.png(i)), revised_prompt=None, **filtered)
 
     width, height = job.resize_to or ((job.images[0].width, job.images[0].height) if job.images else (0, 0))

@@ -95,10 +95,15 @@ async function loadChoices() {
   state.models = models;
   state.samplers = samplers;
   const select = $("model");
-  select.replaceChildren(...models.map((m) => new Option(`${m.name}${m.architecture ? ` · ${m.architecture}` : ""}`, m.name)));
-  const current = models.find((m) => m.current) ?? models[0];
+  // A file that cannot be read is shown with the reason, and cannot be chosen.
+  select.replaceChildren(
+    ...models.map((m) =>
+      Object.assign(new Option(`${m.name}${m.architecture ? ` · ${m.architecture}` : ""}`, m.name), { disabled: Boolean(m.error), title: m.error ?? "" }),
+    ),
+  );
+  const current = models.find((m) => m.current) ?? models.find((m) => !m.error);
   if (current) select.value = current.name;
-  if (!models.length) showError("No model found: put a checkpoint in the models folder, or reinstall lienzo for its built-in model.", "model");
+  if (!current) showError("No model found: put a checkpoint in the models folder, or reinstall lienzo for its built-in model.", "model");
   applyNativeSize(current, true);
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
   $("sampler").value = samplers.some((s) => s.name === "DPM++ 2M") ? "DPM++ 2M" : samplers[0]?.name;
