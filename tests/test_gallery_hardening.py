@@ -55,6 +55,25 @@ def test_a_lone_surrogate_in_a_prompt_is_refused_at_every_door(client, url, body
     assert client.get("/api/v1/gallery").json()["items"] == []  # refused before anything ran
 
 
+@pytest.mark.parametrize(
+    ("url", "body", "status"),
+    [
+        ("/api/v1/txt2img", {**FAST, "sampler": f"Euler{SURROGATE}"}, 422),
+        ("/api/v1/txt2img", {**FAST, "model": SURROGATE}, 422),
+        ("/sdapi/v1/txt2img", {**FAST, "prompt": "a fox", "sampler_name": SURROGATE}, 422),
+        # An unknown style is a warning, as in A1111; the answer echoes the request's parameters.
+        ("/sdapi/v1/txt2img", {**FAST, "prompt": "a fox", "styles": [SURROGATE]}, 200),
+        ("/v1/images/generations", {"prompt": "a fox", "size": "64x64", "steps": 2, "model": SURROGATE}, 400),
+    ],
+)
+def test_an_answer_echoing_a_lone_surrogate_is_still_answered(client, url, body, status):
+    """Values a client sent come back in messages and echoed parameters; UTF-8 cannot encode a lone
+    surrogate, which once turned such an answer into a 500."""
+    response = post_json(client, url, body)
+    assert response.status_code == status, response.text
+    assert response.json()
+
+
 def test_a_lone_surrogate_in_a_preset_or_a_search_is_refused_naming_the_field(client, gallery):
     response = client.put("/api/v1/presets/noir", content=json.dumps({"prompt": f"dark{SURROGATE}"}), headers={"content-type": "application/json"})
     assert response.status_code == 422 and response.json()["field"] == "prompt" and "U+D800" in response.json()["detail"]

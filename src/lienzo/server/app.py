@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -30,6 +30,7 @@ from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, Mode
 from lienzo.gallery.store import Gallery, NotFoundError
 from lienzo.models.components import Components
 from lienzo.server import openapi
+from lienzo.server.codec import JSONResponse
 from lienzo.server.jobs import JobNotFoundError, JobQueue, QueueFullError
 from lienzo.server.routes import a1111, gallery, native, openai
 from lienzo.settings import Settings
@@ -307,7 +308,7 @@ def create_app(
     # /docs and /redoc are openapi.install's: FastAPI's own would load their scripts from a CDN.
     app = FastAPI(
         title="lienzo", version=__version__, lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None,
-        dependencies=[Depends(_json_only)],
+        dependencies=[Depends(_json_only)], default_response_class=JSONResponse,
     )
     app.state.queue, app.state.settings, app.state.gallery = queue, settings, store
 

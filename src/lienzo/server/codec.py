@@ -1,11 +1,14 @@
 """Images in and out of HTTP: base64 (with or without a data-URL prefix) and uploads, guarded by the
-pixel limit before any pixel is decoded; PNG files out as base64."""
+pixel limit before any pixel is decoded; PNG files out as base64. JSON out, whatever text it echoes."""
 
 import base64
 import binascii
+import json
 import re
+from typing import Any
 
 from PIL import Image
+from starlette import responses
 
 from lienzo.errors import InvalidRequestError
 from lienzo.images.io import decode_image, decode_mask
@@ -35,3 +38,13 @@ def mask_from_b64(value: str, size: tuple[int, int], field: str, settings: Setti
 
 def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+class JSONResponse(responses.JSONResponse):
+    """Starlette's JSON answer, but a lone surrogate (a JSON ``\\ud800`` a client sent, echoed in an error
+    message such as "unknown sampler ...") is written as "?": UTF-8 cannot encode it, and Starlette's
+    own render would turn the 422 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        return text.encode("utf-8", "replace")

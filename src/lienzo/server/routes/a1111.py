@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +31,7 @@ from lienzo.gallery.store import Preset
 from lienzo.images.io import decode_image, write_atomic
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.models.registry import ModelEntry
-from lienzo.server.codec import b64decode, b64encode, image_from_b64, mask_from_b64
+from lienzo.server.codec import JSONResponse, b64decode, b64encode, image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Gallery, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
@@ -17,7 +17,7 @@ from lienzo.generation.request import MAX_LORA_WEIGHT, GenerationRequest, build_
 from lienzo.generation.samplers import SAMPLERS
 from lienzo.images.provenance import describe_training_data, training_data_for
 from lienzo.models.registry import ModelEntry, native_size
-from lienzo.server.codec import image_from_b64, mask_from_b64
+from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, build_request, schema_limits
 from lienzo.images.io import decode_image, decode_mask
-from lienzo.server.codec import b64encode
+from lienzo.server.codec import JSONResponse, b64encode
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings
