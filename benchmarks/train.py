@@ -23,7 +23,8 @@ from PIL import Image
 
 from lienzo.training.config import build_config
 from lienzo.training.losses import DenoiserLoss
-from lienzo.training.trainer import Trainer, build_models, noise_scheduler
+from lienzo.training.models import build_models, noise_scheduler
+from lienzo.training.trainer import Trainer
 
 WARMUP = 3
 

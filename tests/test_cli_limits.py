@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from lienzo import api, outputs
+from lienzo import api, outputs, studio
 from lienzo.cli import app
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.limits import check_limits
@@ -24,7 +24,7 @@ def no_model(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a request that should have been refused")
 
-    monkeypatch.setattr(api, "load_model", load_model)
+    monkeypatch.setattr(studio, "load_model", load_model)
 
 
 def _refused(result, *words: str) -> str:

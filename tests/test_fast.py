@@ -289,7 +289,8 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def test_off_by_default_everywhere():
-    from lienzo.server.routes.a1111 import Txt2ImgRequest, txt2img_request
+    from lienzo.server.routes.a1111.schemas import Txt2ImgRequest
+    from lienzo.server.routes.a1111.translate import txt2img_request
     from lienzo.server.routes.openai import GenerationBody, generation_request
 
     assert GenerationRequest().fast is False

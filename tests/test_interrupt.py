@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from lienzo.generation import engine
+from lienzo.generation.latents import denoised_estimate
 from lienzo.generation.request import build_request
 from lienzo.generation.samplers import SAMPLERS
 from lienzo.images.metadata import parse_infotext
@@ -92,4 +93,4 @@ def test_denoised_estimate_matches_ddim_where_the_scheduler_gives_none(sd1, sche
     expected = ddim.step(pred, t, sample).pred_original_sample
     output = other.step(pred, t, sample)
     assert not hasattr(output, "pred_original_sample")
-    torch.testing.assert_close(engine._denoised(other, output, sample, pred, t), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(denoised_estimate(other, output, sample, pred, t), expected, rtol=1e-4, atol=1e-4)

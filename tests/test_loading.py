@@ -58,7 +58,7 @@ def test_separate_vae_replaces_the_checkpoints_vae(tmp_path):
         p.data.add_(torch.randn_like(p) * 0.05)
     vae_path = save_single_file(other, tmp_path / "full-other.safetensors")
     with_vae = load_components(path, vae=vae_path)
-    assert with_vae.extra["vae_name"] == "full-other"
+    assert with_vae.vae_name == "full-other"
     for a, b in zip(with_vae.vae.state_dict().values(), other.vae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     image = engine.generate(with_vae, build_request(**REQUEST)).images[0]

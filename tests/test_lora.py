@@ -98,7 +98,7 @@ def test_kohya_lora_adds_weight_times_alpha_over_rank_times_up_down(tmp_path, fa
     active = apply_loras(components, [(tmp_path / "style.safetensors", "style", 0.7)])
 
     assert active == [ActiveLora("style", 0.7, lora_hash(tmp_path / "style.safetensors")[:12])]
-    assert components.extra["active_loras"] == active
+    assert components.loras.active == active
     for name, (part, module, rank, alpha) in layers.items():
         x, base = before[name]
         up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
@@ -148,7 +148,7 @@ def test_a_file_changed_on_disk_is_read_again(tmp_path):
     apply_loras(components, [(path, "style", 1.0)])
     apply_loras(fresh, [(path, "style", 1.0)])
     assert torch.equal(_unet_out(components), _unet_out(fresh))
-    assert len(components.extra["lora_adapters"]) == 1 and set(components.unet.peft_config) == {"lora_0"}
+    assert len(components.loras.adapters) == 1 and set(components.unet.peft_config) == {"lora_0"}
 
 
 def test_files_that_are_not_loras_for_this_model_are_refused(tmp_path):

@@ -26,12 +26,12 @@ from lienzo.images.provenance import (
     ProvenanceRecord,
     TrainingData,
     WatermarkInfo,
-    _read_training_data,
     read_provenance,
 )
 from lienzo.images.watermark import detect, embed
 from lienzo.models.lora import apply_loras
 from lienzo.models.registry import lora_hash, sha256_file
+from lienzo.origins import _read_training_data, provenance_for
 from lienzo.outputs import save_generated
 from lienzo.server.app import create_app
 from lienzo.settings import Settings
@@ -122,13 +122,13 @@ def test_trained_model_folder_states_its_data_manifest_and_licence(tmp_path):
     manifest_sha256 = write_manifest(scan_folder(data, source="pictures made by the tests"), folder / "dataset_manifest.json")
 
     components = load_model(folder, settings=Settings(data_dir=tmp_path / "home"))
-    provenance = Provenance.for_model(components)
+    provenance = provenance_for(components)
     assert provenance.training_data == TrainingData(manifest_sha256, "CC BY-SA 4.0", "pictures made by the tests", 3)
     assert provenance.model.sha256 == components.sha256 and len(components.sha256) == 64
 
     # The manifest is read once per version of the file, not for every image.
     hits = _read_training_data.cache_info().hits
-    assert Provenance.for_model(components) == provenance and _read_training_data.cache_info().hits == hits + 1
+    assert provenance_for(components) == provenance and _read_training_data.cache_info().hits == hits + 1
 
     generated = GeneratedImage(Image.new("RGB", (64, 64), "gray"), 1, "a fox", {}, np.zeros((64, 64, 3), np.float32))
     saved = save_generated(generated, tmp_path / "out", provenance, watermark=True)
@@ -151,7 +151,7 @@ def test_loras_are_recorded_with_their_full_hashes(tmp_path):
     save_file(tensors, path, metadata={LORA_MANIFEST_KEY: "cd" * 32})
     active = apply_loras(components, [(path, "film", 0.6)])
 
-    provenance = Provenance.for_model(components)
+    provenance = provenance_for(components)
     assert provenance.loras == (LoraInfo("film", 0.6, lora_hash(path), "cd" * 32),)
     # The record's hash is the one whose first 12 digits the infotext's "Lora hashes" show.
     assert lora_hash(path).startswith(active[0].short_hash) and len(lora_hash(path)) == 64

@@ -15,9 +15,11 @@ import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from lienzo.generation.canvas import resize_image
 from lienzo.images.metadata import parse_infotext
 from lienzo.server.app import create_app
-from lienzo.server.routes.a1111 import Img2ImgRequest, Txt2ImgRequest, img2img_request, resize_image, txt2img_request
+from lienzo.server.routes.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
+from lienzo.server.routes.a1111.translate import img2img_request, txt2img_request
 from lienzo.settings import Settings
 from servers import b64_png, bomb_png, lienzo_server, two_model_home
 

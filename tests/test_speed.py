@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
 import lienzo.api
+import lienzo.studio
 from lienzo import devices
 from lienzo.cli import app
 from lienzo.devices import configure_threads, cpuinfo_has_bf16, execution_device, pick_dtype
@@ -259,7 +260,7 @@ def test_compiled_model_equals_eager(reference, compile_cache):
     apply_speed(components, SpeedOptions(compile=True, compile_backend="eager", compile_cache=compile_cache), "cpu")
     assert components.unet._compiled_call_impl is not None and components.vae.decoder._compiled_call_impl is not None
     assert np.abs(_pixels(components) - reference).max() <= 1e-5
-    assert set(components.extra["compile_seconds"]) == {"unet", "vae decoder"}  # timed on the first call
+    assert set(components.speed.compile_seconds) == {"unet", "vae decoder"}  # timed on the first call
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache) and compile_cache.is_dir()
     assert np.abs(_pixels(components, seed=4, steps=2) - _pixels(build_tiny("sd1"), seed=4, steps=2)).max() <= 1e-5
     assert "_orig_mod" not in next(iter(components.unet.state_dict()))  # in place: LoRAs still find their layers
@@ -312,7 +313,7 @@ def test_int8_quantizes_the_unets_linear_layers_and_stays_close(reference):
     quantized = [m for m in components.unet.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert quantized and not any(type(m) is torch.nn.Linear for m in components.unet.modules())
     assert all(type(m) is torch.nn.Linear for m in components.text_encoder.modules() if isinstance(m, torch.nn.Linear))
-    assert components.extra[speed.INT8] is True
+    assert components.speed.int8 is True
     image = engine.generate(components, build_request(**FAST)).images[0]
     pixels = image.pixels
     assert "Int8: U-Net linear layers" in image.infotext
@@ -326,7 +327,7 @@ def test_int8_is_left_off_where_it_cannot_run(caplog):
     with caplog.at_level(logging.WARNING, logger="lienzo.models.speed"):
         apply_speed(components, SpeedOptions(int8=True), "cpu")
     assert "int8: only float32 models on the CPU are quantized" in caplog.text
-    assert speed.INT8 not in components.extra
+    assert not components.speed.int8
     assert any(type(m) is torch.nn.Linear for m in components.unet.modules())
 
 
@@ -368,13 +369,13 @@ def test_settings_from_environment(monkeypatch, tmp_path):
 
 def test_cli_speed_flags_reach_load_model(home, tmp_path, monkeypatch):
     seen = {}
-    real = lienzo.api.load_model
+    real = lienzo.studio.load_model
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lienzo.api, "load_model", spy)
+    monkeypatch.setattr(lienzo.studio, "load_model", spy)
     base = ["--models-dir", str(home / "models"), "--data-dir", str(tmp_path / "data"), "--outputs-dir", str(tmp_path / "out")]
     flags = ["--low-vram", "--vae-tiling", "on", "--no-channels-last", "--threads", "1", "--vae-dtype", "float32", "--attention-slicing", "--int8"]
     threads = torch.get_num_threads()

@@ -22,7 +22,10 @@ from lienzo.generation.engine import generate
 from lienzo.generation.request import build_request
 from lienzo.models.loading import load_components
 from lienzo.training.config import ConfigError, build_config, parse_override, read_toml, to_toml, validate_config
-from lienzo.training.trainer import SampleStream, Trainer, build_models, lr_factor
+from lienzo.training.loop import lr_factor
+from lienzo.training.models import build_models
+from lienzo.training.stream import SampleStream
+from lienzo.training.trainer import Trainer
 
 # A few steps of each stage, small batches, one prompt in the sample grid: seconds on a CPU.
 QUICK = [
@@ -230,7 +233,7 @@ def test_label_conditioning_v_prediction_frozen_text_encoder(straight, art, tmp_
 
 
 def test_vae_trains_on_random_crops(art, tmp_path):
-    from lienzo.training.trainer import _random_crop
+    from lienzo.training.stream import random_crop as _random_crop
 
     image = torch.arange(3 * 64 * 64, dtype=torch.float32).view(3, 64, 64)
     corners = set()

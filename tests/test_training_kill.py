@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from lienzo.cli import app
 from lienzo.training.config import build_config
-from lienzo.training.trainer import Trainer, latest_checkpoint
+from lienzo.training.folder import latest_checkpoint
+from lienzo.training.trainer import Trainer
 
 # Tiny and quick: a checkpoint after every step, so that kills land in the middle of checkpoints too.
 SETS = ["vae.steps=3", "unet.steps=3", "vae.batch_size=2", "unet.batch_size=2", "samples.every=0", "samples.prompts=[]",

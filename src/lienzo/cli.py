@@ -214,33 +214,27 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     if not request.prompt.strip():
         err_console.print("note: the prompt is empty; generating without one", highlight=False)
 
-    # 2. Load the model, then generate.
-    from lienzo.api import load_model, prepare_loras
-    from lienzo.generation.engine import generate
-    from lienzo.images.provenance import Provenance
-    from lienzo.outputs import output_dir, save_generated, wants_watermark
+    # 2. Load the model, then generate; the studio saves each image as it is done.
+    from lienzo.studio import Studio
 
     device = opts.get("device") or settings.device
     dtype = opts.get("dtype") or settings.dtype
     with err_console.status("loading model"):
-        components = load_model(
+        studio = Studio(settings)
+        components = studio.load_model(
             opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
-            settings=settings, **_speed_kwargs(opts),
+            **_speed_kwargs(opts),
         )
-        prepare_loras(components, request, settings)
-        provenance = Provenance.for_model(components)
-    out_dir = opts.get("out") or output_dir(settings, mode)
-    gallery = _open_gallery(settings)
+    out_dir = opts.get("out")
+    studio.gallery = _open_gallery(settings)
 
-    def save(image) -> None:
-        watermark = wants_watermark(request, settings)
-        try:
-            path = save_generated(image, out_dir, provenance, watermark=watermark, gallery=gallery, source="cli", mode=mode).path
-        except OSError as err:  # a disk that filled up, a folder removed or locked meanwhile
-            raise LienzoError(f"{out_option}: cannot save into {out_dir}: {err.strerror or err}") from None
-        click.echo(str(path))
+    def saved(image, output) -> None:
+        click.echo(str(output.path))
         if image.filtered:
-            err_console.print(f"[yellow]{escape(path.name)}: {image.filtered} by the safety filter", highlight=False)
+            err_console.print(f"[yellow]{escape(output.path.name)}: {image.filtered} by the safety filter", highlight=False)
+
+    def save_failed(err: OSError, folder: Path) -> None:  # a disk that filled up, a folder removed or locked meanwhile
+        raise LienzoError(f"{out_option}: cannot save into {folder}: {err.strerror or err}") from None
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
@@ -250,13 +244,16 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
             def on_step(p) -> None:
                 bar.update(task, completed=p.step, total=p.total_steps, description=f"{mode} batch {p.batch + 1}/{p.batch_count}")
 
-            result = generate(components, request, progress=on_step, cancel=stop.is_set, on_image=save)
+            result = studio.run(
+                components, request, out_dir=out_dir, source="cli", progress=on_step, cancel=stop.is_set, on_saved=saved,
+                save_failed=save_failed,
+            )
     except GenerationCancelled:
         err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
         sys.exit(130)
     finally:
-        if gallery is not None:
-            gallery.close()
+        if studio.gallery is not None:
+            studio.gallery.close()
     seeds = ", ".join(str(i.seed) for i in result.images)
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
 
@@ -449,8 +446,9 @@ def outpaint(ctx, image, prompt, **opts):
 @click.pass_context
 def models(ctx, details):
     """List lienzo's own model and the models dir's, with their A1111 short hashes."""
-    from lienzo.images.provenance import describe_training_data, training_data_for
+    from lienzo.images.provenance import describe_training_data
     from lienzo.models.registry import Registry, embedded_model
+    from lienzo.origins import training_data_for
 
     settings = _settings(ctx)
     registry = Registry(settings.models_dir, settings.cache_dir)
@@ -663,16 +661,6 @@ def check(folder, licence, source, manifest):
     console.print(f"sha256: {digest}", highlight=False)
 
 
-_TRAIN_FLAGS = {
-    # flag: config key it overrides
-    "seed": "seed", "resolution": "resolution", "stage": "stages", "conditioning": "data.conditioning",
-    "prediction": "model.prediction_type", "vae_steps": "vae.steps", "unet_steps": "unet.steps",
-    "batch_size": "unet.batch_size", "lr": "unet.lr", "sample_every": "samples.every",
-    "checkpoint_every": "checkpoint_every", "mixed_precision": "mixed_precision",
-    "base": "lora.base", "rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_name": "lora.name",
-}
-
-
 @app.command()
 @click.option("--data", type=click.Path(path_type=Path), help="folder of images (captions: same-name .txt; labels: sub-folders)")
 @click.option("--out", type=click.Path(path_type=Path), help="run folder; becomes a diffusers model folder")
@@ -706,8 +694,9 @@ _TRAIN_FLAGS = {
 @click.pass_context
 def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perceptual_weights, lora, device, num_processes, stop_after, time_limit, **flags):
     """Train a diffusion model on a folder of images, or a LoRA on an existing model."""
-    from lienzo.training.config import build_config, nest, parse_override
-    from lienzo.training.trainer import Trainer, saved_config
+    from lienzo.training.config import build_config, flag_values, nest, parse_override
+    from lienzo.training.folder import saved_config
+    from lienzo.training.trainer import Trainer
 
     # 1. The config: the resumed run's, or a preset, then the file, then --set, then flags.
     if resume is not None:
@@ -718,15 +707,13 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
         raise click.UsageError("give the run folder with --out DIR (or --resume DIR)")
     layers = [saved_config(resume).model_dump(mode="json")] if resume is not None else []
     layers += [parse_override(o) for o in overrides]
-    given = {key: flags[flag] for flag, key in _TRAIN_FLAGS.items() if flags.get(flag) not in (None, ())}
+    given = flag_values(flags)
     if lora:
         if not flags.get("base") and resume is None:
             raise click.UsageError("--lora needs --base MODEL to fine-tune")
         given["stages"] = ["unet"]
     elif flags.get("base"):
         raise click.UsageError("--base is for LoRA fine-tuning; add --lora")
-    if "stages" in given:
-        given["stages"] = list(given["stages"])
     if "lora.base" in given:
         settings = _settings(ctx)
         from lienzo.models.registry import Registry
@@ -787,7 +774,7 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
 
     from lienzo import __version__
     from lienzo.api import load_model
-    from lienzo.images.io import write_atomic
+    from lienzo.files import write_atomic
     from lienzo.training.artifacts import set_section
     from lienzo.training.evaluate import evaluate_openmoji, untrained_like
 

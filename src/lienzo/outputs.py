@@ -1,4 +1,4 @@
-"""Where generated images go: one save path for every front door (CLI, server).
+"""Where generated images go: the save step of :class:`lienzo.studio.Studio`, which every front door calls.
 
 Each PNG carries the A1111 infotext (``parameters``), lienzo's provenance record
 (``lienzo-provenance``, see :mod:`lienzo.images.provenance`), an XMP packet labelling it

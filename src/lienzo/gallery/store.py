@@ -32,8 +32,9 @@ from pathlib import Path
 from PIL import Image
 
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError
+from lienzo.files import write_atomic
 from lienzo.gallery.importers import ImageMeta, read_meta
-from lienzo.images.io import decode_image, write_atomic
+from lienzo.images.io import decode_image
 from lienzo.images.metadata import lone_surrogate
 from lienzo.settings import Settings
 

@@ -6,6 +6,7 @@ Masks are PIL images of mode "L": white (255) = repaint, black (0) = keep. Regio
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -185,6 +186,50 @@ def composite_unmasked(original: Image.Image, generated: Image.Image, blurred_ma
             f"sizes differ: original {original.size}, generated {generated.size}, mask {blurred_mask.size}"
         )
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), blurred_mask.convert("L"))
+
+
+class ResizeMode(IntEnum):
+    """How an input image is fitted to another size; the numbers are A1111's ``resize_mode``."""
+
+    JUST_RESIZE = 0  # stretch
+    CROP_AND_RESIZE = 1  # scale to cover, crop the middle
+    RESIZE_AND_FILL = 2  # scale to fit, fill the bands by stretching the picture's edge rows or columns
+    LATENT_UPSCALE = 3  # A1111 stretches the latents; lienzo stretches the image, as JUST_RESIZE
+
+
+def resize_image(image: Image.Image, width: int, height: int, mode: ResizeMode) -> Image.Image:
+    """``image`` at ``width`` x ``height`` by A1111's resize ``mode`` (LANCZOS throughout)."""
+    if image.size == (width, height):
+        return image
+    lanczos = Image.Resampling.LANCZOS
+    if mode in (ResizeMode.JUST_RESIZE, ResizeMode.LATENT_UPSCALE):
+        return image.resize((width, height), lanczos)
+    scale = (max if mode == ResizeMode.CROP_AND_RESIZE else min)(width / image.width, height / image.height)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((w, h), lanczos)
+    if mode == ResizeMode.CROP_AND_RESIZE:
+        left, top = (w - width) // 2, (h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    return _fill_bands(resized, width, height)
+
+
+def _fill_bands(resized: Image.Image, width: int, height: int) -> Image.Image:
+    """``resized`` centred on a ``width`` x ``height`` canvas, the bands around it filled by stretching
+    its outermost row or column (A1111's "resize and fill")."""
+    lanczos = Image.Resampling.LANCZOS
+    w, h = resized.size
+    out = Image.new(resized.mode, (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    out.paste(resized, (left, top))
+    if top > 0:
+        out.paste(resized.crop((0, 0, w, 1)).resize((w, top), lanczos), (left, 0))
+    if height - top - h > 0:
+        out.paste(resized.crop((0, h - 1, w, h)).resize((w, height - top - h), lanczos), (left, top + h))
+    if left > 0:
+        out.paste(resized.crop((0, 0, 1, h)).resize((left, h), lanczos), (0, top))
+    if width - left - w > 0:
+        out.paste(resized.crop((w - 1, 0, w, h)).resize((width - left - w, h), lanczos), (left + w, top))
+    return out
 
 
 def _check_outpaint(image: Image.Image, amounts: dict[str, int], overlap: int) -> None:

@@ -16,6 +16,8 @@ import logging
 import torch
 from diffusers import AutoencoderKL
 
+from lienzo.models.components import TILING_CHOICES
+
 log = logging.getLogger(__name__)
 
 # Images larger than 1024 x 1024 are decoded in tiles when tiling is "auto": SDXL's own size (and all
@@ -24,7 +26,6 @@ log = logging.getLogger(__name__)
 AUTO_TILE_PIXELS = 1024 * 1024
 
 _HALF = (torch.float16, torch.bfloat16)
-TILING_CHOICES = ("auto", "on", "off")
 
 
 def wants_tiling(vae: AutoencoderKL, latents: torch.Tensor, tiling: str = "auto") -> bool:

@@ -20,22 +20,16 @@ The statement and IPTC's digital source type are also written as XMP (:func:`xmp
 place other tools look for an "AI-generated" label.
 """
 
-import functools
-import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from os import PathLike
-from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from lienzo import __version__
 from lienzo.errors import ImageFileError, LienzoError
 from lienzo.images import watermark
-
-log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "lienzo-provenance"
 XMP_KEY = "XML:com.adobe.xmp"  # the iTXt keyword the XMP specification gives PNG
@@ -91,20 +85,13 @@ class WatermarkInfo:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What every image of one generation says about its origin; build it once per generation
-    with :meth:`for_model`, after the LoRAs are applied."""
+    """What every image of one generation says about its origin, from plain facts; build it once per
+    generation, after the LoRAs are applied (``lienzo.studio.provenance_for`` gathers the facts: hashes,
+    a trained model's manifest)."""
 
     model: ModelInfo
     loras: tuple[LoraInfo, ...] = ()
     training_data: TrainingData | None = None
-
-    @classmethod
-    def for_model(cls, components) -> "Provenance":
-        """From loaded Components (``lienzo.api.load_model`` sets their hashes). Reading a manifest or
-        hashing a LoRA is done once per file version, not per image."""
-        model = ModelInfo(components.name, components.sha256 or None, components.short_hash or None, components.family)
-        training = training_data_for(components.source) if components.source is not None else None
-        return cls(model, _loras(components), training)
 
     def record(self, watermark_info: WatermarkInfo, created: datetime | None = None) -> "ProvenanceRecord":
         """The record for one saved image; ``created`` defaults to now (UTC)."""
@@ -231,65 +218,7 @@ def read_provenance(path: str | PathLike) -> ProvenanceRecord | None:
     return None if text is None else ProvenanceRecord.from_json(str(text))
 
 
-def _loras(components) -> tuple[LoraInfo, ...]:
-    """The active LoRAs with their full hashes. ``active_loras`` holds (name, weight, short hash); the
-    files they came from are the keys of lora.py's loaded-adapter table, matched by short hash."""
-    from lienzo.models.lora import _LOADED, ACTIVE
-
-    files = {entry.short_hash: Path(path) for path, entry in components.extra.get(_LOADED, {}).items()}
-    loras = []
-    for name, weight, short_hash in components.extra.get(ACTIVE, []):
-        path = files.get(short_hash)
-        full, trained = _lora_hashes(*_stamped(path)) if path is not None and path.is_file() else (None, None)
-        loras.append(LoraInfo(name, float(weight), full, trained))
-    return tuple(loras)
-
-
-def _stamped(path: Path) -> tuple[str, int, int]:
-    """A path with its size and mtime: a cache key that changes when the file does."""
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=64)
-def _lora_hashes(path: str, _size: int, _mtime_ns: int) -> tuple[str, str | None]:
-    from lienzo.models import formats
-    from lienzo.models.registry import lora_hash
-
-    trained = formats.read_metadata(Path(path)).get(LORA_MANIFEST_KEY) if formats.sniff(Path(path)) == "safetensors" else None
-    return lora_hash(Path(path)), trained or None
-
-
-def _training_data(manifest: Path) -> TrainingData | None:
-    if not manifest.is_file():
-        return None
-    return _read_training_data(*_stamped(manifest))
-
-
-@functools.lru_cache(maxsize=16)
-def _read_training_data(path: str, _size: int, _mtime_ns: int) -> TrainingData | None:
-    """The manifest's hash (of its bytes, as the trainer's ``write_manifest`` reports it), licence,
-    source and image count. A manifest that cannot be read leaves the record without training data
-    (logged): saving an image must not fail over it."""
-    from lienzo.errors import DatasetError
-    from lienzo.training.data import read_manifest
-
-    try:
-        manifest = read_manifest(Path(path))
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except (DatasetError, OSError) as err:
-        log.warning("provenance: leaving out the training data: %s", err)
-        return None
-    return TrainingData(digest, manifest["licence"], manifest["source"], int(manifest["counts"]["images"]))
-
-
 UNKNOWN = "provenance unknown"
-
-
-def training_data_for(model: Path) -> TrainingData | None:
-    """What a model states about its training data: a lienzo-trained folder's dataset manifest."""
-    model = Path(model)
-    return _training_data(model / MANIFEST_NAME) if model.is_dir() else None
 
 
 def describe_training_data(data: TrainingData | None) -> str:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -13,6 +13,38 @@ from lienzo.devices import execution_device
 from lienzo.safety.base import SafetyFilter
 
 Family = Literal["sd1", "sd2", "sdxl"]
+TILING_CHOICES = ("auto", "on", "off")  # Components.vae_tiling
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    """One LoRA applied to a model: the name it was asked for by, its weight, its A1111 short hash (the
+    infotext's ``Lora hashes``) and the file it was read from (for provenance; not part of equality)."""
+
+    name: str
+    weight: float
+    short_hash: str
+    file: Path | None = field(default=None, compare=False)
+
+
+@dataclass
+class LoraState:
+    """The LoRAs of one model: every file read so far, as peft adapters (resolved path -> the adapter
+    :mod:`lienzo.models.lora` keeps), and the ones the last request made active, in its order."""
+
+    adapters: dict[str, Any] = field(default_factory=dict)
+    active: list[ActiveLora] = field(default_factory=list)
+
+
+@dataclass
+class SpeedState:
+    """What :mod:`lienzo.models.speed` did to a model: whether the U-Net's linear layers are int8 (LoRAs
+    cannot wrap them, and the infotext records it), how long each compiled part took on its first call,
+    and the CPU copies of the weights low-VRAM offload streams (part name -> (state dict, device))."""
+
+    int8: bool = False
+    compile_seconds: dict[str, float] = field(default_factory=dict)
+    offloaded: dict[str, tuple[dict, torch.device]] = field(default_factory=dict)
 
 
 @dataclass
@@ -37,7 +69,9 @@ class Components:
     short_hash: str = ""
     sha256: str = ""
     source: Path | None = None
-    extra: dict = field(default_factory=dict)
+    vae_name: str = ""  # a VAE loaded in place of the model's own: its file or folder name, for the infotext
+    loras: LoraState = field(default_factory=LoraState)
+    speed: SpeedState = field(default_factory=SpeedState)
     # Runs when a request's safety policy is blur or block; a diffusers folder's safety_checker sets it.
     safety_filter: SafetyFilter | None = None
     # When the VAE decodes in tiles: "auto" (large images), "on" or "off" (lienzo.models.speed sets it).

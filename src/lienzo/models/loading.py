@@ -177,7 +177,7 @@ def load_components(
             # The config read from the tensors leaves force_upcast at AutoencoderKL's default.
             components.vae = load_vae_file(vae, scaling_factor=scaling, dtype=vae_dtype_for({}, dtype, vae_dtype))
         components.vae.eval()
-        components.extra["vae_name"] = vae.stem
+        components.vae_name = vae.stem
     # 3. Tokenizers that fit their text encoders, whichever way they were found
     _check_vocabularies(components, folder=kind == "diffusers-folder")
     return components

@@ -2,7 +2,7 @@
 
 diffusers does the reading: ``lora_state_dict`` turns kohya names into diffusers ones (SDXL's sgm block
 names too), ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject peft adapters. Each file is
-loaded once per :class:`Components` (the adapters are remembered in ``components.extra``); after that
+loaded once per :class:`Components` (the adapters are remembered in ``components.loras``); after that
 :func:`apply_loras` only switches adapters on, off and to new weights, so a server can keep one model
 and give every request its own LoRAs.
 """
@@ -13,7 +13,6 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
@@ -28,27 +27,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models import formats
-from lienzo.models.components import Components
+from lienzo.models.components import ActiveLora, Components
 from lienzo.models.registry import LORA_SHORT_HASH, lora_hash
-from lienzo.models.speed import INT8, offload_suspended
+from lienzo.models.speed import offload_suspended
 
 log = logging.getLogger(__name__)
 
 # The parts of a model a LoRA file can change, as Components names them.
 _PARTS = ("unet", "text_encoder", "text_encoder_2")
-_LOADED = "lora_adapters"  # components.extra: resolved path -> _Loaded
-ACTIVE = "active_loras"  # components.extra: list[ActiveLora], what the infotext reports
-
-
-class ActiveLora(NamedTuple):
-    """One LoRA applied to a model: the name it was asked for by, its weight and A1111 short hash.
-
-    A plain tuple to its readers: the engine unpacks ``components.extra["active_loras"]`` without importing peft.
-    """
-
-    name: str
-    weight: float
-    short_hash: str
 
 
 @dataclass
@@ -66,17 +52,17 @@ def apply_loras(components: Components, loras: list[tuple[Path, str, float]]) ->
     of 0 loads the file (so a broken one still fails) but leaves it off, and with nothing active the
     models compute exactly what they computed before any LoRA was loaded. Adapters that other code added
     (a LoRA being trained) are left alone as long as no LoRA file was ever applied to these components.
-    The result is also stored in ``components.extra["active_loras"]`` for the infotext.
+    The result is also stored in ``components.loras.active``, for the infotext and provenance.
     """
-    loaded: dict[str, _Loaded] = components.extra.setdefault(_LOADED, {})
-    chosen = [(_load(components, Path(path)), name, float(weight)) for path, name, weight in loras]
+    loaded: dict[str, _Loaded] = components.loras.adapters
+    chosen = [(_load(components, Path(path)), Path(path), name, float(weight)) for path, name, weight in loras]
     for part in _PARTS:
         model = getattr(components, part)
         if model is not None and any(part in entry.parts for entry in loaded.values()):
-            on = [(entry.adapter, weight) for entry, _, weight in chosen if part in entry.parts and weight != 0]
+            on = [(entry.adapter, weight) for entry, _, _, weight in chosen if part in entry.parts and weight != 0]
             _activate(part, model, on)
-    active = [ActiveLora(name, weight, entry.short_hash) for entry, name, weight in chosen]
-    components.extra[ACTIVE] = active
+    active = [ActiveLora(name, weight, entry.short_hash, path.resolve()) for entry, path, name, weight in chosen]
+    components.loras.active = active
     return active
 
 
@@ -99,12 +85,12 @@ def _load(components: Components, path: Path) -> _Loaded:
     """The adapter holding ``path``, reading the file into every part it fits unless already done."""
     if not path.is_file():
         raise ModelFileError(f"lora: {path}: no such file")
-    if components.extra.get(INT8):
+    if components.speed.int8:
         raise LienzoError(f"lora: {path.name} cannot be added to a model whose linear layers are int8; load it without int8")
     key = str(path.resolve())
     stat = path.stat()
     stamp = (stat.st_size, stat.st_mtime_ns)
-    loaded: dict[str, _Loaded] = components.extra[_LOADED]
+    loaded: dict[str, _Loaded] = components.loras.adapters
     previous = loaded.get(key)
     if previous is not None and previous.stamp == stamp:
         return previous

@@ -7,16 +7,20 @@ file) are cached in ``<data dir>/cache/models.json``, keyed by path and invalida
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lienzo.errors import ModelFileError
-from lienzo.images.io import write_atomic
+from lienzo.files import write_atomic
 from lienzo.models import formats
 from lienzo.models.paths import check_model_path
 
 log = logging.getLogger(__name__)
+
+# An A1111 checkpoint title, "name.safetensors [hash]"; clients send the hash short (10) or whole (64).
+_TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 
 # The model shipped inside the package (src/lienzo/weights/), used when no model is named.
 EMBEDDED_NAME = "lienzo-mini"
@@ -49,6 +53,21 @@ class ModelEntry:
     def is_checkpoint(self) -> bool:
         """A whole model that can generate: "SD 1.x", "SDXL inpainting", "SD (diffusers)", ..."""
         return self.architecture.startswith("SD")
+
+    @property
+    def file_name(self) -> str:
+        """The name with the file's extension; a folder (diffusers) has none."""
+        return self.name + (self.path.suffix if self.path.is_file() else "")
+
+    @property
+    def title(self) -> str:
+        """``file name [short hash]``: how AUTOMATIC1111 lists a checkpoint, and what its clients send back to pick one."""
+        return f"{self.file_name} [{self.short_hash}]"
+
+    @property
+    def flat_name(self) -> str:
+        """The name with its folders joined by ``_`` (A1111's ``model_name``)."""
+        return self.name.replace("/", "_").replace("\\", "_")
 
 
 @dataclass
@@ -213,13 +232,32 @@ class Registry:
     def scan(self) -> list[ModelEntry]:
         return [self.entry(p) for p in self.candidates()]
 
-    def checkpoints(self, *, unreadable: bool = False) -> list[ModelEntry]:
+    def checkpoints(self, *, unreadable: bool = False, also: Path | None = None) -> list[ModelEntry]:
         """What can generate: lienzo's own model first (when this install ships it), then the
         models dir's checkpoints (not its VAEs or unknown files). With ``unreadable``, also the files
-        that cannot be read (``error`` says why), for listings that tell a user why a model is missing."""
+        that cannot be read (``error`` says why), for listings that tell a user why a model is missing.
+        ``also``: a model outside the models dir to list last (the one ``lienzo serve --model`` named)."""
         embedded = embedded_model()
         own = [self.entry(embedded)] if embedded is not None else []
-        return [e for e in own + self.scan() if e.is_checkpoint or (unreadable and e.error)]
+        entries = [e for e in own + self.scan() if e.is_checkpoint or (unreadable and e.error)]
+        if also is not None and all(e.path != also for e in entries):
+            entries.append(self.entry(also))
+        return entries
+
+    def checkpoint_by_title(self, title: str, *, also: Path | None = None) -> ModelEntry | None:
+        """The checkpoint an AUTOMATIC1111 client names: by title (``ModelEntry.title``), the title's
+        name or hash, file name, name, A1111 model_name or short hash, in any case; None when none is.
+        ``also`` as for :meth:`checkpoints`."""
+        wanted = title.strip()
+        keys = {wanted.lower()}
+        match = _TITLE.match(wanted)
+        if match:
+            keys |= {match["name"].lower(), match["hash"].lower()[:10]}
+        for entry in self.checkpoints(also=also):
+            aliases = {entry.title, entry.file_name, entry.name, entry.flat_name, entry.short_hash, entry.path.name}
+            if keys & {alias.lower() for alias in aliases}:
+                return entry
+        return None
 
     def resolve(self, name_or_path: str | Path, *, allow_paths: bool = True, field: str = "model") -> Path:
         """A model in the models dir by name, file name, short hash or path inside it; errors name ``field``.

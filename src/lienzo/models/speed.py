@@ -22,17 +22,14 @@ from pathlib import Path
 import torch
 
 from lienzo.errors import LienzoError
-from lienzo.generation.vae_decode import TILING_CHOICES
-from lienzo.models.components import Components
+from lienzo.models.components import TILING_CHOICES, Components
 
 log = logging.getLogger(__name__)
 
 # An inductor cache directory the user chose before lienzo started wins over the settings' one.
 _USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-# The parts low_vram offloads to CPU memory, and where components.extra keeps their weights meanwhile.
+# The parts low_vram offloads to CPU memory (components.speed.offloaded keeps their weights meanwhile).
 _OFFLOADED_PARTS = ("unet", "text_encoder", "text_encoder_2")
-_OFFLOAD_STATE = "offload_state"
-INT8 = "int8"  # components.extra key: the U-Net's linear layers are quantized
 # Where NHWC is the default layout: CUDA's convolutions prefer it, and on the CPU oneDNN's do too
 # (SD 1.5 on a 2-core AVX2 EPYC: 1.10x at 256 and 1.11x at 512, 80 dB from NCHW; benchmarks/RESULTS.md).
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
@@ -135,7 +132,7 @@ def quantize_int8(components: Components, device: torch.device) -> None:
     fp32 matmuls of the transformer blocks are a large part of a step (SD 1.5, one CFG step on a 2-core
     AVX2 EPYC: 1.5-1.6x at 256x256, 1.2x at 512x512 where attention itself weighs more). Only float32
     weights on the CPU are quantized; elsewhere the switch is logged and left off. Marked in
-    ``components.extra["int8"]``, which LoRA loading checks: adapters cannot wrap quantized layers.
+    ``components.speed.int8``, which LoRA loading checks: adapters cannot wrap quantized layers.
     """
     if device.type != "cpu" or components.unet.dtype != torch.float32:
         log.warning("int8: only float32 models on the CPU are quantized; this one is %s on %s", components.unet.dtype, device)
@@ -145,7 +142,7 @@ def quantize_int8(components: Components, device: torch.device) -> None:
     with warnings.catch_warnings():  # the eager API's notice that torchao will replace it, once per call
         warnings.simplefilter("ignore")
         quantize_dynamic(components.unet, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
-    components.extra[INT8] = True
+    components.speed.int8 = True
 
 
 def enable_attention_slicing(unet: torch.nn.Module) -> None:
@@ -180,7 +177,7 @@ def _offload(components: Components, name: str, module: torch.nn.Module, device:
     module.to("cpu")
     # Kept so that offload_suspended can put the weights back into the module.
     state = {key: tensor.to("cpu") for key, tensor in module.state_dict().items()}
-    components.extra.setdefault(_OFFLOAD_STATE, {})[name] = (state, device)
+    components.speed.offloaded[name] = (state, device)
     cpu_offload(module, device, offload_buffers=len(module._parameters) > 0, state_dict=state)
 
 
@@ -190,7 +187,7 @@ def offload_suspended(components: Components):
     them (LoRA adapters); on leaving, they are offloaded anew, with what was added."""
     from accelerate.hooks import remove_hook_from_module
 
-    states = components.extra.get(_OFFLOAD_STATE, {})
+    states = components.speed.offloaded
     suspended = [(name, getattr(components, name)) for name in states if getattr(getattr(components, name), "_hf_hook", None)]
     for name, module in suspended:
         remove_hook_from_module(module, recurse=True)
@@ -217,11 +214,11 @@ def compile_module(
     """``module.compile()`` in place (names and state dict unchanged, so LoRAs still find their layers).
 
     Compilation happens on the first call; its time (compile + that call) is logged and kept in
-    ``components.extra["compile_seconds"][name]``, so a benchmark can report it apart from the runs after it.
+    ``components.speed.compile_seconds[name]``, so a benchmark can report it apart from the runs after it.
     """
     module.compile(fullgraph=False, backend=backend, mode=mode)
     compiled = module._compiled_call_impl
-    times = components.extra.setdefault("compile_seconds", {})
+    times = components.speed.compile_seconds
 
     def first_call(*args, **kwargs):
         started = time.perf_counter()

@@ -32,7 +32,7 @@ from lienzo.models.components import Components
 from lienzo.server import openapi
 from lienzo.server.codec import JSONResponse
 from lienzo.server.jobs import JobNotFoundError, JobQueue, QueueFullError
-from lienzo.server.routes import a1111, gallery, native, openai
+from lienzo.server.routes import a1111, dialect_for, gallery, native, openai
 from lienzo.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -240,18 +240,9 @@ async def _json_only(request: Request) -> None:
     raise HTTPException(415, f"{request.method} {request.url.path} takes a JSON body: send Content-Type: application/json (got {given})")
 
 
-# Which family's error shape a path gets; the native one otherwise.
-_ERROR_SHAPES: list[tuple[str, Callable[[int, str, str | None], JSONResponse]]] = [
-    (openai.PREFIX, openai.error_response),
-    (a1111.PREFIX, a1111.error_response),
-]
-
-
 def _error(path: str, status: int, message: str, field: str | None) -> JSONResponse:
-    for prefix, shape in _ERROR_SHAPES:
-        if path.startswith(prefix):
-            return shape(status, message, field)
-    return native.error_response(status, message, field)
+    """The error in the shape of the family ``path`` belongs to."""
+    return dialect_for(path).error_response(status, message, field)
 
 
 def _status(err: LienzoError) -> int:

@@ -21,7 +21,6 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from lienzo.api import default_model, load_model, prepare_loras
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.store import Gallery, NotFoundError
 from lienzo.generation import engine, limits
@@ -29,9 +28,9 @@ from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.request import GenerationRequest
 from lienzo.models.components import Components
 from lienzo.models.registry import Registry
-from lienzo.images.provenance import Provenance
-from lienzo.outputs import output_dir, save_generated, wants_watermark
+from lienzo.outputs import SavedOutput
 from lienzo.settings import Settings
+from lienzo.studio import Studio, default_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,7 @@ class Job:
     preview: bytes | None = None  # PNG of the latest latent preview
     preview_step: int = 0
     version: int = 0  # bumped on every change; progress streams send each version once
+    skipped_batch: int | None = None  # the batch Skip dropped (A1111's progress reports it until the next)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _skip: threading.Event = field(default_factory=threading.Event, repr=False)
     _interrupt: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -133,6 +133,16 @@ class Job:
         return elapsed / self.fraction * (1 - self.fraction)
 
     @property
+    def interrupting(self) -> bool:
+        """Interrupt was asked for: the job stops after its current step."""
+        return self._interrupt.is_set()
+
+    @property
+    def skipping(self) -> bool:
+        """Skip was asked for on the batch being made."""
+        return self.skipped_batch == self.batch
+
+    @property
     def seeds(self) -> list[int]:
         return [saved.seed for saved in self.images]
 
@@ -155,7 +165,7 @@ class Job:
 class JobQueue:
     """Jobs in submission order, one worker thread, one loaded model at a time.
 
-    ``loader(name_or_None)`` returns ready Components; by default ``lienzo.api.load_model`` on the
+    ``loader(name_or_None)`` returns ready Components; by default ``lienzo.studio.load_model`` on the
     settings' device. A job naming another model swaps it in (and the old one out) before it runs.
     Saved images are added to ``gallery``, when given, with the job's source.
     """
@@ -332,6 +342,7 @@ class JobQueue:
         """Drop the running job's current batch and go on with its next (A1111's Skip)."""
         job = self._running
         if job is not None:
+            job.skipped_batch = job.batch
             job._skip.set()
         return job
 
@@ -414,15 +425,14 @@ class JobQueue:
                 self._notify(job)
 
     def _run(self, job: Job) -> bool:
-        """Run ``job``; True when an interrupt ended it early."""
+        """Run ``job`` through the studio, keeping its progress, preview and saved images on the job;
+        True when an interrupt ended it early."""
         components = self._components(job.model)
         job.model_name = components.name
         if job.fit_to_model:
             _fit_to_model(job, engine.native_size(components))
-        prepare_loras(components, job.request, self.settings, allow_paths=False)
-        provenance = Provenance.for_model(components)
-        watermark = wants_watermark(job.request, self.settings)
-        out_dir = output_dir(self.settings, job.request.mode)
+        # Remote clients name LoRAs only as the models dir's Lora folder lists them.
+        studio = Studio(self.settings, gallery=self.gallery, allow_lora_paths=False)
 
         def on_step(p: engine.Progress) -> None:
             job.step, job.total_steps, job.batch = p.step, p.total_steps, p.batch
@@ -432,10 +442,7 @@ class JobQueue:
                     job.preview, job.preview_step = _png(previews[0]), p.step
             self._notify(job)
 
-        def on_image(image: engine.GeneratedImage) -> None:
-            saved = save_generated(
-                image, out_dir, provenance, watermark=watermark, gallery=self.gallery, source=job.source, mode=job.request.mode
-            )
+        def on_saved(image: engine.GeneratedImage, saved: SavedOutput) -> None:
             job.images.append(
                 SavedImage(
                     saved.path, image.seed, image.infotext, image.parameters, *image.image.size, image.filtered, saved.watermarked,
@@ -449,9 +456,9 @@ class JobQueue:
             job._skip.clear()
             return skipped
 
-        result = engine.generate(
-            components, job.request, progress=on_step, cancel=job._cancel.is_set, on_image=on_image, skip=skip,
-            interrupt=job._interrupt.is_set,
+        result = studio.run(
+            components, job.request, source=job.source, progress=on_step, cancel=job._cancel.is_set, on_saved=on_saved,
+            skip=skip, interrupt=job._interrupt.is_set,
         )
         job.warnings += result.warnings
         return result.interrupted

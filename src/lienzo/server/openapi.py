@@ -20,10 +20,9 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from lienzo.server.routes import a1111, native, openai
+from lienzo.server.routes import DIALECTS, a1111, dialect_for, native
 from lienzo.settings import Settings
 
 _ASSETS = "/docs/assets"
@@ -34,14 +33,6 @@ _CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "worker-src 'self' blob:; frame-ancestors 'none'"
 )
-
-# Each family's error body and the status of an invalid request, by path prefix, the native one last
-# (the same choice as the app's exception handlers make).
-_FAMILIES: list[tuple[str, type[BaseModel], int]] = [
-    (openai.PREFIX, openai.OpenAIError, 400),
-    (a1111.PREFIX, a1111.A1111Error, 422),
-    ("", native.NativeError, 422),
-]
 
 _WHY = {
     400: "the body cannot be read (not UTF-8, a broken form); on OpenAI's routes also any invalid request, as OpenAI answers it",
@@ -142,10 +133,12 @@ def describe(app: FastAPI, *, basic: bool = False, bearer: bool = False) -> dict
     )
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    bodies = [(body, "serialization") for _, body, _ in _FAMILIES]
+    # Each family's error body, and the status of an invalid request, as the app's exception handlers answer them.
+    bodies = [(dialect.error_model, "serialization") for dialect in DIALECTS]
     schemas.update(models_json_schema(bodies, ref_template="#/components/schemas/{model}")[1]["$defs"])
     for path, method, operation in _operations(schema):
-        body, invalid = next((body, invalid) for prefix, body, invalid in _FAMILIES if path.startswith(prefix))
+        dialect = dialect_for(path)
+        body, invalid = dialect.error_model, dialect.invalid_status
         responses = operation["responses"]
         responses.pop("422", None)  # FastAPI's HTTPValidationError, a body lienzo never sends
         for status in _statuses(path, method, operation, invalid, auth=basic or bearer):

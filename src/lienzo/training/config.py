@@ -231,6 +231,25 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The ``lienzo train`` flags that set a config key, by click parameter name; the flags win over every other layer.
+TRAIN_FLAGS: dict[str, str] = {
+    "seed": "seed", "resolution": "resolution", "stage": "stages", "conditioning": "data.conditioning",
+    "prediction": "model.prediction_type", "vae_steps": "vae.steps", "unet_steps": "unet.steps",
+    "batch_size": "unet.batch_size", "lr": "unet.lr", "sample_every": "samples.every",
+    "checkpoint_every": "checkpoint_every", "mixed_precision": "mixed_precision",
+    "base": "lora.base", "rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_name": "lora.name",
+}
+
+
+def flag_values(flags: dict) -> dict:
+    """The config keys that the given ``lienzo train`` flags set (left out: None, or () for ``--stage``),
+    e.g. ``{"unet.lr": 0.0002, "stages": ["unet"]}``."""
+    given = {key: flags[flag] for flag, key in TRAIN_FLAGS.items() if flags.get(flag) not in (None, ())}
+    if "stages" in given:
+        given["stages"] = list(given["stages"])  # click gives a tuple; the config holds a list
+    return given
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():

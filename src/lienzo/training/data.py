@@ -21,7 +21,8 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from lienzo.errors import DatasetError
-from lienzo.images.io import load_image, write_atomic
+from lienzo.files import write_atomic
+from lienzo.images.io import load_image
 
 log = logging.getLogger(__name__)
 

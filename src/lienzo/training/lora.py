@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save
 from transformers import CLIPTextModel
 
-from lienzo.images.io import write_atomic
+from lienzo.files import write_atomic
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -6,7 +6,7 @@ can never drift from the engine; the values are validated once, by ``build_reque
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -15,10 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.request import MAX_LORA_WEIGHT, GenerationRequest, build_request, schema_limits
 from lienzo.generation.samplers import SAMPLERS
-from lienzo.images.provenance import describe_training_data, training_data_for
+from lienzo.images.provenance import describe_training_data
 from lienzo.models.registry import ModelEntry, native_size
+from lienzo.origins import training_data_for
 from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.dialect import Dialect, ErrorBody
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings
 
@@ -160,15 +162,19 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
     )
 
 
-class NativeError(BaseModel):
+class NativeError(ErrorBody):
     """Every error of lienzo's own API and of the gallery."""
 
     detail: str = Field(description="what is wrong and what is allowed, in one line")
     field: str | None = Field(description="the request field at fault; null: none in particular")
 
+    @classmethod
+    def of(cls, status: int, message: str, field: str | None) -> Self:
+        return cls(detail=message, field=field)
 
-def error_response(status: int, message: str, field: str | None) -> JSONResponse:
-    return JSONResponse(NativeError(detail=message, field=field).model_dump(), status_code=status)
+
+# lienzo's own names: nothing to rename. It also answers every path no other family claims.
+DIALECT = Dialect(prefix=PREFIX, error_model=NativeError)
 
 
 async def _submit(mode: str, body: BaseModel, request: Request, queue: JobQueue, settings: Settings, wait: bool) -> JSONResponse:
@@ -250,7 +256,7 @@ async def job_preview(job_id: str, queue: Queue) -> Response:
     """The latest live preview (a cheap latent-to-RGB projection at latent resolution)."""
     job = queue.get(job_id)
     if job.preview is None:
-        return error_response(404, f"job {job_id} has no preview yet", None)
+        return DIALECT.error_response(404, f"job {job_id} has no preview yet", None)
     return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 

@@ -12,10 +12,8 @@ import io
 import logging
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from PIL import Image, ImageOps
@@ -26,6 +24,7 @@ from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, bui
 from lienzo.images.io import decode_image, decode_mask
 from lienzo.server.codec import JSONResponse, b64encode
 from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.dialect import Dialect, ErrorBody
 from lienzo.server.jobs import Job, JobQueue, JobStatus
 from lienzo.settings import Settings
 
@@ -48,43 +47,36 @@ class OpenAIErrorDetail(BaseModel):
     code: str | None = Field(description="invalid_api_key, rate_limit_exceeded or null")
 
 
-class OpenAIError(BaseModel):
+class OpenAIError(ErrorBody):
     """OpenAI's error body."""
 
     error: OpenAIErrorDetail
 
-
-def error_response(status: int, message: str, field: str | None) -> JSONResponse:
-    """OpenAI's error body. OpenAI answers an invalid request with 400, where FastAPI says 422."""
-    status = 400 if status == 422 else status
-    kind = "server_error" if status >= 500 else _ERROR_TYPES.get(status, "invalid_request_error")
-    body = OpenAIError(error=OpenAIErrorDetail(message=message, type=kind, param=field, code=_ERROR_CODES.get(status)))
-    return JSONResponse(body.model_dump(), status_code=status)
+    @classmethod
+    def of(cls, status: int, message: str, field: str | None) -> Self:
+        kind = "server_error" if status >= 500 else _ERROR_TYPES.get(status, "invalid_request_error")
+        return cls(error=OpenAIErrorDetail(message=message, type=kind, param=field, code=_ERROR_CODES.get(status)))
 
 
-# lienzo's request fields, as the OpenAI field the client sent them in.
-_OPENAI_FIELDS = {"width": "size", "height": "size", "batch_size": "n"}
 _SIZE_FORMAT = "size is 'WIDTHxHEIGHT' in pixels, multiples of 8 (e.g. '512x512', '768x512'), or 'auto'"
 
 
-def _openai_error(field: str, message: str) -> InvalidRequestError:
-    name = _OPENAI_FIELDS.get(field, field)
+def _openai_words(field: str, name: str, message: str) -> str:
+    """``n`` for batch_size wherever the message says it; a width or height error keeps its word (the
+    client sent both in one size) and says how size is written."""
     if field == "batch_size":
-        message = message.replace("batch_size", "n")
-    elif name == "size":
-        message = f"{message} ({_SIZE_FORMAT})"
-    return InvalidRequestError(name, message)
+        return message.replace("batch_size", name)
+    return f"{message} ({_SIZE_FORMAT})" if name == "size" else message
 
 
-@contextmanager
-def _openai_fields() -> Iterator[None]:
-    """Re-raise a request error on width/height/batch_size as one on size/n."""
-    try:
-        yield
-    except InvalidRequestError as err:
-        if err.field not in _OPENAI_FIELDS:
-            raise
-        raise _openai_error(err.field, str(err).removeprefix(f"{err.field}: ")) from None
+# OpenAI answers an invalid request with 400, where FastAPI says 422.
+DIALECT = Dialect(
+    prefix=PREFIX,
+    error_model=OpenAIError,
+    invalid_status=400,
+    fields={"width": "size", "height": "size", "batch_size": "n"},
+    reword=_openai_words,
+)
 
 
 # -- request bodies -----------------------------------------------------------------------------
@@ -230,7 +222,7 @@ def _common_fields(body: _ImageOptions, prompt: str) -> dict[str, Any]:
 
 
 def generation_request(body: GenerationBody) -> GenerationRequest:
-    with _openai_fields():
+    with DIALECT.speaking():
         return build_request(**_common_fields(body, body.prompt))
 
 
@@ -276,13 +268,13 @@ def edit_request(form: EditForm, source: EditSource) -> GenerationRequest:
     fields["init_image"] = source.image
     if source.mask is not None:
         fields.update(mask=source.mask, inpainting_fill="fill" if source.erased else "original")
-    with _openai_fields():
+    with DIALECT.speaking():
         return build_request(**fields)
 
 
 def variation_request(form: VariationForm, image: Image.Image) -> GenerationRequest:
     """img2img without a prompt."""
-    with _openai_fields():
+    with DIALECT.speaking():
         return build_request(**_common_fields(form, ""), init_image=image)
 
 
@@ -323,11 +315,10 @@ def job_failure(job: Job) -> JSONResponse | None:
     if job.status == JobStatus.DONE or (job.status == JobStatus.INTERRUPTED and job.images):
         return None
     if job.status == JobStatus.FAILED and job.error_field:
-        err = _openai_error(job.error_field, (job.error or "").removeprefix(f"{job.error_field}: "))
-        return error_response(400, str(err), err.field)
+        return DIALECT.field_error(job.error_field, job.error or "")
     if job.status == JobStatus.FAILED:
-        return error_response(500, job.error or "the job failed", None)
-    return error_response(503, f"job {job.id} was cancelled before it finished", None)
+        return DIALECT.error_response(500, job.error or "the job failed", None)
+    return DIALECT.error_response(503, f"job {job.id} was cancelled before it finished", None)
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -341,7 +332,7 @@ def _warn_ignored(body: _ImageOptions) -> None:
 
 async def _run(generation: GenerationRequest, body: _ImageOptions, request: Request, queue: JobQueue) -> JSONResponse:
     fixed = (generation.width, generation.height) in OPENAI_SIZES
-    with _openai_fields():
+    with DIALECT.speaking():
         job = queue.submit(generation, model=lienzo_model(body.model), source="openai", fit_to_model=fixed)
     await queue.wait(job, request.is_disconnected)
     failure = job_failure(job)

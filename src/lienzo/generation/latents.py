@@ -1,0 +1,204 @@
+"""The latent side of one batch: its schedulers and timesteps, its starting latents and mask, the decode.
+
+Randomness is drawn in diffusers' order from one generator per image (:mod:`lienzo.generation.noise`):
+the init image's posterior sample, then the noise, then A1111's "latent noise" fill; changing that
+order changes every img2img and inpaint picture.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from lienzo.generation import canvas
+from lienzo.generation.noise import batch_noise
+from lienzo.generation.plan import BatchPlan
+from lienzo.generation.samplers import build_scheduler, set_timesteps
+from lienzo.generation.vae_decode import decode_latents
+from lienzo.models.components import Components
+
+
+class ImageSchedulers:
+    """One diffusers scheduler per image, stepped as one batch, so stochastic samplers draw each
+    image's noise from its own generator (image ``i`` of a batch is remade alone from ``seed + i``)."""
+
+    def __init__(self, schedulers: list, generators: list[torch.Generator], timesteps: torch.Tensor):
+        self.schedulers = schedulers
+        self.timesteps = timesteps  # the ones this batch runs: img2img skips the first part of the schedule
+        self._step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators, strict=True)]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.schedulers[0].init_noise_sigma
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+        """``original`` noised to the level of timestep number ``index`` of this batch."""
+        return self.schedulers[0].add_noise(original, noise, self.timesteps[index : index + 1].repeat(len(self.schedulers)))
+
+    def scale(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's input for ``latents`` at ``t`` (Euler-style schedulers divide by the noise level)."""
+        return torch.cat([s.scale_model_input(latents[j : j + 1], t) for j, s in enumerate(self.schedulers)])
+
+    def step(self, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The latents after one step, and each scheduler's output (for :meth:`denoised`)."""
+        outputs = [s.step(pred[j : j + 1], t, latents[j : j + 1], **self._step_kwargs[j]) for j, s in enumerate(self.schedulers)]
+        return torch.cat([out.prev_sample for out in outputs]), outputs
+
+    def denoised(self, outputs: list, scaled: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latents the last step predicted, one row per image."""
+        pairs = zip(self.schedulers, outputs, strict=True)
+        return torch.cat([denoised_estimate(s, out, scaled[j : j + 1], pred[j : j + 1], t) for j, (s, out) in enumerate(pairs)])
+
+
+def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
+    """Pass ``eta`` / ``generator`` only to schedulers that take them, as diffusers' pipelines do."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def denoised_estimate(scheduler, output, sample: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+    """The clean latents a step predicted (A1111 shows them when interrupted, not the noisy state).
+
+    Most diffusers schedulers return it; the multistep DPM++ and UniPC solvers keep it as their
+    last model output; PNDM has only its noise prediction, turned into x0 with the step's ᾱ."""
+    for name in ("pred_original_sample", "denoised"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    config = scheduler.config
+    predicts_x0 = str(config.get("algorithm_type", "")).endswith("++") or config.get("predict_x0", False)
+    if predicts_x0 and getattr(scheduler, "model_outputs", None) and scheduler.model_outputs[-1] is not None:
+        return scheduler.model_outputs[-1]
+    alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
+    if config.prediction_type == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * pred
+    return (sample - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+
+
+def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[torch.Generator]) -> ImageSchedulers:
+    """Step 3: a scheduler per image with ``plan.steps`` timesteps; img2img keeps the last ``strength`` share."""
+    device = components.execution_device
+    schedulers = [build_scheduler(plan.sampler, plan.schedule, components.scheduler_config, seed=s) for s in plan.seeds]
+    for s in schedulers:
+        set_timesteps(s, plan.sampler, plan.schedule, plan.steps, device=device, family=components.family)
+    timesteps = schedulers[0].timesteps
+    if plan.canvas.init is not None:
+        # img2img runs the last ``strength`` share of the schedule, as diffusers and A1111 do.
+        t_start = max(plan.steps - min(int(plan.steps * plan.denoising_strength), plan.steps), 0)
+        start = t_start * schedulers[0].order
+        timesteps = timesteps[start:]
+        for s in schedulers:
+            if hasattr(s, "set_begin_index"):
+                s.set_begin_index(start)
+    return ImageSchedulers(schedulers, generators, timesteps)
+
+
+@dataclass(frozen=True)
+class LatentMask:
+    """Inpainting in latent space: where to repaint, and what to keep elsewhere."""
+
+    mask: torch.Tensor  # N x 1 x h x w, 1 = repaint
+    image_latents: torch.Tensor  # the init image's latents, after the masked-content fill
+    masked_latents: torch.Tensor | None = None  # inpainting models' extra input: the image with the mask blanked
+
+    @property
+    def repaints_all(self) -> bool:
+        """4-channel models do not see the mask: the loop puts the unmasked part back after every step."""
+        return self.masked_latents is None
+
+    def keep_unmasked(self, latents: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
+        """``latents`` under the mask, ``original`` (by default the image's latents) elsewhere."""
+        keep = self.image_latents if original is None else original
+        return (1 - self.mask) * keep + self.mask * latents
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the loop starts: the latents, the noise they were made with, and the mask, if any."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor  # 4-channel inpainting noises the original to each step's level with it
+    mask: LatentMask | None = None
+
+
+def prepare_latents(components: Components, plan: BatchPlan, schedulers: ImageSchedulers, generators) -> Start:
+    """Step 4: pure noise, or the encoded image (masked content filled) noised to the first timestep."""
+    cv, dtype = plan.canvas, latent_dtype(components)
+    shape = _latent_shape(components, plan)
+    pixels = image_latents = None
+    if cv.init is not None:
+        pixels = _processor(components).preprocess(cv.init, height=cv.height, width=cv.width)
+        pixels = pixels.to(device=components.execution_device, dtype=components.vae.dtype)
+        image_latents = _encode(components, pixels, generators)
+    noise = batch_noise(generators, shape, device=components.execution_device, dtype=dtype)
+    # After the noise: "latent noise" draws a second noise from the same generators.
+    mask = prepare_mask(components, plan, pixels, image_latents, generators) if cv.mask is not None else None
+    original = mask.image_latents if mask is not None else image_latents
+    if original is None or (mask is not None and plan.denoising_strength >= 1.0):
+        latents = noise * schedulers.init_noise_sigma
+    elif len(schedulers.timesteps):
+        latents = schedulers.add_noise(original, noise, 0)
+    else:
+        latents = original
+    return Start(latents, noise, mask)
+
+
+def prepare_mask(components: Components, plan: BatchPlan, pixels, image_latents, generators) -> LatentMask:
+    """The mask at latent size, A1111's masked content, and for inpainting models the masked image's latents."""
+    cv, device, dtype, n = plan.canvas, components.execution_device, latent_dtype(components), plan.batch_size
+    shape = _latent_shape(components, plan)
+    mask = canvas.mask_to_latent(cv.mask, shape[1], shape[2]).to(device=device, dtype=dtype).repeat(n, 1, 1, 1)
+    filled = _fill_latents(image_latents, mask, plan.inpainting_fill, generators, shape)
+    if not components.is_inpainting:
+        return LatentMask(mask, filled)
+    keep = (_processor(components).preprocess(cv.mask.convert("RGB"), height=cv.height, width=cv.width)[:, :1] < 0).to(pixels)
+    vae = components.vae
+    with torch.no_grad():
+        masked_latents = vae.config.scaling_factor * vae.encode(pixels * keep).latent_dist.mode()
+    return LatentMask(mask, filled, masked_latents.to(dtype).repeat(n, 1, 1, 1))
+
+
+def _fill_latents(image_latents, mask, fill: str, generators, latent_shape) -> torch.Tensor:
+    """A1111's masked-content modes in latent space: fresh noise, or nothing (zeros), under the mask."""
+    if fill == "latent noise":
+        noise = batch_noise(generators, latent_shape, device=image_latents.device, dtype=image_latents.dtype)
+        return image_latents * (1 - mask) + noise * mask
+    if fill == "latent nothing":
+        return image_latents * (1 - mask)
+    return image_latents
+
+
+def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.Tensor:
+    """Each image samples the posterior with its own generator, before its noise (diffusers' order)."""
+    vae = components.vae
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    image_latents = torch.cat([posterior.sample(g) for g in generators])
+    return (vae.config.scaling_factor * image_latents).to(latent_dtype(components))
+
+
+def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
+    """Step 8: float pixels, N x H x W x 3 in [0, 1]; in tiles for large images, and a half-precision
+    VAE that overflows decodes again in fp32."""
+    decoded = decode_latents(components.vae, latents, tiling=components.vae_tiling)
+    return _processor(components).postprocess(decoded, output_type="np")
+
+
+def latent_dtype(components: Components) -> torch.dtype:
+    """Latents are made in the denoising network's dtype (fp16 latents into an fp16 U-Net), the VAE's aside."""
+    return components.unet.dtype
+
+
+def _latent_shape(components: Components, plan: BatchPlan) -> tuple[int, int, int]:
+    factor = components.vae_scale_factor
+    return (components.vae.config.latent_channels, plan.canvas.height // factor, plan.canvas.width // factor)
+
+
+def _processor(components: Components) -> VaeImageProcessor:
+    return VaeImageProcessor(vae_scale_factor=components.vae_scale_factor)

@@ -1,0 +1,99 @@
+"""One batch, steps 3-8 of the pipeline, and the denoising loop at its heart.
+
+The loop only sees a :class:`~lienzo.generation.denoiser.Denoiser` and the batch's schedulers: which
+network runs, with which conditioning, guidance, extra channels or cache, is the denoiser's business.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lienzo.errors import GenerationCancelled
+from lienzo.generation.denoiser import Denoiser, build_denoiser
+from lienzo.generation.latents import ImageSchedulers, Start, decode, prepare_latents, prepare_timesteps
+from lienzo.generation.noise import image_generators
+from lienzo.generation.plan import BatchPlan
+from lienzo.models.components import Components
+
+CancelCheck = Callable[[], bool]
+# After each step: steps done, steps in all, the latents, seconds since the loop began.
+StepReport = Callable[[int, int, torch.Tensor, float], None]
+
+
+class Skipped(Exception):
+    """The caller skipped the batch being denoised."""
+
+
+class Interrupted(Exception):
+    """The caller interrupted the job before the batch's first step: there is nothing to show."""
+
+
+@dataclass
+class Stop:
+    """The caller's checks before every step, and where an interrupt stopped the batch."""
+
+    cancel: CancelCheck | None
+    skip: CancelCheck | None
+    interrupt: CancelCheck | None
+    stopped_at: int | None = None
+    total: int = 0
+
+    def before_step(self, done: int, total: int) -> bool:
+        """Raise for cancel and skip; True when an interrupt ends the batch after ``done`` steps."""
+        if self.cancel is not None and self.cancel():
+            raise GenerationCancelled("generation cancelled")
+        if self.skip is not None and self.skip():
+            raise Skipped
+        if self.interrupt is None or not self.interrupt():
+            return False
+        if done == 0:
+            raise Interrupted
+        self.stopped_at, self.total = done, total
+        return True
+
+
+def denoise_batch(components: Components, plan: BatchPlan, stop: Stop, report: StepReport | None = None) -> np.ndarray:
+    """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1]."""
+    generators = image_generators(plan.first_seed, plan.batch_size)
+    # 3. Timesteps: one scheduler per image, so stochastic samplers draw each image's noise from its own seed.
+    schedulers = prepare_timesteps(components, plan, generators)
+    # 4. Initial latents and, for inpainting, the mask in latent space.
+    start = prepare_latents(components, plan, schedulers, generators)
+    # 5. The denoiser: the network, with the prompt, inpainting channels, guidance and cache as layers.
+    denoiser = build_denoiser(components, plan, start.mask)
+    # 6.-7. Denoising loop.
+    latents = denoising_loop(denoiser, schedulers, start, stop, report)
+    # 8. Decode.
+    return decode(components, latents)
+
+
+def denoising_loop(
+    denoiser: Denoiser, schedulers: ImageSchedulers, start: Start, stop: Stop, report: StepReport | None
+) -> torch.Tensor:
+    """Step the latents through the batch's timesteps; the final latents, or on an interrupt the clean
+    latents the last step predicted (A1111 shows those, not the noisy state)."""
+    timesteps = schedulers.timesteps
+    # 4-channel models repaint everything: the unmasked part is put back after every step.
+    blend = start.mask if start.mask is not None and start.mask.repaints_all else None
+    latents = denoised = start.latents
+    started = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        if stop.before_step(i, len(timesteps)):
+            return denoised if blend is None else blend.keep_unmasked(denoised)
+        scaled = schedulers.scale(latents, t)
+        pred = denoiser(scaled, t)
+        latents, outputs = schedulers.step(pred, t, latents)
+        if stop.interrupt is not None:
+            denoised = schedulers.denoised(outputs, scaled, pred, t)
+        if blend is not None:
+            # Outside the mask, the original noised to the next step's level (clean after the last step).
+            original = blend.image_latents
+            if i < len(timesteps) - 1:
+                original = schedulers.add_noise(original, start.noise, i + 1)
+            latents = blend.keep_unmasked(latents, original)
+        if report is not None:
+            report(i + 1, len(timesteps), latents, time.perf_counter() - started)
+    return latents

@@ -1,0 +1,54 @@
+"""What one batch's denoising is asked to do, resolved from the request once.
+
+The engine turns a :class:`~lienzo.generation.request.GenerationRequest` into a :class:`BatchPlan`
+(sizes, images and mask, encoded prompts, sampler, seeds); the denoising steps read the plan and
+never the request, so a door-specific field cannot leak into the loop.
+"""
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from lienzo.generation import canvas
+from lienzo.generation.prompts import PromptEmbeddings
+from lienzo.generation.samplers import Sampler
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """Pixels the denoiser works on, and how to put its output back into the user's image."""
+
+    width: int
+    height: int
+    init: Image.Image | None = None
+    mask: Image.Image | None = None  # blurred, at processing size; white = repaint
+    original: Image.Image | None = None  # the full-size picture to composite into
+    full_mask: Image.Image | None = None  # blurred, at original size
+    crop: canvas.OnlyMaskedCrop | None = None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One batch of ``batch_size`` images: images ``first_seed``, ``first_seed + 1``, ... (one generator each)."""
+
+    canvas: Canvas
+    prompt: PromptEmbeddings
+    negative: PromptEmbeddings
+    sampler: Sampler
+    schedule: str  # resolved: a key of samplers.SCHEDULES
+    steps: int
+    cfg_scale: float
+    denoising_strength: float  # read only with an init image
+    inpainting_fill: str  # A1111's masked content: "original", "fill", "latent noise" or "latent nothing"
+    fast: bool  # DeepCache
+    batch_size: int
+    first_seed: int
+
+    @property
+    def guided(self) -> bool:
+        """Guidance 1 is the conditional prediction alone: the unconditional pass is skipped."""
+        return self.cfg_scale > 1.0
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.first_seed + i for i in range(self.batch_size)]

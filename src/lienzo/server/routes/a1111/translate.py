@@ -1,0 +1,240 @@
+"""An A1111 request body as GenerationRequest fields, and A1111's names for lienzo's.
+
+``build_request`` validates; its errors, and the queue's, are renamed back to the A1111 field the
+client sent (``DIALECT``). A script lienzo does not have is refused (422), as A1111 refuses one it
+lacks. Fields lienzo does not implement yet are accepted; those a request turned on are listed by
+``ignored_fields`` so that the answer can name them.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import ImageOps
+
+from lienzo.errors import InvalidRequestError, ModelFileError
+from lienzo.gallery.store import Preset
+from lienzo.generation.canvas import ResizeMode, resize_image
+from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.samplers import find_schedule, split_folded_schedule
+from lienzo.server.codec import image_from_b64, mask_from_b64
+from lienzo.server.dialect import Dialect
+from lienzo.server.jobs import JobQueue
+from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
+from lienzo.settings import Settings
+
+DIALECT = Dialect(
+    prefix=PREFIX,
+    error_model=A1111Error,
+    # GenerationRequest's field -> the A1111 field a client sent it as.
+    fields={
+        "sampler": "sampler_name",
+        "schedule": "scheduler",
+        "batch_count": "n_iter",
+        "init_image": "init_images",
+        "inpaint_only_masked": "inpaint_full_res",
+        "only_masked_padding": "inpaint_full_res_padding",
+        "clip_skip": "CLIP_stop_at_last_layers",
+    },
+)
+
+
+# -- what lienzo ignores --------------------------------------------------------------------------
+
+# Values of ignored fields that change nothing: not worth a warning.
+_NEUTRAL: dict[str, tuple] = {
+    "subseed_strength": (0,),
+    "seed_resize_from_h": (-1, 0),
+    "seed_resize_from_w": (-1, 0),
+    "eta": (0, 1),
+    "s_min_uncond": (0,),
+    "s_churn": (0,),
+    "s_tmax": (0, float("inf")),
+    "s_tmin": (0,),
+    "s_noise": (1,),
+    "override_settings_restore_afterwards": (True,),
+    "initial_noise_multiplier": (1,),
+}
+# Ignored fields that only mean something together with another one (reported through that one).
+_DEPENDENT = {
+    "subseed", "script_args", "denoising_strength", "image_cfg_scale", "mask_blur_x", "mask_blur_y",
+    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+    "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+}
+_USED = {
+    "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
+    "cfg_scale", "width", "height", "override_settings", "send_images", "save_images", "init_images", "resize_mode",
+    "denoising_strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+    "inpainting_mask_invert", "include_init_images", "fast", "styles", "script_name", "alwayson_scripts",
+}
+# Options lienzo acts on in override_settings.
+_OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    if value is None or value is False or value == "" or value == [] or value == {}:
+        return True
+    return isinstance(value, (bool, int, float)) and value in _NEUTRAL.get(name, ())
+
+
+def ignored_fields(body: CommonRequest) -> list[str]:
+    """``name=value`` for every field lienzo ignores that the request set to something that matters."""
+    ignored = [
+        f"{name}={value!r}"
+        for name, value in body.model_dump().items()
+        if name not in _USED and name not in _DEPENDENT and not _is_neutral(name, value)
+    ]
+    ignored += [f"override_settings.{k}={v!r}" for k, v in (body.override_settings or {}).items() if k not in _OVERRIDES_USED]
+    if isinstance(body, Img2ImgRequest) and body.resize_mode == ResizeMode.LATENT_UPSCALE:
+        ignored.append("resize_mode=3 (done as a plain resize of the image, not of the latents)")
+    return ignored
+
+
+def check_scripts(body: CommonRequest) -> None:
+    """lienzo has no A1111 scripts; A1111 itself answers 422 for a script it does not have."""
+    if body.script_name:
+        raise InvalidRequestError("script_name", f"script '{body.script_name}' not found; lienzo has no scripts ({PREFIX}/scripts)")
+    for name in body.alwayson_scripts or {}:
+        raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has no scripts ({PREFIX}/scripts)")
+
+
+# -- styles ---------------------------------------------------------------------------------------
+
+
+def merge_style(prompt: str, style: str) -> str:
+    """A1111's rule: a style with ``{prompt}`` wraps the prompt; any other is appended after a comma."""
+    if "{prompt}" in style:
+        return style.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)
+
+
+def apply_styles(body: CommonRequest, presets: list[Preset]) -> tuple[CommonRequest, list[str]]:
+    """``body`` with its styles (lienzo's saved presets, by name, ignoring case) merged into its
+    prompts, and a warning for each name no preset has (A1111 skips those silently)."""
+    by_name = {preset.name.lower(): preset for preset in presets}
+    prompt, negative, warnings = body.prompt or "", body.negative_prompt or "", []
+    for name in body.styles or []:
+        preset = by_name.get(name.lower())
+        if preset is None:
+            warnings.append(f"styles: no preset named {name!r} (GET {PREFIX}/prompt-styles lists them); it was not applied")
+            continue
+        prompt, negative = merge_style(prompt, preset.prompt), merge_style(negative, preset.negative_prompt)
+    return body.model_copy(update={"prompt": prompt, "negative_prompt": negative}), warnings
+
+
+# -- A1111 body -> GenerationRequest --------------------------------------------------------------
+
+
+def schedule_name(scheduler: str | None) -> str:
+    """A1111's scheduler id, label or alias in any case (``karras``, ``sgm_uniform``, ``SGMUniform``,
+    ``Align Your Steps``) as lienzo's schedule; an unknown one is passed on for build_request to refuse
+    with the list."""
+    if not scheduler:
+        return "Automatic"
+    return find_schedule(scheduler) or scheduler
+
+
+def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]:
+    """Split older A1111 names such as "DPM++ 2M Karras" into sampler and schedule; an explicit
+    non-automatic ``scheduler`` wins over the suffix. An unknown sampler is passed on for build_request
+    to refuse with the list."""
+    schedule = schedule_name(scheduler)
+    base, folded = split_folded_schedule(sampler)
+    return base, folded if folded is not None and schedule == "Automatic" else schedule
+
+
+def common_fields(body: CommonRequest, options: Mapping[str, Any]) -> dict[str, Any]:
+    """GenerationRequest fields from what txt2img and img2img share."""
+    sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or "Euler", body.scheduler)
+    overrides = body.override_settings or {}
+    return {
+        "prompt": body.prompt or "",
+        "negative_prompt": body.negative_prompt or "",
+        "width": body.width,
+        "height": body.height,
+        "steps": body.steps,
+        "cfg_scale": body.cfg_scale,
+        "sampler": sampler,
+        "schedule": schedule,
+        "seed": body.seed,
+        "batch_size": body.batch_size,
+        "batch_count": body.n_iter,
+        "clip_skip": overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1)),
+        "fast": body.fast,
+    }
+
+
+def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any]) -> GenerationRequest:
+    with DIALECT.speaking():
+        return build_request(**common_fields(body, options))
+
+
+def _choice(value: int, choices: dict[int, str], field: str) -> str:
+    if value not in choices:
+        allowed = ", ".join(f"{k} ({v})" for k, v in choices.items())
+        raise InvalidRequestError(field, f"must be one of {allowed}, got {value}")
+    return choices[value]
+
+
+def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: Settings) -> GenerationRequest:
+    """Decode, invert and resize the images as A1111 would, then validate everything."""
+    if not body.init_images:
+        raise InvalidRequestError("init_images", "give one base64 image to start from")
+    if len(body.init_images) > 1:
+        raise InvalidRequestError("init_images", f"lienzo takes one init image per request, got {len(body.init_images)}")
+    _choice(body.resize_mode, RESIZE_MODES, "resize_mode")
+    fill = _choice(body.inpainting_fill, FILLS, "inpainting_fill")
+    image = image_from_b64(body.init_images[0], "init_images[0]", settings)
+    fields = {**common_fields(body, options), "denoising_strength": body.denoising_strength}
+    mask = None
+    if body.mask:
+        mask = mask_from_b64(body.mask, image.size, "mask", settings)
+        if body.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        fields.update(
+            mask_blur=body.mask_blur if body.mask_blur is not None else (body.mask_blur_x or 0),
+            inpainting_fill=fill,
+            inpaint_only_masked=body.inpaint_full_res,
+            only_masked_padding=body.inpaint_full_res_padding,
+        )
+    # "Only masked" works on a crop of the full-size image (A1111 skips resize_mode there too);
+    # mode 0 is the engine's own stretch.
+    mode = ResizeMode(body.resize_mode)
+    if mode != ResizeMode.JUST_RESIZE and not (mask is not None and body.inpaint_full_res):
+        image = resize_image(image, body.width, body.height, mode)
+        if mask is not None:
+            mask = resize_image(mask, body.width, body.height, mode)
+    with DIALECT.speaking():
+        return build_request(**fields, init_image=image, mask=mask)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(queue: JobQueue, value: str, field: str) -> Path:
+    """A model by A1111 title ("name.safetensors [hash]"), file name, name, short hash or path inside the
+    models dir (never elsewhere: see ``JobQueue.resolve_model``)."""
+    # The current model may lie outside the models dir (lienzo serve --model): clients list it, so it can be chosen.
+    current = queue.current_model_or_none()
+    entry = queue.registry.checkpoint_by_title(value, also=current)
+    if entry is not None:
+        return entry.path
+    try:  # lienzo's own extension: a path inside the models dir, to a readable checkpoint
+        return queue.resolve_checkpoint(value.strip(), field)
+    except ModelFileError:
+        pass
+    titles = ", ".join(e.title for e in queue.registry.checkpoints(also=current)) or "none"
+    raise InvalidRequestError(field, f"no model named {value!r}; available: {titles}")
+
+
+def current_title(queue: JobQueue) -> str | None:
+    path = queue.current_model_or_none()
+    return None if path is None else queue.registry.entry(path).title
+
+
+def request_model(body: CommonRequest, queue: JobQueue) -> str | None:
+    """``override_settings.sd_model_checkpoint``, resolved; None: the current model."""
+    name = (body.override_settings or {}).get("sd_model_checkpoint")
+    if not name:
+        return None
+    return str(resolve_checkpoint(queue, str(name), "override_settings.sd_model_checkpoint"))
