@@ -35,7 +35,11 @@ def _hide_shipped_model(request, monkeypatch, tmp_path_factory):
         return
     from lienzo.models import registry
 
+    # The seam is the folder, not the function: every caller asks registry.embedded_model(), which reads
+    # EMBEDDED when called, whereas a patched embedded_model would miss modules that imported it by name
+    # (lienzo.studio does). A folder without model_index.json is "this install ships no model".
     monkeypatch.setattr(registry, "EMBEDDED", tmp_path_factory.getbasetemp() / "no-shipped-model")
+    assert registry.embedded_model() is None
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The engine against diffusers' own pipelines, every sampler, seed rules and all four modes."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -117,8 +119,8 @@ def test_random_seed_is_resolved_and_recorded(sd1):
 
 
 def test_infotext_fields(sd1):
-    sd1.name, sd1.short_hash = "tiny-sd1", "0123456789"
-    image = _run(sd1, prompt="a fox", negative_prompt="ugly", steps=2, cfg_scale=6.5, seed=3, clip_skip=2, width=64, height=64).images[0]
+    named = dataclasses.replace(sd1, name="tiny-sd1", short_hash="0123456789")  # the module's sd1 stays as built
+    image = _run(named, prompt="a fox", negative_prompt="ugly", steps=2, cfg_scale=6.5, seed=3, clip_skip=2, width=64, height=64).images[0]
     lines = image.infotext.split("\n")
     assert lines[0] == "a fox" and lines[1] == "Negative prompt: ugly"
     assert lines[2].startswith("Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3, Size: 64x64, Model hash: 0123456789, Model: tiny-sd1")

@@ -16,9 +16,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from lienzo.errors import ImageFileError, InvalidRequestError
-from lienzo.gallery import store
+from lienzo.gallery import schema, store
 from lienzo.gallery.importers import ImageMeta, read_meta
-from lienzo.gallery.store import Gallery, GalleryError, NotFoundError, fts_query
+from lienzo.gallery.records import GalleryError, NotFoundError
+from lienzo.gallery.rows import fts_query
+from lienzo.gallery.store import Gallery
 from lienzo.generation.engine import GeneratedImage
 from lienzo.images.io import save_png_atomic
 from lienzo.images.metadata import pnginfo
@@ -387,7 +389,7 @@ def test_an_older_database_is_migrated_keeping_its_rows(tmp_path, monkeypatch):
     with Gallery(db, tmp_path / "out", thumbs_dir=tmp_path / "thumbs") as old:
         image_id = add(old, "a red fox")
     assert _user_version(db) == 1
-    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, ("ALTER TABLE images ADD COLUMN rating INTEGER",)])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, ("ALTER TABLE images ADD COLUMN rating INTEGER",)])
     with Gallery(db, tmp_path / "out", thumbs_dir=tmp_path / "thumbs") as new:
         assert new.search("fox").items[0].id == image_id
     assert _user_version(db) == 2
@@ -399,7 +401,7 @@ def test_an_older_database_is_migrated_keeping_its_rows(tmp_path, monkeypatch):
 def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     db = tmp_path / "gallery.db"
     Gallery(db, tmp_path / "out", thumbs_dir=tmp_path / "thumbs").close()
-    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, ("CREATE TABLE extra (x)", "NOT SQL")])
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, ("CREATE TABLE extra (x)", "NOT SQL")])
     with pytest.raises(sqlite3.OperationalError):
         Gallery(db, tmp_path / "out", thumbs_dir=tmp_path / "thumbs")
     assert _user_version(db) == 1

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lienzo.errors import InvalidRequestError
-from lienzo.gallery.store import Gallery, NotFoundError
+from lienzo.gallery.records import NotFoundError
+from lienzo.gallery.store import Gallery
 from lienzo.images.io import save_png_atomic
 from lienzo.images.metadata import pnginfo
 from lienzo.images.provenance import PROVENANCE_KEY

@@ -10,7 +10,8 @@ from PIL import Image
 
 from lienzo.generation.request import build_request
 from lienzo.server.app import create_app
-from lienzo.server.jobs import JobQueue, JobStatus
+from lienzo.server.job import JobStatus
+from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
 from servers import b64_png, lienzo_server
 

@@ -5,7 +5,7 @@ import base64
 import io
 import json
 import logging
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,6 +21,7 @@ from lienzo.server.app import create_app
 from lienzo.server.routes.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
 from lienzo.server.routes.a1111.translate import img2img_request, txt2img_request
 from lienzo.settings import Settings
+from lienzo.studio import load_model
 from servers import b64_png, bomb_png, lienzo_server, two_model_home
 
 FAST = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "width": 64, "height": 64, "seed": 11}
@@ -250,61 +251,140 @@ def test_png_info_reads_a_generated_image(client):
     assert plain == {"info": "", "items": {}, "parameters": {}}
 
 
-def test_progress_skip_and_interrupt(client):
+class Hold:
+    """One stop of a :class:`StepGate`: ``reached`` once the worker stands there, ``released`` to go on."""
+
+    def __init__(self, batch: int, step: int):
+        self.batch, self.step = batch, step
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def wait(self, timeout: float = 60) -> None:
+        assert self.reached.wait(timeout), f"the job never reached step {self.step} of batch {self.batch}"
+
+    def release(self) -> None:
+        self.released.set()
+
+
+class StepGate:
+    """The queue's real model, with a gate before every U-Net call: once the running job has reported
+    ``step`` of ``batch`` (the state /progress reads), the worker waits there, before the next step's
+    model call, until the test releases it. The job then stands still while the test reads its
+    progress and presses Skip or Interrupt; the engine's check before the step after sees the press."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.queue = None  # the app's JobQueue, whose running job the gate watches
+        self._next: Hold | None = None
+        self._holds: list[Hold] = []
+
+    def load(self, name, cancel=None):
+        """The queue's default loader, plus the gate."""
+        s = self.settings
+        components = load_model(name, device=s.device, dtype=s.dtype, settings=s, cancel=cancel)
+        components.unet.register_forward_pre_hook(self._before_model_call)
+        return components
+
+    def hold(self, batch: int, step: int) -> Hold:
+        """Stop the worker after ``step`` of ``batch`` (replacing a stop not yet reached)."""
+        self._next = Hold(batch, step)
+        self._holds.append(self._next)
+        return self._next
+
+    def release_all(self) -> None:
+        self._next = None
+        for hold in self._holds:
+            hold.release()
+
+    def __enter__(self) -> "StepGate":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        """Let the worker go, so a failed assertion never leaves a request waiting on a held job."""
+        self.release_all()
+
+    def _before_model_call(self, _module, _args) -> None:
+        hold, job = self._next, self.queue.running
+        if hold is None or job is None or (job.batch, job.step) != (hold.batch, hold.step):
+            return
+        self._next = None
+        hold.reached.set()
+        if not hold.released.wait(120):
+            raise RuntimeError(f"the test never released step {hold.step} of batch {hold.batch}")
+
+
+@pytest.fixture(scope="module")
+def gated(home, tmp_path_factory):
+    """A server of its own (its own data and outputs) whose worker a :class:`StepGate` can stop; each
+    test holds the gate with ``with gate:``, which lets the worker go however the test ends."""
+    where = tmp_path_factory.mktemp("gated")
+    settings = Settings(data_dir=where / "data", models_dir=home / "models", outputs_dir=where / "out", default_model="tiny-a")
+    gate = StepGate(settings)
+    app = create_app(settings, loader=gate.load)
+    gate.queue = app.state.queue
+    with TestClient(app) as c, gate:
+        yield c, gate
+
+
+def test_progress_skip_and_interrupt(gated):
     """A 3-batch job: progress with a preview during batch 0, /skip drops batch 1, /interrupt stops
     batch 2 mid-way; the request answers 200 with batch 0's image and batch 2's as it stood."""
+    client, gate = gated
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0  # idle
     slow = {**FAST, "steps": 20, "n_iter": 3, "cfg_scale": 1, "seed": 100}
 
-    def progress_until(condition, timeout=120):
-        deadline = time.monotonic() + timeout
-        while True:
-            p = client.get("/sdapi/v1/progress").json()
-            if condition(p):
-                return p
-            assert time.monotonic() < deadline, f"progress never reached the condition: {p}"
-            time.sleep(0.02)
-
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, gate:
+        at_2 = gate.hold(batch=0, step=2)  # a preview every 2 steps (preview_every): step 2 has one
         answer = pool.submit(client.post, "/sdapi/v1/txt2img", json=slow)
-        p = progress_until(lambda p: p["state"]["job_no"] == 0 and p["state"]["sampling_step"] >= 2 and p["current_image"])
+        at_2.wait()
+        p = client.get("/sdapi/v1/progress").json()
+        assert p["state"]["job_no"] == 0 and p["state"]["sampling_step"] == 2 and p["current_image"]
         assert 0 < p["progress"] < 1 and p["eta_relative"] >= 0
         assert p["state"]["job_count"] == 3 and p["state"]["sampling_steps"] == 20 and p["state"]["job"] == "txt2img"
         assert png_of(p["current_image"]).format == "PNG"
         assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
 
-        progress_until(lambda p: p["state"]["job_no"] == 1)
+        in_batch_1 = gate.hold(batch=1, step=2)
+        at_2.release()
+        in_batch_1.wait()
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_no"] == 1
         assert client.post("/sdapi/v1/skip").status_code == 200
-        progress_until(lambda p: p["state"]["job_no"] == 2 and p["state"]["sampling_step"] >= 2)
+        assert client.get("/sdapi/v1/progress").json()["state"]["skipped"] is True
+
+        in_batch_2 = gate.hold(batch=2, step=2)
+        in_batch_1.release()  # step 3 of batch 1 runs, then the check before step 4 drops the batch
+        in_batch_2.wait()
+        state = client.get("/sdapi/v1/progress").json()["state"]
+        assert state["job_no"] == 2 and state["sampling_step"] == 2 and state["skipped"] is False
         assert client.post("/sdapi/v1/interrupt").json() == {}
+        in_batch_2.release()  # step 3 runs, then the check before step 4 ends the job
         r = answer.result(timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 2
     info = json.loads(r.json()["info"])
     assert info["all_seeds"] == [100, 102]  # seed 101 skipped, 102 interrupted
     assert "Interrupted" not in parse_infotext(info["infotexts"][0]).params
-    assert parse_infotext(info["infotexts"][1]).params["Interrupted"].endswith("of 20")
+    assert parse_infotext(info["infotexts"][1]).params["Interrupted"] == "at step 3 of 20"
     assert client.get("/sdapi/v1/progress").json()["progress"] == 0
 
 
-def test_interrupt_returns_the_image_in_progress(client):
+def test_interrupt_returns_the_image_in_progress(gated):
     """webuiapi reads result.image (images[0]): an interrupted one-image job must still have it, decoded
     from the clean image its last step predicted, and the native API says the job was interrupted."""
+    client, gate = gated
     slow = {**FAST, "steps": 40, "seed": 5}
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, gate:
+        at_3 = gate.hold(batch=0, step=3)
         answer = pool.submit(client.post, "/sdapi/v1/txt2img", json=slow)
-        deadline = time.monotonic() + 120
-        while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        at_3.wait()
+        assert client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] == 3
         client.post("/sdapi/v1/interrupt")
+        at_3.release()  # step 4 runs, then the check before step 5 ends the job
         r = answer.result(timeout=120)
     assert r.status_code == 200, r.text
     images = r.json()["images"]
     assert len(images) == 1 and png_of(images[0]).size == (64, 64)
     params = parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).params
-    step, _, total = params["Interrupted"].removeprefix("at step ").partition(" of ")
-    assert 3 <= int(step) < 40 and total == "40"
+    assert params["Interrupted"] == "at step 4 of 40"
     native = client.get("/api/v1/jobs", params={"status": "interrupted"}).json()
     assert native and native[0]["images"] and native[0]["status"] == "interrupted"
 

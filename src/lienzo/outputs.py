@@ -12,7 +12,8 @@ from datetime import date
 from pathlib import Path
 
 from lienzo.gallery.importers import meta_from_infotext
-from lienzo.gallery.store import Gallery, GalleryError
+from lienzo.gallery.records import GalleryError
+from lienzo.gallery.store import Gallery
 from lienzo.generation.engine import GeneratedImage
 from lienzo.generation.request import GenerationRequest
 from lienzo.images.io import save_png_numbered

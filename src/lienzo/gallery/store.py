@@ -12,12 +12,14 @@ never wait, and a writer takes the write lock up front (``BEGIN IMMEDIATE``) and
 table that triggers keep in step. The schema is versioned with ``PRAGMA user_version``: opening a
 database applies the migrations it lacks, in order. Opening a damaged database file moves it aside
 (``gallery.db.damaged-<time>``) and rebuilds the index from the files, with a warning that says so.
+
+Beside this module: ``records`` (what the gallery hands out, and its errors), ``rows`` (the image
+rows' columns and the checks on query input), ``schema`` (migrations, damage check) and
+``thumbnails``.
 """
 
 import io
-import json
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -25,159 +27,30 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from PIL import Image
 
-from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError
+from lienzo.errors import ImageFileError, InvalidRequestError
 from lienzo.files import write_atomic
 from lienzo.gallery.importers import ImageMeta, read_meta
+from lienzo.gallery.records import GalleryError, GalleryItem, NotFoundError, Page, Preset, ReconcileReport, no_image
+from lienzo.gallery.rows import MAX_PAGE, SELECT, fts_query, insert_row, known_id, parse_cursor, path_text, savable
+from lienzo.gallery.schema import Damaged, check_pages, migrate
+from lienzo.gallery.thumbnails import drop_thumbnails, make_thumbnail
 from lienzo.images.io import decode_image
-from lienzo.images.metadata import lone_surrogate
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Schema migrations, oldest first: migration i takes a database from user_version i to i + 1.
-# Append new ones; never edit one that has shipped.
-MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        # AUTOINCREMENT: a deleted image's id is never given to another (URLs and thumbnails use ids).
-        """CREATE TABLE images (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            path TEXT NOT NULL UNIQUE,
-            created REAL NOT NULL,
-            source TEXT NOT NULL,
-            mode TEXT,
-            prompt TEXT NOT NULL DEFAULT '',
-            negative_prompt TEXT NOT NULL DEFAULT '',
-            model TEXT,
-            model_hash TEXT,
-            seed INTEGER,
-            width INTEGER NOT NULL,
-            height INTEGER NOT NULL,
-            steps INTEGER,
-            cfg_scale REAL,
-            sampler TEXT,
-            schedule TEXT,
-            infotext TEXT NOT NULL DEFAULT '',
-            parameters TEXT NOT NULL DEFAULT '{}',
-            favourite INTEGER NOT NULL DEFAULT 0,
-            size_bytes INTEGER NOT NULL
-        )""",
-        "CREATE INDEX images_newest ON images (created DESC, id DESC)",
-        "CREATE INDEX images_model ON images (model)",
-        """CREATE VIRTUAL TABLE images_fts USING fts5(
-            prompt, negative_prompt, content='images', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
-        )""",
-        """CREATE TRIGGER images_fts_insert AFTER INSERT ON images BEGIN
-            INSERT INTO images_fts (rowid, prompt, negative_prompt) VALUES (new.id, new.prompt, new.negative_prompt);
-        END""",
-        """CREATE TRIGGER images_fts_delete AFTER DELETE ON images BEGIN
-            INSERT INTO images_fts (images_fts, rowid, prompt, negative_prompt) VALUES ('delete', old.id, old.prompt, old.negative_prompt);
-        END""",
-        """CREATE TRIGGER images_fts_update AFTER UPDATE OF prompt, negative_prompt ON images BEGIN
-            INSERT INTO images_fts (images_fts, rowid, prompt, negative_prompt) VALUES ('delete', old.id, old.prompt, old.negative_prompt);
-            INSERT INTO images_fts (rowid, prompt, negative_prompt) VALUES (new.id, new.prompt, new.negative_prompt);
-        END""",
-        """CREATE TABLE presets (
-            name TEXT PRIMARY KEY COLLATE NOCASE,
-            prompt TEXT NOT NULL,
-            negative_prompt TEXT NOT NULL,
-            created REAL NOT NULL
-        )""",
-    ),
-]
-
-SOURCES = ("cli", "native", "a1111", "openai", "import")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _IMPORT_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 # A crashed write's temporary file is removed once it is this old: a live write takes well under a
 # second, and another process (the server, while the CLI reconciles) may be in the middle of one.
 STALE_TEMP_SECONDS = 300
 _MODE_FOLDER = re.compile(r"(txt2img|img2img|inpaint|outpaint)-images")
-_COLUMNS = (
-    "path, created, source, mode, prompt, negative_prompt, model, model_hash, seed, width, height, steps, "
-    "cfg_scale, sampler, schedule, infotext, parameters, size_bytes"
-)
-_SELECT = f"SELECT id, favourite, {_COLUMNS} FROM images"
 _SELECT_PRESET = "SELECT name, prompt, negative_prompt, created FROM presets"
-MAX_PAGE = 200
-# Ids are SQLite rowids, 1 to 2**63 - 1; a number outside cannot even be bound to a query.
-MAX_ID = 2**63 - 1
-
-
-class GalleryError(LienzoError):
-    """The gallery's database cannot be used (a newer schema, a broken file)."""
-
-
-class NotFoundError(GalleryError):
-    """No image (or preset) by that id (or name); ``field`` names which."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class GalleryItem:
-    """One image's row. ``parameters`` are request fields that remake it; ``created`` is epoch seconds."""
-
-    id: int
-    path: Path
-    created: float
-    source: str
-    mode: str | None
-    prompt: str
-    negative_prompt: str
-    model: str | None
-    model_hash: str | None
-    seed: int | None
-    width: int
-    height: int
-    steps: int | None
-    cfg_scale: float | None
-    sampler: str | None
-    schedule: str | None
-    infotext: str
-    parameters: dict
-    favourite: bool
-    size_bytes: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "GalleryItem":
-        values = dict(row)
-        values.update(path=Path(row["path"]), parameters=json.loads(row["parameters"]), favourite=bool(row["favourite"]))
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class Page:
-    """One page of a listing, newest first; ``next`` is the cursor of the page after it (None: the last)."""
-
-    items: list[GalleryItem]
-    next: str | None
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A saved style: prompt and negative prompt to start from."""
-
-    name: str
-    prompt: str
-    negative_prompt: str
-    created: float
-
-
-@dataclass(frozen=True)
-class ReconcileReport:
-    """What :meth:`Gallery.reconcile` changed."""
-
-    added: int  # files that had no row
-    removed: int  # rows whose file had gone
-    temp_files: int  # leftovers of interrupted atomic writes
 
 
 class Gallery:
@@ -221,7 +94,7 @@ class Gallery:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     self._conn = self._open()
-                except _Damaged as damage:
+                except Damaged as damage:
                     self._rebuild(str(damage))
             return self._conn
 
@@ -230,7 +103,7 @@ class Gallery:
         conn = sqlite3.connect(self.db_path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
-            _check_pages(conn)
+            check_pages(conn)
             migrate(conn, self.db_path)  # before any write: a database from a newer lienzo is left exactly as it was
             conn.execute("PRAGMA journal_mode = WAL")
             # NORMAL is safe in WAL mode; a power cut may lose the last commits, which reconcile restores from the files.
@@ -289,12 +162,12 @@ class Gallery:
         """Index the image file at ``path``, already written whole, and return its id. ``source`` is one
         of :data:`SOURCES`. A path already in the gallery keeps its id and favourite; the rest is replaced."""
         with self._write() as conn:
-            return _insert(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
+            return insert_row(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
 
     def get(self, image_id: int) -> GalleryItem:
-        rows = self._read(f"{_SELECT} WHERE id = ?", (_known_id(image_id),))
+        rows = self._read(f"{SELECT} WHERE id = ?", (known_id(image_id),))
         if not rows:
-            raise _no_image(image_id)
+            raise no_image(image_id)
         return GalleryItem.from_row(rows[0])
 
     def search(
@@ -313,9 +186,9 @@ class Gallery:
         before ``until`` (epoch seconds), (not) favourites. ``cursor`` is a previous page's ``next``."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequestError("limit", f"must be 1 to {MAX_PAGE}, got {limit}")
-        _savable("q", q)
+        savable("q", q)
         if model is not None:
-            _savable("model", model)
+            savable("model", model)
         where, params = [], []
         match = fts_query(q)
         if match is not None:
@@ -334,10 +207,10 @@ class Gallery:
             where.append("favourite = ?")
             params.append(int(favourite))
         if cursor:
-            created, image_id = _parse_cursor(cursor)
+            created, image_id = parse_cursor(cursor)
             where.append("(created < ? OR (created = ? AND id < ?))")
             params += [created, created, image_id]
-        sql = f"{_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created DESC, id DESC LIMIT ?"
+        sql = f"{SELECT} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created DESC, id DESC LIMIT ?"
         rows = self._read(sql, [*params, limit + 1])
         items = [GalleryItem.from_row(row) for row in rows[:limit]]
         more = len(rows) > limit
@@ -350,21 +223,21 @@ class Gallery:
 
     def set_favourite(self, image_id: int, favourite: bool) -> GalleryItem:
         with self._write() as conn:
-            if conn.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), _known_id(image_id))).rowcount == 0:
-                raise _no_image(image_id)
+            if conn.execute("UPDATE images SET favourite = ? WHERE id = ?", (int(favourite), known_id(image_id))).rowcount == 0:
+                raise no_image(image_id)
         return self.get(image_id)
 
     def delete(self, image_id: int) -> GalleryItem:
         """Delete the image's file and row together: the row is deleted, the file unlinked, then the
         deletion committed; a file that cannot be unlinked (permissions) keeps its row."""
         with self._write() as conn:
-            rows = conn.execute(f"{_SELECT} WHERE id = ?", (_known_id(image_id),)).fetchall()
+            rows = conn.execute(f"{SELECT} WHERE id = ?", (known_id(image_id),)).fetchall()
             if not rows:
-                raise _no_image(image_id)
+                raise no_image(image_id)
             item = GalleryItem.from_row(rows[0])
             conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
             item.path.unlink(missing_ok=True)
-        self._drop_thumbnails(image_id)
+        drop_thumbnails(self.thumbs_dir, image_id)
         return item
 
     def import_image(self, data: bytes, filename: str, *, max_pixels: int) -> GalleryItem:
@@ -399,33 +272,7 @@ class Gallery:
     def thumbnail(self, image_id: int, size: int = 256) -> bytes:
         """A WebP of the image fitted in ``size`` x ``size``, cached under ``thumbs_dir`` by id, size and
         the file's modification time."""
-        item = self.get(image_id)
-        try:
-            mtime = item.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            raise file_gone(image_id) from None
-        cached = self.thumbs_dir / f"{image_id}-{size}-{mtime}.webp"
-        if cached.is_file():
-            return cached.read_bytes()
-        try:
-            with Image.open(item.path) as image:
-                image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-                image.thumbnail((size, size))
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="WEBP", quality=80)
-        except FileNotFoundError:
-            raise file_gone(image_id) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            # Changed by hand since it was indexed. Pillow's message names the server's path: not said.
-            raise ImageFileError(f"id: image {image_id}'s file is no longer a readable image") from None
-        for old in self.thumbs_dir.glob(f"{image_id}-{size}-*.webp"):
-            old.unlink(missing_ok=True)
-        write_atomic(cached, lambda file: file.write(buffer.getvalue()))
-        return buffer.getvalue()
-
-    def _drop_thumbnails(self, image_id: int) -> None:
-        for path in self.thumbs_dir.glob(f"{image_id}-*.webp"):
-            path.unlink(missing_ok=True)
+        return make_thumbnail(self.get(image_id), self.thumbs_dir, size)
 
     # -- reconciling rows and files -------------------------------------------------------------
 
@@ -441,7 +288,7 @@ class Gallery:
             gone = [row["id"] for row in rows if not os.path.exists(row["path"])]
             conn.executemany("DELETE FROM images WHERE id = ?", [(image_id,) for image_id in gone])
         for image_id in gone:
-            self._drop_thumbnails(image_id)
+            drop_thumbnails(self.thumbs_dir, image_id)
         known = {row["path"] for row in rows}
 
         # 2. Walk the outputs: new images, and the leftovers of interrupted writes.
@@ -463,7 +310,7 @@ class Gallery:
         entries = []
         for path in new:
             try:
-                _path_text(path)
+                path_text(path)
                 meta, mtime = read_meta(path), path.stat().st_mtime
             except (GalleryError, ImageFileError, FileNotFoundError) as err:
                 # A name that is not UTF-8 is shown escaped: logging it raw fails in every UTF-8 handler.
@@ -472,7 +319,7 @@ class Gallery:
                 continue
             entries.append((path, meta, *_source_and_mode(path.relative_to(root), meta), mtime))
         with self._write() as conn:
-            added = sum(_insert(conn, *entry, replace=False) is not None for entry in entries)
+            added = sum(insert_row(conn, *entry, replace=False) is not None for entry in entries)
         return ReconcileReport(added, len(gone), temp_files)
 
     # -- presets --------------------------------------------------------------------------------
@@ -481,18 +328,18 @@ class Gallery:
         return [Preset(**row) for row in self._read(f"{_SELECT_PRESET} ORDER BY name COLLATE NOCASE")]
 
     def preset(self, name: str) -> Preset:
-        rows = self._read(f"{_SELECT_PRESET} WHERE name = ?", (_savable("name", name),))
+        rows = self._read(f"{_SELECT_PRESET} WHERE name = ?", (savable("name", name),))
         if not rows:
             raise NotFoundError("name", f"no preset named {name!r}")
         return Preset(**rows[0])
 
     def put_preset(self, name: str, prompt: str, negative_prompt: str = "") -> Preset:
         """Save a preset, replacing one of the same name (names are matched ignoring case)."""
-        name = _savable("name", name.strip())
+        name = savable("name", name.strip())
         if not 1 <= len(name) <= 100:
             raise InvalidRequestError("name", f"a preset name must be 1 to 100 characters, got {len(name)}")
-        _savable("prompt", prompt)
-        _savable("negative_prompt", negative_prompt)
+        savable("prompt", prompt)
+        savable("negative_prompt", negative_prompt)
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO presets (name, prompt, negative_prompt, created) VALUES (?, ?, ?, ?) "
@@ -503,135 +350,8 @@ class Gallery:
 
     def delete_preset(self, name: str) -> None:
         with self._write() as conn:
-            if conn.execute("DELETE FROM presets WHERE name = ?", (_savable("name", name),)).rowcount == 0:
+            if conn.execute("DELETE FROM presets WHERE name = ?", (savable("name", name),)).rowcount == 0:
                 raise NotFoundError("name", f"no preset named {name!r}")
-
-
-def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery") -> None:
-    """Bring the database to the newest schema, applying the migrations it lacks in one transaction;
-    GalleryError for a database written by a newer lienzo."""
-    latest = len(MIGRATIONS)
-    if _user_version(conn, what) == latest:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = _user_version(conn, what)  # again, under the lock: another process may have migrated it
-        for statements in MIGRATIONS[version:]:
-            for statement in statements:
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {latest}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    if version < latest:
-        log.info("%s: gallery schema migrated from version %d to %d", what, version, latest)
-
-
-class _Damaged(Exception):
-    """The database file is not one, or its pages do not add up; the message says which."""
-
-
-# SQLite's result codes for a damaged file (the low byte: extended codes refine it).
-_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-
-
-def _check_pages(conn: sqlite3.Connection) -> None:
-    """_Damaged when the file is not a database or its pages are broken (a crash on a disk that lies
-    about flushes, a copy cut short). quick_check reads each page once (about 20 ms for 5,000 images),
-    and so finds damage at opening, not in the middle of a request."""
-    try:
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
-    except sqlite3.DatabaseError as err:
-        if (getattr(err, "sqlite_errorcode", 0) & 0xFF) in _DAMAGE_CODES:
-            raise _Damaged(str(err)) from err
-        raise
-    if problems != ["ok"]:
-        raise _Damaged("; ".join(problems[:3]))
-
-
-def _user_version(conn: sqlite3.Connection, what: Path | str) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise GalleryError(
-            f"gallery: {what} has schema version {version}, newer than this lienzo's {len(MIGRATIONS)}; "
-            "upgrade lienzo, or point LIENZO_DATA_DIR elsewhere"
-        )
-    return version
-
-
-def fts_query(text: str) -> str | None:
-    """User text as a safe FTS5 query: every word must match, the last one as a prefix (so results
-    follow typing). Each word is quoted, so what FTS5 would read as syntax (``"``, ``-``, ``:``,
-    ``*``, ``AND``, ``NEAR``) is only text; None when the text holds no word at all."""
-    words = re.findall(r"\w+", text)
-    if not words:
-        return None
-    return " ".join(f'"{word}"' for word in words) + "*"
-
-
-def _parse_cursor(cursor: str) -> tuple[float, int]:
-    created, _, image_id = cursor.partition("_")
-    try:
-        parsed = float(created), int(image_id)
-    except ValueError:
-        parsed = None
-    # An id beyond a rowid's range would fail to bind; the gallery gives out finite times and real ids.
-    if parsed is None or not math.isfinite(parsed[0]) or not 1 <= parsed[1] <= MAX_ID:
-        raise InvalidRequestError("cursor", f"{cursor!r} is not a cursor the gallery gave out (use a page's 'next')")
-    return parsed
-
-
-def _known_id(image_id: int) -> int:
-    """``image_id``, or NotFoundError for a number no row can have (SQLite would refuse to bind it)."""
-    if not 1 <= image_id <= MAX_ID:
-        raise _no_image(image_id)
-    return image_id
-
-
-def file_gone(image_id: int) -> NotFoundError:
-    """Image ``image_id``'s row outlived its file. The message is for HTTP clients too: no server path."""
-    return NotFoundError("id", f"image {image_id}'s file is gone; `lienzo gallery reconcile` drops its row")
-
-
-def _no_image(image_id: int) -> NotFoundError:
-    return NotFoundError("id", f"no image with id {image_id} in the gallery")
-
-
-def _savable(field: str, text: str) -> str:
-    """``text``, or InvalidRequestError naming ``field`` when SQLite (UTF-8) cannot store or look it up."""
-    problem = lone_surrogate(text)
-    if problem is not None:
-        raise InvalidRequestError(field, problem)
-    return text
-
-
-def _insert(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: str, mode: str | None, created: float, *, replace: bool) -> int | None:
-    """Insert a row for ``path``; an existing row is replaced (``replace``) or kept (returns None)."""
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    values = (
-        _path_text(path), created, source, mode, meta.prompt, meta.negative_prompt, meta.model, meta.model_hash, meta.seed,
-        meta.width, meta.height, meta.steps, meta.cfg_scale, meta.sampler, meta.schedule, meta.infotext,
-        json.dumps(meta.parameters), path.stat().st_size,
-    )
-    if replace:
-        names = [name.strip() for name in _COLUMNS.split(",")][1:]
-        conflict = "DO UPDATE SET " + ", ".join(f"{name} = excluded.{name}" for name in names)
-    else:
-        conflict = "DO NOTHING"
-    placeholders = ", ".join("?" * len(values))
-    row = conn.execute(f"INSERT INTO images ({_COLUMNS}) VALUES ({placeholders}) ON CONFLICT (path) {conflict} RETURNING id", values).fetchone()
-    return None if row is None else row["id"]
-
-
-def _path_text(path: Path) -> str:
-    """``path`` as the gallery stores it, or GalleryError for a file name that is not UTF-8 (Python
-    reads such a name with surrogates, which SQLite cannot store)."""
-    if lone_surrogate(str(path)) is not None:
-        raise GalleryError(f"gallery: the file name is not valid UTF-8; rename the file to add it ({ascii(path.name)})")
-    return str(path)
 
 
 def _source_and_mode(relative: Path, meta: ImageMeta) -> tuple[str, str | None]:

@@ -27,11 +27,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lienzo import __version__
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, ModelFileError
-from lienzo.gallery.store import Gallery, NotFoundError
+from lienzo.gallery.records import NotFoundError
+from lienzo.gallery.store import Gallery
 from lienzo.models.components import Components
 from lienzo.server import openapi
 from lienzo.server.codec import JSONResponse
-from lienzo.server.jobs import JobNotFoundError, JobQueue, QueueFullError
+from lienzo.server.job import JobNotFoundError, QueueFullError
+from lienzo.server.jobs import JobQueue
 from lienzo.server.routes import a1111, dialect_for, gallery, native, openai
 from lienzo.settings import Settings
 

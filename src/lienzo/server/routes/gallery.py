@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.errors import LienzoError
-from lienzo.gallery.store import MAX_PAGE, GalleryItem, Preset, file_gone
+from lienzo.gallery.records import GalleryItem, Preset, file_gone
+from lienzo.gallery.rows import MAX_PAGE
 from lienzo.images.metadata import replace_lone_surrogates
 from lienzo.images.provenance import read_provenance
 from lienzo.server.deps import AppSettings, Gallery

@@ -21,7 +21,8 @@ from lienzo.origins import training_data_for
 from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.dialect import Dialect, ErrorBody
-from lienzo.server.jobs import Job, JobQueue, JobStatus
+from lienzo.server.job import Job, JobStatus
+from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
 
 PREFIX = "/api/v1"

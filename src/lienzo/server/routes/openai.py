@@ -25,7 +25,8 @@ from lienzo.images.io import decode_image, decode_mask
 from lienzo.server.codec import JSONResponse, b64encode
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.dialect import Dialect, ErrorBody
-from lienzo.server.jobs import Job, JobQueue, JobStatus
+from lienzo.server.job import Job, JobStatus
+from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)

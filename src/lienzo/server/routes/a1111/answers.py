@@ -10,7 +10,8 @@ from typing import Any
 from lienzo.images.metadata import parse_infotext
 from lienzo.models.registry import ModelEntry
 from lienzo.server.codec import JSONResponse, b64encode
-from lienzo.server.jobs import Job, JobQueue, JobStatus
+from lienzo.server.job import Job, JobStatus
+from lienzo.server.jobs import JobQueue
 from lienzo.server.routes.a1111.schemas import (
     CommonRequest,
     GenerationResponse,

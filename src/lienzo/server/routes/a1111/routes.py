@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from PIL import Image
 
-from lienzo.gallery.store import Preset
+from lienzo.gallery.records import Preset
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import SAMPLERS, SCHEDULES
 from lienzo.images.io import decode_image

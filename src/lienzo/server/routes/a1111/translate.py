@@ -13,7 +13,7 @@ from typing import Any
 from PIL import ImageOps
 
 from lienzo.errors import InvalidRequestError, ModelFileError
-from lienzo.gallery.store import Preset
+from lienzo.gallery.records import Preset
 from lienzo.generation.canvas import ResizeMode, resize_image
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.generation.samplers import find_schedule, split_folded_schedule

@@ -1,0 +1,5 @@
+"""``python -m lienzo.cli``."""
+
+from lienzo.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""``lienzo info`` and ``lienzo gallery``: the images lienzo made or imported."""
+
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from lienzo.cli.common import _settings, app, err_console
+from lienzo.errors import LienzoError
+
+@app.command()
+@click.argument("image", type=click.Path(path_type=Path))
+def info(image):
+    """Show the generation parameters stored in an image (lienzo, AUTOMATIC1111, Forge, ...), its
+    lienzo provenance record and whether it carries lienzo's invisible watermark."""
+    from lienzo.images.io import load_image
+    from lienzo.images.metadata import parse_infotext, read_parameters
+    from lienzo.images.provenance import read_provenance
+    from lienzo.images.watermark import detect
+
+    text = read_parameters(image)
+    try:
+        record = read_provenance(image)
+        provenance = record.lines() if record is not None else None
+    except LienzoError as err:
+        # A damaged record is worth saying, not a reason to hide the rest.
+        provenance = [f"unreadable: {err}"]
+    found = detect(load_image(image))
+    if text is None and provenance is None and not found.detected:
+        raise LienzoError(f"image: {image} carries no generation parameters")
+    if text is not None:
+        parsed = parse_infotext(text)
+        click.echo(f"Prompt: {parsed.prompt}")
+        if parsed.negative_prompt:
+            click.echo(f"Negative prompt: {parsed.negative_prompt}")
+        for key, value in parsed.params.items():
+            click.echo(f"{key}: {value}")
+    if provenance is not None:
+        click.echo("Provenance:")
+        for line in provenance:
+            click.echo(f"  {line}")
+    click.echo(f"Watermark: {found.describe()}")
+
+
+@app.group("gallery")
+def gallery_group():
+    """The gallery of every image lienzo made or imported (shared with `lienzo serve`)."""
+
+
+@gallery_group.command("list")
+@click.argument("query", required=False, default="")
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.pass_context
+def gallery_list(ctx, query, limit):
+    """Images newest first, or those whose prompt holds every word of QUERY: id, date, prompt, path."""
+    from datetime import datetime
+
+    from lienzo.gallery.store import Gallery
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        page = gallery.search(query, limit=limit)
+    for item in page.items:
+        when = datetime.fromtimestamp(item.created).strftime("%Y-%m-%d %H:%M")
+        prompt = " ".join(item.prompt.split())
+        click.echo(f"{item.id}\t{when}\t{prompt[:60] + '...' if len(prompt) > 60 else prompt}\t{item.path}")
+
+
+@gallery_group.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.pass_context
+def gallery_import(ctx, files):
+    """Copy images (PNG, JPEG, WebP) into the gallery with the parameters their metadata holds
+    (lienzo, AUTOMATIC1111, Forge, InvokeAI, ComfyUI, NovelAI); prints each new path."""
+    from lienzo.gallery.store import Gallery
+
+    settings = _settings(ctx)
+    failed = 0
+    with Gallery.for_settings(settings) as gallery:
+        for file in files:
+            try:
+                item = gallery.import_image(file.read_bytes(), file.name, max_pixels=settings.max_input_pixels)
+            except (LienzoError, OSError) as err:
+                failed += 1
+                message = err.strerror if isinstance(err, OSError) else str(err)
+                err_console.print(f"[red]error:[/red] {escape(str(file))}: {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                click.echo(str(item.path))
+    if failed:
+        sys.exit(2)
+
+
+@gallery_group.command("reconcile")
+@click.pass_context
+def gallery_reconcile(ctx):
+    """Make the gallery match the files: add images under the outputs dir that have no row, drop rows
+    whose file has gone, remove temporary files an interrupted save left."""
+    from lienzo.gallery.store import Gallery
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        report = gallery.reconcile()
+    click.echo(f"added {report.added} images, removed {report.removed} rows, removed {report.temp_files} temporary files")

@@ -1,0 +1,205 @@
+"""``lienzo generate``, ``img2img``, ``inpaint`` and ``outpaint``: validate, load the model, generate, save."""
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lienzo.cli.common import (
+    _ctrl_c,
+    _fill_option,
+    _flag_for,
+    _generation_options,
+    _inpaint_options,
+    _request_fields,
+    _settings,
+    _speed_kwargs,
+    _strength_option,
+    app,
+    err_console,
+)
+from lienzo.errors import GenerationCancelled, LienzoError
+from lienzo.settings import Settings
+
+@app.command()
+@click.argument("prompt", required=False, default="")
+@click.option("--from", "from_image", type=click.Path(path_type=Path), help="remake an image from its PNG parameters")
+@_generation_options
+@click.pass_context
+def generate(ctx, prompt, from_image, **opts):
+    """Text to image."""
+    fields = _request_fields(opts)
+    if from_image is not None:
+        from lienzo.generation.remake import fields_from_image
+
+        remade = fields_from_image(from_image)
+        model = remade.pop("model", None)
+        # Flags given explicitly on the command line win over the image's parameters.
+        explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(_flag_for(k)) == click.core.ParameterSource.COMMANDLINE}
+        fields = {**fields, **remade, **explicit}
+        opts["model"] = opts.get("model") or model
+        prompt = prompt or remade.get("prompt", "")
+    _run(ctx, "txt2img", {**fields, "prompt": prompt}, opts)
+
+
+@app.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_strength_option(0.75)
+@_generation_options
+@click.pass_context
+def img2img(ctx, image, prompt, **opts):
+    """Image to image: repaint IMAGE guided by PROMPT."""
+    from lienzo.images.io import load_image
+
+    init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
+    _run(ctx, "img2img", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
+
+
+@app.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("mask", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_strength_option(0.75)
+@_fill_option("original")
+@_inpaint_options
+@_generation_options
+@click.pass_context
+def inpaint(ctx, image, mask, prompt, **opts):
+    """Repaint the white part of MASK in IMAGE."""
+    from lienzo.images.io import load_image, load_mask
+
+    most = _settings(ctx).max_input_pixels
+    init = load_image(image, max_pixels=most)
+    fields = {**_request_fields(opts), "prompt": prompt, "init_image": init, "mask": load_mask(mask, init.size, max_pixels=most)}
+    _run(ctx, "inpaint", fields, opts)
+
+
+@app.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--left", type=int, default=0, help="pixels to add on the left (multiple of 8)")
+@click.option("--right", type=int, default=0, help="pixels to add on the right (multiple of 8)")
+@click.option("--up", type=int, default=0, help="pixels to add at the top (multiple of 8)")
+@click.option("--down", type=int, default=0, help="pixels to add at the bottom (multiple of 8)")
+@click.option("--mask-blur", type=int, default=8, show_default=True, help="pixels")
+@_strength_option(0.8)
+@_fill_option("fill")
+@_generation_options
+@click.pass_context
+def outpaint(ctx, image, prompt, **opts):
+    """Grow IMAGE's canvas and paint the new area to match."""
+    from lienzo.images.io import load_image
+
+    if not any(opts[k] for k in ("left", "right", "up", "down")):
+        raise click.UsageError("give at least one of --left, --right, --up, --down")
+    init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
+    _run(ctx, "outpaint", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
+
+
+def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
+    """Validate the request, load the model, generate with a progress bar, save each image as it is done."""
+    from lienzo.generation.limits import check_limits
+    from lienzo.generation.request import build_request
+
+    # 1. Validate before the heavy imports: torch, diffusers and transformers take 5 s on a busy
+    #    2-core machine, and a typo should not wait for them (nor for the model's 20 s).
+    settings = _settings(ctx)
+    request = build_request(**{"safety": settings.safety_cli, **fields})
+    check_limits(request, settings, name=lambda field: "--" + _flag_for(field).replace("_", "-"), count_batches=False)
+    _check_models(opts, settings)
+    out_option = "--out" if opts.get("out") else "--outputs-dir"
+    _make_output_folder(opts.get("out") or settings.outputs_dir, out_option)
+    if not request.prompt.strip():
+        err_console.print("note: the prompt is empty; generating without one", highlight=False)
+
+    # 2. Load the model, then generate; the studio saves each image as it is done.
+    from lienzo.studio import Studio
+
+    device = opts.get("device") or settings.device
+    dtype = opts.get("dtype") or settings.dtype
+    with err_console.status("loading model"):
+        studio = Studio(settings)
+        components = studio.load_model(
+            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
+            **_speed_kwargs(opts),
+        )
+    out_dir = opts.get("out")
+    studio.gallery = _open_gallery(settings)
+
+    def saved(image, output) -> None:
+        click.echo(str(output.path))
+        if image.filtered:
+            err_console.print(f"[yellow]{escape(output.path.name)}: {image.filtered} by the safety filter", highlight=False)
+
+    def save_failed(err: OSError, folder: Path) -> None:  # a disk that filled up, a folder removed or locked meanwhile
+        raise LienzoError(f"{out_option}: cannot save into {folder}: {err.strerror or err}") from None
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    try:
+        with _ctrl_c("stopping after this step (Ctrl-C again to abort now)") as stop, Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task(f"{mode} batch 1/{request.batch_count}", total=None)
+
+            def on_step(p) -> None:
+                bar.update(task, completed=p.step, total=p.total_steps, description=f"{mode} batch {p.batch + 1}/{p.batch_count}")
+
+            result = studio.run(
+                components, request, out_dir=out_dir, source="cli", progress=on_step, cancel=stop.is_set, on_saved=saved,
+                save_failed=save_failed,
+            )
+    except GenerationCancelled:
+        err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
+        sys.exit(130)
+    finally:
+        if studio.gallery is not None:
+            studio.gallery.close()
+    seeds = ", ".join(str(i.seed) for i in result.images)
+    err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+
+
+def _make_output_folder(folder: Path, option: str) -> None:
+    """Create the output folder now: one that cannot be written fails in one line before the model
+    loads, not after the images are made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LienzoError(f"{option}: {folder} is a file, not a folder") from None
+    except OSError as err:
+        raise LienzoError(f"{option}: cannot create {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LienzoError(f"{option}: cannot write into {folder}: permission denied")
+
+
+def _check_models(opts: dict, settings: Settings) -> None:
+    """``--model`` and ``--vae`` name something that exists. A path is checked without torch, and must be a
+    regular file or model folder (a FIFO or /dev/zero would hang the load); a name is looked up by the
+    registry, which imports torch (to read model files) but not diffusers or the weights."""
+    for flag in ("model", "vae"):
+        value = opts.get(flag)
+        if value is None:
+            continue
+        if Path(value).expanduser().exists():
+            from lienzo.models.paths import check_model_path
+
+            check_model_path(Path(value).expanduser(), flag)
+            continue
+        from lienzo.models.registry import Registry
+
+        Registry(settings.models_dir, settings.cache_dir).resolve(value, field=flag)
+
+
+def _open_gallery(settings: Settings):
+    """The settings' gallery, or None when it cannot be opened: images are still saved, and
+    ``lienzo gallery reconcile`` indexes them once it can."""
+    import sqlite3
+
+    from lienzo.gallery.store import Gallery, GalleryError
+
+    try:
+        return Gallery.for_settings(settings)
+    except (GalleryError, sqlite3.Error) as err:
+        err_console.print(f"[yellow]warning: images will not be added to the gallery: {escape(str(err))}", highlight=False, soft_wrap=True)
+        return None

@@ -1,0 +1,58 @@
+"""``lienzo models`` and ``lienzo samplers``: what can be generated with."""
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lienzo.cli.common import _settings, app
+
+@app.command()
+@click.option("--details", is_flag=True, help="also the full sha256 and what each model states about its training data")
+@click.pass_context
+def models(ctx, details):
+    """List lienzo's own model and the models dir's, with their A1111 short hashes."""
+    from lienzo.images.provenance import describe_training_data
+    from lienzo.models.registry import Registry, embedded_model
+    from lienzo.origins import training_data_for
+
+    settings = _settings(ctx)
+    registry = Registry(settings.models_dir, settings.cache_dir)
+    table = Table(title=f"models in {settings.models_dir}")
+    for column in ("name", "architecture", "size", "hash"):
+        table.add_column(column)
+    embedded = embedded_model()
+    entries = ([registry.entry(embedded)] if embedded else []) + registry.scan()
+    for entry in entries:
+        table.add_row(entry.name, entry.architecture, f"{entry.size_bytes / 2**20:,.1f} MiB", entry.short_hash)
+    Console().print(table)
+    if details:
+        for entry in entries:
+            click.echo(f"{entry.name}\n  sha256: {entry.sha256}\n  training data: {describe_training_data(training_data_for(entry.path))}")
+    loras = registry.loras()
+    if loras:
+        table = Table(title="LoRAs (use as <lora:NAME:WEIGHT> or --lora NAME:WEIGHT)")
+        for column in ("name", "size", "hash"):
+            table.add_column(column)
+        for lora in loras:
+            table.add_row(lora.name, f"{lora.size_bytes / 2**20:,.1f} MiB", lora.short_hash)
+        Console().print(table)
+
+
+@app.command()
+def samplers():
+    """List the samplers, the schedule types each runs as asked, and every schedule type's names."""
+    from lienzo.generation.samplers import SAMPLERS, SCHEDULES, runs_as
+
+    table = Table(title="samplers (any other schedule runs as the nearest its scheduler can)")
+    for column in ("sampler", "schedules", "automatic =", "method"):
+        table.add_column(column)
+    for s in SAMPLERS.values():
+        table.add_row(s.name, ", ".join(s.schedules), s.automatic, s.paper)
+    Console().print(table)
+    table = Table(title="schedule types (--schedule takes the label or the A1111 id, in any case)")
+    for column in ("label", "A1111 id", "aliases", "runs as Uniform, the nearest, on"):
+        table.add_column(column)
+    for schedule in list(SCHEDULES.values())[1:]:
+        nearest = [s.name for s in SAMPLERS.values() if runs_as(s, schedule.label) != schedule.label]
+        table.add_row(schedule.label, schedule.name, ", ".join(schedule.aliases), ", ".join(nearest))
+    Console().print(table)
