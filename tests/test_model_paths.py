@@ -152,7 +152,7 @@ def test_a_switch_to_a_file_that_is_not_a_usable_checkpoint_is_refused_at_once(c
 def test_a_switch_that_fails_to_load_keeps_the_previous_model(home, tmp_path):
     settings = settings_for(home, tmp_path)
 
-    def loader(name):
+    def loader(name, cancel):
         if name.endswith("tiny-b.safetensors"):
             raise ModelFileError("tiny-b.safetensors is damaged (as this test's loader says)")
         return load_model(name, device="cpu", settings=settings)
@@ -171,9 +171,9 @@ def test_cancel_stops_a_job_while_its_model_loads(home, tmp_path):
     settings = settings_for(home, tmp_path)
     loading, saw_cancel, calls = threading.Event(), threading.Event(), []
 
-    def loader(name, cancel=None):
+    def loader(name, cancel):
         calls.append(name)
-        if len(calls) == 1 and cancel is not None:
+        if len(calls) == 1:
             loading.set()
             while not cancel():  # a load that only a cancel ends
                 time.sleep(0.01)

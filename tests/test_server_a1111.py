@@ -277,7 +277,7 @@ class StepGate:
         self._next: Hold | None = None
         self._holds: list[Hold] = []
 
-    def load(self, name, cancel=None):
+    def load(self, name, cancel):
         """The queue's default loader, plus the gate."""
         s = self.settings
         components = load_model(name, device=s.device, dtype=s.dtype, settings=s, cancel=cancel)

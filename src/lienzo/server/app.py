@@ -10,7 +10,6 @@ import hmac
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ from lienzo import __version__
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.records import NotFoundError
 from lienzo.gallery.store import Gallery
-from lienzo.models.components import Components
 from lienzo.server import openapi
 from lienzo.server.codec import JSONResponse
 from lienzo.server.job import JobNotFoundError, QueueFullError
-from lienzo.server.jobs import JobQueue
+from lienzo.server.jobs import JobQueue, Loader
 from lienzo.server.routes import a1111, dialect_for, gallery, native, openai
 from lienzo.settings import Settings
 
@@ -278,10 +276,10 @@ def create_app(
     *,
     model: str | None = None,
     auth: Auth | None = None,
-    loader: Callable[[str | None], Components] | None = None,
+    loader: Loader | None = None,
 ) -> FastAPI:
     """The server, not yet started: its queue's worker starts with the app (lifespan) and stops with it.
-    ``model`` is the model jobs use when they name none; ``loader`` replaces ``lienzo.api.load_model``."""
+    ``model`` is the model jobs use when they name none; ``loader(path, cancel)`` replaces ``lienzo.studio.load_model``."""
     settings = settings or Settings()
     store = Gallery.for_settings(settings)
     queue = JobQueue(settings, model=model, loader=loader, gallery=store)

@@ -6,7 +6,6 @@ State crosses over in one direction only: the worker changes a job, then wakes t
 """
 
 import asyncio
-import inspect
 import io
 import logging
 import threading
@@ -32,12 +31,15 @@ from lienzo.studio import Studio, default_model, load_model
 
 log = logging.getLogger(__name__)
 
+# (model path, cancel check) -> ready Components; the check is asked between the model's parts.
+Loader = Callable[[str, Callable[[], bool]], Components]
+
 
 class JobQueue:
     """Jobs in submission order, one worker thread, one loaded model at a time.
 
-    ``loader(name_or_None)`` returns ready Components; by default ``lienzo.studio.load_model`` on the
-    settings' device. A job naming another model swaps it in (and the old one out) before it runs.
+    ``loader(path, cancel)`` returns ready Components, calling ``cancel()`` between its parts to stop
+    early; by default ``lienzo.studio.load_model`` on the settings' device. A job naming another model swaps it in (and the old one out) before it runs.
     Saved images are added to ``gallery``, when given, with the job's source.
     """
 
@@ -45,7 +47,7 @@ class JobQueue:
         self,
         settings: Settings,
         model: str | None = None,
-        loader: Callable[[str | None], Components] | None = None,
+        loader: Loader | None = None,
         gallery: Gallery | None = None,
     ):
         self.settings = settings
@@ -55,7 +57,7 @@ class JobQueue:
         # What self.model was when it last loaded: where a switch to a model that fails to load goes back to.
         self._working_model = model
         self._loader = loader or (
-            lambda name, cancel=None: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings, cancel=cancel)
+            lambda name, cancel: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings, cancel=cancel)
         )
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: deque[Job] = deque()
@@ -298,7 +300,7 @@ class JobQueue:
     def _run(self, job: Job) -> bool:
         """Run ``job`` through the studio, keeping its progress, preview and saved images on the job;
         True when an interrupt ended it early."""
-        components = self._components(job.model)
+        components = self._components(job.model, job._cancel.is_set)
         job.model_name = components.name
         if job.fit_to_model:
             fit_to_native(job, engine.native_size(components))
@@ -334,7 +336,7 @@ class JobQueue:
         job.warnings += result.warnings
         return result.interrupted
 
-    def _components(self, name: str | None) -> Components:
+    def _components(self, name: str | None, cancel: Callable[[], bool]) -> Components:
         """The job's model, loaded. One model is in memory at a time, so the old one is dropped before the
         new one loads (SDXL alone is ~7 GB). If the current model (a switch) fails to load, jobs without a
         model go back to the one that last loaded: the next such job reloads it."""
@@ -343,7 +345,7 @@ class JobQueue:
         if self._loaded is None or self._loaded[0] != path:
             self._loaded = None
             try:
-                self._loaded = (path, self._load(path))
+                self._loaded = (path, self._loader(str(path), cancel))
             except GenerationCancelled:
                 raise
             except Exception:
@@ -354,13 +356,6 @@ class JobQueue:
         if not name:
             self._working_model = tried
         return self._loaded[1]
-
-    def _load(self, path: Path) -> Components:
-        """Call the loader, with the running job's cancel flag when it takes one (test loaders may not)."""
-        job = self._running
-        if job is not None and "cancel" in inspect.signature(self._loader).parameters:
-            return self._loader(str(path), cancel=job._cancel.is_set)
-        return self._loader(str(path))
 
     def _finish_cancelled(self, job: Job) -> None:
         let_go(job)
