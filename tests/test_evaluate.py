@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lienzo.training.evaluate import embed, frechet_distance, memorisation, to_batch, train_classifier
+from lienzo.training.evaluate import collapsed, embed, frechet_distance, memorisation, to_batch, train_classifier
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
@@ -43,6 +43,17 @@ def test_memorisation_flags_a_copy_and_passes_a_fresh_image():
     assert check.closest[1][2] > 0.02
 
 
+def test_collapse_counts_same_prompt_pairs_that_look_alike():
+    """Two prompts x 3 seeds: the first prompt's seeds give one picture (3 of 3 pairs alike), the second's
+    three different ones (0 of 3): half the pairs are collapsed. Pairs across prompts are not counted."""
+    rng = np.random.default_rng(2)
+    same = rng.normal(size=16)
+    features = np.stack([same, same * 2.0, same + 1e-4, *rng.normal(size=(3, 16))])
+    assert collapsed(features, seeds=3, threshold=0.01) == 0.5
+    assert collapsed(np.stack([same] * 6), seeds=3, threshold=0.01) == 1.0
+    assert collapsed(rng.normal(size=(8, 16)), seeds=4, threshold=0.01) == 0.0
+
+
 def test_eval_on_a_prepared_openmoji_folder(tmp_path):
     """End to end on a tiny package and a tiny model folder: three rows, numbers in range, a JSON report,
     and the table written into the model card in place of an older one."""
@@ -59,18 +70,20 @@ def test_eval_on_a_prepared_openmoji_folder(tmp_path):
     model = save_diffusers_folder(build_tiny("sd1"), tmp_path / "tiny")
     (model / "README.md").write_text("# tiny\n\n## Data\n\nsome emoji\n\n## Evaluation\n\nan old table\n\n## Known limits\n\nmany\n")
     args = ["--data-dir", str(tmp_path / "home"), "eval", "-m", str(model), "--data", str(tmp_path / "om"),
-            "--steps", "2", "--classifier-epochs", "2", "--json", str(tmp_path / "report.json"), "--card"]
+            "--steps", "2", "--classifier-epochs", "2", "--diversity", "3", "2", "--json", str(tmp_path / "report.json"), "--card"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"].split()[0] for r in report["rows"]] == ["model", "floor", "ceiling"]
-    assert report["images"] == 6
+    assert report["images"] == 6 and report["diversity"] == [3, 2]
     for r in report["rows"]:
         assert r["frechet"] >= 0 and 0 <= r["prompt_accuracy"] <= 1 and 0 <= r["memorised"] <= 1
+    assert report["rows"][1]["collapsed"] is None and 0 <= report["rows"][0]["collapsed"] <= 1
     assert "Fréchet distance" in result.output and "closest:" in result.output
     card = (model / "README.md").read_text()
     assert "an old table" not in card and card.count("## Evaluation") == 1
-    assert f"| floor (held-out vs training) | {report['rows'][1]['frechet']:.2f} |" in card and "--steps 2 --cfg 5.0" in card
+    assert f"| floor (held-out vs training) | {report['rows'][1]['frechet']:.2f} |" in card and "| – |" in card
+    assert "3 held-out captions x 2 seeds" in card and "--steps 2 --cfg 5.0" in card
     assert card.index("## Data") < card.index("## Evaluation") < card.index("## Known limits") and card.endswith("many\n")
 
 

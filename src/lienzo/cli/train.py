@@ -41,8 +41,11 @@ from lienzo.cli.common import _ctrl_c, _settings, app, err_console
 @click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True, help="processes (one per GPU, or CPU processes)")
 @click.option("--stop-after", type=click.IntRange(min=0), help="save a checkpoint and stop after this many steps (resume later)")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="save a checkpoint and stop after this many minutes")
+@click.option("--export-every", type=click.FloatRange(min=0, min_open=True), metavar="MINUTES",
+              help="also write the model folder (EMA weights) this often while the UNet trains, so that a run cut off leaves a model")
 @click.pass_context
-def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perceptual_weights, lora, device, num_processes, stop_after, time_limit, **flags):
+def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perceptual_weights, lora, device, num_processes, stop_after, time_limit,
+          export_every, **flags):
     """Train a diffusion model on a folder of images, or a LoRA on an existing model."""
     from lienzo.training.config import build_config, flag_values, nest, parse_override
     from lienzo.training.folder import saved_config
@@ -95,7 +98,7 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
         trainer = Trainer(
             config, data=data, out=out, resume=resume is not None, perceptual_weights=perceptual_weights, vae=vae_path,
             device=device, progress=on_step, stop=stop.is_set, stop_after=stop_after,
-            time_limit=time_limit * 60 if time_limit else None,
+            time_limit=time_limit * 60 if time_limit else None, export_every=export_every * 60 if export_every else None,
         )
         result = trainer.run()
     steps = ", ".join(f"{stage} {n}" for stage, n in result.steps.items())
@@ -114,11 +117,13 @@ def train(ctx, data, out, config_file, preset, overrides, resume, vae_path, perc
 @click.option("--cfg", type=float, default=5.0, show_default=True)
 @click.option("--classifier-epochs", type=int, default=8, show_default=True)
 @click.option("--threshold", type=float, default=0.01, show_default=True, help="cosine distance below which an image counts as a copy")
+@click.option("--diversity", type=(click.IntRange(1), click.IntRange(2)), default=(20, 4), show_default=True, metavar="PROMPTS SEEDS",
+              help="held-out captions and seeds per caption of the collapse check")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="also write the report as JSON")
 @click.option("--card", is_flag=True, help="write the report into the model folder's card (README.md), as its Evaluation section")
 @click.pass_context
-def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, json_out, card):
-    """Fréchet distance, prompt accuracy and memorisation on OpenMoji's held-out split."""
+def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, diversity, json_out, card):
+    """Fréchet distance, prompt accuracy, memorisation and collapse on OpenMoji's held-out split."""
     import json
     from dataclasses import asdict
 
@@ -142,10 +147,11 @@ def evaluate(ctx, model, data, limit, steps, cfg, classifier_epochs, threshold, 
             bar.update(tasks[name], completed=done)
 
         report = evaluate_openmoji(components, data, untrained=untrained_like(components), limit=limit, steps=steps, cfg_scale=cfg,
-                                   classifier_epochs=classifier_epochs, threshold=threshold, progress=on_image)
+                                   classifier_epochs=classifier_epochs, threshold=threshold, diversity=diversity, progress=on_image)
     click.echo(report.table())
     click.echo(f"{report.images} held-out captions; classifier accuracy on held-out real images {report.classifier_accuracy:.1%}; "
-               f"memorised = nearest training image within cosine distance {report.threshold}")
+               f"memorised = nearest training image within cosine distance {report.threshold}; collapsed = same-prompt pairs "
+               f"that close to each other ({report.diversity[0]} captions x {report.diversity[1]} seeds)")
     for caption, path, distance in report.closest[:3]:
         click.echo(f"closest: {caption!r} -> {path} ({distance:.4f})")
     if report.rows[0].memorised > 0:

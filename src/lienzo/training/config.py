@@ -110,6 +110,14 @@ class Data(_Section):
     conditioning: Literal["caption", "label", "none"] = "caption"
     label_template: str = "{label}"
     flip: bool = True  # random horizontal mirror
+    # Prompts per image: the caption, then variants of its comma-separated tags (one drawn per sample):
+    # the first keep_tags stay in front, the rest shuffled and each dropped with tag_dropout, and
+    # "a"/"an" in front with the chance ``articles``. 1: the caption only.
+    caption_variants: Annotated[int, Field(ge=1, le=64)] = 1
+    keep_tags: Annotated[int, Field(ge=0)] = 1
+    shuffle_tags: bool = False
+    tag_dropout: Rate = 0.0
+    articles: Rate = 0.0
 
 
 class Samples(_Section):
@@ -144,6 +152,8 @@ class TrainConfig(_Section):
     log_every: Positive = 10
     keep_checkpoints: Positive = 2  # older checkpoints are deleted once a newer one is written
     export_dtype: Literal["float32", "float16"] = "float32"
+    # torch.compile the UNet (and the VAE in its stage): faster steps after a compile of a minute or more.
+    compile: bool = False
     data: Data = Data()
     model: ModelConfig = ModelConfig()
     vae: VaeStage = VaeStage()
@@ -183,6 +193,7 @@ class TrainConfig(_Section):
         data.pop("checkpoint_every")
         data.pop("log_every")
         data.pop("keep_checkpoints")
+        data.pop("compile")
         data["samples"].pop("every")
         data["samples"].pop("memorisation")
         return data

@@ -391,6 +391,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, bool]) -> dict:
         index, flip = key
         record = self.records[index]
+        pixels = to_unit(self.uint8(index))
+        if flip:
+            pixels = pixels.flip(-1)
+        return {"pixels": pixels.contiguous(), "caption": record.caption or "", "label": record.label or "", "index": index}
+
+    def uint8(self, index: int) -> torch.Tensor:
+        """Image ``index`` as a uint8 C,H,W tensor: read, resized and cropped to the resolution."""
+        record = self.records[index]
         size = self.resolution
 
         # 1. Read: first frame, upright by EXIF, transparency composited onto white
@@ -409,8 +417,10 @@ class ImageDataset(torch.utils.data.Dataset):
         left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
 
-        # 4. To a CHW tensor in [-1, 1], flipped if asked
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
-        if flip:
-            pixels = pixels.flip(-1)
-        return {"pixels": pixels.contiguous(), "caption": record.caption or "", "label": record.label or "", "index": index}
+        # 4. To a CHW tensor
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to floats in [-1, 1], the range the VAE encodes."""
+    return pixels.float().div(127.5).sub(1.0)

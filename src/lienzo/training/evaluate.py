@@ -7,6 +7,7 @@ accuracy, and nearest neighbours in its features give the memorisation check.
 """
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +118,26 @@ def memorisation(generated: np.ndarray, training: np.ndarray, threshold: float, 
     )
 
 
+def collapsed(features: np.ndarray, seeds: int, threshold: float) -> float:
+    """The share of same-prompt pairs closer to each other than ``threshold`` (cosine distance).
+
+    ``features`` holds ``seeds`` consecutive rows per prompt. A model that draws the same picture
+    whatever the seed scores 1; one whose seeds give different pictures scores near 0.
+    """
+    f = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
+    groups = f.reshape(-1, seeds, f.shape[1])
+    distance = 1 - groups @ groups.transpose(0, 2, 1)
+    upper = np.triu_indices(seeds, k=1)
+    return float((distance[:, upper[0], upper[1]] < threshold).mean())
+
+
 @dataclass
 class EvalRow:
     name: str
     frechet: float
     prompt_accuracy: float
     memorised: float
+    collapsed: float | None = None  # of same-prompt pairs over seeds; None for rows of real images
 
 
 @dataclass
@@ -130,36 +145,42 @@ class EvalReport:
     rows: list[EvalRow]
     threshold: float
     images: int  # held-out captions evaluated
+    diversity: tuple[int, int]  # (prompts, seeds per prompt) of the collapse check
     classifier_accuracy: float  # on the held-out real images: how far prompt accuracy can be trusted
     closest: list[tuple[str, str, float]]  # (caption, nearest training file, distance) of the closest generated images
 
     def table(self) -> str:
-        lines = [f"{'':30} {'Fréchet distance':>17} {'prompt accuracy':>16} {'memorised':>10}"]
+        lines = [f"{'':30} {'Fréchet distance':>17} {'prompt accuracy':>16} {'memorised':>10} {'collapsed':>10}"]
         for r in self.rows:
-            lines.append(f"{r.name:30} {r.frechet:>17.2f} {r.prompt_accuracy:>16.1%} {r.memorised:>10.1%}")
+            lines.append(f"{r.name:30} {r.frechet:>17.2f} {r.prompt_accuracy:>16.1%} {r.memorised:>10.1%} {_share(r.collapsed):>10}")
         return "\n".join(lines)
 
     def markdown(self, how: str) -> str:
         """The report as a model card's section body; ``how`` says how it was made (command, settings)."""
-        lines = ["| | Fréchet distance | prompt accuracy | memorised |", "|---|---:|---:|---:|"]
-        lines += [f"| {r.name} | {r.frechet:.2f} | {r.prompt_accuracy:.1%} | {r.memorised:.1%} |" for r in self.rows]
+        lines = ["| | Fréchet distance | prompt accuracy | memorised | collapsed |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r.name} | {r.frechet:.2f} | {r.prompt_accuracy:.1%} | {r.memorised:.1%} | {_share(r.collapsed)} |" for r in self.rows]
         lines += [
             "", f"{how}. {self.images} held-out captions, one image each. Fréchet distance and prompt accuracy use the "
             "penultimate features and subgroup predictions of a small classifier trained on the training split "
             f"(its accuracy on the held-out real images: {self.classifier_accuracy:.1%}); memorised is the share of "
-            f"images whose nearest training image is within cosine distance {self.threshold} in those features.",
+            f"images whose nearest training image is within cosine distance {self.threshold} in those features; collapsed is "
+            f"the share of same-prompt pairs within that distance of each other, over {self.diversity[0]} held-out captions "
+            f"x {self.diversity[1]} seeds.",
         ]
         return "\n".join(lines)
 
 
 def evaluate_openmoji(components, data, *, untrained=None, limit: int | None = None, steps: int = 20, cfg_scale: float = 5.0,
-                      seed: int = 0, classifier_epochs: int = 8, threshold: float = 0.01, progress=None) -> EvalReport:
+                      seed: int = 0, classifier_epochs: int = 8, threshold: float = 0.01, diversity: tuple[int, int] = (20, 4),
+                      progress=None) -> EvalReport:
     """Evaluate a model on a prepared OpenMoji folder (``lienzo dataset openmoji``) against its held-out split.
 
     Rows: the model (held-out real vs images generated from the held-out captions), the floor (held-out
     real vs training real) and, with ``untrained``, the ceiling (a randomly initialised model of the
     same architecture). ``memorised`` is the share of images whose nearest training image (cosine
-    distance of classifier features) is closer than ``threshold``.
+    distance of classifier features) is closer than ``threshold``; ``collapsed`` the share of pairs of
+    images of one prompt closer than that to each other, over ``diversity`` = (prompts, seeds) held-out
+    captions spread evenly over the split.
     """
     # 1. The splits and their labels (subgroups).
     data = Path(data)
@@ -181,26 +202,41 @@ def evaluate_openmoji(components, data, *, untrained=None, limit: int | None = N
         check = memorisation(features, train_f, threshold)
         return EvalRow(name, frechet_distance(held_f, features), float((predicted == held_y).mean()), check.share)
 
+    # One image per held-out caption (seed + its position), then the collapse check's prompts x seeds.
+    prompts, seeds = diversity
+    spread = held[:: max(1, len(held) // prompts)][:prompts]
+    jobs = [(e["caption"], seed + i) for i, e in enumerate(held)]
+    jobs += [(e["caption"], seed + 10_000 + k) for e in spread for k in range(seeds)]
+
     def generated(model, name: str):
         side = max(64, native_size(model))
         images = []
-        for i, e in enumerate(held):
-            request = build_request(prompt=e["caption"], steps=steps, cfg_scale=cfg_scale, seed=seed + i, width=side, height=side)
+        for i, (caption, image_seed) in enumerate(jobs):
+            request = build_request(prompt=caption, steps=steps, cfg_scale=cfg_scale, seed=image_seed, width=side, height=side)
             images.append(generate(model, request).images[0].image)
             if progress is not None:
-                progress(name, i + 1, len(held))
-        return embed(classifier, to_batch(images))
+                progress(name, i + 1, len(jobs))
+        features, predicted = embed(classifier, to_batch(images))
+        return features[: len(held)], predicted[: len(held)], collapsed(features[len(held) :], seeds, threshold)
+
+    def generated_row(name: str, label: str, model) -> tuple[EvalRow, np.ndarray]:
+        features, predicted, collapse = generated(model, label)
+        return dataclasses.replace(row(name, features, predicted), collapsed=collapse), features
 
     # 3. Rows: the model, the floor, the ceiling.
-    model_f, model_pred = generated(components, "model")
-    rows = [row("model (generated vs held-out)", model_f, model_pred),
+    model_row, model_f = generated_row("model (generated vs held-out)", "model", components)
+    rows = [model_row,
             EvalRow("floor (held-out vs training)", frechet_distance(held_f, train_f), float((held_pred == held_y).mean()),
                     memorisation(held_f, train_f, threshold).share)]
     if untrained is not None:
-        rows.append(row("ceiling (untrained model)", *generated(untrained, "untrained")))
+        rows.append(generated_row("ceiling (untrained model)", "untrained", untrained)[0])
     closest = memorisation(model_f, train_f, threshold).closest
-    return EvalReport(rows, threshold, len(held), float((held_pred == held_y).mean()),
+    return EvalReport(rows, threshold, len(held), (len(spread), seeds), float((held_pred == held_y).mean()),
                       [(held[g]["caption"], train[t]["path"], d) for g, t, d in closest])
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
 
 
 def untrained_like(components, seed: int = 0):

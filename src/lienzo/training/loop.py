@@ -1,5 +1,8 @@
 """One stage's training: its optimizer, schedule and EMA (``start_stage``), one optimizer step
-(``train_step``), and the batches it draws (see ``stream``: every draw is seeded by sample position)."""
+(``train_step``), and the batches it draws (see ``stream``: every draw is seeded by sample position).
+
+On a GPU the step never waits for the host: the data is on the device (``cache``), the losses stay
+there until the trainer reads them, and the optimizer is fused."""
 
 import logging
 import math
@@ -13,24 +16,15 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from lienzo.training.cache import Latents, Pixels, Prompts, encode_latents, tokenize_prompts
 from lienzo.training.config import Data, Optim, TrainConfig
-from lienzo.training.data import ImageDataset, ImageRecord
+from lienzo.training.data import ImageRecord
 from lienzo.training.losses import AutoencoderLoss, DenoiserLoss, VGGPerceptual
 from lienzo.training.models import PROMPT_LENGTH, Networks
 from lienzo.training.state import STAGES, TrainingError
 from lienzo.training.stream import SampleStream, random_crop, sample_seed
 
 log = logging.getLogger(__name__)
-
-LatentCache = dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Prompts:
-    """Token ids of every training image's prompt, and of the empty prompt (caption dropout)."""
-
-    ids: torch.Tensor
-    empty: torch.Tensor
 
 
 @dataclass
@@ -45,7 +39,7 @@ class StageRun:
     schedule: torch.optim.lr_scheduler.LambdaLR
     ema: EMAModel | None  # None without EMA, and once the stage is done (its weights are the model's then)
     stream: SampleStream
-    cache: LatentCache | None = None  # UNet stage with cache_latents
+    cache: Latents | None = None  # UNet stage with cache_latents
     prompts: Prompts | None = None  # UNet stage
     # Throughput since the stage's loop (re)started in this session, for the log and the progress bar.
     started: float = field(default_factory=time.perf_counter)
@@ -80,25 +74,29 @@ def stage_config(config: TrainConfig, stage: str) -> Optim:
     return config.vae if stage == "vae" else config.unet
 
 
-def start_stage(config: TrainConfig, stage: str, acc: Accelerator, nets: Networks, dataset: ImageDataset, *,
+def start_stage(config: TrainConfig, stage: str, acc: Accelerator, nets: Networks, pixels: Pixels, *,
                 checkpoint: Path | None, perceptual_weights: Path | None) -> StageRun:
     """The stage's loss module, optimizer, LR schedule and EMA, restored from ``checkpoint`` when given."""
     cfg = stage_config(config, stage)
     # 1. A VAE trained in this run gets SD's latent scale; a given one keeps its own.
     if checkpoint is None and stage == "unet" and "vae" in config.stages:
-        set_latent_scale(nets.models["vae"], dataset, acc.device)
+        set_latent_scale(nets.models["vae"], pixels)
     # 2. What trains, and the optimizer over it.
     module, trainable = _loss_module(config, stage, nets, perceptual_weights, acc.device)
     for p in trainable:
         p.requires_grad_(True)
-    # foreach: one kernel per op over all tensors; torch picks it by default on CUDA only (2x faster steps on CPU).
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    # fused on CUDA: one kernel for the whole update; foreach elsewhere: one kernel per op over all tensors
+    # (torch picks it by default on CUDA only; 2x faster steps on CPU).
+    fused = acc.device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  fused=fused or None, foreach=None if fused else True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     ema = EMAModel(trainable, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     # 3. The checkpoint's optimizer, schedule and EMA.
     if checkpoint is not None:
         saved = torch.load(checkpoint / "trainer.pt", map_location=acc.device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
+        _match_layouts(optimizer)
         schedule.load_state_dict(saved["schedule"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
@@ -106,12 +104,23 @@ def start_stage(config: TrainConfig, stage: str, acc: Accelerator, nets: Network
     wrapped, optimizer = acc.prepare(module, optimizer)
     wrapped.train()
     # 4. The samples, and what the UNet stage computes once: latents and token ids never change in it.
-    stream = SampleStream(len(dataset), config.seed, STAGES.index(stage), config.data.flip)
+    stream = SampleStream(len(pixels.dataset), config.seed, STAGES.index(stage), config.data.flip)
     cache = prompts = None
     if stage == "unet":
-        cache = latent_cache(nets.models["vae"], dataset, config.data.flip, acc.device) if config.unet.cache_latents else None
-        prompts = tokenize(nets, config.data, dataset.records)
+        cache = encode_latents(nets.models["vae"], pixels, config.data.flip) if config.unet.cache_latents else None
+        prompts = tokenize_prompts(nets.tokenizer, PROMPT_LENGTH, config.data, config.seed, pixels.dataset.records, prompt_for, acc.device)
     return StageRun(stage, cfg, wrapped, trainable, optimizer, schedule, ema, stream, cache, prompts)
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer moments in their weights' memory layout: a checkpoint stores them contiguous, and a fused
+    update walks a weight and its moments as flat memory, element for element."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
 
 
 def _loss_module(config: TrainConfig, stage: str, nets: Networks, perceptual_weights: Path | None,
@@ -148,11 +157,12 @@ def finish_stage(run: StageRun) -> None:
 
 
 def train_step(run: StageRun, step: int, acc: Accelerator, config: TrainConfig, nets: Networks,
-               dataset: ImageDataset) -> dict[str, float]:
-    """One optimizer step: grad_accum micro-batches, then clip, step, EMA. Returns the mean loss and its parts."""
+               pixels: Pixels) -> dict[str, torch.Tensor]:
+    """One optimizer step: grad_accum micro-batches, then clip, step, EMA. Returns the mean loss and its
+    parts as tensors on the device: reading them waits for the GPU, so the trainer does so only when it reports."""
     cfg = run.cfg
     world, rank = acc.num_processes, acc.process_index
-    parts_sum: dict[str, float] = {}
+    parts_sum: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         # Sample positions: every process takes its own slice of the same global batch.
         first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
@@ -161,12 +171,10 @@ def train_step(run: StageRun, step: int, acc: Accelerator, config: TrainConfig, 
             if micro < cfg.grad_accum - 1:
                 sync.enter_context(acc.no_sync(run.module))
             with acc.autocast():
-                loss, parts = _forward(run, samples, acc.device, config, nets, dataset)
+                loss, parts = _forward(run, samples, acc.device, config, nets, pixels)
             acc.backward(loss / cfg.grad_accum)
         for k, v in {"loss": loss.detach(), **parts}.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.grad_accum
-    if not math.isfinite(parts_sum["loss"]):
-        raise TrainingError(f"{run.name}.lr: the loss became {parts_sum['loss']} at step {step + 1}; lower the learning rate")
+            parts_sum[k] = parts_sum.get(k, 0) + v.float() / cfg.grad_accum
     acc.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
     run.optimizer.step()
     run.schedule.step()
@@ -176,31 +184,38 @@ def train_step(run: StageRun, step: int, acc: Accelerator, config: TrainConfig, 
     return parts_sum
 
 
-def _forward(run: StageRun, samples, device: torch.device, config: TrainConfig, nets: Networks, dataset: ImageDataset):
+def check_loss(run: StageRun, loss: float, step: int) -> None:
+    """A loss that is no longer a number stops the run: nothing after it can be trusted."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"{run.name}.lr: the loss became {loss} by step {step}; lower the learning rate")
+
+
+def _forward(run: StageRun, samples, device: torch.device, config: TrainConfig, nets: Networks, pixels: Pixels):
     generators = [torch.Generator().manual_seed(sample_seed(config.seed, run.index, p)) for p, _, _ in samples]
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if run.name == "vae":
         # Draw order per sample: crop corner (when cropping), then the posterior sample.
-        crops = [random_crop(dataset[(i, flip)]["pixels"], config.vae.crop, g) for (_, i, flip), g in zip(samples, generators, strict=True)]
-        return run.module(torch.stack(crops).to(device), generators)
+        crops = [random_crop(pixels.get(i, flip), config.vae.crop, g) for (_, i, flip), g in zip(samples, generators, strict=True)]
+        return run.module(torch.stack(crops).contiguous(memory_format=layout), generators)
     vae = nets.models["vae"]
     shape = (vae.config.latent_channels, *latent_hw(vae, config.resolution))
-    # Draw order per sample: posterior sample, noise, timestep, caption dropout.
+    # Draw order per sample: posterior sample, noise, timestep, caption dropout, caption variant.
     eps = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    keys = [(i, flip) for _, i, flip in samples]
     if run.cache is not None:
-        mean = torch.stack([run.cache[(i, flip)][0] for _, i, flip in samples])
-        std = torch.stack([run.cache[(i, flip)][1] for _, i, flip in samples])
+        mean, std = run.cache.take(keys)
     else:
-        pixels = torch.stack([dataset[(i, flip)]["pixels"] for _, i, flip in samples]).to(device)
         with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
+            dist = vae.encode(pixels.batch(keys)).latent_dist
         mean, std = dist.mean, dist.std
-    latents = (mean + std * eps) * vae.config.scaling_factor
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    latents = ((mean + std * eps) * vae.config.scaling_factor).contiguous(memory_format=layout)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device).contiguous(memory_format=layout)
     timesteps = torch.cat([torch.randint(0, nets.noise.config.num_train_timesteps, (1,), generator=g) for g in generators]).to(device)
     drop = [float(torch.rand((), generator=g)) < config.unet.caption_dropout for g in generators]
     prompts = run.prompts
-    ids = torch.stack([prompts.empty if d else prompts.ids[i] for (_, i, _), d in zip(samples, drop, strict=True)])
-    return run.module(latents, ids.to(device), noise, timesteps)
+    variants = [int(torch.randint(0, prompts.variants, (), generator=g)) if prompts.variants > 1 else 0 for g in generators]
+    ids = torch.stack([prompts.empty if d else prompts.ids[i, v] for (_, i, _), d, v in zip(samples, drop, variants, strict=True)])
+    return run.module(latents, ids, noise, timesteps)
 
 
 def prompt_for(data: Data, record: ImageRecord) -> str:
@@ -213,13 +228,6 @@ def prompt_for(data: Data, record: ImageRecord) -> str:
     return ""
 
 
-def tokenize(nets: Networks, data: Data, records: list[ImageRecord]) -> Prompts:
-    """Every image's prompt and the empty one, tokenized together once."""
-    prompts = [prompt_for(data, r) for r in records] + [""]
-    ids = nets.tokenizer(prompts, padding="max_length", max_length=PROMPT_LENGTH, truncation=True, return_tensors="pt").input_ids
-    return Prompts(ids[:-1], ids[-1])
-
-
 def latent_hw(vae, resolution: int) -> tuple[int, int]:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     side = resolution // factor
@@ -227,27 +235,13 @@ def latent_hw(vae, resolution: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def latent_cache(vae, dataset: ImageDataset, flip: bool, device: torch.device) -> LatentCache:
-    """Posterior mean and std of every image (and its mirror), encoded once in fixed chunks."""
-    keys = [(i, f) for i in range(len(dataset)) for f in ((False, True) if flip else (False,))]
-    cache = {}
-    for start in range(0, len(keys), 16):
-        chunk = keys[start : start + 16]
-        pixels = torch.stack([dataset[k]["pixels"] for k in chunk]).to(device)
-        dist = vae.encode(pixels).latent_dist
-        for k, mean, std in zip(chunk, dist.mean, dist.std, strict=True):
-            cache[k] = (mean, std)
-    return cache
-
-
-@torch.no_grad()
-def set_latent_scale(vae, dataset: ImageDataset, device: torch.device) -> None:
+def set_latent_scale(vae, pixels: Pixels) -> None:
     """SD's latent scale: 1 / std of the latents (0.18215 for SD's VAE), measured on up to 256 images."""
-    count = min(len(dataset), 256)
+    count = min(len(pixels.dataset), 256)
     latents = []
     for start in range(0, count, 16):
-        pixels = torch.stack([dataset[(i, False)]["pixels"] for i in range(start, min(count, start + 16))])
-        latents.append(vae.encode(pixels.to(device)).latent_dist.mean)
+        batch = pixels.batch([(i, False) for i in range(start, min(count, start + 16))])
+        latents.append(vae.encode(batch).latent_dist.mean)
     scale = float(1.0 / torch.cat(latents).float().std())
     vae.register_to_config(scaling_factor=scale)
     log.info("latent scaling factor: %.5f", scale)

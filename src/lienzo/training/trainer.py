@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,11 +32,12 @@ from lienzo.files import write_atomic
 from lienzo.images.io import save_png_atomic
 from lienzo.models.components import Components
 from lienzo.training import artifacts
+from lienzo.training.cache import Pixels
 from lienzo.training.config import TrainConfig, to_toml
 from lienzo.training.data import DatasetScan, ImageDataset, manifest_summary, read_manifest, scan_folder, write_manifest
 from lienzo.training.folder import Opening, open_folder, prune, read_state, start_folder, trainer_state, write_checkpoint
 from lienzo.training.lora import save_kohya_lora
-from lienzo.training.loop import StageRun, finish_stage, prompt_for, stage_config, start_stage, train_step
+from lienzo.training.loop import StageRun, check_loss, finish_stage, prompt_for, stage_config, start_stage, train_step
 from lienzo.training.models import Networks, fresh_networks, load_base, lora_networks
 from lienzo.training.samples import SampleGrids
 from lienzo.training.state import STAGES, Clock, RunState, Status, TrainingError, TrainProgress, TrainResult
@@ -52,6 +54,7 @@ class Session:
     resumed_from: Path | None  # the checkpoint this session continues; None from step 0
     scan: DatasetScan
     dataset: ImageDataset
+    pixels: Pixels  # the dataset's pixels, on the device when they fit
     base: Components | None  # a LoRA's base model; None for a model trained from scratch
     nets: Networks
     state: RunState
@@ -76,6 +79,7 @@ class Trainer:
         stop: Callable[[], bool] | None = None,
         stop_after: int | None = None,
         time_limit: float | None = None,
+        export_every: float | None = None,
     ):
         self.config = config
         self.data, self.out, self.resume = (Path(data) if data else None), Path(out), resume
@@ -83,9 +87,12 @@ class Trainer:
         self.device_name = device
         self.progress, self.stop = progress, stop or (lambda: False)
         self.stop_after, self.time_limit = stop_after, time_limit
+        # Seconds between model folders written while the UNet trains, so that a run cut off still leaves a model.
+        self.export_every = export_every
         self.training = self.out / "training"
         self.log = artifacts.LossLog(self.training / "loss.csv")
         self.session: Session | None = None  # set by run()
+        self._reported = 0.0  # perf_counter of the last progress update
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -95,17 +102,18 @@ class Trainer:
         # 5. Stages, in order, each from where the checkpoint left it.
         checkpoint = s.resumed_from
         status: Status = "finished"
+        stopped: StageRun | None = None
         for stage in self.config.stages:
             if stage in s.state.done:
                 continue
-            status = self._run_stage(stage, checkpoint if checkpoint is not None and s.state.stage == stage else None)
+            status, stopped = self._run_stage(stage, checkpoint if checkpoint is not None and s.state.stage == stage else None)
             checkpoint = None
             if status != "finished":
                 break
-        # 6. The model folder and its card, whenever there is a UNet to show.
+        # 6. The model folder and its card, whenever there is a UNet to show (a stopped stage's EMA weights).
         s.state.seconds = s.clock.run_seconds()
         if s.acc.is_main_process:
-            self._export(finished=status == "finished")
+            self._export(finished=status == "finished", run=stopped)
         s.acc.wait_for_everyone()
         s.acc.end_training()
         return TrainResult(self.out, status, self._steps_done(), s.state.seconds)
@@ -118,6 +126,9 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
         acc = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+        if acc.device.type == "cuda":
+            # Fixed shapes every step: let cuDNN pick its fastest convolutions once.
+            torch.backends.cudnn.benchmark = True
 
         def say(message: str, *args) -> None:
             """Tell the user once, not once per process."""
@@ -142,9 +153,11 @@ class Trainer:
             nets = lora_networks(self.config, base, checkpoint, acc.device)
         else:
             nets = fresh_networks(self.config, self.vae_path, checkpoint, acc.device)
+        _speed_up(nets, acc.device, self.config.compile)
+        dataset = ImageDataset(data, scan.records, self.config.resolution)
         return Session(
             acc=acc, precision=precision, resumed_from=checkpoint, scan=scan,
-            dataset=ImageDataset(data, scan.records, self.config.resolution), base=base, nets=nets, state=state,
+            dataset=dataset, pixels=Pixels(dataset, acc.device), base=base, nets=nets, state=state,
             grids=SampleGrids(self.config.samples, self.config.resolution, self.training, data, scan.records),
             clock=Clock(run_started=started, seconds_before=state.seconds),
         )
@@ -186,49 +199,70 @@ class Trainer:
 
     # -- 5. one stage ----------------------------------------------------------------------------------------
 
-    def _run_stage(self, stage: str, checkpoint: Path | None) -> Status:
+    def _run_stage(self, stage: str, checkpoint: Path | None) -> tuple[Status, StageRun | None]:
+        """Train one stage to its end, or until told to stop: then also the stage, for its EMA weights."""
         s = self.session
         s.state.stage = stage
         step = s.state.step if checkpoint is not None else 0
-        run = start_stage(self.config, stage, s.acc, s.nets, s.dataset, checkpoint=checkpoint, perceptual_weights=self.perceptual_weights)
+        run = start_stage(self.config, stage, s.acc, s.nets, s.pixels, checkpoint=checkpoint, perceptual_weights=self.perceptual_weights)
         if checkpoint is not None and s.acc.is_main_process:
             self.log.truncate_after(list(STAGES), stage, step)
+        exported = time.perf_counter()
         # 7. The training loop: one optimizer step at a time; samples and checkpoints as often as the config says.
         while step < run.cfg.steps:
             if self._should_stop():
                 self._checkpoint(run, step)
-                return "interrupted" if self.stop() else "stopped"
-            parts = train_step(run, step, s.acc, self.config, s.nets, s.dataset)
+                return ("interrupted" if self.stop() else "stopped"), run
+            parts = train_step(run, step, s.acc, self.config, s.nets, s.pixels)
             step += 1
             self._report(run, step, parts)
             if _due(self.config.samples.every, step, run.cfg.steps):
                 self._samples(run, step)
             if _due(self.config.checkpoint_every, step, run.cfg.steps):
                 self._checkpoint(run, step)
+            if stage == "unet" and self.export_every is not None and time.perf_counter() - exported >= self.export_every:
+                s.state.step, s.state.seconds = step, s.clock.run_seconds()
+                if s.acc.is_main_process:
+                    self._export(finished=False, run=run)
+                exported = time.perf_counter()
         # 8. The stage is done: final samples; the EMA weights become the model's weights.
         self._samples(run, step)
         finish_stage(run)
         s.state.done.append(stage)
         self._checkpoint(run, step)
-        return "finished"
+        return "finished", None
 
-    def _report(self, run: StageRun, step: int, parts: dict[str, float]) -> None:
-        """Count the step's images; log every ``log_every`` steps and tell the progress callback."""
+    def _report(self, run: StageRun, step: int, parts: dict[str, torch.Tensor]) -> None:
+        """Count the step's images; log every ``log_every`` steps and tell the progress callback.
+
+        Reading a loss waits for the device to finish the step, so on a GPU the losses are read only to
+        be logged and for a progress update at most every ``_PROGRESS_EVERY`` seconds; the host meanwhile
+        queues the next steps. On a CPU every step is read (it costs nothing there).
+        """
         s = self.session
         s.clock.session_steps += 1
         images = run.cfg.batch_size * run.cfg.grad_accum * s.acc.num_processes
         s.state.images_seen[run.name] = s.state.images_seen.get(run.name, 0) + images
         run.images += images
-        loss = parts.pop("loss")
-        elapsed = time.perf_counter() - run.started
+        now = time.perf_counter()
+        on_cpu = s.acc.device.type != "cuda"
+        log_due = step % self.config.log_every == 0 or step == run.cfg.steps
+        progress_due = self.progress is not None and (on_cpu or now - self._reported >= _PROGRESS_EVERY)
+        if not (on_cpu or log_due or progress_due):
+            return
+        values = {k: float(v) for k, v in parts.items()}
+        loss = values.pop("loss")
+        check_loss(run, loss, step)
+        elapsed = now - run.started
         rate = run.images / elapsed if elapsed > 0 else 0.0
         lr = run.schedule.get_last_lr()[0]
         if not s.acc.is_main_process:
             return
-        if step % self.config.log_every == 0 or step == run.cfg.steps:
-            self.log.append(run.name, step, loss, lr, rate, s.clock.run_seconds(), parts)
-        if self.progress is not None:
-            self.progress(TrainProgress(run.name, step, run.cfg.steps, loss, lr, rate, time.perf_counter() - s.clock.session_started))
+        if log_due:
+            self.log.append(run.name, step, loss, lr, rate, s.clock.run_seconds(), values)
+        if progress_due:
+            self._reported = now
+            self.progress(TrainProgress(run.name, step, run.cfg.steps, loss, lr, rate, now - s.clock.session_started))
 
     def _should_stop(self) -> bool:
         s = self.session
@@ -257,17 +291,11 @@ class Trainer:
         s = self.session
         if not s.acc.is_main_process or (run.name == "unet" and not self.config.samples.prompts):
             return
-        if run.ema is not None:
-            run.ema.store(run.trainable)
-            run.ema.copy_to(run.trainable)
-        try:
+        with _ema_weights(run):
             if run.name == "unet":
                 grid = s.grids.unet(self.components(), step)
             else:
                 grid = s.grids.vae(s.nets.models["vae"], s.dataset, s.acc.device)
-        finally:
-            if run.ema is not None:
-                run.ema.restore(run.trainable)
         save_png_atomic(grid, self.training / "samples" / f"{run.name}-{step:06d}.png")
 
     def _checkpoint(self, run: StageRun, step: int) -> None:
@@ -286,13 +314,19 @@ class Trainer:
                 write_atomic(final / "state.json", lambda file: file.write(state))
             else:
                 lora_text_encoder = self.config.lora.text_encoder if self.config.lora is not None else None
-                write_checkpoint(final, s.nets.models, lora_text_encoder, trainer_state(run.optimizer, run.schedule, run.ema), state)
+                with _contiguous(s.nets.models):
+                    write_checkpoint(final, s.nets.models, lora_text_encoder, trainer_state(run.optimizer, run.schedule, run.ema), state)
             prune(self.training / "checkpoints", self.config.keep_checkpoints)
             artifacts.plot_losses(self.log, self.training / "loss.png")
         s.acc.wait_for_everyone()
 
-    def _export(self, finished: bool) -> None:
-        """The diffusers model folder (once a UNet has trained) and the model card."""
+    def _export(self, finished: bool, run: StageRun | None = None) -> None:
+        """The diffusers model folder (once a UNet has trained) and the model card; during a stage
+        (``run``), with its EMA weights."""
+        with _ema_weights(run), _contiguous(self.session.nets.models):
+            self._write_model(finished)
+
+    def _write_model(self, finished: bool) -> None:
         s = self.session
         trained_unet = "unet" in s.state.done or (s.state.stage == "unet" and s.state.step > 0)
         # The hash of the manifest beside the model, which a resume may have rewritten (a source added).
@@ -330,3 +364,45 @@ def _due(every: int, step: int, total: int) -> bool:
 
 def _half(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float16)
+
+
+_PROGRESS_EVERY = 0.25  # seconds between progress updates on a GPU (each waits for the device)
+
+
+def _speed_up(nets: Networks, device: torch.device, compile_models: bool) -> None:
+    """On CUDA, convolutions in channels-last layout (cuDNN's fastest for them); ``compile``: torch.compile
+    of the UNet and VAE forwards, in place so that weights keep their names."""
+    for name in ("unet", "vae"):
+        module = nets.models[name]
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        if compile_models:
+            module.compile()
+
+
+@contextmanager
+def _contiguous(models: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """Weights in the standard layout while they are written: safetensors' ``save_file`` (LoRA checkpoints and
+    exports) refuses channels-last tensors, and checkpoints load back in the standard layout anyway."""
+    convolutional = [m for m in models.values() if any(p.dim() == 4 and not p.is_contiguous() for p in m.parameters())]
+    for module in convolutional:
+        module.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        for module in convolutional:
+            module.to(memory_format=torch.channels_last)
+
+
+@contextmanager
+def _ema_weights(run: StageRun | None) -> Iterator[None]:
+    """The stage's EMA weights in place of its live ones, for a sample grid or a model written mid-stage."""
+    ema = run.ema if run is not None else None
+    if ema is not None:
+        ema.store(run.trainable)
+        ema.copy_to(run.trainable)
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(run.trainable)
