@@ -303,7 +303,7 @@ class Trainer:
         s = self.session
         s.state.step = step
         s.state.seconds = s.clock.run_seconds()
-        s.state.device, s.state.processes, s.state.mixed_precision = str(s.acc.device), s.acc.num_processes, s.precision
+        s.state.device, s.state.processes, s.state.mixed_precision = _device_name(s.acc.device), s.acc.num_processes, s.precision
         s.acc.wait_for_everyone()
         if s.acc.is_main_process:
             final = self.training / "checkpoints" / f"{run.name}-{step:06d}"
@@ -345,7 +345,7 @@ class Trainer:
                 components = Components(**{**components.__dict__, **{k: _half(v) for k, v in s.nets.models.items()}})
             artifacts.export_diffusers(components, self.out)
         summary = manifest_summary(read_manifest(manifest_path), manifest_sha256)
-        compute = artifacts.Compute(s.state.device or str(s.acc.device), s.acc.num_processes, s.precision, s.state.seconds, s.state.images_seen)
+        compute = artifacts.Compute(s.state.device or _device_name(s.acc.device), s.acc.num_processes, s.precision, s.state.seconds, s.state.images_seen)
         base = Path(self.config.lora.base).name if self.config.lora is not None else None
         card = artifacts.model_card(name=self.out.name, config_toml=to_toml(self.config), data=summary, steps=self._steps_done(),
                                     compute=compute, base=base, finished=finished)
@@ -364,6 +364,11 @@ def _due(every: int, step: int, total: int) -> bool:
 
 def _half(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float16)
+
+
+def _device_name(device: torch.device) -> str:
+    """What the card's Compute line names: "cuda (NVIDIA H100 80GB HBM3)", or "cpu"."""
+    return f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 _PROGRESS_EVERY = 0.25  # seconds between progress updates on a GPU (each waits for the device)

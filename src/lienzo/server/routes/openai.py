@@ -201,7 +201,7 @@ def lienzo_model(name: str | None) -> str | None:
 
 
 # The sizes OpenAI's models take; clients offer only these, so on a model trained smaller (lienzo-mini
-# is 128x128) they are made at the model's size and answered resized (Job.fit_to_model).
+# is 256x256) they are made at the model's size and answered resized (Job.fit_to_model).
 OPENAI_SIZES = {(256, 256), (512, 512), (1024, 1024), (1536, 1024), (1024, 1536), (1792, 1024), (1024, 1792)}
 
 
