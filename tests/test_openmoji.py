@@ -12,7 +12,8 @@ from PIL import Image
 
 from lienzo.cli import app
 from lienzo.errors import DatasetError
-from lienzo.training.data import read_manifest, scan_folder
+from lienzo.training.data import scan_folder
+from lienzo.training.manifest import read_manifest
 from lienzo.training.openmoji import Emoji, holdout_split, prepare_openmoji
 
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="{r}" fill="{fill}"/></svg>'

@@ -35,7 +35,8 @@ from lienzo.origins import _read_training_data, provenance_for
 from lienzo.outputs import save_generated
 from lienzo.server.app import create_app
 from lienzo.settings import Settings
-from lienzo.training.data import scan_folder, write_manifest
+from lienzo.training.data import scan_folder
+from lienzo.training.manifest import write_manifest
 from tiny_models import build_tiny, save_diffusers_folder
 
 # 256x256: the smallest square that holds the watermark (one step there costs ~7 s on a CPU: the tiny

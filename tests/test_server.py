@@ -201,7 +201,8 @@ def test_models_switch_samplers(client):
 
 def test_a_lienzo_trained_model_states_its_training_data(home, tmp_path):
     """A diffusers folder with the trainer's dataset_manifest.json: the models API summarises it."""
-    from lienzo.training.data import scan_folder, write_manifest
+    from lienzo.training.data import scan_folder
+    from lienzo.training.manifest import write_manifest
     from tiny_models import build_tiny, save_diffusers_folder
 
     art = tmp_path / "art"

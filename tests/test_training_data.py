@@ -13,7 +13,8 @@ from PIL import Image
 
 from lienzo.cli import app
 from lienzo.errors import DatasetError
-from lienzo.training.data import ImageDataset, ImageRecord, manifest_summary, read_manifest, scan_folder, write_manifest
+from lienzo.training.data import ImageDataset, ImageRecord, scan_folder
+from lienzo.training.manifest import manifest_summary, read_manifest, write_manifest
 
 VALID = ["a.png", "b.jpg", "cats/c1.png", "cats/c2.webp", "dogs/d1.bmp", "dogs/d2.gif", "dogs/deep/d3.png"]
 

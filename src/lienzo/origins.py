@@ -13,7 +13,7 @@ from lienzo.errors import DatasetError
 from lienzo.images.provenance import LORA_MANIFEST_KEY, MANIFEST_NAME, LoraInfo, ModelInfo, Provenance, TrainingData
 from lienzo.models import formats
 from lienzo.models.registry import lora_hash
-from lienzo.training.data import read_manifest
+from lienzo.training.manifest import read_manifest
 
 if TYPE_CHECKING:  # Components imports diffusers; listing models (training_data_for) should not
     from lienzo.models.components import Components

@@ -44,7 +44,8 @@ def openmoji(package, out, size, holdout, seed):
 @click.option("--manifest", type=click.Path(path_type=Path), help="where to write the manifest [default: FOLDER/lienzo-manifest.json]")
 def check(folder, licence, source, manifest):
     """Decode every file in FOLDER, report what cannot be trained on, and write a manifest."""
-    from lienzo.training.data import MANIFEST_NAME, scan_folder, write_manifest
+    from lienzo.training.data import scan_folder
+    from lienzo.training.manifest import MANIFEST_NAME, write_manifest
 
     columns = [TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:

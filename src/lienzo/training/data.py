@@ -6,14 +6,12 @@ them; top-level sub-folders are class labels, as torchvision's ``ImageFolder`` r
 
 import hashlib
 import io
-import json
 import logging
 import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +19,19 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from lienzo.errors import DatasetError
-from lienzo.files import write_atomic
 from lienzo.images.io import load_image
+from lienzo.training.manifest import is_manifest, own_manifest
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 # In order of preference when an image has both.
 CAPTION_SUFFIXES = (".txt", ".caption")
-MANIFEST_NAME = "lienzo-manifest.json"
-MANIFEST_FORMAT = "lienzo-dataset-manifest"
-MANIFEST_VERSION = 1
 
 _LICENCE_NAME = re.compile(r"(licen[cs]e|copying)(\.(txt|md))?", re.IGNORECASE)
 _LICENCE_MAX_CHARS = 200
-_NOTICE_MAX_CHARS = 1000
 # EXIF orientations 5 to 8 turn the picture a quarter: the stored width is the displayed height.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
-_MANIFEST_KEYS = ("root", "created", "source", "licence", "licence_file", "counts", "images", "problems", "duplicates")
-_COUNT_KEYS = ("files_seen", "images", "captioned", "labels", "problems", "duplicates")
 
 
 @dataclass(frozen=True)
@@ -154,7 +146,7 @@ def scan_folder(
     licence_file = None
     if licence is None and licence_path is not None:
         licence, licence_file = _first_line(licence_path), licence_path.relative_to(root).as_posix()
-    recorded = _own_manifest(root)
+    recorded = own_manifest(root)
     licence = licence or recorded.get("licence")
     source = source or recorded.get("source")
 
@@ -185,36 +177,13 @@ def _walk(root: Path) -> tuple[list[Path], dict[Path, Path], Path | None]:
                 if folder == root and licence_path is None:
                     licence_path = path
                 continue
-            if _is_manifest(path):
+            if is_manifest(path):
                 continue
             candidates.append(path)
             if path.stem in caption_of and path.suffix.lower() in IMAGE_SUFFIXES:
                 captions[path] = caption_of[path.stem]
     candidates.sort(key=lambda p: p.relative_to(root).as_posix())
     return candidates, captions, licence_path
-
-
-def _is_manifest(path: Path) -> bool:
-    """True for a manifest lienzo wrote (``format`` is its first key), whatever its name."""
-    if path.suffix.lower() != ".json":
-        return False
-    try:
-        with path.open("rb") as file:
-            return f'"{MANIFEST_FORMAT}"'.encode() in file.read(256)
-    except OSError:
-        return False
-
-
-def _own_manifest(root: Path) -> dict:
-    """The manifest ``lienzo dataset check`` left at the folder's root (its default name), or {}."""
-    path = root / MANIFEST_NAME
-    if not _is_manifest(path):
-        return {}
-    try:
-        return read_manifest(path)
-    except DatasetError as err:
-        log.warning("%s; its licence and source are not used", err)
-        return {}
 
 
 def _inspect(root: Path, path: Path, caption_path: Path | None) -> ImageRecord | Problem:
@@ -273,104 +242,8 @@ def _first_line(path: Path) -> str | None:
     return next((line.strip()[:_LICENCE_MAX_CHARS] for line in text.splitlines() if line.strip()), None)
 
 
-def _licence_notice(manifest: dict) -> str | None:
-    """The licence file's text after the licence's name (the attribution CC BY asks to pass on), while
-    the data folder is still there to read it from."""
-    if not manifest["licence_file"]:
-        return None
-    try:
-        text = (Path(manifest["root"]) / manifest["licence_file"]).read_text(encoding="utf-8-sig", errors="replace")
-    except OSError:
-        return None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    notice = " ".join(lines[1:])
-    # A short notice is an attribution; a long one is the licence's full text, which the card names by file.
-    return notice if 0 < len(notice) <= _NOTICE_MAX_CHARS else None
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _manifest(scan: DatasetScan) -> dict:
-    return {
-        # "format" first: scan_folder recognises a manifest by it in the file's first bytes.
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "root": str(scan.root),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": scan.source,
-        "licence": scan.licence,
-        "licence_file": scan.licence_file,
-        "counts": {
-            "files_seen": scan.files_seen,
-            "images": len(scan.records),
-            "captioned": scan.captioned,
-            "labels": scan.labels,
-            "problems": len(scan.problems),
-            "duplicates": scan.duplicates_dropped,
-        },
-        "images": [asdict(r) for r in scan.records],
-        "problems": [asdict(p) for p in scan.problems],
-        "duplicates": scan.duplicates,
-    }
-
-
-def write_manifest(scan: DatasetScan, path: Path, *, field: str = "manifest") -> str:
-    """Write the scan as a JSON manifest, atomically; return the SHA-256 of the bytes written.
-
-    The same folder gives the same bytes apart from ``created``. Parent folders are created.
-    Failure raises ``DatasetError`` naming ``field`` (a CLI passes its flag) and leaves no file.
-    """
-    data = (json.dumps(_manifest(scan), indent=2, ensure_ascii=False) + "\n").encode()
-    path = Path(path)
-    try:
-        write_atomic(path, lambda file: file.write(data))
-    except (FileExistsError, NotADirectoryError) as err:
-        raise DatasetError(f"{field}: cannot write {path} (a folder on the way is a file)") from err
-    except OSError as err:
-        raise DatasetError(f"{field}: cannot write {path} ({err.strerror or err})") from err
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_manifest(path: Path) -> dict:
-    """Read a manifest written by ``write_manifest``; ``DatasetError`` if it is missing, corrupt or another format."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise DatasetError(f"manifest: {path} does not exist") from err
-    except OSError as err:
-        raise DatasetError(f"manifest: cannot read {path} ({err.strerror or err})") from err
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"manifest: {path} is not valid JSON ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DatasetError(f"manifest: {path} is not a lienzo dataset manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise DatasetError(f"manifest: {path} has version {manifest.get('version')!r}; this lienzo reads version {MANIFEST_VERSION}")
-    counts = manifest.get("counts")
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    missing += [f"counts.{k}" for k in _COUNT_KEYS if not isinstance(counts, dict) or k not in counts]
-    if missing:
-        raise DatasetError(f"manifest: {path} lacks {', '.join(missing)}")
-    return manifest
-
-
-def manifest_summary(manifest: dict, sha256: str) -> dict:
-    """The facts about the training data that a model card states."""
-    counts = manifest["counts"]
-    return {
-        "images": counts["images"],
-        "captioned": counts["captioned"],
-        "labels": counts["labels"],
-        "licence": manifest["licence"],
-        "licence_file": manifest["licence_file"],
-        "source": manifest["source"],
-        "notice": _licence_notice(manifest),
-        "sha256": sha256,
-        "problems": counts["problems"],
-        "duplicates": counts["duplicates"],
-    }
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from lienzo.files import write_atomic
 from lienzo.training.config import TrainConfig, read_toml, to_toml, validate_config
-from lienzo.training.data import read_manifest
+from lienzo.training.manifest import read_manifest
 from lienzo.training.lora import ADAPTER
 from lienzo.training.state import STAGES, RunState, TrainingError
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from PIL import Image
 
 from lienzo.errors import DatasetError
-from lienzo.training.data import MANIFEST_NAME, scan_folder, write_manifest
+from lienzo.training.data import scan_folder
+from lienzo.training.manifest import MANIFEST_NAME, write_manifest
 
 LICENCE = "CC BY-SA 4.0"
 SOURCE = "OpenMoji (https://openmoji.org), the open-source emoji and icon project, npm package openmoji"

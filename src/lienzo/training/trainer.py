@@ -34,7 +34,8 @@ from lienzo.models.components import Components
 from lienzo.training import artifacts
 from lienzo.training.cache import Pixels
 from lienzo.training.config import TrainConfig, to_toml
-from lienzo.training.data import DatasetScan, ImageDataset, manifest_summary, read_manifest, scan_folder, write_manifest
+from lienzo.training.data import DatasetScan, ImageDataset, scan_folder
+from lienzo.training.manifest import manifest_summary, read_manifest, write_manifest
 from lienzo.training.folder import Opening, open_folder, prune, read_state, start_folder, trainer_state, write_checkpoint
 from lienzo.training.lora import save_kohya_lora
 from lienzo.training.loop import StageRun, check_loss, finish_stage, prompt_for, stage_config, start_stage, train_step
