@@ -18,7 +18,8 @@ from lienzo.training.config import Data, build_config
 from lienzo.training.data import ImageDataset, scan_folder
 from lienzo.training.loop import _match_layouts
 from lienzo.training.models import build_models
-from lienzo.training.trainer import Trainer, _contiguous
+from lienzo.training.models import contiguous
+from lienzo.training.trainer import Trainer
 
 # A few steps, no sample grids: seconds on a CPU. Checkpoints at UNet step 2 (and where a run stops),
 # whose live weights and EMA are compared with what was exported.
@@ -236,7 +237,7 @@ def test_contiguous_lets_channels_last_models_be_saved(tmp_path):
     with pytest.raises(ValueError, match="contiguous"):
         save_file(vae.state_dict(), tmp_path / "refused.safetensors")
     text = torch.nn.Linear(3, 3)  # no convolutions: left alone
-    with _contiguous({"vae": vae, "text": text}):
+    with contiguous({"vae": vae, "text": text}):
         assert conv.is_contiguous()
         vae.save_pretrained(tmp_path / "vae")
         save_file(vae.state_dict(), tmp_path / "vae.safetensors")
@@ -249,7 +250,7 @@ def test_contiguous_lets_channels_last_models_be_saved(tmp_path):
 
     # Contiguous models are left as they are.
     plain = torch.nn.Conv2d(3, 4, 3)
-    with _contiguous({"plain": plain}):
+    with contiguous({"plain": plain}):
         pass
     assert plain.weight.is_contiguous()
 

@@ -1,5 +1,7 @@
 """The networks a run trains: a fresh seeded Stable Diffusion architecture, or a frozen base with a LoRA."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from lienzo.generation.engine import native_size
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
-from lienzo.models.single_file import bundled_tokenizer
+from lienzo.models.single_file_layout import bundled_tokenizer
 from lienzo.training.config import TrainConfig
 from lienzo.training.lora import ADAPTER, add_lora
 from lienzo.training.state import TrainingError
@@ -115,3 +117,33 @@ def lora_networks(config: TrainConfig, base: Components, checkpoint: Path | None
     for module in models.values():
         module.to(device)
     return Networks(models, noise_scheduler(config, base.scheduler_config), base.tokenizer, params)
+
+
+def device_name(device: torch.device) -> str:
+    """What the card's Compute line names: "cuda (NVIDIA H100 80GB HBM3)", or "cpu"."""
+    return f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def speed_up(nets: Networks, device: torch.device, compile_models: bool) -> None:
+    """On CUDA, convolutions in channels-last layout (cuDNN's fastest for them); ``compile``: torch.compile
+    of the UNet and VAE forwards, in place so that weights keep their names."""
+    for name in ("unet", "vae"):
+        module = nets.models[name]
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        if compile_models:
+            module.compile()
+
+
+@contextmanager
+def contiguous(models: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """Weights in the standard layout while they are written: safetensors' ``save_file`` (LoRA checkpoints and
+    exports) refuses channels-last tensors, and checkpoints load back in the standard layout anyway."""
+    convolutional = [m for m in models.values() if any(p.dim() == 4 and not p.is_contiguous() for p in m.parameters())]
+    for module in convolutional:
+        module.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        for module in convolutional:
+            module.to(memory_format=torch.channels_last)

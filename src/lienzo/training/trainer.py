@@ -39,7 +39,7 @@ from lienzo.training.manifest import manifest_summary, read_manifest, write_mani
 from lienzo.training.folder import Opening, open_folder, prune, read_state, start_folder, trainer_state, write_checkpoint
 from lienzo.training.lora import save_kohya_lora
 from lienzo.training.loop import StageRun, check_loss, finish_stage, prompt_for, stage_config, start_stage, train_step
-from lienzo.training.models import Networks, fresh_networks, load_base, lora_networks
+from lienzo.training.models import Networks, contiguous, device_name, fresh_networks, load_base, lora_networks, speed_up
 from lienzo.training.samples import SampleGrids
 from lienzo.training.state import STAGES, Clock, RunState, Status, TrainingError, TrainProgress, TrainResult
 
@@ -154,7 +154,7 @@ class Trainer:
             nets = lora_networks(self.config, base, checkpoint, acc.device)
         else:
             nets = fresh_networks(self.config, self.vae_path, checkpoint, acc.device)
-        _speed_up(nets, acc.device, self.config.compile)
+        speed_up(nets, acc.device, self.config.compile)
         dataset = ImageDataset(data, scan.records, self.config.resolution)
         return Session(
             acc=acc, precision=precision, resumed_from=checkpoint, scan=scan,
@@ -304,7 +304,7 @@ class Trainer:
         s = self.session
         s.state.step = step
         s.state.seconds = s.clock.run_seconds()
-        s.state.device, s.state.processes, s.state.mixed_precision = _device_name(s.acc.device), s.acc.num_processes, s.precision
+        s.state.device, s.state.processes, s.state.mixed_precision = device_name(s.acc.device), s.acc.num_processes, s.precision
         s.acc.wait_for_everyone()
         if s.acc.is_main_process:
             final = self.training / "checkpoints" / f"{run.name}-{step:06d}"
@@ -315,7 +315,7 @@ class Trainer:
                 write_atomic(final / "state.json", lambda file: file.write(state))
             else:
                 lora_text_encoder = self.config.lora.text_encoder if self.config.lora is not None else None
-                with _contiguous(s.nets.models):
+                with contiguous(s.nets.models):
                     write_checkpoint(final, s.nets.models, lora_text_encoder, trainer_state(run.optimizer, run.schedule, run.ema), state)
             prune(self.training / "checkpoints", self.config.keep_checkpoints)
             artifacts.plot_losses(self.log, self.training / "loss.png")
@@ -324,7 +324,7 @@ class Trainer:
     def _export(self, finished: bool, run: StageRun | None = None) -> None:
         """The diffusers model folder (once a UNet has trained) and the model card; during a stage
         (``run``), with its EMA weights."""
-        with _ema_weights(run), _contiguous(self.session.nets.models):
+        with _ema_weights(run), contiguous(self.session.nets.models):
             self._write_model(finished)
 
     def _write_model(self, finished: bool) -> None:
@@ -346,7 +346,7 @@ class Trainer:
                 components = Components(**{**components.__dict__, **{k: _half(v) for k, v in s.nets.models.items()}})
             artifacts.export_diffusers(components, self.out)
         summary = manifest_summary(read_manifest(manifest_path), manifest_sha256)
-        compute = artifacts.Compute(s.state.device or _device_name(s.acc.device), s.acc.num_processes, s.precision, s.state.seconds, s.state.images_seen)
+        compute = artifacts.Compute(s.state.device or device_name(s.acc.device), s.acc.num_processes, s.precision, s.state.seconds, s.state.images_seen)
         base = Path(self.config.lora.base).name if self.config.lora is not None else None
         card = artifacts.model_card(name=self.out.name, config_toml=to_toml(self.config), data=summary, steps=self._steps_done(),
                                     compute=compute, base=base, finished=finished)
@@ -367,37 +367,7 @@ def _half(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to(torch.float16)
 
 
-def _device_name(device: torch.device) -> str:
-    """What the card's Compute line names: "cuda (NVIDIA H100 80GB HBM3)", or "cpu"."""
-    return f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
 _PROGRESS_EVERY = 0.25  # seconds between progress updates on a GPU (each waits for the device)
-
-
-def _speed_up(nets: Networks, device: torch.device, compile_models: bool) -> None:
-    """On CUDA, convolutions in channels-last layout (cuDNN's fastest for them); ``compile``: torch.compile
-    of the UNet and VAE forwards, in place so that weights keep their names."""
-    for name in ("unet", "vae"):
-        module = nets.models[name]
-        if device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-        if compile_models:
-            module.compile()
-
-
-@contextmanager
-def _contiguous(models: dict[str, torch.nn.Module]) -> Iterator[None]:
-    """Weights in the standard layout while they are written: safetensors' ``save_file`` (LoRA checkpoints and
-    exports) refuses channels-last tensors, and checkpoints load back in the standard layout anyway."""
-    convolutional = [m for m in models.values() if any(p.dim() == 4 and not p.is_contiguous() for p in m.parameters())]
-    for module in convolutional:
-        module.to(memory_format=torch.contiguous_format)
-    try:
-        yield
-    finally:
-        for module in convolutional:
-            module.to(memory_format=torch.channels_last)
 
 
 @contextmanager
