@@ -47,7 +47,7 @@ from lienzo.generation import engine  # noqa: E402
 from lienzo.generation.request import build_request  # noqa: E402
 from lienzo.generation.samplers import build_scheduler, resolve_sampler  # noqa: E402
 from lienzo.models.components import Components  # noqa: E402
-from lienzo.models.single_file import bundled_tokenizer, scheduler_config_for  # noqa: E402
+from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config_for  # noqa: E402
 from lienzo.models.speed import SpeedOptions, apply_speed  # noqa: E402
 
 PROMPT = "a lighthouse at dusk, oil painting"

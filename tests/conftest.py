@@ -45,7 +45,7 @@ def _hide_shipped_model(request, monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A models dir holding one tiny SD 1.x checkpoint (``tiny-sd15``); modules may define their own."""
-    from lienzo.models.single_file import save_single_file
+    from lienzo.models.single_file_save import save_single_file
     from tiny_models import build_tiny
 
     root = tmp_path_factory.mktemp("lienzo-home")

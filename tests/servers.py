@@ -61,7 +61,7 @@ def lienzo_server(home: Path, *serve_args: str, env: dict[str, str] | None = Non
 def two_model_home(root: Path) -> Path:
     """``root/models`` with two tiny SD 1.x checkpoints, ``tiny-a`` and ``tiny-b`` (different weights,
     so different hashes and pictures)."""
-    from lienzo.models.single_file import save_single_file
+    from lienzo.models.single_file_save import save_single_file
     from tiny_models import build_tiny
 
     (root / "models").mkdir()

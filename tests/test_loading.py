@@ -14,7 +14,7 @@ from lienzo.generation.request import build_request
 from lienzo.models.loading import load_components
 from lienzo.models import registry as registry_module
 from lienzo.models.registry import Registry
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.settings import Settings
 
 REQUEST = dict(prompt="a fox", steps=3, sampler="Euler", seed=3, width=64, height=64)

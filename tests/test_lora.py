@@ -21,7 +21,7 @@ from lienzo.generation.request import LoraRef, build_request
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.models.lora import ActiveLora, apply_loras
 from lienzo.models.registry import Registry, lora_hash
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.training.lora import add_lora, save_kohya_lora
 from tiny_models import build_tiny
 

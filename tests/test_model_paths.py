@@ -19,7 +19,7 @@ from lienzo.api import load_model
 from lienzo.errors import GenerationCancelled, ModelFileError
 from lienzo.models import formats
 from lienzo.models.registry import Registry
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.server.app import create_app
 from lienzo.settings import Settings
 from servers import two_model_home

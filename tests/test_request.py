@@ -6,7 +6,7 @@ from PIL import Image
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.request import build_request
 from lienzo.generation.samplers import build_scheduler, resolve_sampler, resolve_schedule
-from lienzo.models.single_file import scheduler_config_for
+from lienzo.models.single_file_layout import scheduler_config_for
 
 
 @pytest.mark.parametrize(

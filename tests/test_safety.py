@@ -23,7 +23,7 @@ from lienzo.errors import ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.request import build_request
 from lienzo.images.metadata import parse_infotext, read_parameters
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.safety import SafetyFilter, StableDiffusionSafetyFilter, Verdict, apply_policy, block, blur
 from lienzo.server.app import create_app
 from lienzo.settings import Settings

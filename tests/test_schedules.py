@@ -22,7 +22,7 @@ from lienzo.generation.samplers import (
     split_folded_schedule,
 )
 from lienzo.images.metadata import format_infotext, parse_infotext
-from lienzo.models.single_file import scheduler_config_for
+from lienzo.models.single_file_layout import scheduler_config_for
 from lienzo.server.app import create_app
 from lienzo.server.routes.a1111.translate import sampler_and_schedule
 from lienzo.settings import Settings

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lienzo.images.metadata import parse_infotext
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.server.app import Auth, create_app
 from lienzo.server.routes.openai import lienzo_model, parse_size
 from lienzo.settings import Settings

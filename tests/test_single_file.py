@@ -14,7 +14,8 @@ from tiny_models import build_tiny, main, save_diffusers_folder
 from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models.components import Components
 from lienzo.models.formats import detect_architecture, load_state_dict, read_header, read_metadata, sniff
-from lienzo.models.single_file import load_single_file, load_vae_file, save_single_file
+from lienzo.models.single_file_load import load_single_file, load_vae_file
+from lienzo.models.single_file_save import save_single_file
 
 CASES = {
     "sd1": dict(family="sd1"),
@@ -445,20 +446,22 @@ def test_full_size_layouts_infer_the_published_configs(family):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from lienzo.models import single_file
+    from lienzo.models import single_file_layout, single_file_load, single_file_save
 
     unet_config, text_configs = _FULL_SIZE[family]
-    slots = single_file._TEXT_ENCODERS[family]
+    slots = single_file_layout._TEXT_ENCODERS[family]
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_config)
         encoders = [
             slot.model_class(CLIPTextConfig(**config, num_attention_heads=config["hidden_size"] // 64))
             for slot, config in zip(slots, text_configs, strict=True)
         ]
-    ldm = single_file._with_prefix("model.diffusion_model.", single_file._unet_to_ldm(unet))
+    ldm = single_file_save._with_prefix("model.diffusion_model.", single_file_save._unet_to_ldm(unet))
     for slot, encoder in zip(slots, encoders, strict=True):
-        renamed = single_file._open_clip_to_ldm(encoder) if slot.open_clip else single_file._clip_to_ldm(encoder)
-        ldm.update(single_file._with_prefix(slot.prefix, renamed))
+        renamed = (
+            single_file_save._open_clip_to_ldm(encoder) if slot.open_clip else single_file_save._clip_to_ldm(encoder)
+        )
+        ldm.update(single_file_save._with_prefix(slot.prefix, renamed))
     # What real files carry besides: SD 1.x position_ids, OpenCLIP's logit_scale, SD 2.x's unused last block.
     meta = torch.device("meta")
     if family == "sd1":
@@ -469,11 +472,11 @@ def test_full_size_layouts_infer_the_published_configs(family):
         ldm["cond_stage_model.model.text_projection"] = torch.empty(1024, 1024, device=meta)
         ldm["cond_stage_model.model.logit_scale"] = torch.empty((), device=meta)
 
-    loaded = single_file._load_unet(ldm, family, "full", torch.float16)
+    loaded = single_file_load._load_unet(ldm, family, "full", torch.float16)
     for key, value in unet_config.items():
         got = loaded.config[key]
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     for slot, config in zip(slots, text_configs, strict=True):
-        text_config = single_file._load_text_encoder(ldm, slot, "full", torch.float16).config
+        text_config = single_file_load._load_text_encoder(ldm, slot, "full", torch.float16).config
         assert {key: getattr(text_config, key) for key in config} == config
         assert text_config.num_attention_heads == config["hidden_size"] // 64

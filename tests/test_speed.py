@@ -22,7 +22,7 @@ from lienzo.generation.request import build_request
 from lienzo.generation.vae_decode import AUTO_TILE_PIXELS, decode_latents, wants_tiling
 from lienzo.models import speed
 from lienzo.models.loading import load_components
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 from lienzo.models.speed import SpeedOptions, apply_speed, enable_attention_slicing, enable_sequential_offload
 from lienzo.settings import Settings
 from tiny_models import build_tiny

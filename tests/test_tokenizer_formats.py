@@ -15,7 +15,7 @@ from lienzo.errors import ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.request import build_request
 from lienzo.models.loading import load_components
-from lienzo.models.single_file import save_single_file
+from lienzo.models.single_file_save import save_single_file
 
 # A vocabulary of 58 tokens: single letters, letters ending a word, two merges ("fo", "fox"), "!" and the specials.
 _LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]

@@ -361,7 +361,7 @@ def test_two_cpu_processes_match_one(art, tmp_path):
 
 
 def test_lora_fine_tune_saves_a_kohya_file_that_changes_generation(art, tmp_path):
-    from lienzo.models.single_file import save_single_file
+    from lienzo.models.single_file_save import save_single_file
     from tiny_models import build_tiny
 
     models = tmp_path / "models"

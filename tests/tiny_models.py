@@ -25,7 +25,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lienzo.models.components import Components
-from lienzo.models.single_file import bundled_tokenizer, save_single_file, scheduler_config_for
+from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config_for
+from lienzo.models.single_file_save import save_single_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}

@@ -12,7 +12,8 @@ from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components, vae_dtype_for
 from lienzo.models.quiet import first_line, quiet_transformers
-from lienzo.models.single_file import bundled_tokenizer, load_single_file, load_vae_file, scheduler_config_for
+from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config_for
+from lienzo.models.single_file_load import load_single_file, load_vae_file
 from lienzo.safety import find_safety_checker
 
 log = logging.getLogger(__name__)
