@@ -11,17 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors.torch import load_file
 
 from lienzo.cli import app
 from lienzo.training.config import build_config
 from lienzo.training.folder import latest_checkpoint
 from lienzo.training.trainer import Trainer
+from pictures import captioned_blobs
 
 # Tiny and quick: a checkpoint after every step, so that kills land in the middle of checkpoints too.
 SETS = ["vae.steps=3", "unet.steps=3", "vae.batch_size=2", "unet.batch_size=2", "samples.every=0", "samples.prompts=[]",
@@ -35,15 +34,7 @@ QUICK = [{"vae": {"steps": 3, "batch_size": 2}, "unet": {"steps": 3, "batch_size
 @pytest.fixture(scope="module")
 def art(tmp_path_factory) -> Path:
     """Six small captioned pictures."""
-    root = tmp_path_factory.mktemp("art") / "data"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        array = np.clip(rng.normal(rng.integers(0, 256, 3), 30, (64, 64, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(array).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"a blob, picture {i}")
-    (root / "LICENSE").write_text("CC0 1.0\n")
-    return root
+    return captioned_blobs(tmp_path_factory.mktemp("art") / "data")
 
 
 def _train(*args: str):

@@ -7,19 +7,17 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lienzo.training.cache import Pixels, caption_variants
 from lienzo.training.config import Data, build_config
 from lienzo.training.data import ImageDataset, scan_folder
 from lienzo.training.loop import _match_layouts
-from lienzo.training.models import build_models
-from lienzo.training.models import contiguous
+from lienzo.training.models import build_models, contiguous
 from lienzo.training.trainer import Trainer
+from pictures import captioned_blobs
 
 # A few steps, no sample grids: seconds on a CPU. Checkpoints at UNet step 2 (and where a run stops),
 # whose live weights and EMA are compared with what was exported.
@@ -30,20 +28,7 @@ QUICK = [{"vae": {"steps": 1, "batch_size": 2}, "unet": {"steps": 4, "batch_size
 @pytest.fixture(scope="module")
 def art(tmp_path_factory) -> Path:
     """Six small captioned pictures, of odd sizes (resized and cropped), one with transparency."""
-    root = tmp_path_factory.mktemp("art") / "data"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        height, width = (64, 64) if i < 3 else (70 + i, 90 - i)
-        array = np.clip(rng.normal(rng.integers(0, 256, 3), 40, (height, width, 3)), 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
-        if i == 5:
-            alpha = rng.integers(0, 256, (height, width)).astype(np.uint8)
-            image = Image.fromarray(np.dstack([array, alpha]), "RGBA")
-        image.save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"blob, picture {i}, red, round, small")
-    (root / "LICENSE").write_text("CC0 1.0\n")
-    return root
+    return captioned_blobs(tmp_path_factory.mktemp("art") / "data", noise=40, varied=True, caption="blob, picture {i}, red, round, small")
 
 
 # -- caption variants -----------------------------------------------------------------------------
