@@ -14,7 +14,7 @@ from playwright import sync_api as playwright
 from servers import lienzo_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parent.parent / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "screenshots"
 # Chromium's own background traffic (updates, sync, metrics) fails on an offline machine; keep it off.
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT = 60_000  # ms: a tiny model on a busy 2-core CPU

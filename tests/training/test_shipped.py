@@ -17,7 +17,7 @@ from lienzo.training.artifacts import sections
 from lienzo.training.config import build_config, validate_config
 
 pytestmark = pytest.mark.shipped
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "lienzo-mini.toml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "lienzo-mini.toml"
 
 
 def test_the_package_ships_lienzo_mini_small_and_without_pickles():
