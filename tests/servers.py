@@ -73,6 +73,13 @@ def two_model_home(root: Path) -> Path:
     return root
 
 
+def home_settings(home: Path, *, data: Path, out: Path, model: str = "tiny-a", **values):
+    """Settings for an in-process server over ``home/models``, with its own data and outputs folders."""
+    from lienzo.settings import Settings
+
+    return Settings(data_dir=data, models_dir=home / "models", outputs_dir=out, default_model=model, **values)
+
+
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -14,7 +14,7 @@ from lienzo.images.io import save_png_atomic
 from lienzo.images.metadata import pnginfo
 from lienzo.server.app import create_app
 from lienzo.settings import Settings
-from servers import bomb_png, png_bytes
+from servers import bomb_png, home_settings, png_bytes
 
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 ITEM_KEYS = {
@@ -24,7 +24,7 @@ ITEM_KEYS = {
 
 
 def settings_for(home, tmp_path, **limits) -> Settings:
-    return Settings(data_dir=tmp_path / "data", models_dir=home / "models", outputs_dir=tmp_path / "out", default_model="tiny-sd15", **limits)
+    return home_settings(home, data=tmp_path / "data", out=tmp_path / "out", model="tiny-sd15", **limits)
 
 
 @pytest.fixture

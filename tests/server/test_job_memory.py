@@ -13,13 +13,13 @@ from lienzo.server.app import create_app
 from lienzo.server.job import JobStatus
 from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
-from servers import b64_png, lienzo_server
+from servers import b64_png, home_settings, lienzo_server
 
 SMALL = {"prompt": "a fox", "steps": 2, "seed": 3}
 
 
 def settings_for(home, tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", models_dir=home / "models", outputs_dir=tmp_path / "out", default_model="tiny-sd15")
+    return home_settings(home, data=tmp_path / "data", out=tmp_path / "out", model="tiny-sd15")
 
 
 def closed(image: Image.Image) -> bool:

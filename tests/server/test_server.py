@@ -15,7 +15,7 @@ from starlette.websockets import WebSocketDisconnect
 from lienzo.images.metadata import parse_infotext
 from lienzo.server.app import Auth, create_app
 from lienzo.settings import Settings
-from servers import b64_png, bomb_png, lienzo_server, two_model_home
+from servers import b64_png, bomb_png, home_settings, lienzo_server, two_model_home
 
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 
@@ -26,7 +26,7 @@ def home(tmp_path_factory):
 
 
 def settings_for(home, tmp_path, **limits) -> Settings:
-    return Settings(data_dir=home / "data", models_dir=home / "models", outputs_dir=tmp_path / "out", default_model="tiny-a", **limits)
+    return home_settings(home, data=home / "data", out=tmp_path / "out", **limits)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from lienzo.server.routes.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
 from lienzo.server.routes.a1111.translate import img2img_request, txt2img_request
 from lienzo.settings import Settings
 from lienzo.studio import load_model
-from servers import b64_png, bomb_png, lienzo_server, two_model_home
+from servers import b64_png, bomb_png, home_settings, lienzo_server, two_model_home
 
 FAST = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "width": 64, "height": 64, "seed": 11}
 
@@ -33,8 +33,7 @@ def home(tmp_path_factory):
 
 
 def settings_for(home, **limits) -> Settings:
-    dirs = {"data_dir": home / "data", "models_dir": home / "models", "outputs_dir": home / "out"}
-    return Settings(**dirs, default_model="tiny-a", **limits)
+    return home_settings(home, data=home / "data", out=home / "out", **limits)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +316,7 @@ def gated(home, tmp_path_factory):
     """A server of its own (its own data and outputs) whose worker a :class:`StepGate` can stop; each
     test holds the gate with ``with gate:``, which lets the worker go however the test ends."""
     where = tmp_path_factory.mktemp("gated")
-    settings = Settings(data_dir=where / "data", models_dir=home / "models", outputs_dir=where / "out", default_model="tiny-a")
+    settings = home_settings(home, data=where / "data", out=where / "out")
     gate = StepGate(settings)
     app = create_app(settings, loader=gate.load)
     gate.queue = app.state.queue

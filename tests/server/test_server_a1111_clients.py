@@ -16,7 +16,7 @@ from lienzo.server.app import create_app
 from lienzo.server.routes.a1111.options import OPTIONS_FILE
 from lienzo.server.routes.a1111.translate import merge_style
 from lienzo.settings import Settings
-from servers import lienzo_server, two_model_home
+from servers import home_settings, lienzo_server, two_model_home
 
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 11}
 NATIVE = 128  # the tiny checkpoints' side: sample_size 64 latents, VAE scale factor 2
@@ -28,7 +28,7 @@ def home(tmp_path_factory):
 
 
 def settings_for(home, data="data") -> Settings:
-    return Settings(data_dir=home / data, models_dir=home / "models", outputs_dir=home / "out", default_model="tiny-a")
+    return home_settings(home, data=home / data, out=home / "out")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from lienzo.server.app import Auth, create_app
 from lienzo.settings import Settings
-from servers import free_port, lienzo_server, png_bytes, two_model_home
+from servers import free_port, home_settings, lienzo_server, png_bytes, two_model_home
 from test_ui import ARGS, CHROMIUM, TIMEOUT
 
 PNG = png_bytes(Image.new("RGB", (64, 64), (200, 60, 40)))
@@ -34,7 +34,7 @@ def home(tmp_path_factory):
 
 
 def settings_for(home, tmp_path, **values) -> Settings:
-    return Settings(data_dir=tmp_path / "data", models_dir=home / "models", outputs_dir=tmp_path / "out", default_model="tiny-a", **values)
+    return home_settings(home, data=tmp_path / "data", out=tmp_path / "out", **values)
 
 
 def serve(home, tmp_path, auth: Auth | None = None, **values) -> TestClient:
