@@ -105,17 +105,13 @@ def test_load_mask_reads_luminance(tmp_path):
     assert loaded.getpixel((0, 0)) == 0
 
 
-def test_load_mask_uses_alpha_when_transparent(tmp_path):
-    mask = Image.new("RGBA", (64, 48), (255, 255, 255, 0))  # white but fully transparent
-    mask.paste((255, 255, 255, 255), (10, 10, 20, 20))
-    mask.save(tmp_path / "m.png")
-    loaded = load_mask(tmp_path / "m.png", (64, 48))
-    assert loaded.getpixel((15, 15)) == 255
-    assert loaded.getpixel((0, 0)) == 0
-
-
-def test_load_mask_opaque_rgba_uses_luminance(tmp_path):
-    mask = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+@pytest.mark.parametrize(
+    "background",
+    [(255, 255, 255, 0), (0, 0, 0, 255)],
+    ids=["transparent: alpha is the mask (white but see-through is unmasked)", "opaque RGBA: luminance is the mask"],
+)
+def test_load_mask_reads_rgba_by_alpha_or_luminance(tmp_path, background):
+    mask = Image.new("RGBA", (64, 48), background)
     mask.paste((255, 255, 255, 255), (10, 10, 20, 20))
     mask.save(tmp_path / "m.png")
     loaded = load_mask(tmp_path / "m.png", (64, 48))
