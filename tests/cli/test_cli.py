@@ -41,7 +41,7 @@ def test_generate_prints_one_path_per_image_with_infotext(lienzo):
     assert result.stdout.splitlines() == paths and len(paths) == 4
     info = parse_infotext(read_parameters(paths[3]))
     assert info.prompt == "a red apple" and info.negative_prompt == "blurry"
-    assert info.seed == 8 and info.steps == 2 and info.model == "tiny-sd15" and len(info.model_hash) == 10
+    assert info.params["Seed"] == "8" and info.params["Steps"] == "2" and info.model == "tiny-sd15" and len(info.model_hash) == 10
     assert "seeds: 5, 6, 7, 8" in result.stderr
 
 
@@ -50,6 +50,16 @@ def test_remake_from_png_gives_the_same_pixels(lienzo):
     again = _paths(lienzo("generate", "--from", first))[0]
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert read_parameters(first) == read_parameters(again)
+
+
+def test_tiling_is_written_and_remade_and_a_flag_wins_over_the_image(lienzo):
+    tiled = _paths(lienzo("generate", "a brick wall", "--tiling", *FAST))[0]
+    assert parse_infotext(read_parameters(tiled)).params["Tiling"] == "True"
+    again = _paths(lienzo("generate", "--from", tiled))[0]
+    assert np.array_equal(np.asarray(Image.open(tiled)), np.asarray(Image.open(again)))
+    plain = _paths(lienzo("generate", "--from", tiled, "--no-tiling"))[0]
+    assert "Tiling" not in parse_infotext(read_parameters(plain)).params
+    assert not np.array_equal(np.asarray(Image.open(tiled)), np.asarray(Image.open(plain)))
 
 
 def test_info_reads_parameters(lienzo):
@@ -103,7 +113,7 @@ def test_samplers_lists_every_sampler(lienzo):
 
 def test_a_schedule_the_sampler_cannot_run_still_generates(lienzo):
     path = _paths(lienzo("generate", "a fox", "--sampler", "DDIM", "--schedule", "karras", *FAST))[0]
-    assert parse_infotext(read_parameters(path)).schedule_type == "Karras"
+    assert parse_infotext(read_parameters(path)).params["Schedule type"] == "Karras"
 
 
 def test_an_empty_prompt_is_noted_on_one_line_and_still_generates(lienzo):

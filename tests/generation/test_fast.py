@@ -4,7 +4,6 @@ image stays close to the normal one and can be remade, and every front door take
 import base64
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 from lienzo.errors import LienzoError
 from lienzo.generation import engine
 from lienzo.generation.deepcache import INTERVAL, DeepCacheUNet, fast_label
-from lienzo.generation.remake import fields_from_infotext
+from lienzo.generation.infotext import fields_from_infotext
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.server.app import create_app
@@ -296,11 +295,3 @@ def test_off_by_default_everywhere():
     assert GenerationRequest().fast is False
     assert txt2img_request(Txt2ImgRequest(prompt="x"), {}).fast is False
     assert generation_request(GenerationBody(prompt="x")).fast is False
-
-
-def test_web_studio_has_the_fast_checkbox():
-    static = Path(engine.__file__).resolve().parents[1] / "server" / "static"
-    html = (static / "index.html").read_text()
-    assert 'data-field="fast"' in html and '<input type="checkbox" id="fast">' in html
-    main = (static / "js" / "main.js").read_text()
-    assert 'fast: $("fast").checked' in main and '$("fast").checked = Boolean(parameters.fast)' in main

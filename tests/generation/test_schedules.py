@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lienzo.generation import engine
-from lienzo.generation.remake import fields_from_infotext
+from lienzo.generation.infotext import fields_from_infotext
 from lienzo.generation.request import build_request
 from lienzo.generation.samplers import (
     SAMPLERS,
@@ -203,7 +203,7 @@ def test_a1111_clients_schedules_generate(client, body):
     info = json.loads(r.json()["info"])
     label = A1111_SCHEDULERS[body["scheduler"]][0]
     assert info["extra_generation_params"]["Schedule type"] == label
-    assert parse_infotext(info["infotexts"][0]).schedule_type == label
+    assert parse_infotext(info["infotexts"][0]).params["Schedule type"] == label
 
 
 def test_an_unknown_schedule_is_still_refused(client):

@@ -7,6 +7,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from lienzo.errors import ImageFileError, LienzoError
+from lienzo.generation.infotext import fields_from_infotext
 from lienzo.images.metadata import (
     Infotext,
     format_infotext,
@@ -73,17 +74,18 @@ def test_round_trip(prompt, negative):
     assert list(parsed.params) == [key for key, value in PARAMS.items() if value is not None]
 
 
-def test_typed_accessors():
+def test_request_fields_read_through_the_table():
     info = parse_infotext(format_infotext("a cat", "", {**PARAMS, "Denoising strength": 0.45, "Clip skip": 2}))
-    assert (info.steps, info.sampler, info.schedule_type) == (20, "DPM++ 2M", "Karras")
-    assert (info.cfg_scale, info.seed, info.width, info.height) == (7.5, 1234, 512, 768)
-    assert (info.model_hash, info.model, info.version) == ("6ce0161689", "v1-5-pruned-emaonly", "lienzo 0.1.0")
-    assert (info.denoising_strength, info.clip_skip) == (0.45, 2)
+    fields = fields_from_infotext(info, "img2img")
+    assert (fields["steps"], fields["sampler"], fields["schedule"]) == (20, "DPM++ 2M", "Karras")
+    assert (fields["cfg_scale"], fields["seed"], fields["width"], fields["height"]) == (7.5, 1234, 512, 768)
+    assert (info.model_hash, info.model, fields["model"]) == ("6ce0161689", "v1-5-pruned-emaonly", "6ce0161689")
+    assert (fields["denoising_strength"], fields["clip_skip"]) == (0.45, 2)
+    assert "denoising_strength" not in fields_from_infotext(info, "txt2img")  # a hires-fix pass's, in txt2img
 
 
-def test_absent_fields_are_none():
-    info = Infotext("a cat", "", {})
-    assert info.steps is None and info.width is None and info.sampler is None and info.cfg_scale is None
+def test_absent_fields_are_left_out():
+    assert fields_from_infotext(Infotext("a cat", "", {})) == {"prompt": "a cat", "negative_prompt": ""}
 
 
 # --- what other tools wrote ----------------------------------------------------------------
@@ -110,9 +112,10 @@ def test_a1111_v1_10_multiline_with_quoted_hashes():
     assert info.params["TI hashes"] == "easynegative: c74b4e810b03"
     assert info.params["Hires upscale"] == "2" and info.params["Hires steps"] == "10"
     assert info.params["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
-    assert (info.steps, info.sampler, info.schedule_type, info.cfg_scale) == (28, "DPM++ 2M", "Karras", 7.0)
-    assert (info.seed, info.width, info.height, info.clip_skip) == (3051163391, 512, 768, 2)
-    assert (info.denoising_strength, info.version, info.model) == (0.45, "v1.10.1", "anything-v5")
+    fields = fields_from_infotext(info, "img2img")
+    assert (fields["steps"], fields["sampler"], fields["schedule"], fields["cfg_scale"]) == (28, "DPM++ 2M", "Karras", 7.0)
+    assert (fields["seed"], fields["width"], fields["height"], fields["clip_skip"]) == (3051163391, 512, 768, 2)
+    assert (fields["denoising_strength"], info.params["Version"], info.model) == (0.45, "v1.10.1", "anything-v5")
     assert list(info.params)[-1] == "Version"
 
 
@@ -125,8 +128,9 @@ def test_old_a1111_windows_newlines_trailing_whitespace_no_negative():
     info = parse_infotext(text)
     assert info.prompt == "a photograph of an astronaut riding a horse"
     assert info.negative_prompt == ""
-    assert info.sampler == "DPM++ 2M Karras" and info.schedule_type is None
-    assert (info.width, info.height) == (768, 512)
+    assert info.params["Sampler"] == "DPM++ 2M Karras" and "Schedule type" not in info.params
+    fields = fields_from_infotext(info)
+    assert (fields["sampler"], fields["schedule"], fields["width"], fields["height"]) == ("DPM++ 2M", "Karras", 768, 512)
     assert info.params["ENSD"] == "31337"
 
 
@@ -143,7 +147,7 @@ def test_forge_flux_with_unknown_keys():
     assert info.params["Distilled CFG Scale"] == "3.5"
     assert info.params["Diffusion in Low Bits"] == "Automatic (fp16 LoRA)"
     assert info.params["Module 2"] == "clip_l"
-    assert info.version == "f2.0.1v1.10.1-previous-519-g44eb4ea8"
+    assert info.params["Version"] == "f2.0.1v1.10.1-previous-519-g44eb4ea8"
 
 
 def test_sdnext_prompt_that_contains_parameter_text():
@@ -157,7 +161,8 @@ def test_sdnext_prompt_that_contains_parameter_text():
     info = parse_infotext(text)
     assert info.prompt == 'a poster that reads "Steps: 20, Sampler: Euler, Seed: 1", bold letters'
     assert info.negative_prompt == "text, watermark"
-    assert (info.steps, info.seed, info.sampler) == (30, 1620085323, "Default")
+    fields = fields_from_infotext(info)
+    assert (fields["steps"], fields["seed"], info.params["Sampler"]) == (30, 1620085323, "Default")
     assert info.params["Pipeline"] == "StableDiffusionXLPipeline"
 
 
@@ -190,7 +195,7 @@ def test_controlnet_quoted_unit_and_multiline_negative():
     info = parse_infotext(text)
     assert info.negative_prompt == "ugly,\n  deformed"
     assert info.params["ControlNet 0"].startswith("Module: canny, Model: control_v11p_sd15_canny [d14c016b]")
-    assert info.version == "v1.6.0"
+    assert info.params["Version"] == "v1.6.0"
 
 
 def test_prompt_only_text_has_no_params():
@@ -202,21 +207,22 @@ def test_prompt_only_text_has_no_params():
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "accessor", "words"),
+    ("key", "value", "words"),
     [
-        ("Steps", "twenty", "steps", "whole number"),
-        ("Seed", "12.5", "seed", "whole number"),
-        ("CFG scale", "high", "cfg_scale", "number"),
-        ("Size", "512", "width", "WIDTHxHEIGHT"),
-        ("Size", "512 x 768", "height", "WIDTHxHEIGHT"),
-        ("Clip skip", "two", "clip_skip", "whole number"),
-        ("Denoising strength", "", "denoising_strength", "number"),
+        ("Steps", "twenty", "whole number"),
+        ("Seed", "12.5", "whole number"),
+        ("CFG scale", "high", "number"),
+        ("Size", "512", "WIDTHxHEIGHT"),
+        ("Size", "512 x 768", "WIDTHxHEIGHT"),
+        ("Clip skip", "two", "whole number"),
+        ("Denoising strength", "", "number"),
+        ("Outpaint", "left many", "left N"),
     ],
 )
-def test_malformed_values_raise_lienzo_error(key, value, accessor, words):
+def test_malformed_values_raise_lienzo_error(key, value, words):
     info = Infotext("p", "", {key: value})
     with pytest.raises(LienzoError, match=words) as caught:
-        getattr(info, accessor)
+        fields_from_infotext(info, "outpaint")
     assert key in str(caught.value)
 
 

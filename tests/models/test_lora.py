@@ -16,7 +16,7 @@ from lienzo.cli import app
 from lienzo.errors import InvalidRequestError, LienzoError, ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
-from lienzo.generation.remake import fields_from_image
+from lienzo.generation.infotext import fields_from_image
 from lienzo.generation.request import LoraRef, build_request
 from lienzo.images.metadata import parse_infotext, read_parameters
 from lienzo.models.lora import ActiveLora, apply_loras

@@ -60,7 +60,7 @@ def test_txt2img_job_runs_and_serves_pngs_with_infotext(client):
     image = Image.open(io.BytesIO(png.content))
     assert image.size == (64, 64)
     info = parse_infotext(image.info["parameters"])
-    assert info.seed == 8 and info.steps == 2 and info.model == "tiny-a"
+    assert info.params["Seed"] == "8" and info.params["Steps"] == "2" and info.model == "tiny-a"
     assert job["progress"]["preview_url"] is None  # a finished job keeps its images, not its live preview
 
 

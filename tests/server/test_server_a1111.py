@@ -155,8 +155,8 @@ def test_txt2img_images_info_parameters_and_one_warning(client, caplog):
         assert image.size == (64, 64)
         assert image.info["parameters"] == infotext
         parsed = parse_infotext(image.info["parameters"])
-        assert parsed.seed == seed and parsed.prompt == "a red apple" and parsed.negative_prompt == "blurry"
-        assert parsed.sampler == "Euler a" and parsed.steps == 2 and parsed.model == "tiny-a"
+        assert parsed.params["Seed"] == str(seed) and parsed.prompt == "a red apple" and parsed.negative_prompt == "blurry"
+        assert parsed.params["Sampler"] == "Euler a" and parsed.params["Steps"] == "2" and parsed.model == "tiny-a"
 
 
 def test_old_sampler_name_send_images_false_and_clip_skip_override(client):
@@ -209,7 +209,7 @@ def test_img2img_resize_and_fill_then_only_masked_keeps_the_full_size(client):
     assert r.status_code == 200, r.text
     assert png_of(r.json()["images"][0]).size == (64, 64)
     assert r.json()["parameters"]["init_images"]  # echoed on request
-    assert parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).denoising_strength == 0.5
+    assert parse_infotext(json.loads(r.json()["info"])["infotexts"][0]).params["Denoising strength"] == "0.5"
 
     mask = Image.new("L", (96, 64), 0)
     mask.paste(255, (40, 16, 56, 48))
@@ -243,7 +243,7 @@ def test_png_info_reads_a_generated_image(client):
     r = client.post("/sdapi/v1/txt2img", json={**FAST, "seed": 42})
     image = r.json()["images"][0]
     info = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image}).json()
-    assert parse_infotext(info["info"]).seed == 42
+    assert parse_infotext(info["info"]).params["Seed"] == "42"
     assert info["parameters"]["Seed"] == "42" and info["parameters"]["Prompt"] == "a red apple"
     assert info["parameters"]["Size-1"] == 64 and info["parameters"]["Size-2"] == 64
     plain = client.post("/sdapi/v1/png-info", json={"image": b64_png(halves())}).json()
@@ -510,11 +510,11 @@ def test_webuiapi_against_a_real_server_with_auth(home):
         result = api.txt2img(prompt="a red apple", seed=5, width=64, height=64, batch_size=2)
         assert [im.size for im in result.images] == [(64, 64)] * 2
         assert result.info["all_seeds"] == [5, 6] and result.info["sd_model_name"] == "tiny-a"
-        assert parse_infotext(result.images[1].info["parameters"]).seed == 6
+        assert parse_infotext(result.images[1].info["parameters"]).params["Seed"] == "6"
 
         edited = api.img2img(images=[result.image], prompt="a green apple", seed=9, width=64, height=64, denoising_strength=0.5)
         assert edited.image.size == (64, 64) and edited.info["seed"] == 9
-        assert parse_infotext(api.png_info(edited.image).info).seed == 9
+        assert parse_infotext(api.png_info(edited.image).info).params["Seed"] == "9"
 
         assert api.util_get_current_model().startswith("tiny-a.safetensors [")
         api.util_set_model("tiny-b")

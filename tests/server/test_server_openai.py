@@ -109,7 +109,7 @@ def test_generation_answers_b64_json_png_with_infotext(client):
     (image,) = b64_images(response)
     assert image.size == (64, 64)
     info = parse_infotext(image.info["parameters"])
-    assert info.prompt == "a red apple" and info.steps == 2 and info.seed == 5 and info.model == MODEL
+    assert info.prompt == "a red apple" and info.params["Steps"] == "2" and info.params["Seed"] == "5" and info.model == MODEL
 
 
 def test_generation_url_points_at_the_saved_png(client):
@@ -125,7 +125,7 @@ def test_generation_url_points_at_the_saved_png(client):
 def test_n_gives_that_many_distinct_images(client):
     images = b64_images(client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, **FAST}))
     assert len(images) == 2
-    assert [parse_infotext(i.info["parameters"]).seed for i in images] == [5, 6]
+    assert [parse_infotext(i.info["parameters"]).params["Seed"] for i in images] == ["5", "6"]
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
@@ -299,7 +299,7 @@ def test_openai_client_generates(server):
     )
     images = [decode_png(base64.b64decode(item.b64_json)) for item in result.data]
     assert result.created > 0 and [i.size for i in images] == [(64, 64)] * 2
-    assert [parse_infotext(i.info["parameters"]).seed for i in images] == [7, 8]
+    assert [parse_infotext(i.info["parameters"]).params["Seed"] for i in images] == ["7", "8"]
 
 
 def test_openai_client_edits_with_a_mask(server, tmp_path):

@@ -126,6 +126,37 @@ def test_fast_mode_is_sent_and_reused(page):
     assert page.is_checked("#fast")
 
 
+def test_controls_come_from_the_field_table(page):
+    # index.html has no tiling input: the page makes the control from GET /api/v1/fields.
+    assert 'id="tiling"' not in page.request.get(page.url).text()
+    assert page.get_attribute("#tiling", "type") == "checkbox"
+    assert page.text_content('[data-field="tiling"] label').strip() == "Tiling"
+    assert not page.is_checked("#tiling")
+    # Limits, labels and the mode's defaults come from the table too.
+    assert page.get_attribute("#mask_blur", "max") == "256"
+    assert page.get_attribute("#steps", "max") == "150"
+    assert page.text_content('label[for="steps"]').strip() == "Steps"
+    page.click('.modes label:has-text("Image to image")')
+    assert page.input_value("#denoising_strength") == "0.75"
+    page.click('.modes label:has-text("Outpaint")')
+    assert page.input_value("#denoising_strength") == "0.8"
+    page.click('.modes label:has-text("Text to image")')
+
+    page.fill("#prompt", "a seamless tile of cobblestones")
+    small_settings(page)
+    page.check("#tiling")
+    with page.expect_response(re.compile(r"/api/v1/txt2img$")) as answer:
+        page.click("#generate")
+    assert answer.value.request.post_data_json["tiling"] is True
+    assert answer.value.json()["parameters"]["tiling"] is True
+    wait_for_results(page, 1)
+    page.uncheck("#tiling")
+    page.click("#results .tile")
+    page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('Tilingtrue')")
+    page.click("#act-reuse")
+    assert page.is_checked("#tiling")
+
+
 def test_server_error_shows_next_to_its_field(page):
     page.fill("#prompt", "too many steps")
     small_settings(page, steps=999)

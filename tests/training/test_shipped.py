@@ -83,7 +83,7 @@ def test_generate_without_a_model_draws_the_prompt_with_lienzo_mini(lienzo):
     image = Image.open(red)
     assert image.size == (256, 256)
     info = parse_infotext(read_parameters(red))
-    assert info.model == "lienzo-mini" and info.steps == 20
+    assert info.model == "lienzo-mini" and info.params["Steps"] == "20"
     r, g, b = _colour(red)
     assert r > g + 60 and r > b + 60
     # The words steer it: the same seed with "green" is far greener (the shipped model: g - r = -135 red, -7 green).

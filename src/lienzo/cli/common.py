@@ -19,9 +19,6 @@ from lienzo.settings import Settings
 err_console = Console(stderr=True)
 log = logging.getLogger("lienzo")
 
-SAMPLER_HELP = "sampler by its AUTOMATIC1111 name (see `lienzo samplers`)"
-
-
 def _settings(ctx: click.Context) -> Settings:
     return ctx.find_root().obj
 
@@ -113,85 +110,56 @@ def _speed_kwargs(opts: dict) -> dict:
     }
 
 
-def _generation_options(f):
-    for option in reversed(
-        [
-            click.option("--negative", "-n", default="", help="negative prompt"),
-            click.option("--width", "-W", type=int, help="multiple of 8 [default: model's native size or input size]"),
-            click.option("--height", "-H", type=int, help="multiple of 8 [default: model's native size or input size]"),
-            click.option("--steps", type=int, default=20, show_default=True),
-            click.option("--cfg", type=float, default=7.0, show_default=True, help="classifier-free guidance scale"),
-            click.option("--sampler", default="DPM++ 2M", show_default=True, help=SAMPLER_HELP),
-            click.option(
-                "--schedule", default="Automatic", show_default=True,
-                help="schedule type by its A1111 label or id: Karras, Exponential, SGM Uniform, Align Your Steps, ... "
-                "(see `lienzo samplers`)",
-            ),
-            click.option("--seed", type=int, default=-1, show_default=True, help="-1 picks a random seed"),
-            click.option("--batch-size", type=int, default=1, show_default=True, help="images per batch (run together)"),
-            click.option("--batch-count", type=int, default=1, show_default=True, help="batches, one after another"),
-            click.option("--clip-skip", type=int, default=1, show_default=True),
-            click.option(
-                "--fast/--no-fast", default=False, show_default=True,
-                help="fast mode: reuse deep U-Net features across steps (DeepCache), a little less faithful",
-            ),
-            click.option(
-                "--lora", "loras", type=_LoraParam(), multiple=True,
-                help="apply a LoRA from the models dir's Lora folder (repeatable); also <lora:NAME:WEIGHT> in the prompt",
-            ),
-            click.option(
-                "--safety", type=click.Choice(["off", "blur", "block"]),
-                help="what to do with images the model's safety checker flags [default: off, or LIENZO_SAFETY_CLI]",
-            ),
-            click.option(
-                "--watermark/--no-watermark", default=None,
-                help="invisible watermark in saved images [default: on, or LIENZO_WATERMARK]",
-            ),
-            click.option("--out", "-o", type=click.Path(path_type=Path), help="output folder [default: outputs dir]"),
-        ]
-    ):
-        f = option(f)
-    return _model_options(f)
+def _generation_options(mode: str):
+    """The options of a generation command: one per field of the table that has a CLI flag in ``mode``
+    (with that mode's default), then the output folder and the model options. Each option's value is
+    stored under its GenerationRequest field name."""
+
+    def decorate(f):
+        from lienzo.generation.request import table
+
+        options = [_field_option(row, mode) for row in table() if row.spec.cli and mode in row.spec.modes]
+        options.append(click.option("--out", "-o", type=click.Path(path_type=Path), help="output folder [default: outputs dir]"))
+        for option in reversed(options):
+            f = option(f)
+        return _model_options(f)
+
+    return decorate
 
 
-def _inpaint_options(f):
-    for option in reversed(
-        [
-            click.option("--mask-blur", type=int, default=4, show_default=True, help="pixels"),
-            click.option("--only-masked", is_flag=True, help="crop around the mask, work at full resolution, paste back"),
-            click.option("--padding", type=int, default=32, show_default=True, help="pixels around the mask with --only-masked"),
-        ]
-    ):
-        f = option(f)
-    return f
+def _field_option(row, mode: str):
+    """A click option for one table row: its type from the field's annotation, its default for ``mode``."""
+    import types
+    import typing
 
-
-def _fill_option(default: str):
-    choices = click.Choice(["fill", "original", "latent noise", "latent nothing"])
-    return click.option("--fill", type=choices, default=default, show_default=True, help="what starts under the mask")
-
-
-def _strength_option(default: float):
-    return click.option("--strength", type=float, default=default, show_default=True, help="denoising strength, 0 to 1")
+    spec, default = row.spec, row.spec.default_for(mode, row.default)
+    names = [f"--{spec.cli}", *([spec.cli_short] if spec.cli_short else []), row.name]
+    kind = row.annotation
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None: the X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        return click.option(f"--{spec.cli}/--no-{spec.cli}", row.name, default=default, show_default=default not in (None, ""), help=spec.help)
+    if row.name == "loras":
+        return click.option(*names, type=_LoraParam(), multiple=True, help=spec.help)
+    if typing.get_origin(kind) is typing.Literal:
+        kind = click.Choice([str(c) for c in typing.get_args(kind)])
+    return click.option(*names, type=kind, default=default, show_default=default not in (None, ""), help=spec.help)
 
 
 def _request_fields(opts: dict) -> dict:
-    """CLI flag names to GenerationRequest fields."""
-    names = {
-        "negative": "negative_prompt", "width": "width", "height": "height", "steps": "steps", "cfg": "cfg_scale",
-        "sampler": "sampler", "schedule": "schedule", "seed": "seed", "batch_size": "batch_size",
-        "batch_count": "batch_count", "clip_skip": "clip_skip", "strength": "denoising_strength",
-        "mask_blur": "mask_blur", "only_masked": "inpaint_only_masked", "padding": "only_masked_padding",
-        "fill": "inpainting_fill", "left": "outpaint_left", "right": "outpaint_right", "up": "outpaint_up",
-        "down": "outpaint_down", "loras": "loras", "safety": "safety",
-        "watermark": "watermark", "fast": "fast",
-    }
-    return {field: opts[flag] for flag, field in names.items() if flag in opts and opts[flag] is not None}
+    """The request fields among a generation command's options (those given, or with a default)."""
+    from lienzo.generation.request import table
+
+    return {row.name: opts[row.name] for row in table() if opts.get(row.name) is not None}
 
 
 def _flag_for(field: str) -> str:
-    reverse = {"negative_prompt": "negative", "cfg_scale": "cfg", "denoising_strength": "strength"}
-    return reverse.get(field, field)
+    """The CLI flag of a request field, as errors name it."""
+    from lienzo.generation.request import GenerationRequest
+    from lienzo.generation.fields import spec_of
+
+    spec = spec_of(GenerationRequest.model_fields[field]) if field in GenerationRequest.model_fields else None
+    return f"--{spec.cli}" if spec and spec.cli else field
 
 
 @contextmanager

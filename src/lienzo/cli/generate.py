@@ -10,14 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lienzo.cli.common import (
     _ctrl_c,
-    _fill_option,
     _flag_for,
     _generation_options,
-    _inpaint_options,
     _request_fields,
     _settings,
     _speed_kwargs,
-    _strength_option,
     app,
     err_console,
 )
@@ -27,18 +24,18 @@ from lienzo.settings import Settings
 @app.command()
 @click.argument("prompt", required=False, default="")
 @click.option("--from", "from_image", type=click.Path(path_type=Path), help="remake an image from its PNG parameters")
-@_generation_options
+@_generation_options("txt2img")
 @click.pass_context
 def generate(ctx, prompt, from_image, **opts):
     """Text to image."""
     fields = _request_fields(opts)
     if from_image is not None:
-        from lienzo.generation.remake import fields_from_image
+        from lienzo.generation.infotext import fields_from_image
 
         remade = fields_from_image(from_image)
         model = remade.pop("model", None)
         # Flags given explicitly on the command line win over the image's parameters.
-        explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(_flag_for(k)) == click.core.ParameterSource.COMMANDLINE}
+        explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         fields = {**fields, **remade, **explicit}
         opts["model"] = opts.get("model") or model
         prompt = prompt or remade.get("prompt", "")
@@ -48,8 +45,7 @@ def generate(ctx, prompt, from_image, **opts):
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@_strength_option(0.75)
-@_generation_options
+@_generation_options("img2img")
 @click.pass_context
 def img2img(ctx, image, prompt, **opts):
     """Image to image: repaint IMAGE guided by PROMPT."""
@@ -63,10 +59,7 @@ def img2img(ctx, image, prompt, **opts):
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("mask", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@_strength_option(0.75)
-@_fill_option("original")
-@_inpaint_options
-@_generation_options
+@_generation_options("inpaint")
 @click.pass_context
 def inpaint(ctx, image, mask, prompt, **opts):
     """Repaint the white part of MASK in IMAGE."""
@@ -81,20 +74,13 @@ def inpaint(ctx, image, mask, prompt, **opts):
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--left", type=int, default=0, help="pixels to add on the left (multiple of 8)")
-@click.option("--right", type=int, default=0, help="pixels to add on the right (multiple of 8)")
-@click.option("--up", type=int, default=0, help="pixels to add at the top (multiple of 8)")
-@click.option("--down", type=int, default=0, help="pixels to add at the bottom (multiple of 8)")
-@click.option("--mask-blur", type=int, default=8, show_default=True, help="pixels")
-@_strength_option(0.8)
-@_fill_option("fill")
-@_generation_options
+@_generation_options("outpaint")
 @click.pass_context
 def outpaint(ctx, image, prompt, **opts):
     """Grow IMAGE's canvas and paint the new area to match."""
     from lienzo.images.io import load_image
 
-    if not any(opts[k] for k in ("left", "right", "up", "down")):
+    if not any(opts[f"outpaint_{side}"] for side in ("left", "right", "up", "down")):
         raise click.UsageError("give at least one of --left, --right, --up, --down")
     init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
     _run(ctx, "outpaint", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
@@ -109,7 +95,7 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     #    2-core machine, and a typo should not wait for them (nor for the model's 20 s).
     settings = _settings(ctx)
     request = build_request(**{"safety": settings.safety_cli, **fields})
-    check_limits(request, settings, name=lambda field: "--" + _flag_for(field).replace("_", "-"), count_batches=False)
+    check_limits(request, settings, name=_flag_for, count_batches=False)
     _check_models(opts, settings)
     out_option = "--out" if opts.get("out") else "--outputs-dir"
     _make_output_folder(opts.get("out") or settings.outputs_dir, out_option)

@@ -4,7 +4,7 @@ AUTOMATIC1111, Forge, SD.Next and lienzo write an infotext (PNG ``parameters`` c
 UserComment); InvokeAI a JSON object in the ``invokeai_metadata`` chunk; ComfyUI its node graph, in
 API form, in ``prompt``; NovelAI a JSON object in ``Comment``. Each reader turns its format into an
 :class:`~lienzo.images.metadata.Infotext` with A1111's keys, so the gallery stores one shape and
-remakes every image through :func:`~lienzo.generation.remake.fields_from_infotext`.
+remakes every image through :func:`~lienzo.generation.infotext.fields_from_infotext`.
 """
 
 import io
@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lienzo.errors import ImageFileError, LienzoError
-from lienzo.generation.remake import fields_from_infotext
+from lienzo.generation.infotext import fields_from_infotext
 from lienzo.images.metadata import Infotext, format_infotext, parameters_from, parse_infotext, replace_lone_surrogates
 
 log = logging.getLogger(__name__)
@@ -84,21 +84,20 @@ def meta_from_infotext(info: Infotext, size: tuple[int, int], text: str | None =
     clean = replace_lone_surrogates
     info = Infotext(clean(info.prompt), clean(info.negative_prompt), {clean(key): clean(value) for key, value in info.params.items()})
     text = None if text is None else clean(text)
+    mode = _mode(info.params)
     try:
-        fields = fields_from_infotext(info)
+        # A hires-fix pass's denoising strength is not the image's: txt2img takes none.
+        fields = fields_from_infotext(info, mode or "txt2img")
     except LienzoError as err:
         # A value that cannot be what its key promises ("Steps: many"): keep the prompts and the text.
         log.warning("ignoring unreadable generation parameters: %s", err)
-        info = Infotext(info.prompt, info.negative_prompt)
+        info, mode = Infotext(info.prompt, info.negative_prompt), None
         fields = fields_from_infotext(info)
     for key, value in list(fields.items()):
         # SQLite integers are 64-bit; ComfyUI's seeds go up to 2**64 - 1, and any file can claim more.
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             log.warning("ignoring %s = %d: beyond the 64-bit integers the gallery stores", key, value)
             del fields[key]
-    mode = _mode(info.params)
-    if mode == "txt2img":
-        fields.pop("denoising_strength", None)  # a hires-fix pass's; txt2img takes none
     return ImageMeta(
         *size,
         infotext=format_infotext(info.prompt, info.negative_prompt, info.params) if text is None else text,

@@ -18,7 +18,7 @@ from PIL import Image
 from lienzo import __version__
 from lienzo.errors import LienzoError
 from lienzo.generation import canvas
-from lienzo.generation.deepcache import fast_label
+from lienzo.generation.infotext import request_params
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import random_seed
@@ -182,6 +182,7 @@ def generate(
         canvas=cv, prompt=pos, negative=neg, sampler=sampler, schedule=schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, denoising_strength=request.denoising_strength,
         inpainting_fill=request.inpainting_fill, fast=request.fast, batch_size=request.batch_size, first_seed=seed,
+        tiling=request.tiling,
     )
     images: list[GeneratedImage] = []
     interrupted = False
@@ -277,40 +278,24 @@ def _infotext_prompt(request: GenerationRequest) -> str:
 def _parameters(
     components: Components, req: GenerationRequest, cv: Canvas, seed: int, sampler: str, schedule: str, safety: str | None = None
 ) -> dict:
-    """The infotext fields of one image, in A1111's order."""
-    params = {
-        "Steps": req.steps,
-        "Sampler": sampler,
-        "Schedule type": schedule,
-        "CFG scale": f"{req.cfg_scale:g}",
-        "Seed": seed,
-        "Size": f"{cv.width}x{cv.height}",
-        "Model hash": components.short_hash or None,
-        "Model": components.name or None,
-    }
-    if cv.init is not None:
-        params["Denoising strength"] = f"{req.denoising_strength:g}"
-    if cv.mask is not None:
-        params["Mask blur"] = req.mask_blur
-        params["Masked content"] = req.inpainting_fill
-        if req.inpaint_only_masked:
-            params["Inpaint area"] = "Only masked"
-            params["Masked area padding"] = req.only_masked_padding
-    if req.is_outpaint:
-        params["Outpaint"] = f"left {req.outpaint_left}, right {req.outpaint_right}, up {req.outpaint_up}, down {req.outpaint_down}"
-    if req.clip_skip > 1:
-        params["Clip skip"] = req.clip_skip
+    """The infotext fields of one image, in A1111's order: the request's (from the field table, with
+    what the run resolved), the model's after ``Size``, the loaded VAE and LoRAs before ``Fast``."""
+    params = request_params(req, {"seed": seed, "width": cv.width, "height": cv.height, "sampler": sampler, "schedule": schedule})
+    model = {"Model hash": components.short_hash or None, "Model": components.name or None}
+    loaded: dict[str, object] = {}
     if components.vae_name:
-        params["VAE"] = components.vae_name
+        loaded["VAE"] = components.vae_name
     # A1111's form: "name: short hash, ..."; its reader splits on those characters, so names lose them.
     hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for lora in components.loras.active if lora.short_hash]
     if hashes:
-        params["Lora hashes"] = ", ".join(hashes)
-    if req.fast:
-        params["Fast"] = fast_label()
+        loaded["Lora hashes"] = ", ".join(hashes)
+    keys = list(params)
+    at = keys.index("Fast") if "Fast" in keys else len(keys)
+    ordered = {k: params[k] for k in keys[: keys.index("Size") + 1]} | model
+    ordered |= {k: params[k] for k in keys[keys.index("Size") + 1 : at]} | loaded | {k: params[k] for k in keys[at:]}
     if components.speed.int8:  # a load-time switch, so only a record: --from does not turn it on
-        params["Int8"] = "U-Net linear layers"
+        ordered["Int8"] = "U-Net linear layers"
     if safety:
-        params["Safety filter"] = safety
-    params["Version"] = f"lienzo {__version__}"
-    return params
+        ordered["Safety filter"] = safety
+    ordered["Version"] = f"lienzo {__version__}"
+    return ordered

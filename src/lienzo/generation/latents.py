@@ -6,6 +6,7 @@ order changes every img2img and inpaint picture.
 """
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +17,10 @@ from lienzo.generation import canvas
 from lienzo.generation.noise import batch_noise
 from lienzo.generation.plan import BatchPlan
 from lienzo.generation.samplers import build_scheduler, set_timesteps
-from lienzo.generation.vae_decode import decode_latents
+from lienzo.generation.vae_decode import decode_latents, wants_tiling
 from lienzo.models.components import Components
+
+log = logging.getLogger(__name__)
 
 
 class ImageSchedulers:
@@ -183,10 +186,17 @@ def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.T
     return (vae.config.scaling_factor * image_latents).to(latent_dtype(components))
 
 
-def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
+def decode(components: Components, latents: torch.Tensor, *, seamless: bool = False) -> np.ndarray:
     """Step 8: float pixels, N x H x W x 3 in [0, 1]; in tiles for large images, and a half-precision
-    VAE that overflows decodes again in fp32."""
-    decoded = decode_latents(components.vae, latents, tiling=components.vae_tiling)
+    VAE that overflows decodes again in fp32.
+
+    ``seamless`` (a tiling job, inside :func:`lienzo.generation.tiling.seamless`) decodes whole whatever
+    ``vae_tiling`` says: with circular padding each tile would wrap onto its own edges, not the picture's,
+    and show seams at the tile borders; a tiling image is usually of the model's own size anyway."""
+    tiling = "off" if seamless else components.vae_tiling
+    if seamless and wants_tiling(components.vae, latents, components.vae_tiling):
+        log.info("tiling: decoding %dx%d latents whole, not in VAE tiles (they would not wrap)", latents.shape[-1], latents.shape[-2])
+    decoded = decode_latents(components.vae, latents, tiling=tiling)
     return _processor(components).postprocess(decoded, output_type="np")
 
 

@@ -16,6 +16,7 @@ from lienzo.generation.denoiser import Denoiser, build_denoiser
 from lienzo.generation.latents import ImageSchedulers, Start, decode, prepare_latents, prepare_timesteps
 from lienzo.generation.noise import image_generators
 from lienzo.generation.plan import BatchPlan
+from lienzo.generation.tiling import seamless
 from lienzo.models.components import Components
 
 CancelCheck = Callable[[], bool]
@@ -56,18 +57,22 @@ class Stop:
 
 
 def denoise_batch(components: Components, plan: BatchPlan, stop: Stop, report: StepReport | None = None) -> np.ndarray:
-    """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1]."""
+    """One batch: steps 3-8 of the pipeline. Returns float pixels, N x H x W x 3 in [0, 1].
+
+    A tiling plan runs every U-Net and VAE call of the batch (the init image's encode, the steps, the
+    decode) with circular padding, put back as it was when the batch ends, however it ends."""
     generators = image_generators(plan.first_seed, plan.batch_size)
     # 3. Timesteps: one scheduler per image, so stochastic samplers draw each image's noise from its own seed.
     schedulers = prepare_timesteps(components, plan, generators)
-    # 4. Initial latents and, for inpainting, the mask in latent space.
-    start = prepare_latents(components, plan, schedulers, generators)
-    # 5. The denoiser: the network, with the prompt, inpainting channels, guidance and cache as layers.
-    denoiser = build_denoiser(components, plan, start.mask)
-    # 6.-7. Denoising loop.
-    latents = denoising_loop(denoiser, schedulers, start, stop, report)
-    # 8. Decode.
-    return decode(components, latents)
+    with seamless(components, plan.tiling):
+        # 4. Initial latents and, for inpainting, the mask in latent space.
+        start = prepare_latents(components, plan, schedulers, generators)
+        # 5. The denoiser: the network, with the prompt, inpainting channels, guidance and cache as layers.
+        denoiser = build_denoiser(components, plan, start.mask)
+        # 6.-7. Denoising loop.
+        latents = denoising_loop(denoiser, schedulers, start, stop, report)
+        # 8. Decode (whole, for a tiling plan: a tile would wrap onto itself).
+        return decode(components, latents, seamless=plan.tiling)
 
 
 def denoising_loop(

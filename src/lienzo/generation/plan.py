@@ -43,6 +43,7 @@ class BatchPlan:
     fast: bool  # DeepCache
     batch_size: int
     first_seed: int
+    tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE (lienzo.generation.tiling)
 
     @property
     def guided(self) -> bool:

@@ -2,12 +2,15 @@
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lienzo.errors import InvalidRequestError
+from lienzo.generation.fields import (
+    FAST, MASKED, OUTPAINT, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of, whole, yes,
+)
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.samplers import resolve_sampler, schedule_label
 from lienzo.images.metadata import lone_surrogate
@@ -29,18 +32,8 @@ MAX_PROMPT_CHARS = 40_000
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
-# field: (lowest, highest, unit) for every plain numeric limit.
-_RANGES = {
-    "steps": (1, MAX_STEPS, ""),
-    "cfg_scale": (0, 30, ""),
-    "batch_size": (1, MAX_BATCH_SIZE, ""),
-    "batch_count": (1, MAX_BATCH_COUNT, ""),
-    "clip_skip": (1, 12, ""),
-    "denoising_strength": (0, 1, ""),
-    "mask_blur": (0, 256, " pixels"),
-    "only_masked_padding": (0, 256, " pixels"),
-}
-_OUTPAINT = ("outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down")
+_SIDE = Limits(MIN_SIDE, MAX_SIDE, multiple=8)
+_GROW = Limits(0, MAX_SIDE, multiple=8)
 # What the limits leave out, as the API descriptions say it: rules across fields and the server's settings.
 _UNSAID = {
     "width": "width x height is also held to the server's max_pixels",
@@ -52,21 +45,15 @@ _UNSAID = {
 
 
 def json_limits(name: str) -> dict[str, int | float]:
-    """The limits the validators below hold ``name`` to, as JSON Schema keywords ({} for none). The API
+    """The limits the table holds field ``name`` to, as JSON Schema keywords ({} for none). The API
     descriptions take them from here, so that a value they allow is one the field takes (what depends on
     other fields or on the server's settings is said in words, see _UNSAID)."""
-    if name in ("width", "height"):
-        return {"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": 8}
-    if name in _OUTPAINT:
-        return {"minimum": 0, "maximum": MAX_SIDE, "multipleOf": 8}
-    if name == "seed":
-        return {"minimum": -1, "maximum": MAX_SEED}
-    if name in ("prompt", "negative_prompt"):
-        return {"maxLength": MAX_PROMPT_CHARS}
-    if name in _RANGES:
-        low, high, _ = _RANGES[name]
-        return {"minimum": low, "maximum": high}
-    return {}
+    spec = spec_of(GenerationRequest.model_fields[name])
+    if spec is None:
+        return {}
+    if spec.max_chars is not None:
+        return {"maxLength": spec.max_chars}
+    return spec.limits.json() if spec.limits else {}
 
 
 def schema_limits(name: str) -> Callable[[dict[str, Any]], None]:
@@ -82,6 +69,13 @@ def schema_limits(name: str) -> Callable[[dict[str, Any]], None]:
             schema["description"] = "; ".join(filter(None, [schema.get("description"), unsaid]))
 
     return extra
+
+
+def _outpaint(side: str, where: str | None = None) -> Spec:
+    return Spec(
+        side.title(), f"pixels to add {where or 'on the ' + side} (multiple of 8)", modes=frozenset({"outpaint"}), limits=_GROW,
+        cli=side, infotext=OUTPAINT, widget=Widget("number", step=64),
+    )
 
 
 def _check_lora_weight(weight: float, what: str) -> float:
@@ -132,60 +126,126 @@ class LoraRef(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """Everything that decides the pixels, in AUTOMATIC1111's vocabulary.
+    """Everything that decides the pixels, in AUTOMATIC1111's vocabulary, and the field table.
 
     ``init_image`` makes it img2img, ``mask`` inpaint, ``outpaint_*`` outpaint. ``width``/``height``
     of ``None`` mean the model's native size (txt2img) or the input image's size (the other modes).
     LoRAs come from ``loras`` and from ``<lora:NAME:WEIGHT>`` tags in the prompt (see :meth:`requested_loras`).
+
+    Each field's :class:`~lienzo.generation.fields.Spec` is the one place for its limits, help, modes
+    and names at every door: the CLI's options, the three APIs' bodies and error names, the infotext
+    writer and reader, ``--from`` and the studio's controls (``GET /api/v1/fields``) are made from it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sampler: str = "DPM++ 2M"
-    schedule: str = "Automatic"
-    seed: int = -1
-    batch_size: int = 1
-    batch_count: int = 1
-    clip_skip: int = 1
-    loras: list[LoraRef] = []
+    prompt: Annotated[str, Spec(
+        "Prompt", f"may hold <lora:NAME:WEIGHT> tags, WEIGHT from -{MAX_LORA_WEIGHT} to {MAX_LORA_WEIGHT}",
+        max_chars=MAX_PROMPT_CHARS, a1111="prompt", a1111_default="", widget=Widget("text"),
+    )] = ""
+    negative_prompt: Annotated[str, Spec(
+        "Negative prompt", "what the image should not show", max_chars=MAX_PROMPT_CHARS, cli="negative", cli_short="-n",
+        a1111="negative_prompt", a1111_default="", openai="negative_prompt", widget=Widget("text"),
+    )] = ""
+    steps: Annotated[int, Spec(
+        "Steps", "denoising steps", limits=Limits(1, MAX_STEPS), cli="steps", a1111="steps", a1111_default=50, openai="steps",
+        infotext=whole("Steps", always=True), widget=Widget("number"),
+    )] = 20
+    sampler: Annotated[str, Spec(
+        "Sampler", "sampler by its AUTOMATIC1111 name or alias, in any case (`lienzo samplers`, GET /api/v1/samplers)",
+        cli="sampler", a1111="sampler_name", a1111_body=False, openai="sampler", infotext=InfotextKey("Sampler", always=True),
+        widget=Widget("select"),
+    )] = "DPM++ 2M"
+    schedule: Annotated[str, Spec(
+        "Schedule", "schedule type by its A1111 label or id, in any case: Karras, Exponential, SGM Uniform, Align Your Steps, ... "
+        "(`lienzo samplers`, GET /api/v1/samplers)",
+        cli="schedule", a1111="scheduler", a1111_body=False, infotext=InfotextKey("Schedule type", always=True), widget=Widget("select"),
+    )] = "Automatic"
+    cfg_scale: Annotated[float, Spec(
+        "CFG scale", "classifier-free guidance scale: how closely to follow the prompt", limits=Limits(0, 30), cli="cfg",
+        a1111="cfg_scale", openai="cfg_scale", infotext=number("CFG scale", always=True), widget=Widget("range", 1, 20, 0.5),
+    )] = 7.0
+    seed: Annotated[int, Spec(
+        "Seed", "-1 picks a random seed; image i of a batch gets seed + i",
+        limits=Limits(-1, MAX_SEED, words=f"-1 (random) or between 0 and {MAX_SEED}"), cli="seed", a1111="seed", openai="seed",
+        infotext=whole("Seed", always=True), widget=Widget("number"),
+    )] = -1
+    width: Annotated[int | None, Spec(
+        "Width", "multiple of 8 [default: model's native size or input size]", limits=_SIDE, cli="width", cli_short="-W",
+        a1111="width", a1111_default=512, openai="size", infotext=SIZE, widget=Widget("range", 256, 1024, 64),
+    )] = None
+    height: Annotated[int | None, Spec(
+        "Height", "multiple of 8 [default: model's native size or input size]", limits=_SIDE, cli="height", cli_short="-H",
+        a1111="height", a1111_default=512, openai="size", infotext=SIZE, widget=Widget("range", 256, 1024, 64),
+    )] = None
+    batch_size: Annotated[int, Spec(
+        "Images", "images per batch (made together)", limits=Limits(1, MAX_BATCH_SIZE), cli="batch-size", a1111="batch_size",
+        openai="n", widget=Widget("number"),
+    )] = 1
+    batch_count: Annotated[int, Spec(
+        "Batches", "batches, one after another", limits=Limits(1, MAX_BATCH_COUNT), cli="batch-count", a1111="n_iter",
+    )] = 1
+    init_image: Annotated[Image.Image | None, Spec("Image", "the picture to start from", modes=WITH_IMAGE, a1111="init_images", a1111_body=False)] = None
+    denoising_strength: Annotated[float, Spec(
+        "Strength", "denoising strength: how much of the picture to repaint, 0 to 1", modes=WITH_IMAGE, limits=Limits(0, 1),
+        mode_defaults={"outpaint": 0.8}, cli="strength", a1111="denoising_strength", openai="denoising_strength",
+        infotext=number("Denoising strength", always=True), widget=Widget("range", 0, 1, 0.05),
+    )] = 0.75
+    mask: Annotated[Image.Image | None, Spec("Mask", "white = repaint, black = keep; the image's size", modes=frozenset({"inpaint"}), a1111="mask", a1111_body=False)] = None
+    mask_blur: Annotated[int, Spec(
+        "Mask blur", "pixels of soft edge around the mask", modes=MASKED, limits=Limits(0, 256, unit=" pixels"),
+        mode_defaults={"outpaint": 8}, cli="mask-blur", a1111="mask_blur", a1111_body=False,
+        infotext=whole("Mask blur", always=True), widget=Widget("number"),
+    )] = 4
+    inpainting_fill: Annotated[Fill, Spec(
+        "Masked content", "what starts under the mask", modes=MASKED, mode_defaults={"outpaint": "fill"}, cli="fill",
+        a1111="inpainting_fill", a1111_body=False, infotext=InfotextKey("Masked content", always=True),
+    )] = "original"
+    inpaint_only_masked: Annotated[bool, Spec(
+        "Only masked", "crop around the mask, work at full resolution, paste back", modes=frozenset({"inpaint"}), cli="only-masked",
+        a1111="inpaint_full_res", a1111_body=False, infotext=yes("Inpaint area", "Only masked"), widget=Widget("check"),
+    )] = False
+    only_masked_padding: Annotated[int, Spec(
+        "Masked area padding", "pixels around the mask with only masked", modes=frozenset({"inpaint"}),
+        limits=Limits(0, 256, unit=" pixels"), cli="padding", a1111="inpaint_full_res_padding", a1111_body=False,
+        infotext=whole("Masked area padding", always=True, when=lambda r: r.inpaint_only_masked),
+    )] = 32
+    outpaint_left: Annotated[int, _outpaint("left")] = 0
+    outpaint_right: Annotated[int, _outpaint("right")] = 0
+    outpaint_up: Annotated[int, _outpaint("up", "at the top")] = 0
+    outpaint_down: Annotated[int, _outpaint("down", "at the bottom")] = 0
+    clip_skip: Annotated[int, Spec(
+        "Clip skip", "stop the text encoder this many layers before its last (2: what anime models expect)", limits=Limits(1, 12),
+        cli="clip-skip", a1111="CLIP_stop_at_last_layers", a1111_body=False, infotext=whole("Clip skip"),
+    )] = 1
+    loras: Annotated[list[LoraRef], Spec(
+        "LoRAs", "LoRAs from the models dir's Lora folder, with weights; also <lora:NAME:WEIGHT> in the prompt", cli="lora",
+    )] = []
 
-    init_image: Image.Image | None = None
-    denoising_strength: float = 0.75
-    mask: Image.Image | None = None
-    mask_blur: int = 4
-    inpaint_only_masked: bool = False
-    only_masked_padding: int = 32
-    inpainting_fill: Fill = "original"
-    outpaint_left: int = 0
-    outpaint_right: int = 0
-    outpaint_up: int = 0
-    outpaint_down: int = 0
-    # DeepCache: reuse deep U-Net features across steps; faster, a little less faithful. Never on by default.
-    fast: bool = False
+    tiling: Annotated[bool, Spec(
+        "Tiling", "a seamless texture: the picture wraps around at its edges (circular padding in the U-Net and VAE)",
+        cli="tiling", a1111="tiling", a1111_default=False, openai="tiling", infotext=yes("Tiling"), widget=Widget("check"),
+    )] = False
+    fast: Annotated[bool, Spec(
+        "Fast mode", "reuse deep U-Net features across steps (DeepCache): faster, a little less faithful", cli="fast",
+        a1111="fast", openai="fast", infotext=FAST, widget=Widget("check"),
+    )] = False
 
     # Not pixels but what happens to them: None leaves the choice to the settings / the front door.
-    watermark: bool | None = None  # invisible watermark in saved images (settings default: on)
-    safety: SafetyPolicy | None = None  # safety filter policy (defaults: blur in the server, off in the CLI)
+    watermark: Annotated[bool | None, Spec(
+        "Watermark", "invisible watermark in saved images [default: on, or the watermark setting]", cli="watermark",
+    )] = None
+    safety: Annotated[SafetyPolicy | None, Spec(
+        "Safety filter", "what to do with images the model's safety checker flags: off, blur or block "
+        "[default: the safety_cli / safety_server setting]", cli="safety",
+    )] = None
 
-    @field_validator("width", "height")
+    @field_validator("*")
     @classmethod
-    def _side(cls, v: int | None, info) -> int | None:
-        if v is not None and (v % 8 or not MIN_SIDE <= v <= MAX_SIDE):
-            raise ValueError(f"{info.field_name} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {v}")
-        return v
-
-    @field_validator(*_RANGES)
-    @classmethod
-    def _in_range(cls, v: float, info) -> float:
-        low, high, unit = _RANGES[info.field_name]
-        if not math.isfinite(v) or not low <= v <= high:
-            raise ValueError(f"{info.field_name} must be between {low} and {high}{unit}, got {v}")
+    def _in_limits(cls, v, info):
+        spec = spec_of(cls.model_fields[info.field_name])
+        if spec is not None and spec.limits is not None:
+            spec.limits.check(info.field_name, v)
         return v
 
     @field_validator("prompt", "negative_prompt")
@@ -234,20 +294,6 @@ class GenerationRequest(BaseModel):
         except InvalidRequestError as err:
             raise ValueError(str(err).removeprefix("schedule: ")) from None
 
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        if not -1 <= v <= MAX_SEED:
-            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {v}")
-        return v
-
-    @field_validator(*_OUTPAINT)
-    @classmethod
-    def _outpaint(cls, v: int, info) -> int:
-        if v % 8 or not 0 <= v <= MAX_SIDE:
-            raise ValueError(f"{info.field_name} must be a multiple of 8 between 0 and {MAX_SIDE}, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _images(self) -> "GenerationRequest":
         if self.mask is not None and self.init_image is None:
@@ -280,6 +326,11 @@ class GenerationRequest(BaseModel):
         if self.is_outpaint:
             return "outpaint"
         return "inpaint" if self.mask is not None else "img2img"
+
+
+def table() -> list[Row]:
+    """The field table, in declaration order."""
+    return list(rows(GenerationRequest))
 
 
 def build_request(**fields) -> GenerationRequest:

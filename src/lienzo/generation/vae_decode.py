@@ -9,6 +9,8 @@ Two things happen here that a bare ``vae.decode`` does not do:
 * **Tiles for large images.** Above :data:`AUTO_TILE_PIXELS` (or always, with tiling ``on``) the VAE
   decodes overlapping tiles of its native size and blends their seams (diffusers' ``tiled_decode``),
   which bounds its memory and the cost of its attention layer, quadratic in the latent's area.
+  (Not to be confused with a request's ``tiling``, seamless textures: such a job decodes whole, see
+  :func:`lienzo.generation.latents.decode`, as a tile with circular padding would wrap onto itself.)
 """
 
 import logging

@@ -31,7 +31,6 @@ _KEY = re.compile(rf"\s*({_KEY_NAME.pattern}?)\s*:\s*")
 # A1111 treats the last line as parameters only when it holds at least 3 pairs, so that a
 # one-line prompt such as "style: anime" stays a prompt.
 _MIN_PARAMETER_PAIRS = 3
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
 _JSON = json.JSONDecoder()
 # Half of a UTF-16 pair on its own: a JSON "\ud800" escape or a file name that is not UTF-8
 # (Python's surrogateescape) puts one in a str, and no UTF-8 writer (PNG iTXt, SQLite, JSON) takes it.
@@ -47,45 +46,12 @@ _UNDEFINED_PREFIX = b"\0" * 8
 
 @dataclass
 class Infotext:
-    """A parsed infotext. ``params`` keeps every key, known or not, in the order written.
-
-    The typed accessors return ``None`` for an absent key and raise :class:`LienzoError` for a
-    value that cannot be what the key promises.
-    """
+    """A parsed infotext. ``params`` keeps every key, known or not, in the order written; the request
+    fields they hold are read through the field table (``generation.infotext.fields_from_infotext``)."""
 
     prompt: str
     negative_prompt: str
     params: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def steps(self) -> int | None:
-        return self._int("Steps")
-
-    @property
-    def sampler(self) -> str | None:
-        return self.params.get("Sampler")
-
-    @property
-    def schedule_type(self) -> str | None:
-        return self.params.get("Schedule type")
-
-    @property
-    def cfg_scale(self) -> float | None:
-        return self._float("CFG scale")
-
-    @property
-    def seed(self) -> int | None:
-        return self._int("Seed")
-
-    @property
-    def width(self) -> int | None:
-        size = self._size()
-        return None if size is None else size[0]
-
-    @property
-    def height(self) -> int | None:
-        size = self._size()
-        return None if size is None else size[1]
 
     @property
     def model_hash(self) -> str | None:
@@ -94,45 +60,6 @@ class Infotext:
     @property
     def model(self) -> str | None:
         return self.params.get("Model")
-
-    @property
-    def denoising_strength(self) -> float | None:
-        return self._float("Denoising strength")
-
-    @property
-    def clip_skip(self) -> int | None:
-        return self._int("Clip skip")
-
-    @property
-    def version(self) -> str | None:
-        return self.params.get("Version")
-
-    def _int(self, key: str) -> int | None:
-        value = self.params.get(key)
-        if value is None:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise LienzoError(f"infotext {key!r} must be a whole number, got {value!r}") from None
-
-    def _float(self, key: str) -> float | None:
-        value = self.params.get(key)
-        if value is None:
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            raise LienzoError(f"infotext {key!r} must be a number, got {value!r}") from None
-
-    def _size(self) -> tuple[int, int] | None:
-        value = self.params.get("Size")
-        if value is None:
-            return None
-        match = _SIZE.match(value)
-        if match is None:
-            raise LienzoError(f"infotext 'Size' must be WIDTHxHEIGHT such as 512x768, got {value!r}")
-        return int(match.group(1)), int(match.group(2))
 
 
 def lone_surrogate(text: str) -> str | None:

@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.request import MAX_LORA_WEIGHT, GenerationRequest, build_request, schema_limits
+from lienzo.generation.fields import MODES
+from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import SAMPLERS
 from lienzo.images.provenance import describe_training_data
 from lienzo.models.registry import ModelEntry, native_size
@@ -21,6 +22,7 @@ from lienzo.origins import training_data_for
 from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.dialect import Dialect, ErrorBody
+from lienzo.server.fields import FieldView, body_field, field_views
 from lienzo.server.job import Job, JobStatus
 from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
@@ -28,46 +30,26 @@ from lienzo.settings import Settings
 PREFIX = "/api/v1"
 router = APIRouter(prefix=PREFIX, tags=["lienzo"])
 
-_COMMON = [
-    "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "schedule", "seed",
-    "batch_size", "batch_count", "clip_skip", "loras", "safety", "watermark", "fast",
-]
-_IMAGE = ["init_image", "denoising_strength"]
-_MODE_FIELDS = {
-    "txt2img": _COMMON,
-    "img2img": _COMMON + _IMAGE,
-    "inpaint": _COMMON + _IMAGE + ["mask", "mask_blur", "inpaint_only_masked", "only_masked_padding", "inpainting_fill"],
-    "outpaint": _COMMON + _IMAGE + ["outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down", "mask_blur", "inpainting_fill"],
-}
-# The CLI's outpaint defaults: a wider seam blur and a stronger repaint than img2img's.
-_MODE_DEFAULTS = {"outpaint": {"denoising_strength": 0.8, "mask_blur": 8, "inpainting_fill": "fill"}}
 _IMAGE_HELP = {
     "init_image": "the input image, base64 (a data: URL prefix is fine)",
     "mask": "base64; white (or opaque on a transparent layer) = repaint, black = keep; same size as init_image",
 }
-_HELP = {
-    "prompt": f"may hold <lora:NAME:WEIGHT> tags, WEIGHT from -{MAX_LORA_WEIGHT} to {MAX_LORA_WEIGHT}",
-    "sampler": "a sampler GET /api/v1/samplers lists, or an AUTOMATIC1111 alias, in any case",
-    "schedule": "a schedule GET /api/v1/samplers lists, by label or AUTOMATIC1111 id, in any case",
-    "fast": "fast mode (DeepCache): reuses deep U-Net features across steps; faster, a little less faithful",
-    "safety": "safety filter for flagged images: off, blur or block; default: the server's safety_server setting (blur unless configured)",
-}
 
 
 def _body_model(mode: str) -> type[BaseModel]:
-    """A pydantic body with ``mode``'s GenerationRequest fields and defaults, images as base64 strings."""
+    """A pydantic body with the table's fields for ``mode`` and their defaults there, images as base64 strings."""
     fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name, or a path inside the models dir; default: the current model"))}
-    for name in _MODE_FIELDS[mode]:
-        if name in _IMAGE_HELP:
-            fields[name] = (str, Field(description=_IMAGE_HELP[name]))
+    for row in table():
+        if mode not in row.spec.modes:
             continue
-        info = GenerationRequest.model_fields[name]
-        default = _MODE_DEFAULTS.get(mode, {}).get(name, info.default)
-        fields[name] = (info.annotation, Field(default, description=_HELP.get(name), json_schema_extra=schema_limits(name)))
+        if row.name in _IMAGE_HELP:
+            fields[row.name] = (str, Field(description=_IMAGE_HELP[row.name]))
+        else:
+            fields[row.name] = body_field(row, row.spec.default_for(mode, row.default))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-BODIES = {mode: _body_model(mode) for mode in _MODE_FIELDS}
+BODIES = {mode: _body_model(mode) for mode in MODES}
 
 
 def request_from_body(mode: str, body: BaseModel, settings: Settings) -> GenerationRequest:
@@ -199,7 +181,7 @@ def _route(mode: str):
     router.post(f"/{mode}", response_model=JobView, status_code=202)(submit)
 
 
-for _mode in _MODE_FIELDS:
+for _mode in MODES:
     _route(_mode)
 
 
@@ -312,6 +294,14 @@ def switch_model(choice: ModelChoice, queue: Queue) -> ModelView:
     path = queue.resolve_checkpoint(choice.name, "name")
     queue.model = str(path)
     return model_view(queue.registry.entry(path), True)
+
+
+@router.get("/fields", response_model=list[FieldView])
+async def list_fields() -> list[FieldView]:
+    """Every request field: label, help, type, default (and per-mode defaults), modes, limits, the studio's
+    control, and its name at each door (CLI flag, A1111 and OpenAI keys, infotext key). The studio builds
+    its controls and labels from this."""
+    return field_views()
 
 
 class SamplerView(BaseModel):

@@ -17,14 +17,16 @@ from typing import Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, build_request, schema_limits
+from lienzo.generation.fields import WITH_IMAGE
+from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, build_request, schema_limits, table
 from lienzo.images.io import decode_image, decode_mask
 from lienzo.server.codec import JSONResponse, b64encode
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.dialect import Dialect, ErrorBody
+from lienzo.server.fields import body_field, door_names
 from lienzo.server.job import Job, JobStatus
 from lienzo.server.jobs import JobQueue
 from lienzo.settings import Settings
@@ -75,7 +77,7 @@ DIALECT = Dialect(
     prefix=PREFIX,
     error_model=OpenAIError,
     invalid_status=400,
-    fields={"width": "size", "height": "size", "batch_size": "n"},
+    fields=door_names("openai"),
     reword=_openai_words,
 )
 
@@ -108,32 +110,34 @@ class _ImageOptions(BaseModel):
     stream: bool | None = Field(None, description="only false: lienzo answers once the images are done")
     user: str | None = _ignored()
     safety_identifier: str | None = _ignored()
-    negative_prompt: str | None = Field(
-        None, description=f"{_EXTENSION}: what the image should not show", json_schema_extra=schema_limits("negative_prompt")
-    )
-    seed: int | None = Field(
-        None, description=f"{_EXTENSION}: -1 or absent: random; image i gets seed + i", json_schema_extra=schema_limits("seed")
-    )
-    steps: int | None = Field(None, description=f"{_EXTENSION}: denoising steps (default 20)", json_schema_extra=schema_limits("steps"))
-    cfg_scale: float | None = Field(
-        None, description=f"{_EXTENSION}: prompt guidance (default 7)", json_schema_extra=schema_limits("cfg_scale")
-    )
-    sampler: str | None = Field(None, description=f"{_EXTENSION}: e.g. 'Euler a' (default DPM++ 2M)")
-    fast: bool | None = Field(None, description=f"{_EXTENSION}: fast mode (DeepCache), a little less faithful (default false)")
 
     def ignored_fields(self) -> list[str]:
         fields = type(self).model_fields.items()
         return [name for name, info in fields if info.description == _IGNORED and getattr(self, name) is not None]
 
     def extension_fields(self) -> dict[str, Any]:
+        """The extension fields sent, as GenerationRequest fields."""
+        field_of = {name: field for field, name in door_names("openai").items()}
         return {
-            name: value
+            field_of.get(name, name): value
             for name, info in type(self).model_fields.items()
             if (info.description or "").startswith(_EXTENSION) and (value := getattr(self, name)) is not None
         }
 
 
-class GenerationBody(_ImageOptions):
+def _extensions(base: type[BaseModel], modes: set[str]) -> type[BaseModel]:
+    """``base`` with the table's fields that have an OpenAI name for ``modes`` and are not OpenAI's own
+    (n, size): lienzo's extensions, absent meaning lienzo's default."""
+    fields = {}
+    for row in table():
+        name = row.spec.openai
+        if name and row.spec.modes & modes and name not in _ImageOptions.model_fields and name not in base.model_fields:
+            shown = "none" if row.default is None else row.default
+            fields[name] = body_field(row, None, f"{_EXTENSION}: {row.spec.help} (default {shown})", optional=True)
+    return create_model(f"_{base.__name__}Extensions", __base__=base, **fields)
+
+
+class GenerationBody(_extensions(_ImageOptions, {"txt2img"})):
     prompt: str = Field(description="what to draw", json_schema_extra=schema_limits("prompt"))
     quality: str | None = _ignored()
     style: str | None = _ignored()
@@ -144,10 +148,7 @@ class GenerationBody(_ImageOptions):
     partial_images: int | None = _ignored()
 
 
-class _UploadOptions(_ImageOptions):
-    denoising_strength: float | None = Field(
-        None, description=f"{_EXTENSION}: how much to change (default 0.75)", json_schema_extra=schema_limits("denoising_strength")
-    )
+_UploadOptions = _extensions(_ImageOptions, set(WITH_IMAGE))
 
 
 class EditForm(_UploadOptions):

@@ -2,10 +2,12 @@
 
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from lienzo.generation.request import schema_limits
+from lienzo.generation.fields import SAME, WITH_IMAGE
+from lienzo.generation.request import schema_limits, table
 from lienzo.server.dialect import ErrorBody
+from lienzo.server.fields import body_field
 
 PREFIX = "/sdapi/v1"
 
@@ -37,14 +39,24 @@ FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 
 
-class CommonRequest(BaseModel):
-    """What txt2img and img2img share, with A1111's defaults (not lienzo's)."""
+def table_fields(modes: set[str], but: set[str] = frozenset()) -> dict[str, Any]:
+    """The table's plain A1111 body fields for ``modes`` (not those in ``but``), by A1111 name, with A1111's
+    defaults; null is taken too, meaning lienzo's default."""
+    fields = {}
+    for row in table():
+        spec = row.spec
+        if spec.a1111 and spec.a1111_body and spec.modes & modes and spec.a1111 not in but:
+            default = row.default if spec.a1111_default is SAME else spec.a1111_default
+            fields[spec.a1111] = body_field(row, default, optional=True)
+    return fields
+
+
+class _CommonOptions(BaseModel):
+    """What txt2img and img2img share besides the table's fields: A1111's own options, and what it takes
+    that lienzo does not do."""
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str | None = Field("", json_schema_extra=schema_limits("prompt"))
-    negative_prompt: str | None = Field("", json_schema_extra=schema_limits("negative_prompt"))
-    seed: int = Field(-1, json_schema_extra=schema_limits("seed"))
     sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M'; old names such as 'DPM++ 2M Karras' work")
     sampler_index: str | None = Field("Euler", description="older name of sampler_name, used when sampler_name is empty")
     scheduler: str | None = Field(
@@ -52,19 +64,12 @@ class CommonRequest(BaseModel):
         description="schedule type, any id or label of GET /sdapi/v1/schedulers in any case (karras, sgm_uniform, "
         "'Align Your Steps', ...); one the sampler cannot run in diffusers runs as the nearest it can",
     )
-    batch_size: int = Field(1, json_schema_extra=schema_limits("batch_size"))
-    n_iter: int = Field(1, description="batches, one after the other", json_schema_extra=schema_limits("batch_count"))
-    steps: int = Field(50, json_schema_extra=schema_limits("steps"))
-    cfg_scale: float = Field(7.0, json_schema_extra=schema_limits("cfg_scale"))
-    width: int = Field(512, json_schema_extra=schema_limits("width"))
-    height: int = Field(512, json_schema_extra=schema_limits("height"))
     override_settings: dict[str, Any] | None = Field(
         None,
         description="sd_model_checkpoint picks this request's model, CLIP_stop_at_last_layers its clip skip; others are ignored",
     )
     send_images: bool = Field(True, description="false: answer without the images (they are saved in the outputs folder)")
     save_images: bool = Field(False, description="lienzo always saves its images")
-    fast: bool = Field(False, description="lienzo extension: fast mode (DeepCache), reusing deep U-Net features across steps")
 
     styles: list[str] | None = Field(None, description="names of saved presets (GET /prompt-styles), added to the prompts as A1111's styles")
     script_name: str | None = Field(None, description="lienzo has no scripts: a named one is refused (422), as A1111 refuses one it lacks")
@@ -76,7 +81,6 @@ class CommonRequest(BaseModel):
     seed_resize_from_h: int | None = Field(-1, description=IGNORED)
     seed_resize_from_w: int | None = Field(-1, description=IGNORED)
     restore_faces: bool | None = Field(None, description=IGNORED)
-    tiling: bool | None = Field(None, description=IGNORED)
     do_not_save_samples: bool | None = Field(False, description=IGNORED)
     do_not_save_grid: bool | None = Field(False, description=IGNORED)
     eta: float | None = Field(None, description=IGNORED)
@@ -93,6 +97,16 @@ class CommonRequest(BaseModel):
     script_args: list[Any] | None = Field(None, description="arguments of script_name")
     force_task_id: str | None = Field(None, description=IGNORED)
     infotext: str | None = Field(None, description=IGNORED)
+
+
+# What txt2img and img2img share, with A1111's defaults (not lienzo's); lienzo's extensions (fast,
+# tiling, ...) come with the table.
+CommonRequest = create_model("CommonRequest", __base__=_CommonOptions, **table_fields({"txt2img"}))
+# A1111 names (besides the table's) that lienzo acts on.
+USED = {
+    "sampler_name", "sampler_index", "scheduler", "override_settings", "send_images", "save_images", "resize_mode",
+    "inpainting_mask_invert", "include_init_images", "styles", "script_name", "alwayson_scripts",
+}
 
 
 def _numbered(choices: dict[int, str]) -> str:
@@ -116,10 +130,9 @@ class Txt2ImgRequest(CommonRequest):
     hr_negative_prompt: str | None = Field("", description=IGNORED)
 
 
-class Img2ImgRequest(CommonRequest):
+class Img2ImgRequest(create_model("_Img2ImgFields", __base__=CommonRequest, **table_fields(set(WITH_IMAGE), but=set(CommonRequest.model_fields)))):
     init_images: list[str] | None = Field(None, description="one base64 image (a data: URL prefix is fine)")
     resize_mode: int = Field(0, description=_numbered(RESIZE_MODES), json_schema_extra={"enum": list(RESIZE_MODES)})
-    denoising_strength: float = Field(0.75, json_schema_extra=schema_limits("denoising_strength"))
     mask: str | None = Field(None, description="base64; white = repaint, black = keep; same size as the init image")
     mask_blur: int | None = Field(4, json_schema_extra=schema_limits("mask_blur"))
     inpainting_fill: int = Field(0, description=_numbered(FILLS), json_schema_extra={"enum": list(FILLS)})

@@ -15,28 +15,16 @@ from PIL import ImageOps
 from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.gallery.records import Preset
 from lienzo.generation.canvas import ResizeMode, resize_image
-from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import find_schedule, split_folded_schedule
 from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.dialect import Dialect
+from lienzo.server.fields import door_names
 from lienzo.server.jobs import JobQueue
-from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
+from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, USED, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
 from lienzo.settings import Settings
 
-DIALECT = Dialect(
-    prefix=PREFIX,
-    error_model=A1111Error,
-    # GenerationRequest's field -> the A1111 field a client sent it as.
-    fields={
-        "sampler": "sampler_name",
-        "schedule": "scheduler",
-        "batch_count": "n_iter",
-        "init_image": "init_images",
-        "inpaint_only_masked": "inpaint_full_res",
-        "only_masked_padding": "inpaint_full_res_padding",
-        "clip_skip": "CLIP_stop_at_last_layers",
-    },
-)
+DIALECT = Dialect(prefix=PREFIX, error_model=A1111Error, fields=door_names("a1111"))
 
 
 # -- what lienzo ignores --------------------------------------------------------------------------
@@ -61,14 +49,9 @@ _DEPENDENT = {
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
     "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
 }
-_USED = {
-    "prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
-    "cfg_scale", "width", "height", "override_settings", "send_images", "save_images", "init_images", "resize_mode",
-    "denoising_strength", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-    "inpainting_mask_invert", "include_init_images", "fast", "styles", "script_name", "alwayson_scripts",
-}
+_USED = USED | {row.spec.a1111 for row in table() if row.spec.a1111}
 # Options lienzo acts on in override_settings.
-_OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+_OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "tiling"}
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -143,25 +126,20 @@ def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]
     return base, folded if folded is not None and schedule == "Automatic" else schedule
 
 
-def common_fields(body: CommonRequest, options: Mapping[str, Any]) -> dict[str, Any]:
-    """GenerationRequest fields from what txt2img and img2img share."""
-    sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or "Euler", body.scheduler)
-    overrides = body.override_settings or {}
-    return {
-        "prompt": body.prompt or "",
-        "negative_prompt": body.negative_prompt or "",
-        "width": body.width,
-        "height": body.height,
-        "steps": body.steps,
-        "cfg_scale": body.cfg_scale,
-        "sampler": sampler,
-        "schedule": schedule,
-        "seed": body.seed,
-        "batch_size": body.batch_size,
-        "batch_count": body.n_iter,
-        "clip_skip": overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1)),
-        "fast": body.fast,
+def common_fields(body: CommonRequest, options: Mapping[str, Any], mode: str = "txt2img") -> dict[str, Any]:
+    """GenerationRequest fields from the table's plain A1111 fields for ``mode`` (null: lienzo's default),
+    the sampler and schedule, and the clip skip of override_settings or the server's options."""
+    fields = {
+        row.name: value
+        for row in table()
+        if row.spec.a1111_body and row.spec.a1111 and mode in row.spec.modes and (value := getattr(body, row.spec.a1111)) is not None
     }
+    fields["sampler"], fields["schedule"] = sampler_and_schedule(body.sampler_name or body.sampler_index or "Euler", body.scheduler)
+    overrides = body.override_settings or {}
+    fields["clip_skip"] = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    # A1111 1.6 moved the Tiling checkbox into its settings: a client may send it either way.
+    fields["tiling"] = bool(fields.get("tiling") or overrides.get("tiling", options.get("tiling", False)))
+    return fields
 
 
 def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any]) -> GenerationRequest:
@@ -185,7 +163,7 @@ def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: 
     _choice(body.resize_mode, RESIZE_MODES, "resize_mode")
     fill = _choice(body.inpainting_fill, FILLS, "inpainting_fill")
     image = image_from_b64(body.init_images[0], "init_images[0]", settings)
-    fields = {**common_fields(body, options), "denoising_strength": body.denoising_strength}
+    fields = common_fields(body, options, "img2img")
     mask = None
     if body.mask:
         mask = mask_from_b64(body.mask, image.size, "mask", settings)

@@ -43,44 +43,115 @@ function showError(message, field) {
 // ---- parameters -----------------------------------------------------------------------------
 const mode = () => form.querySelector('input[name="mode"]:checked').value;
 
-function bindOutput(inputId, outputEl, format = (v) => v) {
-  const input = $(inputId);
-  const update = () => (outputEl.textContent = format(input.value));
-  input.addEventListener("input", update);
-  update();
-  return update;
-}
-const updateWidth = bindOutput("width", $("width-out"), (v) => `${v}px`);
-const updateHeight = bindOutput("height", $("height-out"), (v) => `${v}px`);
-const updateCfg = bindOutput("cfg_scale", $("cfg-out"));
-const updateStrength = bindOutput("denoising_strength", document.querySelector('output[for="denoising_strength"]'));
+// The request's fields with their labels, help, limits, defaults and controls (GET /api/v1/fields).
+// A control this page lays out itself is found by its id; the others are made in the Parameters aside.
+const fields = await api.get("/fields").catch((err) => {
+  showError(err.message, err.field);
+  return [];
+});
+const field = Object.fromEntries(fields.map((f) => [f.name, f]));
 
-function setValue(id, value) {
-  const el = $(id);
-  if (value === undefined || value === null || !el) return;
-  if (el.type === "checkbox") el.checked = Boolean(value);
-  else el.value = value;
+const INPUT_TYPES = { check: "checkbox", number: "number", range: "range", text: "text" };
+
+function makeControl({ name, widget, choices }) {
+  const box = Object.assign(document.createElement("div"), { className: "field" });
+  box.dataset.field = name;
+  const label = Object.assign(document.createElement("label"), { htmlFor: name });
+  let control;
+  if (widget.kind === "select") {
+    control = document.createElement("select");
+    control.append(...(choices ?? []).map((c) => new Option(c, c)));
+  } else {
+    control = Object.assign(document.createElement("input"), { type: INPUT_TYPES[widget.kind] });
+  }
+  control.id = name;
+  if (widget.kind === "check") {
+    label.className = "check";
+    label.append(control);
+    box.append(label);
+  } else {
+    box.append(label, control);
+  }
+  if (widget.kind === "range") {
+    const output = document.createElement("output");
+    output.setAttribute("for", name);
+    label.append(output);
+  }
+  const error = Object.assign(document.createElement("p"), { className: "error" });
+  error.setAttribute("role", "alert");
+  box.append(error);
+  $("safety-note").before(box);
+  return control;
+}
+
+const BOUNDS = {
+  range: ({ widget, limits }) => ({ min: widget.low ?? limits.minimum, max: widget.high ?? limits.maximum, step: widget.step }),
+  number: ({ widget, limits, type }) => ({
+    min: limits.minimum,
+    max: limits.maximum,
+    step: widget.step ?? limits.multipleOf ?? (type === "integer" ? 1 : "any"),
+  }),
+  text: ({ limits }) => ({ maxLength: limits.maxLength }),
+};
+
+// Label, tooltip and limits from the table; a range's <output> shows its value.
+function describe(f, control) {
+  const caption = control.labels[0] ?? control.closest("details")?.querySelector("summary");
+  if (caption) {
+    if (control.type === "checkbox") caption.append(` ${f.label}`);
+    else caption.prepend(`${f.label} `);
+    caption.title = f.help;
+  }
+  control.title = f.help;
+  for (const [key, value] of Object.entries(BOUNDS[f.widget.kind]?.(f) ?? {})) if (value !== undefined) control[key] = value;
+  const output = document.querySelector(`output[for="${f.name}"]`);
+  if (output) control.addEventListener("input", () => (output.textContent = control.value + (output.dataset.unit ?? "")));
+}
+
+const controls = fields.filter((f) => f.widget).map((f) => ({ field: f, control: $(f.name) ?? makeControl(f) }));
+for (const { field: f, control } of controls) describe(f, control);
+
+// A control's value as the request wants it.
+function read(f, control) {
+  if (f.type === "boolean") return control.checked;
+  if (f.type === "integer" || f.type === "number") return Number(control.value);
+  return control.value;
+}
+
+function setValue(control, value) {
+  if (value === undefined || value === null) return;
+  if (control.tagName === "SELECT" && ![...control.options].some((o) => o.value === String(value))) return;
+  if (control.type === "checkbox") control.checked = Boolean(value);
+  else control.value = value;
+  control.dispatchEvent(new Event("input"));
+}
+
+// Each control starts at its field's default for the mode; a mode change moves the controls the
+// user has not changed to the new mode's defaults (e.g. a stronger denoising for outpainting).
+const defaults = new Map();
+function applyDefaults(m) {
+  for (const { field: f, control } of controls) {
+    if (defaults.has(f.name) && read(f, control) !== defaults.get(f.name)) continue;
+    const value = f.mode_defaults[m] ?? f.default;
+    defaults.set(f.name, value);
+    setValue(control, value);
+  }
 }
 
 function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
-// Width and height go in steps of 64 from 256 to 1024, reaching down to a smaller model's own size.
+// Width and height go over their sliders' range, reaching down to a smaller model's own size.
 function applyNativeSize(model, set) {
   const native = model?.native_size || 512;
-  for (const id of ["width", "height"]) {
-    $(id).min = Math.min(256, native);
-    if (set) $(id).value = native;
+  const sides = ["width", "height"];
+  for (const id of sides) {
+    $(id).min = Math.min(field[id].widget.low, native);
+    if (set) setValue($(id), native);
   }
   $("native-size").textContent = `Native size ${native}×${native}`;
-  $("native-size").onclick = () => {
-    $("width").value = $("height").value = native;
-    updateWidth();
-    updateHeight();
-  };
-  updateWidth();
-  updateHeight();
+  $("native-size").onclick = () => sides.forEach((id) => setValue($(id), native));
 }
 
 function fillSchedules(samplerName, schedule) {
@@ -106,8 +177,8 @@ async function loadChoices() {
   if (!current) showError("No model found: put a checkpoint in the models folder, or reinstall lienzo for its built-in model.", "model");
   applyNativeSize(current, true);
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
-  $("sampler").value = samplers.some((s) => s.name === "DPM++ 2M") ? "DPM++ 2M" : samplers[0]?.name;
-  fillSchedules($("sampler").value);
+  $("sampler").value = samplers.some((s) => s.name === field.sampler.default) ? field.sampler.default : samplers[0]?.name;
+  fillSchedules($("sampler").value, field.schedule.default);
 }
 
 $("sampler").addEventListener("change", () => fillSchedules($("sampler").value));
@@ -148,6 +219,7 @@ function applyMode() {
   // The output takes the input image's size in the image modes; the sliders then do nothing.
   for (const id of ["width", "height"]) $(id).disabled = m !== "txt2img";
   $("native-size").hidden = m !== "txt2img";
+  applyDefaults(m);
   editor.setMode(m);
   editor.setOutpaint(outpaintAmounts());
 }
@@ -205,37 +277,24 @@ async function sendTo(url, targetMode, parameters) {
 // ---- generate -------------------------------------------------------------------------------
 function body() {
   const m = mode();
-  const number = (id) => Number($(id).value);
-  const fields = {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative_prompt").value,
-    steps: number("steps"),
-    cfg_scale: number("cfg_scale"),
-    batch_size: number("batch_size"),
-    sampler: $("sampler").value,
-    schedule: $("schedule").value,
-    seed: number("seed"),
-    fast: $("fast").checked,
-  };
-  if (m === "txt2img") {
-    fields.width = number("width");
-    fields.height = number("height");
-    return fields;
+  const request = {};
+  // The mode's fields, less the controls that do not apply: width and height are disabled outside
+  // txt2img (the output takes the input image's size), the mask tools hidden outside inpaint.
+  for (const { field: f, control } of controls) {
+    if (f.modes.includes(m) && !control.disabled && !control.closest("[hidden]")) request[f.name] = read(f, control);
   }
+  if (m === "txt2img") return request;
   if (!editor.hasImage) throw new ApiError(0, "Drop or choose an image first.", "init_image");
-  fields.init_image = editor.imageDataURL();
-  fields.denoising_strength = number("denoising_strength");
+  request.init_image = editor.imageDataURL();
   if (m === "inpaint") {
     if (editor.maskIsEmpty()) throw new ApiError(0, "Paint a mask over the part to repaint first.", "init_image");
-    fields.mask = editor.maskDataURL();
-    fields.mask_blur = number("mask_blur");
-    fields.inpaint_only_masked = $("inpaint_only_masked").checked;
+    request.mask = editor.maskDataURL();
   }
   if (m === "outpaint") {
     const a = outpaintAmounts();
-    Object.assign(fields, { outpaint_left: a.left, outpaint_right: a.right, outpaint_up: a.up, outpaint_down: a.down });
+    Object.assign(request, { outpaint_left: a.left, outpaint_right: a.right, outpaint_up: a.up, outpaint_down: a.down });
   }
-  return fields;
+  return request;
 }
 
 function formatEta(seconds) {
@@ -278,9 +337,9 @@ function showResults(job) {
 async function generate() {
   if (state.job) return;
   clearErrors();
-  let fields;
+  let request;
   try {
-    fields = body();
+    request = body();
   } catch (err) {
     return showError(err.message, err.field);
   }
@@ -289,7 +348,7 @@ async function generate() {
   $("cancel").hidden = false;
   $("preview-box").hidden = true;
   try {
-    const job = await api.post(`/${m}`, { ...fields, model: $("model").value || null });
+    const job = await api.post(`/${m}`, { ...request, model: $("model").value || null });
     state.job = job;
     const final = await followJob(job, showProgress);
     if (final.images.length) {
@@ -328,36 +387,28 @@ $("cancel").addEventListener("click", async () => {
 // ---- reuse parameters -------------------------------------------------------------------------
 function reuse(parameters) {
   location.hash = "#create";
-  const fields = ["prompt", "negative_prompt", "steps", "cfg_scale", "seed", "batch_size", "denoising_strength"];
-  for (const key of fields) setValue(key, parameters[key]);
-  $("fast").checked = Boolean(parameters.fast); // absent: the image was made in the normal mode
-  if (parameters.negative_prompt) $("negative-box").open = true;
-  if (parameters.sampler && state.samplers.some((s) => s.name === parameters.sampler)) {
-    $("sampler").value = parameters.sampler;
-    fillSchedules(parameters.sampler, parameters.schedule);
+  if (parameters.width && parameters.height) {
+    form.querySelector('input[name="mode"][value="txt2img"]').checked = true;
+    applyMode();
   }
+  for (const { field: f, control } of controls) {
+    // A flag missing from an older image's parameters was off.
+    setValue(control, f.name in parameters ? parameters[f.name] : f.type === "boolean" ? f.default : undefined);
+  }
+  if (parameters.negative_prompt) $("negative-box").open = true;
+  if (state.samplers.length) fillSchedules($("sampler").value, parameters.schedule ?? $("schedule").value);
   const model = state.models.find((m) => m.name === parameters.model);
   if (model && model.name !== $("model").value) {
     $("model").value = model.name;
     $("model").dispatchEvent(new Event("change"));
   }
-  if (parameters.width && parameters.height) {
-    form.querySelector('input[name="mode"][value="txt2img"]').checked = true;
-    applyMode();
-    setValue("width", parameters.width);
-    setValue("height", parameters.height);
-  }
-  updateWidth();
-  updateHeight();
-  updateCfg();
-  updateStrength();
   toast("Parameters loaded: generate to remake the image.");
   $("prompt").focus();
 }
 
 // ---- views and keys ---------------------------------------------------------------------------
 const gallery = initGallery({ openViewer: (items, i) => viewer.open(items, i), toast });
-const viewer = initViewer({ onReuse: reuse, onSend: sendTo, gallery, toast });
+const viewer = initViewer({ fields, onReuse: reuse, onSend: sendTo, gallery, toast });
 initPromptHelper({ prompt: $("prompt"), negative: $("negative_prompt"), toast });
 
 function route() {

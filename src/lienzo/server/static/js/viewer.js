@@ -4,16 +4,15 @@ import { api } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 
-// Labels for the parameter table, in the order shown; other keys follow as they come.
-const LABELS = {
-  negative_prompt: "Negative prompt", model: "Model", width: "Width", height: "Height", steps: "Steps",
-  cfg_scale: "CFG scale", sampler: "Sampler", schedule: "Schedule", seed: "Seed", clip_skip: "Clip skip",
-  denoising_strength: "Strength", batch_size: "Images", fast: "Fast mode", created: "Made", source: "Made by",
-};
 const HIDDEN = new Set(["prompt", "batch_count", "loras", "safety", "watermark"]);
 const SOURCES = { cli: "the CLI", native: "the studio or lienzo's API", a1111: "the A1111 API", openai: "the OpenAI API", import: "imported" };
 
-export function initViewer({ onReuse, onSend, gallery, toast }) {
+// ``fields``: the request's field table (GET /api/v1/fields), for the parameters' labels.
+export function initViewer({ fields, onReuse, onSend, gallery, toast }) {
+  // Labels for the parameter table, in the order shown: the model, the request's fields in the
+  // table's order, where the image came from; other keys follow as they come.
+  const labels = { model: "Model", ...Object.fromEntries(fields.map((f) => [f.name, f.label])), created: "Made", source: "Made by" };
+  const flags = fields.filter((f) => f.type === "boolean").map((f) => f.name);
   const dialog = $("viewer");
   const error = $("viewer-error");
   let list = [];
@@ -32,7 +31,7 @@ export function initViewer({ onReuse, onSend, gallery, toast }) {
 
   function paint(item, detail) {
     const params = { ...(detail?.parameters ?? item.parameters ?? {}) };
-    if (!params.fast) delete params.fast; // off is the normal mode: no row for it
+    for (const flag of flags) if (!params[flag]) delete params[flag]; // off is the normal mode: no row for it
     if (detail) {
       params.model = detail.model ?? params.model;
       params.created = new Date(detail.created * 1000).toLocaleString();
@@ -42,11 +41,11 @@ export function initViewer({ onReuse, onSend, gallery, toast }) {
     $("viewer-img").alt = params.prompt || "generated image";
     $("viewer-prompt").textContent = params.prompt || detail?.prompt || "(no prompt)";
     const rows = [];
-    const keys = [...Object.keys(LABELS), ...Object.keys(params).filter((k) => !(k in LABELS))];
+    const keys = [...Object.keys(labels), ...Object.keys(params).filter((k) => !(k in labels))];
     for (const key of keys) {
       const value = params[key];
       if (HIDDEN.has(key) || value === null || value === undefined || value === "") continue;
-      rows.push(row(LABELS[key] ?? key.replaceAll("_", " "), typeof value === "object" ? JSON.stringify(value) : String(value)));
+      rows.push(row(labels[key] ?? key.replaceAll("_", " "), typeof value === "object" ? JSON.stringify(value) : String(value)));
     }
     if (!detail && item.infotext) rows.push(row("Infotext", item.infotext));
     $("viewer-params").replaceChildren(...rows);

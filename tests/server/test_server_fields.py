@@ -1,0 +1,73 @@
+"""The field table at the server's doors: ``GET /api/v1/fields``, and a field added to the table
+(``tiling``) taken by lienzo's API, the A1111 API (as a field and as its 1.6+ setting) and the OpenAI
+API, each making the same picture and writing it into the infotext."""
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lienzo.generation.request import table
+from lienzo.images.metadata import parse_infotext
+from lienzo.server.app import create_app
+from servers import home_settings, two_model_home
+
+SAME = {"prompt": "a brick wall", "steps": 2, "seed": 21, "cfg_scale": 5}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    home = two_model_home(tmp_path_factory.mktemp("fields-home"))
+    with TestClient(create_app(home_settings(home, data=home / "data", out=home / "out", watermark=False))) as c:
+        yield c
+
+
+def png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_fields_lists_the_table_with_every_doors_names(client):
+    fields = client.get("/api/v1/fields").json()
+    assert [f["name"] for f in fields] == [row.name for row in table()]
+    tiling = next(f for f in fields if f["name"] == "tiling")
+    assert tiling["label"] == "Tiling" and tiling["type"] == "boolean" and tiling["default"] is False
+    assert tiling["names"] == {"cli": "--tiling", "a1111": "tiling", "openai": "tiling", "infotext": "Tiling"}
+    assert tiling["widget"] == {"kind": "check"} and tiling["modes"] == ["txt2img", "img2img", "inpaint", "outpaint"]
+    strength = next(f for f in fields if f["name"] == "denoising_strength")
+    assert strength["limits"] == {"minimum": 0, "maximum": 1} and strength["mode_defaults"] == {"outpaint": 0.8}
+    width = next(f for f in fields if f["name"] == "width")
+    assert width["nullable"] and width["limits"]["multipleOf"] == 8 and width["names"]["infotext"] == "Size"
+    fill = next(f for f in fields if f["name"] == "inpainting_fill")
+    assert fill["type"] == "choice" and fill["choices"] == ["fill", "original", "latent noise", "latent nothing"]
+
+
+def test_tiling_through_every_api_gives_one_picture(client):
+    native = client.post("/api/v1/txt2img?wait=true", json={**SAME, "width": 64, "height": 64, "sampler": "Euler", "tiling": True}).json()
+    assert native["status"] == "done" and native["parameters"]["tiling"] is True
+    by_native = png(client.get(native["images"][0]["url"]).content)
+    assert parse_infotext(by_native.info["parameters"]).params["Tiling"] == "True"
+
+    a1111 = {**SAME, "width": 64, "height": 64, "sampler_name": "Euler"}
+    answer = client.post("/sdapi/v1/txt2img", json={**a1111, "tiling": True}).json()
+    by_field = png(base64.b64decode(answer["images"][0]))
+    assert "tiling=True" not in str(answer["info"])  # used, so not reported as ignored
+    setting = client.post("/sdapi/v1/txt2img", json={**a1111, "override_settings": {"tiling": True}}).json()
+    by_setting = png(base64.b64decode(setting["images"][0]))
+    plain = png(base64.b64decode(client.post("/sdapi/v1/txt2img", json=a1111).json()["images"][0]))
+
+    openai = client.post("/v1/images/generations", json={**SAME, "size": "64x64", "sampler": "Euler", "tiling": True}).json()
+    by_openai = png(base64.b64decode(openai["data"][0]["b64_json"]))
+
+    for image in (by_field, by_setting, by_openai):
+        assert image.tobytes() == by_native.tobytes()
+        assert parse_infotext(image.info["parameters"]).params["Tiling"] == "True"
+    assert plain.tobytes() != by_native.tobytes() and "Tiling" not in parse_infotext(plain.info["parameters"]).params
+
+
+def test_a_tiling_of_the_wrong_type_is_named_at_each_door(client):
+    assert client.post("/api/v1/txt2img", json={**SAME, "tiling": "sometimes"}).json()["field"] == "tiling"
+    assert client.post("/sdapi/v1/txt2img", json={**SAME, "tiling": "sometimes"}).status_code == 422
+    response = client.post("/v1/images/generations", json={**SAME, "tiling": "sometimes"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tiling"
