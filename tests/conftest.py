@@ -10,8 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One thread per xdist worker: two workers with two threads each on two cores thrash.
+    # One thread per xdist worker: two workers with two threads each on two cores thrash. The CLIs and
+    # servers the tests start inherit it (torch reads OMP_NUM_THREADS when no --threads is given).
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_addoption(parser):

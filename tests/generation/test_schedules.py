@@ -165,7 +165,7 @@ def test_generation_writes_the_schedule_asked_for(sd1, sampler, schedule):
     request = build_request(prompt="a fox", sampler=sampler, schedule=schedule, steps=3, width=64, height=64, seed=2)
     image = engine.generate(sd1, request).images[0]
     assert np.isfinite(image.pixels).all()
-    assert parse_infotext(image.infotext).schedule_type == request.schedule
+    assert parse_infotext(image.infotext).params["Schedule type"] == request.schedule
 
 
 @pytest.fixture(scope="module")
