@@ -135,33 +135,23 @@ def rows(model) -> Iterator[Row]:
 # -- infotext values ------------------------------------------------------------------------------
 
 
-def read_int(key: str) -> Callable[[str], int]:
-    def read(text: str) -> int:
+def _reader(key: str, kind: type, words: str) -> Callable[[str], Any]:
+    def read(text: str):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise LienzoError(f"infotext {key!r} must be a whole number, got {text!r}") from None
-
-    return read
-
-
-def read_float(key: str) -> Callable[[str], float]:
-    def read(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise LienzoError(f"infotext {key!r} must be a number, got {text!r}") from None
+            raise LienzoError(f"infotext {key!r} must be {words}, got {text!r}") from None
 
     return read
 
 
 def number(key: str, **options) -> InfotextKey:
     """A decimal key written as A1111 writes it (7, not 7.0; 0.75)."""
-    return InfotextKey(key, write=lambda v: f"{v:g}", read=read_float(key), **options)
+    return InfotextKey(key, write=lambda v: f"{v:g}", read=_reader(key, float, "a number"), **options)
 
 
 def whole(key: str, **options) -> InfotextKey:
-    return InfotextKey(key, read=read_int(key), **options)
+    return InfotextKey(key, read=_reader(key, int, "a whole number"), **options)
 
 
 def _read_size(text: str) -> tuple[int, int]:
