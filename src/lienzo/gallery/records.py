@@ -3,7 +3,7 @@ errors it raises."""
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lienzo.errors import LienzoError
@@ -27,9 +27,9 @@ class GalleryItem:
 
     id: int
     path: Path
-    created: float
-    source: str
-    mode: str | None
+    created: float = field(metadata={"help": "epoch seconds"})
+    source: str = field(metadata={"help": "cli, native, a1111, openai or import"})
+    mode: str | None = field(metadata={"help": "txt2img, img2img, inpaint or outpaint; null: unknown"})
     prompt: str
     negative_prompt: str
     model: str | None
@@ -41,8 +41,10 @@ class GalleryItem:
     cfg_scale: float | None
     sampler: str | None
     schedule: str | None
-    infotext: str
-    parameters: dict
+    infotext: str = field(metadata={"help": "the parameters in AUTOMATIC1111's layout"})
+    parameters: dict = field(
+        metadata={"help": "request fields that remake the image: POST them to /api/v1/{mode} (with init_image, and mask, for the image modes)"}
+    )
     favourite: bool
     size_bytes: int
 

@@ -5,14 +5,15 @@ Errors have the native shape, ``{"detail", "field"}``; an unknown id is a 404 na
 Routes are plain ``def`` (run in the thread pool): SQLite and thumbnails are blocking work.
 """
 
+import dataclasses
 import json
 import mimetypes
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import LienzoError
 from lienzo.gallery.records import GalleryItem, Preset, file_gone
@@ -27,37 +28,33 @@ router = APIRouter(prefix=PREFIX, tags=["gallery"])
 ImageId = Annotated[int, Path(alias="id", description="the image's gallery id")]
 
 
-class ItemView(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    id: int
-    url: str = Field(description="the file as saved")
-    thumb_url: str = Field(description="a WebP thumbnail, 256 pixels on its longer side")
-    created: float = Field(description="epoch seconds")
-    source: str = Field(description="cli, native, a1111, openai or import")
-    mode: str | None = Field(description="txt2img, img2img, inpaint or outpaint; null: unknown")
-    prompt: str
-    negative_prompt: str
-    model: str | None
-    seed: int | None
-    width: int
-    height: int
-    steps: int | None
-    cfg_scale: float | None
-    sampler: str | None
-    schedule: str | None
-    favourite: bool
+# The views are GalleryItem's columns (with its help): a column added there is answered here.
+_DETAIL_ONLY = ("model_hash", "size_bytes", "infotext", "parameters")
 
 
-class DetailView(ItemView):
-    model_hash: str | None
-    file: str = Field(description="the file's path on the server")
-    size_bytes: int
-    infotext: str = Field(description="the parameters in AUTOMATIC1111's layout")
-    parameters: dict = Field(
-        description="request fields that remake the image: POST them to /api/v1/{mode} (with init_image, and mask, for the image modes)"
-    )
-    provenance: dict | None = Field(description="the lienzo-provenance record in the file; null: none, or unreadable")
+def _columns(keep) -> dict[str, Any]:
+    return {
+        f.name: (f.type, Field(description=f.metadata.get("help")))
+        for f in dataclasses.fields(GalleryItem)
+        if f.name != "path" and keep(f.name)
+    }
+
+
+ItemView = create_model(
+    "ItemView",
+    __config__=ConfigDict(protected_namespaces=()),
+    **_columns(lambda name: name == "id"),
+    url=(str, Field(description="the file as saved")),
+    thumb_url=(str, Field(description="a WebP thumbnail, 256 pixels on its longer side")),
+    **_columns(lambda name: name != "id" and name not in _DETAIL_ONLY),
+)
+DetailView = create_model(
+    "DetailView",
+    __base__=ItemView,
+    **_columns(lambda name: name in _DETAIL_ONLY),
+    file=(str, Field(description="the file's path on the server")),
+    provenance=(dict | None, Field(description="the lienzo-provenance record in the file; null: none, or unreadable")),
+)
 
 
 class PageView(BaseModel):
