@@ -25,7 +25,8 @@ ODD = {
     "steps": 33, "sampler": "Euler a", "schedule": "Karras", "cfg_scale": 4.5, "seed": 1234, "width": 96, "height": 72,
     "denoising_strength": 0.35, "mask_blur": 9, "inpainting_fill": "latent noise", "inpaint_only_masked": True,
     "only_masked_padding": 40, "outpaint_left": 8, "outpaint_right": 16, "outpaint_up": 24, "outpaint_down": 32,
-    "clip_skip": 2, "tiling": True, "fast": True,
+    "clip_skip": 2, "tiling": True, "fast": True, "subseed": 77, "subseed_strength": 0.25, "seed_resize_from_w": 48,
+    "seed_resize_from_h": 40,
 }
 
 

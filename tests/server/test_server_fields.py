@@ -71,3 +71,15 @@ def test_a_tiling_of_the_wrong_type_is_named_at_each_door(client):
     assert client.post("/sdapi/v1/txt2img", json={**SAME, "tiling": "sometimes"}).status_code == 422
     response = client.post("/v1/images/generations", json={**SAME, "tiling": "sometimes"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tiling"
+
+
+def test_variation_seeds_through_the_a1111_api_answer_as_a1111_does(client):
+    import json
+
+    body = {**SAME, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 2, "subseed": 40, "subseed_strength": 0.2}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["all_seeds"] == [21, 21] and info["all_subseeds"] == [40, 41] and info["subseed_strength"] == 0.2
+    assert not any("subseed" in ignored for ignored in info["ignored"])
+    assert [parse_infotext(text).params["Variation seed"] for text in info["infotexts"]] == ["40", "41"]

@@ -21,9 +21,9 @@ from lienzo.generation import canvas
 from lienzo.generation.infotext import request_params
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
-from lienzo.generation.noise import random_seed
+from lienzo.generation.noise import Variation, random_seed
 from lienzo.generation.plan import BatchPlan, Canvas
-from lienzo.generation.prompts import encode_pair
+from lienzo.generation.prompts import encode_schedules
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import resolve_sampler, resolve_schedule
 from lienzo.images.metadata import format_infotext
@@ -173,7 +173,10 @@ def generate(
 
     # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
     prompt, _ = extract_lora_tags(request.prompt)
-    pos, neg = encode_pair(components, prompt, request.negative_prompt, clip_skip=request.clip_skip, device=device, cancel=cancel)
+    # Prompt editing ([from:to:when]) and alternation ([a|b]) give each step its own text; each text is encoded once.
+    pos, neg = encode_schedules(
+        components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel
+    )
     info_prompt = _infotext_prompt(request)
 
     # 3.-8. One plan for every batch (the engine's only reading of the request for them); each batch
@@ -186,12 +189,18 @@ def generate(
     )
     images: list[GeneratedImage] = []
     interrupted = False
+    subseed = random_seed() if request.subseed == -1 else request.subseed
     for batch in range(request.batch_count):
-        first = seed + batch * request.batch_size
+        first = batch * request.batch_size  # the request's index of the batch's first image
+        variation = Variation(
+            tuple(subseed + first + i for i in range(request.batch_size)), request.subseed_strength,
+            (request.seed_resize_from_w, request.seed_resize_from_h),
+        )
+        batch_plan = replace(plan, first_seed=seed + (0 if variation.strength else first), variation=variation)
         stop = Stop(cancel, skip, interrupt)
         report = _reporter(progress, components, batch, request.batch_count)
         try:
-            pixels = denoise_batch(components, replace(plan, first_seed=first), stop, report)
+            pixels = denoise_batch(components, batch_plan, stop, report)
         except Skipped:
             continue
         except Interrupted:
@@ -203,18 +212,20 @@ def generate(
         for i, (array, kept) in enumerate(zip(pixels, screened, strict=True)):
             if kept.filtered is not None:
                 array = np.asarray(kept.image, dtype=np.float32) / 255  # the replacement's pixels, not the original's
-            params = _parameters(components, request, cv, first + i, sampler.name, schedule, kept.label or unchecked)
+            image_seed = batch_plan.seeds[i]
+            resolved = {"seed": image_seed, "subseed": variation.subseeds[i], "sampler": sampler.name, "schedule": schedule}
+            params = _parameters(components, request, cv, resolved, kept.label or unchecked)
             if stop.stopped_at is not None:
                 # Not what the parameters would remake: say so, as the picture is only the estimate at that step.
                 params["Interrupted"] = f"at step {stop.stopped_at} of {stop.total}"
             infotext = format_infotext(info_prompt, request.negative_prompt, params)
-            images.append(GeneratedImage(kept.image, first + i, infotext, params, array, kept.filtered))
+            images.append(GeneratedImage(kept.image, image_seed, infotext, params, array, kept.filtered))
             if on_image is not None:
                 on_image(images[-1])
         if stop.stopped_at is not None:
             interrupted = True
             break
-    result_request = request.model_copy(update={"seed": seed})
+    result_request = request.model_copy(update={"seed": seed, **({"subseed": subseed} if request.subseed_strength else {})})
     return GenerationResult(images, result_request, time.perf_counter() - started, interrupted, warnings)
 
 
@@ -275,12 +286,11 @@ def _infotext_prompt(request: GenerationRequest) -> str:
     return " ".join([request.prompt, *extra]) if extra else request.prompt
 
 
-def _parameters(
-    components: Components, req: GenerationRequest, cv: Canvas, seed: int, sampler: str, schedule: str, safety: str | None = None
-) -> dict:
+def _parameters(components: Components, req: GenerationRequest, cv: Canvas, resolved: dict, safety: str | None = None) -> dict:
     """The infotext fields of one image, in A1111's order: the request's (from the field table, with
-    what the run resolved), the model's after ``Size``, the loaded VAE and LoRAs before ``Fast``."""
-    params = request_params(req, {"seed": seed, "width": cv.width, "height": cv.height, "sampler": sampler, "schedule": schedule})
+    what the run ``resolved``: seeds, sampler, schedule), the model's after ``Size``, the loaded VAE and
+    LoRAs before ``Fast``."""
+    params = request_params(req, {**resolved, "width": cv.width, "height": cv.height})
     model = {"Model hash": components.short_hash or None, "Model": components.name or None}
     loaded: dict[str, object] = {}
     if components.vae_name:

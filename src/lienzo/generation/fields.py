@@ -154,14 +154,19 @@ def whole(key: str, **options) -> InfotextKey:
     return InfotextKey(key, read=_reader(key, int, "a whole number"), **options)
 
 
-def _read_size(text: str) -> tuple[int, int]:
-    width, sep, height = text.partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
-        raise LienzoError(f"infotext 'Size' must be WIDTHxHEIGHT such as 512x768, got {text!r}")
-    return int(width), int(height)
+def _sizes(key: str) -> Callable[[str], tuple[int, int]]:
+    def read(text: str) -> tuple[int, int]:
+        width, sep, height = text.partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise LienzoError(f"infotext {key!r} must be WIDTHxHEIGHT such as 512x768, got {text!r}")
+        return int(width), int(height)
+
+    return read
 
 
-SIZE = InfotextKey("Size", write=lambda w, h: f"{w}x{h}", read=_read_size, always=True)
+SIZE = InfotextKey("Size", write=lambda w, h: f"{w}x{h}", read=_sizes("Size"), always=True)
+# A1111 writes it only when both sides are set (above 0).
+SEED_RESIZE = InfotextKey("Seed resize from", write=lambda w, h: f"{w}x{h}" if w > 0 and h > 0 else None, read=_sizes("Seed resize from"))
 _SIDES = ("left", "right", "up", "down")
 
 

@@ -14,7 +14,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from lienzo.generation import canvas
-from lienzo.generation.noise import batch_noise
+from lienzo.generation.noise import batch_noise, varied_noise
 from lienzo.generation.plan import BatchPlan
 from lienzo.generation.samplers import build_scheduler, set_timesteps
 from lienzo.generation.vae_decode import decode_latents, wants_tiling
@@ -139,7 +139,10 @@ def prepare_latents(components: Components, plan: BatchPlan, schedulers: ImageSc
         pixels = _processor(components).preprocess(cv.init, height=cv.height, width=cv.width)
         pixels = pixels.to(device=components.execution_device, dtype=components.vae.dtype)
         image_latents = _encode(components, pixels, generators)
-    noise = batch_noise(generators, shape, device=components.execution_device, dtype=dtype)
+    if plan.variation.strength or plan.variation.resized:
+        noise = varied_noise(generators, plan.seeds, plan.variation, shape).to(device=components.execution_device, dtype=dtype)
+    else:
+        noise = batch_noise(generators, shape, device=components.execution_device, dtype=dtype)
     # After the noise: "latent noise" draws a second noise from the same generators.
     mask = prepare_mask(components, plan, pixels, image_latents, generators) if cv.mask is not None else None
     original = mask.image_latents if mask is not None else image_latents

@@ -61,7 +61,7 @@ def denoise_batch(components: Components, plan: BatchPlan, stop: Stop, report: S
 
     A tiling plan runs every U-Net and VAE call of the batch (the init image's encode, the steps, the
     decode) with circular padding, put back as it was when the batch ends, however it ends."""
-    generators = image_generators(plan.first_seed, plan.batch_size)
+    generators = image_generators(plan.seeds)
     # 3. Timesteps: one scheduler per image, so stochastic samplers draw each image's noise from its own seed.
     schedulers = prepare_timesteps(components, plan, generators)
     with seamless(components, plan.tiling):
@@ -89,7 +89,7 @@ def denoising_loop(
         if stop.before_step(i, len(timesteps)):
             return denoised if blend is None else blend.keep_unmasked(denoised)
         scaled = schedulers.scale(latents, t)
-        pred = denoiser(scaled, t)
+        pred = denoiser(scaled, t, i)
         latents, outputs = schedulers.step(pred, t, latents)
         if stop.interrupt is not None:
             denoised = schedulers.denoised(outputs, scaled, pred, t)

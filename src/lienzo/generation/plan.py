@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from lienzo.generation import canvas
-from lienzo.generation.prompts import PromptEmbeddings
+from lienzo.generation.noise import Variation
+from lienzo.generation.prompts import PromptSchedule
 from lienzo.generation.samplers import Sampler
 
 
@@ -32,8 +33,8 @@ class BatchPlan:
     """One batch of ``batch_size`` images: images ``first_seed``, ``first_seed + 1``, ... (one generator each)."""
 
     canvas: Canvas
-    prompt: PromptEmbeddings
-    negative: PromptEmbeddings
+    prompt: PromptSchedule  # per step: A1111's prompt editing and alternation
+    negative: PromptSchedule
     sampler: Sampler
     schedule: str  # resolved: a key of samplers.SCHEDULES
     steps: int
@@ -44,6 +45,7 @@ class BatchPlan:
     batch_size: int
     first_seed: int
     tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE (lienzo.generation.tiling)
+    variation: Variation = Variation()  # A1111's variation seed and seed resize (off by default)
 
     @property
     def guided(self) -> bool:
@@ -52,4 +54,6 @@ class BatchPlan:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.first_seed + i for i in range(self.batch_size)]
+        """Each image's seed: ``first_seed + i``, or, with a variation seed, ``first_seed`` for all (A1111's
+        rule: the images of a variation batch differ by their variation seeds)."""
+        return [self.first_seed + (0 if self.variation.strength else i) for i in range(self.batch_size)]

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.fields import (
-    FAST, MASKED, OUTPAINT, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of, whole, yes,
+    FAST, MASKED, OUTPAINT, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of, whole, yes,
 )
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.samplers import resolve_sampler, schedule_label
@@ -34,6 +34,8 @@ Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
 _SIDE = Limits(MIN_SIDE, MAX_SIDE, multiple=8)
 _GROW = Limits(0, MAX_SIDE, multiple=8)
+_SEED = Limits(-1, MAX_SEED, words=f"-1 (random) or between 0 and {MAX_SEED}")
+_FROM = Limits(-1, MAX_SIDE, words=f"between -1 and {MAX_SIDE} (0 or -1: off)")
 # What the limits leave out, as the API descriptions say it: rules across fields and the server's settings.
 _UNSAID = {
     "width": "width x height is also held to the server's max_pixels",
@@ -167,7 +169,7 @@ class GenerationRequest(BaseModel):
     )] = 7.0
     seed: Annotated[int, Spec(
         "Seed", "-1 picks a random seed; image i of a batch gets seed + i",
-        limits=Limits(-1, MAX_SEED, words=f"-1 (random) or between 0 and {MAX_SEED}"), cli="seed", a1111="seed", openai="seed",
+        limits=_SEED, cli="seed", a1111="seed", openai="seed",
         infotext=whole("Seed", always=True), widget=Widget("number"),
     )] = -1
     width: Annotated[int | None, Spec(
@@ -178,6 +180,25 @@ class GenerationRequest(BaseModel):
         "Height", "multiple of 8 [default: model's native size or input size]", limits=_SIDE, cli="height", cli_short="-H",
         a1111="height", a1111_default=512, openai="size", infotext=SIZE, widget=Widget("range", 256, 1024, 64),
     )] = None
+    subseed: Annotated[int, Spec(
+        "Variation seed", "the seed of the noise a variation moves toward; -1 picks a random one; image i of a batch gets "
+        "subseed + i (and all keep the seed)", limits=_SEED, cli="subseed", a1111="subseed", infotext=whole(
+            "Variation seed", always=True, when=lambda r: r.subseed_strength > 0), widget=Widget("number"),
+    )] = -1
+    subseed_strength: Annotated[float, Spec(
+        "Variation strength", "how far the noise moves from the seed's toward the variation seed's, 0 to 1 (0: off)",
+        limits=Limits(0, 1), cli="subseed-strength", a1111="subseed_strength", infotext=number("Variation seed strength"),
+        widget=Widget("range", 0, 1, 0.01),
+    )] = 0.0
+    seed_resize_from_w: Annotated[int, Spec(
+        "Seed resize from width", "draw the seed's noise as for this width and centre it (0 or -1: off), so a seed keeps its "
+        "picture at a new size", limits=_FROM, cli="seed-resize-from-w", a1111="seed_resize_from_w", a1111_default=-1,
+        infotext=SEED_RESIZE,
+    )] = 0
+    seed_resize_from_h: Annotated[int, Spec(
+        "Seed resize from height", "as seed_resize_from_w, for the height", limits=_FROM, cli="seed-resize-from-h",
+        a1111="seed_resize_from_h", a1111_default=-1, infotext=SEED_RESIZE,
+    )] = 0
     batch_size: Annotated[int, Spec(
         "Images", "images per batch (made together)", limits=Limits(1, MAX_BATCH_SIZE), cli="batch-size", a1111="batch_size",
         openai="n", widget=Widget("number"),

@@ -47,6 +47,8 @@ def job_info(job: Job, body: CommonRequest, notes: Notes | None = None) -> dict[
     first = job.images[0].parameters if job.images else {}
     seeds = job.seeds or [req.seed]
     count = len(seeds)
+    # As A1111 answers them: the variation seeds of the images, the first one's counting up.
+    subseeds = [int(s.parameters.get("Variation seed", -1)) for s in job.images] or [req.subseed]
     extra = {"Schedule type": first.get("Schedule type", req.schedule)}
     if "Fast" in first:
         extra["Fast"] = first["Fast"]
@@ -57,9 +59,9 @@ def job_info(job: Job, body: CommonRequest, notes: Notes | None = None) -> dict[
         "all_negative_prompts": [req.negative_prompt] * count,
         "seed": seeds[0],
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * count,
-        "subseed_strength": 0,
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength,
         "width": req.width,
         "height": req.height,
         "sampler_name": first.get("Sampler", req.sampler),
@@ -72,8 +74,8 @@ def job_info(job: Job, body: CommonRequest, notes: Notes | None = None) -> dict[
         "sd_model_hash": first.get("Model hash"),
         "sd_vae_name": first.get("VAE"),
         "sd_vae_hash": None,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": req.seed_resize_from_w,
+        "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": req.denoising_strength if req.init_image is not None else None,
         "extra_generation_params": extra,
         "index_of_first_image": 0,

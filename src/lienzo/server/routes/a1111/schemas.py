@@ -76,10 +76,6 @@ class _CommonOptions(BaseModel):
     alwayson_scripts: dict[str, Any] | None = Field(None, description="lienzo has no scripts: any entry is refused (422), as in A1111")
 
     # Accepted and ignored: lienzo has no such feature yet (a request turning one on is told so in ``info``).
-    subseed: int | None = Field(-1, description=IGNORED)
-    subseed_strength: float | None = Field(0, description=IGNORED)
-    seed_resize_from_h: int | None = Field(-1, description=IGNORED)
-    seed_resize_from_w: int | None = Field(-1, description=IGNORED)
     restore_faces: bool | None = Field(None, description=IGNORED)
     do_not_save_samples: bool | None = Field(False, description=IGNORED)
     do_not_save_grid: bool | None = Field(False, description=IGNORED)

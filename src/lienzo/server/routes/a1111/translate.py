@@ -31,9 +31,6 @@ DIALECT = Dialect(prefix=PREFIX, error_model=A1111Error, fields=door_names("a111
 
 # Values of ignored fields that change nothing: not worth a warning.
 _NEUTRAL: dict[str, tuple] = {
-    "subseed_strength": (0,),
-    "seed_resize_from_h": (-1, 0),
-    "seed_resize_from_w": (-1, 0),
     "eta": (0, 1),
     "s_min_uncond": (0,),
     "s_churn": (0,),
@@ -45,7 +42,7 @@ _NEUTRAL: dict[str, tuple] = {
 }
 # Ignored fields that only mean something together with another one (reported through that one).
 _DEPENDENT = {
-    "subseed", "script_args", "denoising_strength", "image_cfg_scale", "mask_blur_x", "mask_blur_y",
+    "script_args", "denoising_strength", "image_cfg_scale", "mask_blur_x", "mask_blur_y",
     "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
     "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
 }
