@@ -1,12 +1,14 @@
 """The denoiser: the network call the denoising loop makes, as a stack of small layers.
 
-As in k-diffusion, the loop sees one callable, ``denoiser(x, t) -> prediction``: the model's output
-for the scaled latents ``x`` at timestep ``t``, in the parameterisation its scheduler steps with
-(noise, v or, for flow models, velocity). What wraps the network is a layer around that callable,
-never a branch in the loop:
+As in k-diffusion, the loop sees one callable, ``denoiser(x, t, step) -> prediction``: the model's
+output for the scaled latents ``x`` at timestep ``t``, in the parameterisation its scheduler steps with
+(noise, v or, for flow models, velocity); ``step`` is the loop's 0-based index, which picks the step's
+prompt. What wraps the network is a layer around that callable, never a branch in the loop:
 
 - :class:`UNetCall`: a U-Net (or DeepCache's :class:`~lienzo.generation.deepcache.DeepCacheUNet`
-  around it) with the batch's text conditioning; another network family brings its own call;
+  around it) with one text conditioning; another network family brings its own call;
+- :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
+  :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`InpaintChannels`: the mask and masked-image latents an inpainting model takes as extra input;
 - :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond].
 """
@@ -19,12 +21,15 @@ import torch
 from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
 from lienzo.generation.plan import BatchPlan
+from lienzo.generation.prompt_schedule import schedule_index
+from lienzo.generation.prompts import PromptEmbeddings
 from lienzo.models.components import Components
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The prediction for scaled latents ``x`` (one row per image) at timestep ``t``."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """The prediction for scaled latents ``x`` (one row per image) at timestep ``t``, the loop's
+        0-based ``step``."""
         ...
 
 
@@ -36,9 +41,21 @@ class UNetCall:
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] | None = None  # SDXL's pooled text and size ids
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         with torch.no_grad():
             return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class PromptSteps:
+    """Prompt editing and alternation: ``calls[k]`` runs up to and including step ``end_steps[k]``
+    (A1111's lookup, :func:`~lienzo.generation.prompt_schedule.schedule_index`)."""
+
+    end_steps: tuple[int, ...]
+    calls: tuple[Denoiser, ...]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return self.calls[schedule_index(self.end_steps, step)](x, t, step)
 
 
 @dataclass(frozen=True)
@@ -48,8 +65,8 @@ class InpaintChannels:
     inner: Denoiser
     extra: torch.Tensor  # mask and masked latents, one row per row the inner denoiser is called with
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.cat([x, self.extra], dim=1), t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return self.inner(torch.cat([x, self.extra], dim=1), t, step)
 
 
 @dataclass(frozen=True)
@@ -59,8 +76,8 @@ class Guidance:
     inner: Denoiser
     scale: float
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        uncond, cond = self.inner(torch.cat([x, x]), t).chunk(2)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        uncond, cond = self.inner(torch.cat([x, x]), t, step).chunk(2)
         return uncond + self.scale * (cond - uncond)
 
 
@@ -81,14 +98,30 @@ def _network_call(components: Components, plan: BatchPlan) -> Denoiser:
     (a transformer family) brings its own call and conditioning here, and the layers above stay."""
     # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache).
     unet = DeepCacheUNet(components.unet) if plan.fast else components.unet
-    return UNetCall(unet, *_unet_conditioning(components, plan))
+    # One call per stretch of steps where the prompt (and, guided, the negative prompt) stays the same;
+    # every call shares the U-Net, so DeepCache's cache carries across a change of prompt.
+    prompts = [plan.prompt, plan.negative] if plan.guided else [plan.prompt]
+    end_steps = sorted({end for schedule in prompts for end in schedule.end_steps})
+    calls: dict[tuple[int, int], UNetCall] = {}  # alternation repeats pairs: one call (and tensor) per pair
+    stretches = []
+    for end in end_steps:
+        pos, neg = plan.prompt.at(end), plan.negative.at(end)
+        key = (id(pos), id(neg) if plan.guided else 0)
+        if key not in calls:
+            calls[key] = UNetCall(unet, *_unet_conditioning(components, plan, pos, neg))
+        stretches.append(calls[key])
+    if len(calls) == 1:
+        return stretches[0]
+    return PromptSteps(tuple(end_steps), tuple(stretches))
 
 
-def _unet_conditioning(components: Components, plan: BatchPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+def _unet_conditioning(
+    components: Components, plan: BatchPlan, pos: PromptEmbeddings, neg: PromptEmbeddings
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Prompt embeddings for the batch, [uncond..., cond...] as diffusers orders them, and SDXL's
-    micro-conditioning: pooled text embeddings and (original size, crop, target size) ids."""
+    micro-conditioning: pooled text embeddings (of the same step's prompts, as A1111 has them) and
+    (original size, crop, target size) ids."""
     device, dtype, n = components.execution_device, components.unet.dtype, plan.batch_size
-    pos, neg = plan.prompt, plan.negative
     embeds = pos.embeds.repeat(n, 1, 1)
     if plan.guided:
         embeds = torch.cat([neg.embeds.repeat(n, 1, 1), embeds])

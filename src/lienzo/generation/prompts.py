@@ -6,6 +6,9 @@ Three steps, one function each:
 2. :func:`tokenize_prompt` turns the pieces into 77-token chunks with a weight per token.
 3. :func:`encode_prompt` runs every chunk through the text encoder(s), applies the weights and
    joins the chunks along the token axis, so a UNet cross-attends to prompts of any length.
+
+Prompt editing and alternation (``[cat:dog:0.5]``, ``[cat|dog]``) come first: :func:`encode_schedules`
+resolves them per step (:mod:`lienzo.generation.prompt_schedule`) and encodes each distinct text once.
 """
 
 import re
@@ -18,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from lienzo.devices import execution_device
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
+from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index
 from lienzo.models.components import Components
 
 # The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
@@ -258,6 +262,52 @@ def encode_pair(
         encode_prompt(components, prompt, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
         encode_prompt(components, negative, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
     )
+
+
+@dataclass(frozen=True)
+class PromptSchedule:
+    """A prompt's conditioning step by step: ``entries`` are ``(end_step, embeddings)``, each applying
+    up to and including its end step (A1111's schedule, :func:`~lienzo.generation.prompt_schedule.prompt_schedule`)."""
+
+    entries: tuple[tuple[int, PromptEmbeddings], ...]
+
+    @classmethod
+    def constant(cls, embeddings: PromptEmbeddings, steps: int = 1) -> "PromptSchedule":
+        """The same conditioning at every step: a prompt without editing."""
+        return cls(((steps, embeddings),))
+
+    @property
+    def end_steps(self) -> list[int]:
+        return [end for end, _ in self.entries]
+
+    def at(self, step: int) -> PromptEmbeddings:
+        """The conditioning at the denoising loop's 0-based ``step``, looked up as A1111 does."""
+        return self.entries[schedule_index(self.end_steps, step)][1]
+
+
+def encode_schedules(
+    components: Components,
+    prompt: str,
+    negative: str,
+    steps: int,
+    *,
+    clip_skip: int = 1,
+    device: torch.device | str | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[PromptSchedule, PromptSchedule]:
+    """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
+    every distinct text encoded once. All texts are padded to the same number of chunks, as
+    :func:`encode_pair` pads its two, so guidance can batch any step's pair; a prompt without
+    editing gives exactly :func:`encode_pair`'s embeddings. ``cancel`` as in :func:`encode_prompt`."""
+    schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
+    texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
+    encoded = {
+        text: encode_prompt(components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel)
+        for text in texts
+    }
+    pos, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
+    return pos, neg
 
 
 def _encoders(components: Components) -> list[tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTokenizer]]:
