@@ -103,18 +103,8 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
         err_console.print("note: the prompt is empty; generating without one", highlight=False)
 
     # 2. Load the model, then generate; the studio saves each image as it is done.
-    from lienzo.studio import Studio
-
-    device = opts.get("device") or settings.device
-    dtype = opts.get("dtype") or settings.dtype
-    with err_console.status("loading model"):
-        studio = Studio(settings)
-        components = studio.load_model(
-            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
-            **_speed_kwargs(opts),
-        )
+    studio, components = load_studio(opts, settings)
     out_dir = opts.get("out")
-    studio.gallery = _open_gallery(settings)
 
     def saved(image, output) -> None:
         click.echo(str(output.path))
@@ -144,6 +134,22 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
             studio.gallery.close()
     seeds = ", ".join(str(i.seed) for i in result.images)
     err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+
+
+def load_studio(opts: dict, settings: Settings):
+    """The Studio for these settings, with its gallery, and the model the options name, loaded."""
+    from lienzo.studio import Studio
+
+    device = opts.get("device") or settings.device
+    dtype = opts.get("dtype") or settings.dtype
+    with err_console.status("loading model"):
+        studio = Studio(settings)
+        components = studio.load_model(
+            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
+            **_speed_kwargs(opts),
+        )
+    studio.gallery = _open_gallery(settings)
+    return studio, components
 
 
 def _make_output_folder(folder: Path, option: str) -> None:
