@@ -83,3 +83,33 @@ def test_variation_seeds_through_the_a1111_api_answer_as_a1111_does(client):
     assert info["all_seeds"] == [21, 21] and info["all_subseeds"] == [40, 41] and info["subseed_strength"] == 0.2
     assert not any("subseed" in ignored for ignored in info["ignored"])
     assert [parse_infotext(text).params["Variation seed"] for text in info["infotexts"]] == ["40", "41"]
+
+
+def test_a_plot_queues_one_job_per_cell_with_the_cells_values(client):
+    import time
+
+    body = {**SAME, "width": 64, "height": 64, "seed": -1, "x": "steps=1,2", "y": "cfg=3,6", "z": "sampler=Euler,DDIM"}
+    response = client.post("/api/v1/plot", json=body)
+    assert response.status_code == 202, response.text
+    plot = response.json()
+    assert plot["x"] == {"field": "steps", "title": "Steps", "labels": ["1", "2"]} and plot["z"]["labels"] == ["Euler", "DDIM"]
+    assert len(plot["cells"]) == 8 and len({c["job"] for c in plot["cells"]}) == 8
+    deadline = time.monotonic() + 120
+    jobs = {}
+    for cell in plot["cells"]:
+        while (job := client.get(f"/api/v1/jobs/{cell['job']}").json())["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        jobs[(cell["z"], cell["y"], cell["x"])] = job
+    assert {j["status"] for j in jobs.values()} == {"done"}
+    made = jobs[(1, 1, 0)]["parameters"]
+    assert (made["steps"], made["cfg_scale"], made["sampler"], made["seed"], made["batch_size"]) == (1, 6.0, "DDIM", plot["seed"], 1)
+
+
+def test_a_bad_plot_queues_nothing_and_names_its_axis(client):
+    before = len(client.get("/api/v1/jobs").json())
+    response = client.post("/api/v1/plot", json={**SAME, "x": "steps=1,2", "y": "cfg=3,99"})
+    assert response.status_code == 422 and response.json()["field"] == "y" and "cfg_scale = 99" in response.json()["detail"]
+    response = client.post("/api/v1/plot", json={**SAME, "x": "colour=red"})
+    assert response.status_code == 422 and response.json()["field"] == "x"
+    assert len(client.get("/api/v1/jobs").json()) == before

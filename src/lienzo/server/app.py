@@ -32,7 +32,7 @@ from lienzo.server import openapi
 from lienzo.server.codec import JSONResponse
 from lienzo.server.job import JobNotFoundError, QueueFullError
 from lienzo.server.jobs import JobQueue, Loader
-from lienzo.server.routes import a1111, dialect_for, gallery, native, openai
+from lienzo.server.routes import a1111, dialect_for, gallery, native, openai, plot
 from lienzo.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -332,6 +332,7 @@ def create_app(
         return _error(request.url.path, 500, f"internal error: {type(err).__name__}: {err}", None)
 
     app.include_router(native.router)
+    app.include_router(plot.router)
     app.include_router(a1111.router)
     app.include_router(openai.router)
     app.include_router(gallery.router)
