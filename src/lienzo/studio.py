@@ -14,10 +14,11 @@ from pathlib import Path
 
 from lienzo import outputs
 from lienzo.devices import configure_threads, pick_device, pick_dtype
-from lienzo.errors import ModelFileError
+from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.gallery.store import Gallery
 from lienzo.generation import engine
-from lienzo.generation.request import GenerationRequest
+from lienzo.generation.request import GenerationRequest, build_request
+from lienzo.generation.styles import merge_styles
 from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.loading import load_components
@@ -118,6 +119,19 @@ def prepare_loras(
     apply_loras(components, [(registry.resolve_lora(lora.name, allow_paths=allow_paths), lora.name, lora.weight) for lora in loras])
 
 
+def apply_styles(request: GenerationRequest, gallery: Gallery | None) -> GenerationRequest:
+    """``request`` with its styles (the gallery's presets, by name, ignoring case) merged into its prompts,
+    and none left; InvalidRequestError naming ``styles`` for a name no preset has."""
+    if not request.styles:
+        return request
+    presets = gallery.presets() if gallery is not None else []
+    prompt, negative, unknown = merge_styles(request.prompt, request.negative_prompt, request.styles, presets)
+    if unknown:
+        saved = ", ".join(p.name for p in presets) or "none (lienzo styles import styles.csv)"
+        raise InvalidRequestError("styles", f"no style named {unknown[0]!r}; saved styles: {saved}")
+    return build_request(**{**dict(request), "prompt": prompt, "negative_prompt": negative, "styles": []})
+
+
 @dataclass
 class Studio:
     """Generate, then save and record, for one set of settings.
@@ -155,6 +169,8 @@ class Studio:
         image as it is done into ``out_dir`` (default ``<outputs>/<mode>-images/<date>/``) and the gallery,
         as made by ``source``. ``on_image`` sees each image as the engine gives it (before it is saved),
         ``on_saved`` each one saved. Limits are the door's to check, with its own field names."""
+        # 0. Styles: merged into the prompts first (a door that already merged them left none).
+        request = apply_styles(request, self.gallery)
         # 1. LoRAs and embeddings: exactly the request's, on the model it runs on.
         prepare_loras(components, request, self.settings, allow_paths=self.allow_lora_paths)
         if not save:

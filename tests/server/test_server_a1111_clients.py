@@ -14,7 +14,7 @@ from PIL import Image
 from lienzo.images.metadata import parse_infotext
 from lienzo.server.app import create_app
 from lienzo.server.routes.a1111.options import OPTIONS_FILE
-from lienzo.server.routes.a1111.translate import merge_style
+from lienzo.generation.styles import merge_style
 from lienzo.settings import Settings
 from servers import home_settings, lienzo_server, two_model_home
 

@@ -113,3 +113,18 @@ def test_a_bad_plot_queues_nothing_and_names_its_axis(client):
     response = client.post("/api/v1/plot", json={**SAME, "x": "colour=red"})
     assert response.status_code == 422 and response.json()["field"] == "x"
     assert len(client.get("/api/v1/jobs").json()) == before
+
+
+def test_styles_are_merged_at_every_api_and_an_unknown_one_is_the_clients_error(client):
+    assert client.put("/api/v1/presets/Dusk", json={"prompt": "{prompt} at dusk", "negative_prompt": "noon"}).status_code == 200
+    job = client.post("/api/v1/txt2img?wait=true", json={**SAME, "width": 64, "height": 64, "styles": ["dusk"]}).json()
+    assert (job["parameters"]["prompt"], job["parameters"]["negative_prompt"], job["parameters"]["styles"]) == ("a brick wall at dusk", "noon", [])
+    info = parse_infotext(png(client.get(job["images"][0]["url"]).content).info["parameters"])
+    assert info.prompt == "a brick wall at dusk"
+    refused = client.post("/api/v1/txt2img", json={**SAME, "styles": ["Dawn"]})
+    assert refused.status_code == 422 and refused.json()["field"] == "styles" and "saved styles: Dusk" in refused.json()["detail"]
+    a1111 = client.post("/sdapi/v1/txt2img", json={**SAME, "width": 64, "height": 64, "styles": ["Dusk", "Dawn"]}).json()
+    import json
+
+    info = json.loads(a1111["info"])
+    assert parse_infotext(info["infotexts"][0]).prompt == "a brick wall at dusk" and any("Dawn" in w for w in info["warnings"])

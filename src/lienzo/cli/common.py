@@ -141,6 +141,8 @@ def _field_option(row, mode: str):
         return click.option(f"--{spec.cli}/--no-{spec.cli}", row.name, default=default, show_default=default not in (None, ""), help=spec.help)
     if row.name == "loras":
         return click.option(*names, type=_LoraParam(), multiple=True, help=spec.help)
+    if typing.get_origin(kind) is list:  # repeatable: --style a --style b
+        return click.option(*names, multiple=True, help=f"{spec.help} (repeatable)")
     if typing.get_origin(kind) is typing.Literal:
         kind = click.Choice([str(c) for c in typing.get_args(kind)])
     return click.option(*names, type=kind, default=default, show_default=default not in (None, ""), help=spec.help)

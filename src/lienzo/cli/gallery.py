@@ -100,3 +100,55 @@ def gallery_reconcile(ctx):
     with Gallery.for_settings(_settings(ctx)) as gallery:
         report = gallery.reconcile()
     click.echo(f"added {report.added} images, removed {report.removed} rows, removed {report.temp_files} temporary files")
+
+
+@app.group("styles")
+def styles_group():
+    """Styles: saved prompt and negative prompt pairs (the studio's presets), used by --style NAME; A1111's styles.csv in and out."""
+
+
+@styles_group.command("list")
+@click.pass_context
+def styles_list(ctx):
+    """Every saved style: name, prompt, negative prompt (tab-separated)."""
+    from lienzo.gallery.store import Gallery
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        for style in gallery.presets():
+            click.echo(f"{style.name}\t{style.prompt}\t{style.negative_prompt}")
+
+
+@styles_group.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.pass_context
+def styles_import(ctx, file):
+    """Save every style of an A1111 styles.csv (name, prompt, negative_prompt); a style of the same name is replaced."""
+    from lienzo.gallery.store import Gallery
+    from lienzo.generation.styles import read_styles_csv
+
+    try:
+        rows = read_styles_csv(file.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise LienzoError(f"{file}: cannot read it as a UTF-8 CSV: {err}") from None
+    # Every row is checked before any is saved: a bad row leaves the styles as they were.
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        gallery.put_presets(rows)
+    click.echo(f"imported {len(rows)} styles from {file}")
+
+
+@styles_group.command("export")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def styles_export(ctx, file):
+    """Write every saved style to FILE as an A1111 styles.csv."""
+    from lienzo.files import write_atomic
+    from lienzo.gallery.store import Gallery
+    from lienzo.generation.styles import write_styles_csv
+
+    with Gallery.for_settings(_settings(ctx)) as gallery:
+        text = write_styles_csv(gallery.presets())
+    try:
+        write_atomic(file, lambda out: out.write(text.encode("utf-8")))
+    except OSError as err:
+        raise LienzoError(f"{file}: cannot write it: {err.strerror or err}") from None
+    click.echo(str(file))

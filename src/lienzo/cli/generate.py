@@ -96,6 +96,8 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     settings = _settings(ctx)
     request = build_request(**{"safety": settings.safety_cli, **fields})
     check_limits(request, settings, name=_flag_for, count_batches=False)
+    if request.styles:  # merged now, so that an unknown name is reported before the model loads
+        request = _with_styles(request, settings)
     _check_models(opts, settings)
     out_option = "--out" if opts.get("out") else "--outputs-dir"
     _make_output_folder(opts.get("out") or settings.outputs_dir, out_option)
@@ -150,6 +152,17 @@ def load_studio(opts: dict, settings: Settings):
         )
     studio.gallery = _open_gallery(settings)
     return studio, components
+
+
+def _with_styles(request, settings: Settings):
+    from lienzo.studio import apply_styles
+
+    gallery = _open_gallery(settings)
+    try:
+        return apply_styles(request, gallery)
+    finally:
+        if gallery is not None:
+            gallery.close()
 
 
 def _make_output_folder(folder: Path, option: str) -> None:

@@ -335,18 +335,23 @@ class Gallery:
 
     def put_preset(self, name: str, prompt: str, negative_prompt: str = "") -> Preset:
         """Save a preset, replacing one of the same name (names are matched ignoring case)."""
-        name = savable("name", name.strip())
-        if not 1 <= len(name) <= 100:
-            raise InvalidRequestError("name", f"a preset name must be 1 to 100 characters, got {len(name)}")
-        savable("prompt", prompt)
-        savable("negative_prompt", negative_prompt)
+        self.put_presets([(name, prompt, negative_prompt)])
+        return self.preset(name.strip())
+
+    def put_presets(self, presets: list[tuple[str, str, str]]) -> None:
+        """Save (name, prompt, negative prompt) presets in one transaction, each checked first: all or none."""
+        rows = []
+        for name, prompt, negative_prompt in presets:
+            name = savable("name", name.strip())
+            if not 1 <= len(name) <= 100:
+                raise InvalidRequestError("name", f"a preset name must be 1 to 100 characters, got {len(name)} ({name[:20]!r})")
+            rows.append((name, savable("prompt", prompt), savable("negative_prompt", negative_prompt), time.time()))
         with self._write() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO presets (name, prompt, negative_prompt, created) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET name = excluded.name, prompt = excluded.prompt, negative_prompt = excluded.negative_prompt",
-                (name, prompt, negative_prompt, time.time()),
+                rows,
             )
-        return self.preset(name)
 
     def delete_preset(self, name: str) -> None:
         with self._write() as conn:

@@ -243,6 +243,10 @@ class GenerationRequest(BaseModel):
         "LoRAs", "LoRAs from the models dir's Lora folder, with weights; also <lora:NAME:WEIGHT> in the prompt", cli="lora",
     )] = []
 
+    styles: Annotated[list[str], Spec(
+        "Styles", "saved styles (the studio's presets, A1111's styles.csv) merged into the prompts, in order: a style with "
+        "{prompt} wraps the prompt, others are appended", cli="style", a1111="styles", a1111_body=False,
+    )] = []
     tiling: Annotated[bool, Spec(
         "Tiling", "a seamless texture: the picture wraps around at its edges (circular padding in the U-Net and VAE)",
         cli="tiling", a1111="tiling", a1111_default=False, openai="tiling", infotext=yes("Tiling"), widget=Widget("check"),

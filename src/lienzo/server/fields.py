@@ -30,7 +30,7 @@ class FieldView(BaseModel):
     name: str
     label: str
     help: str
-    type: Literal["integer", "number", "boolean", "string", "choice", "image", "loras"]
+    type: Literal["integer", "number", "boolean", "string", "choice", "image", "loras", "list"]
     nullable: bool
     choices: list[str] | None
     default: Any
@@ -48,8 +48,8 @@ def _kind(annotation: Any) -> tuple[str, bool, list[str] | None]:
     inner = next((a for a in args if a is not type(None)), annotation) if args else annotation
     if typing.get_origin(inner) is Literal:
         return "choice", nullable, [str(c) for c in typing.get_args(inner)]
-    if typing.get_origin(inner) is list and typing.get_args(inner) == (LoraRef,):
-        return "loras", nullable, None
+    if typing.get_origin(inner) is list:
+        return ("loras" if typing.get_args(inner) == (LoraRef,) else "list"), nullable, None
     kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
     return kinds.get(inner, "image"), nullable, None
 

@@ -27,7 +27,7 @@ from lienzo.models.registry import Registry
 from lienzo.outputs import SavedOutput
 from lienzo.server.job import Job, JobNotFoundError, JobStatus, QueueFullError, SavedImage, fit_to_native, let_go
 from lienzo.settings import Settings
-from lienzo.studio import Studio, default_model, load_model
+from lienzo.studio import Studio, apply_styles, default_model, load_model
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class JobQueue:
         ``fit_to_model``: a size over twice the model's side is made at the model's size and answered resized.
         The queue owns the request's input images from here: it closes them when the job finishes."""
         self.check_limits(request)
+        request = apply_styles(request, self.gallery)  # now: an unknown style is the client's error, not the job's
         if request.safety is None:
             # The server's default policy (blur unless configured), recorded on the job for all to see.
             request = request.model_copy(update={"safety": self.settings.safety_server})

@@ -17,6 +17,7 @@ from lienzo.gallery.records import Preset
 from lienzo.generation.canvas import ResizeMode, resize_image
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import find_schedule, split_folded_schedule
+from lienzo.generation.styles import merge_styles
 from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.dialect import Dialect
 from lienzo.server.fields import door_names
@@ -81,24 +82,11 @@ def check_scripts(body: CommonRequest) -> None:
 # -- styles ---------------------------------------------------------------------------------------
 
 
-def merge_style(prompt: str, style: str) -> str:
-    """A1111's rule: a style with ``{prompt}`` wraps the prompt; any other is appended after a comma."""
-    if "{prompt}" in style:
-        return style.replace("{prompt}", prompt)
-    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)
-
-
 def apply_styles(body: CommonRequest, presets: list[Preset]) -> tuple[CommonRequest, list[str]]:
     """``body`` with its styles (lienzo's saved presets, by name, ignoring case) merged into its
     prompts, and a warning for each name no preset has (A1111 skips those silently)."""
-    by_name = {preset.name.lower(): preset for preset in presets}
-    prompt, negative, warnings = body.prompt or "", body.negative_prompt or "", []
-    for name in body.styles or []:
-        preset = by_name.get(name.lower())
-        if preset is None:
-            warnings.append(f"styles: no preset named {name!r} (GET {PREFIX}/prompt-styles lists them); it was not applied")
-            continue
-        prompt, negative = merge_style(prompt, preset.prompt), merge_style(negative, preset.negative_prompt)
+    prompt, negative, unknown = merge_styles(body.prompt or "", body.negative_prompt or "", body.styles or [], presets)
+    warnings = [f"styles: no preset named {name!r} (GET {PREFIX}/prompt-styles lists them); it was not applied" for name in unknown]
     return body.model_copy(update={"prompt": prompt, "negative_prompt": negative}), warnings
 
 
