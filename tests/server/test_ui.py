@@ -222,6 +222,73 @@ def test_prompt_helper_builds_a_prompt_and_saves_presets(page):
     assert page.input_value("#prompt").startswith("a cat, an oil painting of a red fox")
 
 
+def test_explore_a_plot_then_vary_the_chosen_cell(page):
+    page.fill("#prompt", "a teapot on a table")
+    side = page.get_attribute("#width", "min")
+    small_settings(page, side=int(side))
+    page.fill("#seed", "4321")
+    page.click("#explore summary")
+    page.select_option("#x-field", "steps")
+    page.fill("#x-values", "1,2,3")
+    page.select_option("#y-field", label="CFG scale")
+    page.fill("#y-values", "1,4,7")
+    with page.expect_request(re.compile(r"/api/v1/plot$")) as sent:
+        page.click("#plot")
+    body = sent.value.post_data_json
+    assert (body["x"], body["y"], body.get("z"), body["seed"], body["width"]) == ("steps=1,2,3", "cfg_scale=1,4,7", None, 4321, int(side))
+    page.wait_for_function("document.querySelectorAll('#plots .cell img').length === 9", timeout=3 * TIMEOUT)
+    page.wait_for_function("[...document.querySelectorAll('#plots .cell img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.text_content("#plot-status") == "9/9 done"
+    # Readable labels: the values as headers, none cut off or tiny.
+    assert page.locator("#plots .plot-head.col").all_text_contents() == ["Steps: 1", "Steps: 2", "Steps: 3"]
+    assert page.locator("#plots .plot-head.row").all_text_contents() == ["CFG scale: 1", "CFG scale: 4", "CFG scale: 7"]
+    assert page.evaluate(
+        "[...document.querySelectorAll('#plots .plot-head')].every(h => h.scrollWidth <= h.clientWidth"
+        " && parseFloat(getComputedStyle(h).fontSize) >= 12 && h.getBoundingClientRect().width > 0)"
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1366
+    shot(page, "explore")
+
+    page.click('#plots .cell[title="Steps: 2, CFG scale: 4"]')
+    page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('CFG scale4')")
+    page.click("#act-reuse")
+    assert page.input_value("#steps") == "2"
+    assert float(page.input_value("#cfg_scale")) == 4
+    assert page.input_value("#seed") == "4321"
+
+    # A variation of the chosen cell: same seed, a little of another.
+    page.fill("#subseed", "99")
+    page.fill("#subseed_strength", "0.1")
+    with page.expect_response(re.compile(r"/api/v1/txt2img$")) as answer:
+        page.click("#generate")
+    made = answer.value.json()["parameters"]
+    assert (made["steps"], made["cfg_scale"], made["seed"], made["subseed"], made["subseed_strength"]) == (2, 4, 4321, 99, 0.1)
+    wait_for_results(page, 1)
+
+    # A value out of range is refused before anything is queued, next to its axis.
+    page.fill("#x-values", "1,999")
+    page.click("#plot")
+    error = page.locator('#explore [data-field="x"] .error')
+    error.wait_for(state="visible")
+    assert "999" in error.text_content()
+    assert page.locator("#plots .cell img").count() == 9
+
+
+def test_cancel_a_plot(page):
+    page.fill("#prompt", "a plot to cancel")
+    small_settings(page, steps=60)
+    page.click("#explore summary")
+    page.select_option("#x-field", "Prompt S/R")
+    page.fill("#x-values", "plot,grid,chart")
+    page.click("#plot")
+    page.wait_for_function("/Step \\d+\\/60/.test(document.querySelector('#plots .cell')?.textContent)")
+    page.click("#plot-cancel")
+    page.wait_for_selector("#plot-cancel", state="hidden")
+    assert page.text_content("#plot-status") == "3/3 done (3 without an image)"
+    assert page.locator("#plots .plot-head.col").all_text_contents() == ["plot", "grid", "chart"]
+    assert page.locator("#plots .cell.failed").all_text_contents()[1:] == ["Cancelled", "Cancelled"]
+
+
 def test_gallery_search_reuse_and_import(page, tmp_path):
     # Two pictures of its own, so the search below has one to leave out whatever order the tests run in.
     small_settings(page)

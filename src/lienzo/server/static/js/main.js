@@ -1,9 +1,10 @@
 // lienzo studio: create (txt2img, img2img, inpaint, outpaint) and the gallery, on /api/v1.
 import { api, ApiError, blobToDataURL, followJob } from "./api.js";
 import { ImageEditor, loadImage } from "./canvas.js";
+import { initExplore } from "./explore.js";
 import { initGallery, tile } from "./gallery.js";
 import { initPromptHelper } from "./prompt.js";
-import { initViewer } from "./viewer.js";
+import { imageItems, initViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
@@ -214,6 +215,7 @@ function outpaintAmounts() {
 function applyMode() {
   const m = mode();
   $("source-box").hidden = m === "txt2img";
+  $("explore").hidden = m !== "txt2img"; // a plot is of txt2img jobs
   $("mask-tools").hidden = m !== "inpaint";
   $("outpaint-tools").hidden = m !== "outpaint";
   // The output takes the input image's size in the image modes; the sliders then do nothing.
@@ -322,14 +324,7 @@ function showProgress(job) {
 }
 
 function showResults(job) {
-  const made = job.images.map((image) => ({
-    url: image.url,
-    gallery_id: image.gallery_id,
-    infotext: image.infotext,
-    prompt: job.parameters.prompt,
-    parameters: { ...job.parameters, seed: image.seed, model: job.model },
-  }));
-  state.results = [...made, ...state.results];
+  state.results = [...imageItems(job), ...state.results];
   const open = (item) => viewer.open(state.results, state.results.indexOf(item));
   $("results").replaceChildren(...state.results.map((item) => tile(item, open)));
 }
@@ -410,6 +405,7 @@ function reuse(parameters) {
 const gallery = initGallery({ openViewer: (items, i) => viewer.open(items, i), toast });
 const viewer = initViewer({ fields, onReuse: reuse, onSend: sendTo, gallery, toast });
 initPromptHelper({ prompt: $("prompt"), negative: $("negative_prompt"), toast });
+initExplore({ fields, request: () => ({ ...body(), model: $("model").value || null }), clearErrors, showError, openViewer: viewer.open });
 
 function route() {
   const view = location.hash === "#gallery" ? "gallery" : "create";

@@ -7,6 +7,17 @@ const $ = (id) => document.getElementById(id);
 const HIDDEN = new Set(["prompt", "batch_count", "loras", "safety", "watermark"]);
 const SOURCES = { cli: "the CLI", native: "the studio or lienzo's API", a1111: "the A1111 API", openai: "the OpenAI API", import: "imported" };
 
+// A finished job's images as the viewer's items, each with the parameters that remake it.
+export function imageItems(job) {
+  return job.images.map((image) => ({
+    url: image.url,
+    gallery_id: image.gallery_id,
+    infotext: image.infotext,
+    prompt: job.parameters.prompt,
+    parameters: { ...job.parameters, seed: image.seed, model: job.model },
+  }));
+}
+
 // ``fields``: the request's field table (GET /api/v1/fields), for the parameters' labels.
 export function initViewer({ fields, onReuse, onSend, gallery, toast }) {
   // Labels for the parameter table, in the order shown: the model, the request's fields in the
