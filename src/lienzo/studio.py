@@ -145,6 +145,10 @@ class Studio:
     gallery: Gallery | None = None
     allow_lora_paths: bool = True
 
+    def dynamic_prompts(self) -> engine.DynamicPrompts:
+        """Wildcards (``__name__``) come from the models dir's ``wildcards`` folder."""
+        return engine.DynamicPrompts(self.settings.models_dir / "wildcards")
+
     def load_model(self, model: str | Path | None = None, **options) -> Components:
         """:func:`load_model` with these settings."""
         return load_model(model, settings=self.settings, **options)
@@ -175,7 +179,8 @@ class Studio:
         prepare_loras(components, request, self.settings, allow_paths=self.allow_lora_paths)
         if not save:
             return engine.generate(
-                components, request, progress=progress, cancel=cancel, on_image=on_image, skip=skip, interrupt=interrupt
+                components, request, progress=progress, cancel=cancel, on_image=on_image, skip=skip, interrupt=interrupt,
+                dynamic=self.dynamic_prompts(),
             )
 
         # 2. What every image of this generation says about itself, and where it goes.
@@ -199,6 +204,7 @@ class Studio:
 
         # 3. Generate; each image is saved and recorded as soon as it is done.
         return engine.generate(
-            components, request, progress=progress, cancel=cancel, on_image=save_image, skip=skip, interrupt=interrupt
+            components, request, progress=progress, cancel=cancel, on_image=save_image, skip=skip, interrupt=interrupt,
+            dynamic=self.dynamic_prompts(),
         )
 

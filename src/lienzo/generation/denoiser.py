@@ -9,6 +9,7 @@ prompt. What wraps the network is a layer around that callable, never a branch i
   around it) with one text conditioning; another network family brings its own call;
 - :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
+- :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
 - :class:`InpaintChannels`: the mask and masked-image latents an inpainting model takes as extra input;
 - :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond].
 """
@@ -22,7 +23,7 @@ from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
 from lienzo.generation.plan import BatchPlan
 from lienzo.generation.prompt_schedule import schedule_index
-from lienzo.generation.prompts import PromptEmbeddings
+from lienzo.generation.prompts import PromptEmbeddings, PromptSchedule
 from lienzo.models.components import Components
 
 
@@ -56,6 +57,25 @@ class PromptSteps:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         return self.calls[schedule_index(self.end_steps, step)](x, t, step)
+
+
+@dataclass(frozen=True)
+class ImageGroups:
+    """Images whose conditioning cannot share one call (dynamic prompts of different lengths): each call
+    gets its rows of the batch (``rows[k]``, in the order it was built for) and the rows go back in place."""
+
+    rows: tuple[tuple[int, ...], ...]
+    calls: tuple[Denoiser, ...]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        out = None
+        for rows, call in zip(self.rows, self.calls, strict=True):
+            index = torch.tensor(rows, device=x.device)
+            pred = call(x[index], t, step)
+            if out is None:
+                out = pred.new_empty((x.shape[0], *pred.shape[1:]))
+            out[index] = pred
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,19 +116,38 @@ def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | N
 def _network_call(components: Components, plan: BatchPlan) -> Denoiser:
     """The innermost layer: the family's network with the batch's conditioning; another architecture
     (a transformer family) brings its own call and conditioning here, and the layers above stay."""
-    # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache).
+    images = plan.image_prompts()
+    # Dynamic prompts can give the images of a batch prompts of different lengths (75 tokens a chunk):
+    # their conditioning cannot be stacked, so each length gets its own call, padded as it would be alone.
+    groups: dict[int, list[int]] = {}
+    for index, (pos, _) in enumerate(images):
+        groups.setdefault(pos.entries[0][1].chunks, []).append(index)
+    calls = tuple(_prompt_call(components, plan, [images[i] for i in indices]) for indices in groups.values())
+    if len(calls) == 1:
+        return calls[0]
+    n = plan.batch_size
+    rows = tuple((*indices, *((n + i for i in indices) if plan.guided else ())) for indices in groups.values())
+    return ImageGroups(rows, calls)
+
+
+def _prompt_call(
+    components: Components, plan: BatchPlan, images: list[tuple[PromptSchedule, PromptSchedule]]
+) -> Denoiser:
+    """The call for images whose conditioning stacks: one :class:`UNetCall` per stretch of steps where
+    every image's prompt (and, guided, negative prompt) stays the same."""
+    # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache);
+    # one cache per call group, as its features are that group's rows.
     unet = DeepCacheUNet(components.unet) if plan.fast else components.unet
-    # One call per stretch of steps where the prompt (and, guided, the negative prompt) stays the same;
-    # every call shares the U-Net, so DeepCache's cache carries across a change of prompt.
-    prompts = [plan.prompt, plan.negative] if plan.guided else [plan.prompt]
-    end_steps = sorted({end for schedule in prompts for end in schedule.end_steps})
-    calls: dict[tuple[int, int], UNetCall] = {}  # alternation repeats pairs: one call (and tensor) per pair
+    # Every call shares the U-Net, so DeepCache's cache carries across a change of prompt.
+    schedules = [schedule for pos, neg in images for schedule in ((pos, neg) if plan.guided else (pos,))]
+    end_steps = sorted({end for schedule in schedules for end in schedule.end_steps})
+    calls: dict[tuple, UNetCall] = {}  # alternation repeats texts: one call (and tensor) per set of them
     stretches = []
     for end in end_steps:
-        pos, neg = plan.prompt.at(end), plan.negative.at(end)
-        key = (id(pos), id(neg) if plan.guided else 0)
+        pairs = [(pos.at(end), neg.at(end)) for pos, neg in images]
+        key = tuple((id(pos), id(neg) if plan.guided else 0) for pos, neg in pairs)
         if key not in calls:
-            calls[key] = UNetCall(unet, *_unet_conditioning(components, plan, pos, neg))
+            calls[key] = UNetCall(unet, *_unet_conditioning(components, plan, pairs))
         stretches.append(calls[key])
     if len(calls) == 1:
         return stretches[0]
@@ -116,23 +155,23 @@ def _network_call(components: Components, plan: BatchPlan) -> Denoiser:
 
 
 def _unet_conditioning(
-    components: Components, plan: BatchPlan, pos: PromptEmbeddings, neg: PromptEmbeddings
+    components: Components, plan: BatchPlan, pairs: list[tuple[PromptEmbeddings, PromptEmbeddings]]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Prompt embeddings for the batch, [uncond..., cond...] as diffusers orders them, and SDXL's
-    micro-conditioning: pooled text embeddings (of the same step's prompts, as A1111 has them) and
-    (original size, crop, target size) ids."""
-    device, dtype, n = components.execution_device, components.unet.dtype, plan.batch_size
-    embeds = pos.embeds.repeat(n, 1, 1)
+    """Prompt embeddings for the images (one (prompt, negative) pair each), [uncond..., cond...] as
+    diffusers orders them, and SDXL's micro-conditioning: pooled text embeddings (of the same step's
+    prompts, as A1111 has them) and (original size, crop, target size) ids."""
+    device, dtype, n = components.execution_device, components.unet.dtype, len(pairs)
+    embeds = torch.cat([pos.embeds for pos, _ in pairs])
     if plan.guided:
-        embeds = torch.cat([neg.embeds.repeat(n, 1, 1), embeds])
+        embeds = torch.cat([torch.cat([neg.embeds for _, neg in pairs]), embeds])
     embeds = embeds.to(device=device, dtype=dtype)
     if components.family != "sdxl":
         return embeds, None
     cv = plan.canvas
     time_ids = torch.tensor([[cv.height, cv.width, 0, 0, cv.height, cv.width]], dtype=dtype, device=device)
-    pooled = pos.pooled.repeat(n, 1)
+    pooled = torch.cat([pos.pooled for pos, _ in pairs])
     ids = time_ids.repeat(n, 1)
     if plan.guided:
-        pooled = torch.cat([neg.pooled.repeat(n, 1), pooled])
+        pooled = torch.cat([torch.cat([neg.pooled for _, neg in pairs]), pooled])
         ids = torch.cat([ids, ids])
     return embeds, {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}

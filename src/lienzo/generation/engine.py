@@ -16,16 +16,17 @@ import torch
 from PIL import Image
 
 from lienzo import __version__
-from lienzo.errors import LienzoError
+from lienzo.errors import InvalidRequestError, LienzoError
 from lienzo.generation import canvas
 from lienzo.generation.infotext import request_params
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import Variation, random_seed
 from lienzo.generation.plan import BatchPlan, Canvas
-from lienzo.generation.prompts import encode_schedules
-from lienzo.generation.request import GenerationRequest
+from lienzo.generation.prompts import PromptEmbeddings, PromptSchedule, encode_schedules
+from lienzo.generation.request import MAX_PROMPT_CHARS, GenerationRequest
 from lienzo.generation.samplers import resolve_sampler, resolve_schedule
+from lienzo.generation.wildcards import DynamicPrompts, escape, is_dynamic
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
 from lienzo.safety import SafetyFilter, Screened, screen
@@ -146,6 +147,7 @@ def generate(
     on_image: ImageCallback | None = None,
     skip: CancelCheck | None = None,
     interrupt: CancelCheck | None = None,
+    dynamic: DynamicPrompts | None = None,
 ) -> GenerationResult:
     """Run a request on loaded components (already on their device) and return the images.
 
@@ -157,6 +159,10 @@ def generate(
     being denoised is finished from the clean image its last step predicted, and later batches are
     not made. With ``request.safety`` blur or block, ``components.safety_filter`` checks every
     finished batch (None counts as off: the front doors choose the default).
+
+    A prompt with wildcards or variants (:mod:`lienzo.generation.wildcards`) is resolved for each image
+    by ``dynamic`` (its wildcard folder and mode; None: no folder, random mode) before anything is
+    encoded; each image's infotext has its own text as the prompt and the template under ``Template``.
     """
     started = time.perf_counter()
     # 1. Resolve what the request leaves open: seed, sampler, schedule, sizes.
@@ -171,12 +177,22 @@ def generate(
     safety = _safety_filter(components, policy)
     unchecked = "unavailable" if policy != "off" and safety is None else None
 
-    # 2. Encode prompts once for every batch; <lora:...> tags are instructions, not words to encode.
+    # 2. Prompts. Wildcards and variants first: each image's text, drawn from its seed before anything
+    # runs (a missing wildcard file fails here); None for prompts without them, which go on as before.
+    image_count = request.batch_size * request.batch_count
+    texts = _image_texts(request, [seed + (0 if request.subseed_strength else k) for k in range(image_count)], dynamic)
+
+    # Then encode once for every batch; <lora:...> tags are instructions, not words to encode.
     prompt, _ = extract_lora_tags(request.prompt)
     # Prompt editing ([from:to:when]) and alternation ([a|b]) give each step its own text; each text is encoded once.
-    pos, neg = encode_schedules(
-        components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel
-    )
+    if texts is None:
+        pos, neg = encode_schedules(
+            components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel
+        )
+        conditioning = None
+    else:
+        conditioning = _encode_images(components, request, texts, device, cancel)
+        pos, neg = conditioning[0]
     info_prompt = _infotext_prompt(request)
 
     # 3.-8. One plan for every batch (the engine's only reading of the request for them); each batch
@@ -197,6 +213,8 @@ def generate(
             (request.seed_resize_from_w, request.seed_resize_from_h),
         )
         batch_plan = replace(plan, first_seed=seed + (0 if variation.strength else first), variation=variation)
+        if conditioning is not None:
+            batch_plan = _with_image_prompts(batch_plan, conditioning[first : first + request.batch_size])
         stop = Stop(cancel, skip, interrupt)
         report = _reporter(progress, components, batch, request.batch_count)
         try:
@@ -218,7 +236,13 @@ def generate(
             if stop.stopped_at is not None:
                 # Not what the parameters would remake: say so, as the picture is only the estimate at that step.
                 params["Interrupted"] = f"at step {stop.stopped_at} of {stop.total}"
-            infotext = format_infotext(info_prompt, request.negative_prompt, params)
+            if texts is None:
+                infotext = format_infotext(info_prompt, request.negative_prompt, params)
+            else:
+                image_prompt, image_negative = texts[first + i]
+                params = _with_templates(params, request)
+                # Escaped, so that --from remakes this text instead of drawing a new one from the template.
+                infotext = format_infotext(_infotext_prompt(request, escape(image_prompt)), escape(image_negative), params)
             images.append(GeneratedImage(kept.image, image_seed, infotext, params, array, kept.filtered))
             if on_image is not None:
                 on_image(images[-1])
@@ -279,11 +303,69 @@ def _safety_filter(components: Components, policy: str) -> SafetyFilter | None:
     return components.safety_filter
 
 
-def _infotext_prompt(request: GenerationRequest) -> str:
-    """The prompt as given, plus a tag for each LoRA given only in ``loras``, so A1111 and --from can remake it."""
-    tagged = {name for name, _ in extract_lora_tags(request.prompt)[1]}
+def _infotext_prompt(request: GenerationRequest, prompt: str | None = None) -> str:
+    """The prompt as given (or an image's resolved ``prompt``), plus a tag for each LoRA the request
+    applies that it does not show, so A1111 and --from can remake it."""
+    prompt = request.prompt if prompt is None else prompt
+    tagged = {name for name, _ in extract_lora_tags(prompt)[1]}
     extra = [lora_tag(lora.name, lora.weight) for lora in request.requested_loras() if lora.name not in tagged]
-    return " ".join([request.prompt, *extra]) if extra else request.prompt
+    return " ".join([prompt, *extra]) if extra else prompt
+
+
+def _image_texts(request: GenerationRequest, seeds: list[int], dynamic: DynamicPrompts | None) -> list[tuple[str, str]] | None:
+    """Each image's (prompt, negative prompt) resolved from the request's templates, or None when neither
+    holds wildcards or variants. InvalidRequestError on ``prompt`` / ``negative_prompt`` for what cannot be made."""
+    if not (is_dynamic(request.prompt) or is_dynamic(request.negative_prompt)):
+        return None
+    texts = (dynamic or DynamicPrompts()).image_texts(request.prompt, request.negative_prompt, seeds)
+    applied = {lora.name for lora in request.requested_loras()}
+    for image_prompt, image_negative in texts:
+        for name, text in (("prompt", image_prompt), ("negative_prompt", image_negative)):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise InvalidRequestError(name, f"resolves to {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        # LoRAs are applied for the whole job from the template's tags; one a wildcard file adds would be
+        # in the infotext but not in the picture.
+        added = [name for name, _ in extract_lora_tags(image_prompt)[1] if name not in applied]
+        if added:
+            raise InvalidRequestError(
+                "prompt", f"a wildcard adds <lora:{added[0]}>, but LoRAs come only from the prompt itself and loras"
+            )
+    return texts
+
+
+def _encode_images(
+    components: Components, request: GenerationRequest, texts: list[tuple[str, str]], device: torch.device,
+    cancel: CancelCheck | None,
+) -> list[tuple[PromptSchedule, PromptSchedule]]:
+    """Each image's conditioning, padded as it would be if the image were made alone (so it can be): one
+    pair of schedules per distinct pair of texts, each distinct text encoded once per length."""
+    cache: dict[tuple[str, int], PromptEmbeddings] = {}
+    pairs: dict[tuple[str, str], tuple[PromptSchedule, PromptSchedule]] = {}
+    for image_prompt, image_negative in texts:
+        if (image_prompt, image_negative) not in pairs:
+            pairs[image_prompt, image_negative] = encode_schedules(
+                components, extract_lora_tags(image_prompt)[0], image_negative, request.steps, clip_skip=request.clip_skip,
+                device=device, cancel=cancel, cache=cache,
+            )
+    return [pairs[pair] for pair in texts]
+
+
+def _with_image_prompts(plan: BatchPlan, images: list[tuple[PromptSchedule, PromptSchedule]]) -> BatchPlan:
+    """The batch's plan with its images' conditioning; a batch whose images all drew the same texts takes
+    the plain path (one prompt for all), exactly as one made from that text."""
+    pos, neg = images[0]
+    if all(image is images[0] for image in images):
+        return replace(plan, prompt=pos, negative=neg)
+    return replace(plan, prompt=pos, negative=neg, images=tuple(images))
+
+
+def _with_templates(params: dict, request: GenerationRequest) -> dict:
+    """sd-dynamic-prompts' record of the templates, before ``Version``: only a record (``--from`` reads the prompt)."""
+    templates = {"Template": request.prompt if is_dynamic(request.prompt) else None}
+    templates["Negative Template"] = request.negative_prompt if is_dynamic(request.negative_prompt) else None
+    keys = list(params)
+    at = keys.index("Version") if "Version" in keys else len(keys)
+    return {k: params[k] for k in keys[:at]} | {k: v for k, v in templates.items() if v is not None} | {k: params[k] for k in keys[at:]}
 
 
 def _parameters(components: Components, req: GenerationRequest, cv: Canvas, resolved: dict, safety: str | None = None) -> dict:

@@ -46,6 +46,13 @@ class BatchPlan:
     first_seed: int
     tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE (lienzo.generation.tiling)
     variation: Variation = Variation()  # A1111's variation seed and seed resize (off by default)
+    # Dynamic prompts: (prompt, negative) for each image when the batch's images have different texts;
+    # empty: every image has ``prompt`` and ``negative``.
+    images: tuple[tuple[PromptSchedule, PromptSchedule], ...] = ()
+
+    def image_prompts(self) -> tuple[tuple[PromptSchedule, PromptSchedule], ...]:
+        """(prompt, negative) of each of the batch's images."""
+        return self.images or ((self.prompt, self.negative),) * self.batch_size
 
     @property
     def guided(self) -> bool:

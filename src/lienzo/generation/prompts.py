@@ -294,18 +294,25 @@ def encode_schedules(
     clip_skip: int = 1,
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
+    cache: dict[tuple[str, int], PromptEmbeddings] | None = None,
 ) -> tuple[PromptSchedule, PromptSchedule]:
     """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
     every distinct text encoded once. All texts are padded to the same number of chunks, as
     :func:`encode_pair` pads its two, so guidance can batch any step's pair; a prompt without
-    editing gives exactly :func:`encode_pair`'s embeddings. ``cancel`` as in :func:`encode_prompt`."""
+    editing gives exactly :func:`encode_pair`'s embeddings. ``cancel`` as in :func:`encode_prompt`.
+    ``cache`` (text, chunks) → embeddings lets several pairs of one job (dynamic prompts: one pair per
+    image) share the texts they have in common; the same embeddings as without it."""
     schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
     chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
-    encoded = {
-        text: encode_prompt(components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel)
-        for text in texts
-    }
+    cache = {} if cache is None else cache
+    encoded = {}
+    for text in texts:
+        if (text, chunks) not in cache:
+            cache[text, chunks] = encode_prompt(
+                components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel
+            )
+        encoded[text] = cache[text, chunks]
     pos, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
     return pos, neg
 

@@ -13,6 +13,7 @@ from lienzo.generation.fields import (
 )
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.samplers import resolve_sampler, schedule_label
+from lienzo.generation.wildcards import parse as parse_dynamic
 from lienzo.images.metadata import lone_surrogate
 from lienzo.settings import SafetyPolicy
 
@@ -288,6 +289,16 @@ class GenerationRequest(BaseModel):
         problem = lone_surrogate(v)
         if problem is not None:
             raise ValueError(problem)
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _dynamic_syntax(cls, v: str, info) -> str:
+        """Variants and wildcards are resolved per image by the engine; a ``{`` never closed is refused here."""
+        try:
+            parse_dynamic(v, info.field_name)
+        except InvalidRequestError as err:
+            raise ValueError(str(err).removeprefix(f"{info.field_name}: ")) from None
         return v
 
     @field_validator("prompt")
