@@ -11,7 +11,7 @@ from lienzo.errors import InvalidRequestError
 from lienzo.generation.prompts import (
     BREAK_MARKER,
     CHUNK_LENGTH,
-    encode_pair,
+    encode_schedules,
     encode_prompt,
     parse_prompt_attention,
     tokenize_prompt,
@@ -242,6 +242,12 @@ def test_min_chunks_pads_with_empty_prompt_chunks(sd1):
     assert torch.equal(encoded.embeds[:, :77], encode_prompt(sd1, "a cat").embeds)
     assert torch.equal(encoded.embeds[:, 77:154], empty)
     assert torch.equal(encoded.embeds[:, 154:], empty)
+
+
+def encode_pair(components, prompt, negative):
+    """A plain prompt and negative as the engine encodes them: padded to one chunk count."""
+    positive, negative = encode_schedules(components, prompt, negative, steps=1)
+    return positive.at(0), negative.at(0)
 
 
 def test_pair_has_equal_chunk_counts(sd1):

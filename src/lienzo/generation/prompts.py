@@ -246,24 +246,6 @@ def encode_prompt(
     return PromptEmbeddings(embeds, pooled)
 
 
-def encode_pair(
-    components: Components,
-    prompt: str,
-    negative: str,
-    *,
-    clip_skip: int = 1,
-    device: torch.device | str | None = None,
-    cancel: Callable[[], bool] | None = None,
-) -> tuple[PromptEmbeddings, PromptEmbeddings]:
-    """Encode prompt and negative prompt padded to the same number of chunks, so that
-    classifier-free guidance can batch them into one UNet call; ``cancel`` as in :func:`encode_prompt`."""
-    chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in (prompt, negative))
-    return (
-        encode_prompt(components, prompt, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
-        encode_prompt(components, negative, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel),
-    )
-
-
 @dataclass(frozen=True)
 class PromptSchedule:
     """A prompt's conditioning step by step: ``entries`` are ``(end_step, embeddings)``, each applying
@@ -298,8 +280,7 @@ def encode_schedules(
 ) -> tuple[PromptSchedule, PromptSchedule]:
     """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
     every distinct text encoded once. All texts are padded to the same number of chunks, as
-    :func:`encode_pair` pads its two, so guidance can batch any step's pair; a prompt without
-    editing gives exactly :func:`encode_pair`'s embeddings. ``cancel`` as in :func:`encode_prompt`.
+    guidance batches any step's pair in one UNet call. ``cancel`` as in :func:`encode_prompt`.
     ``cache`` (text, chunks) → embeddings lets several pairs of one job (dynamic prompts: one pair per
     image) share the texts they have in common; the same embeddings as without it."""
     schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
