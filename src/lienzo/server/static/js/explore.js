@@ -27,6 +27,21 @@ function element(tag, className, text) {
   return el;
 }
 
+// One axis row in #axes: its label, field menu, values box and error line (data-field "x", "y", "z").
+function axisRow(axis) {
+  const row = Object.assign(document.createElement("div"), { className: "axis" });
+  row.dataset.field = axis;
+  const select = Object.assign(document.createElement("select"), { id: `${axis}-field` });
+  const label = Object.assign(document.createElement("label"), { htmlFor: select.id, textContent: axis.toUpperCase() });
+  const values = Object.assign(document.createElement("input"), { id: `${axis}-values` });
+  values.setAttribute("aria-label", `${axis.toUpperCase()} values`);
+  const error = Object.assign(document.createElement("p"), { className: "error" });
+  error.setAttribute("role", "alert");
+  row.append(label, select, values, error);
+  $("axes").append(row);
+  return [select, values];
+}
+
 // ``request``: the txt2img request the controls make (with the model); ``showError(message, field)``
 // puts an error next to its field, the axis rows included (data-field "x", "y", "z").
 export function initExplore({ fields, request, clearErrors, showError, openViewer }) {
@@ -36,8 +51,7 @@ export function initExplore({ fields, request, clearErrors, showError, openViewe
   let cells = [];
 
   for (const axis of AXES) {
-    const select = $(`${axis}-field`);
-    const values = $(`${axis}-values`);
+    const [select, values] = axisRow(axis);
     if (axis !== "x") select.append(new Option("—", ""));
     select.append(...axisFields.map((f) => new Option(f.label, f.name)), new Option(SEARCH_REPLACE, SEARCH_REPLACE));
     select.value = axis === "x" && byName.steps ? "steps" : "";
