@@ -488,7 +488,7 @@ def test_lists(client):
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
     assert client.post("/sdapi/v1/interrupt").json() == {}  # nothing running: nothing to do
     assert client.post("/sdapi/v1/skip").status_code == 200
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"} <= set(client.get("/openapi.json").json()["paths"])

@@ -93,7 +93,10 @@ def test_a_damaged_options_file_does_not_stop_the_server(home):
     ("fields", "field", "words"),
     [
         ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts", "always on script ADetailer not found"),
-        ({"script_name": "X/Y/Z plot", "script_args": [1]}, "script_name", "script 'X/Y/Z plot' not found"),
+        ({"script_name": "Prompt matrix", "script_args": [1]}, "script_name", "script 'Prompt matrix' not found"),
+        ({"script_name": "X/Y/Z plot", "script_args": [5, "1,2"]}, "script_args[0]", "cannot plot 'Hires steps' yet"),
+        ({"script_name": "X/Y/Z plot", "script_args": [99, "1,2"]}, "script_args[0]", "X type must be 0 to"),
+        ({"script_name": "X/Y/Z plot", "script_args": [4, "1,999"]}, "script_args[1]", "steps = 999"),
     ],
 )
 def test_a_script_lienzo_does_not_have_is_refused_as_a1111_does(client, fields, field, words):

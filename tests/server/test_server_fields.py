@@ -128,3 +128,21 @@ def test_styles_are_merged_at_every_api_and_an_unknown_one_is_the_clients_error(
 
     info = json.loads(a1111["info"])
     assert parse_infotext(info["infotexts"][0]).prompt == "a brick wall at dusk" and any("Dawn" in w for w in info["warnings"])
+
+
+def test_a1111s_xyz_plot_script_answers_the_grid_then_each_picture(client):
+    import json
+
+    # A1111 1.10's txt2img axes: 4 is Steps, 6 CFG Scale, 9 Sampler (its values from the dropdown).
+    args = [4, "1-2", [], 9, "", ["Euler", "DDIM"], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    body = {**SAME, "width": 64, "height": 64, "script_name": "X/Y/Z plot", "script_args": args}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    images = [png(base64.b64decode(b64)) for b64 in answer["images"]]
+    assert len(images) == 5 and images[0].width > 2 * 64 and images[0].height > 2 * 64
+    info = json.loads(answer["info"])
+    made = [parse_infotext(text).params for text in info["infotexts"][1:]]
+    assert [(p["Steps"], p["Sampler"]) for p in made] == [("1", "Euler"), ("2", "Euler"), ("1", "DDIM"), ("2", "DDIM")]
+    assert len({p["Seed"] for p in made}) == 1  # one seed for the plot, drawn once
+    assert info["index_of_first_image"] == 1

@@ -41,17 +41,22 @@ from lienzo.server.routes.a1111.schemas import (
     SDVaeItem,
     Txt2ImgRequest,
     UpscalerItem,
+    XYZ_TITLE,
 )
 from lienzo.server.routes.a1111.translate import (
     DIALECT,
     apply_styles,
     check_scripts,
     current_title,
+    is_xyz,
     ignored_fields,
     img2img_request,
     request_model,
     txt2img_request,
 )
+
+from lienzo.server.routes.a1111.xyz import parse_script_args, plot_response
+from lienzo.settings import Settings
 
 # The A1111 door's one logger, named after the package (log filters name it).
 log = logging.getLogger(__package__)
@@ -69,15 +74,20 @@ async def generate(
     queue: JobQueue,
     presets: list[Preset],
     endpoint: str,
+    settings: Settings,
 ) -> GenerationResponse | JSONResponse:
-    """Refuse scripts, apply styles, note what is ignored, then run the request ``build`` makes."""
+    """Refuse scripts lienzo lacks, apply styles, note what is ignored, then run the request ``build``
+    makes (or, for the X/Y/Z plot script, one per cell)."""
     check_scripts(body)
+    plot = parse_script_args(body.script_args, endpoint.strip("/")) if is_xyz(body.script_name) else None
     notes = Notes(ignored=ignored_fields(body))
     if notes.ignored:
         log.warning("%s%s: ignoring what lienzo does not implement: %s", PREFIX, endpoint, ", ".join(notes.ignored))
     styled, notes.warnings = apply_styles(body, presets)
     gen = build(styled)
     model = request_model(body, queue)
+    if plot is not None:
+        return await plot_response(body, gen, plot, model, request, queue, settings, notes)
     with DIALECT.speaking():
         job = queue.submit(gen, model=model, source="a1111")
     await queue.wait(job, request.is_disconnected)
@@ -85,15 +95,15 @@ async def generate(
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
-async def txt2img(body: Txt2ImgRequest, request: Request, queue: Queue, options: Options, gallery: Gallery):
+async def txt2img(body: Txt2ImgRequest, request: Request, queue: Queue, settings: AppSettings, options: Options, gallery: Gallery):
     """Generate from a prompt; answers when the images are done (or /interrupt stopped it)."""
-    return await generate(body, lambda b: txt2img_request(b, options.values), request, queue, gallery.presets(), "/txt2img")
+    return await generate(body, lambda b: txt2img_request(b, options.values), request, queue, gallery.presets(), "/txt2img", settings)
 
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(body: Img2ImgRequest, request: Request, queue: Queue, settings: AppSettings, options: Options, gallery: Gallery):
     """Repaint ``init_images[0]``; with a ``mask``, only the white part of it (inpainting)."""
-    return await generate(body, lambda b: img2img_request(b, options.values, settings), request, queue, gallery.presets(), "/img2img")
+    return await generate(body, lambda b: img2img_request(b, options.values, settings), request, queue, gallery.presets(), "/img2img", settings)
 
 
 # -- progress and control -------------------------------------------------------------------------
@@ -181,7 +191,8 @@ async def upscalers() -> list[UpscalerItem]:
 
 @router.get("/scripts", response_model=ScriptsList)
 async def scripts() -> ScriptsList:
-    return ScriptsList(txt2img=[], img2img=[])
+    """The scripts a request may name: A1111's X/Y/Z plot (over the axes lienzo can vary)."""
+    return ScriptsList(txt2img=[XYZ_TITLE], img2img=[XYZ_TITLE])
 
 
 @router.get("/latent-upscale-modes", response_model=list[NamedItem])

@@ -34,6 +34,7 @@ class A1111Error(ErrorBody):
 # -- request bodies -------------------------------------------------------------------------------
 
 IGNORED = "accepted for compatibility; lienzo ignores it"
+XYZ_TITLE = "x/y/z plot"  # the one A1111 script lienzo has, as script_name names it (any case)
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # A1111's resize_mode numbers; generation.canvas.ResizeMode names them.
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
@@ -72,8 +73,10 @@ class _CommonOptions(BaseModel):
     save_images: bool = Field(False, description="lienzo always saves its images")
 
     styles: list[str] | None = Field(None, description="names of saved presets (GET /prompt-styles), added to the prompts as A1111's styles")
-    script_name: str | None = Field(None, description="lienzo has no scripts: a named one is refused (422), as A1111 refuses one it lacks")
-    alwayson_scripts: dict[str, Any] | None = Field(None, description="lienzo has no scripts: any entry is refused (422), as in A1111")
+    script_name: str | None = Field(
+        None, description=f"'{XYZ_TITLE}' (A1111's X/Y/Z plot, with its script_args); another is refused (422), as A1111 refuses one it lacks"
+    )
+    alwayson_scripts: dict[str, Any] | None = Field(None, description="lienzo has no always-on scripts: any entry is refused (422), as in A1111")
 
     # Accepted and ignored: lienzo has no such feature yet (a request turning one on is told so in ``info``).
     restore_faces: bool | None = Field(None, description=IGNORED)
@@ -90,7 +93,10 @@ class _CommonOptions(BaseModel):
     refiner_switch_at: float | None = Field(None, description=IGNORED)
     disable_extra_networks: bool | None = Field(False, description=IGNORED)
     comments: dict[str, Any] | None = Field(None, description=IGNORED)
-    script_args: list[Any] | None = Field(None, description="arguments of script_name")
+    script_args: list[Any] | None = Field(
+        None, description="arguments of script_name; for the X/Y/Z plot A1111 1.10's: x_type, x_values, x_values_dropdown, the same "
+        "for y and z, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode",
+    )
     force_task_id: str | None = Field(None, description=IGNORED)
     infotext: str | None = Field(None, description=IGNORED)
 

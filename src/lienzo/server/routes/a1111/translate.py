@@ -22,7 +22,7 @@ from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.dialect import Dialect
 from lienzo.server.fields import door_names
 from lienzo.server.jobs import JobQueue
-from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, USED, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
+from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, USED, XYZ_TITLE, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
 from lienzo.settings import Settings
 
 DIALECT = Dialect(prefix=PREFIX, error_model=A1111Error, fields=door_names("a1111"))
@@ -71,12 +71,17 @@ def ignored_fields(body: CommonRequest) -> list[str]:
     return ignored
 
 
+def is_xyz(script_name: str | None) -> bool:
+    """The request names A1111's X/Y/Z plot, the one script lienzo has."""
+    return (script_name or "").strip().lower() == XYZ_TITLE
+
+
 def check_scripts(body: CommonRequest) -> None:
-    """lienzo has no A1111 scripts; A1111 itself answers 422 for a script it does not have."""
-    if body.script_name:
-        raise InvalidRequestError("script_name", f"script '{body.script_name}' not found; lienzo has no scripts ({PREFIX}/scripts)")
+    """A1111 answers 422 for a script it does not have; lienzo has the X/Y/Z plot and no always-on scripts."""
+    if body.script_name and not is_xyz(body.script_name):
+        raise InvalidRequestError("script_name", f"script '{body.script_name}' not found; lienzo has '{XYZ_TITLE}' only ({PREFIX}/scripts)")
     for name in body.alwayson_scripts or {}:
-        raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has no scripts ({PREFIX}/scripts)")
+        raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has none ({PREFIX}/scripts)")
 
 
 # -- styles ---------------------------------------------------------------------------------------
