@@ -145,9 +145,9 @@ class Studio:
     gallery: Gallery | None = None
     allow_lora_paths: bool = True
 
-    def dynamic_prompts(self) -> engine.DynamicPrompts:
-        """Wildcards (``__name__``) come from the models dir's ``wildcards`` folder."""
-        return engine.DynamicPrompts(self.settings.models_dir / "wildcards")
+    def dynamic_prompts(self, request: GenerationRequest) -> engine.DynamicPrompts:
+        """Wildcards (``__name__``) come from the models dir's ``wildcards`` folder; the request picks the mode."""
+        return engine.DynamicPrompts(self.settings.models_dir / "wildcards", combinatorial=request.combinatorial)
 
     def load_model(self, model: str | Path | None = None, **options) -> Components:
         """:func:`load_model` with these settings."""
@@ -180,7 +180,7 @@ class Studio:
         if not save:
             return engine.generate(
                 components, request, progress=progress, cancel=cancel, on_image=on_image, skip=skip, interrupt=interrupt,
-                dynamic=self.dynamic_prompts(),
+                dynamic=self.dynamic_prompts(request),
             )
 
         # 2. What every image of this generation says about itself, and where it goes.
@@ -205,6 +205,6 @@ class Studio:
         # 3. Generate; each image is saved and recorded as soon as it is done.
         return engine.generate(
             components, request, progress=progress, cancel=cancel, on_image=save_image, skip=skip, interrupt=interrupt,
-            dynamic=self.dynamic_prompts(),
+            dynamic=self.dynamic_prompts(request),
         )
 

@@ -201,3 +201,12 @@ def test_cli_reads_the_models_dirs_wildcards_and_from_remakes_the_resolved_promp
     assert difference.max() <= 1  # 8-bit rounding of pixels equal within 1e-4
     failed = lienzo("generate", "a __animals__", *args, code=2)
     assert "no file animals.txt in the wildcard folder" in failed.output + failed.stderr
+
+
+def test_combinatorial_through_the_cli_gives_every_combination_once(lienzo, home):
+    from lienzo.images.metadata import read_parameters
+
+    args = ["--steps", "1", "--width", "64", "--height", "64", "--seed", "3", "--batch-size", "2", "--batch-count", "3"]
+    made = [line for line in lienzo("generate", "a {red|blue} {fox|owl|hare}", "--combinatorial", *args).stdout.splitlines() if line.endswith(".png")]
+    prompts = [parse_infotext(read_parameters(path)).prompt for path in made]
+    assert prompts == ["a red fox", "a red owl", "a red hare", "a blue fox", "a blue owl", "a blue hare"]

@@ -244,6 +244,10 @@ class GenerationRequest(BaseModel):
         "LoRAs", "LoRAs from the models dir's Lora folder, with weights; also <lora:NAME:WEIGHT> in the prompt", cli="lora",
     )] = []
 
+    combinatorial: Annotated[bool, Spec(
+        "Combinatorial", "{a|b} variants and __wildcards__ give every combination in order, one per image, instead of "
+        "picks drawn from each image's seed", cli="combinatorial", widget=Widget("check"),
+    )] = False
     styles: Annotated[list[str], Spec(
         "Styles", "saved styles (the studio's presets, A1111's styles.csv) merged into the prompts, in order: a style with "
         "{prompt} wraps the prompt, others are appended", cli="style", a1111="styles", a1111_body=False,
