@@ -131,20 +131,6 @@ def sd1():
     return build_tiny("sd1")
 
 
-@pytest.fixture
-def encoded(monkeypatch):
-    """Every text the engine encodes, in order."""
-    texts: list[str] = []
-    real = prompts.encode_prompt
-
-    def counting(components, text, **kwargs):
-        texts.append(text)
-        return real(components, text, **kwargs)
-
-    monkeypatch.setattr(prompts, "encode_prompt", counting)
-    return texts
-
-
 def _pixels(components, prompt, **fields):
     base = dict(steps=4, width=64, height=64, seed=11, sampler="Euler", negative_prompt="blurry")
     result = engine.generate(components, build_request(prompt=prompt, **{**base, **fields}))

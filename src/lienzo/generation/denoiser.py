@@ -11,7 +11,12 @@ prompt. What wraps the network is a layer around that callable, never a branch i
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
 - :class:`InpaintChannels`: the mask and masked-image latents an inpainting model takes as extra input;
-- :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond].
+- :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond];
+- :class:`Composition`: in its place for composable prompts (``a AND b:0.5``), one model pass over
+  [uncond, a row per subprompt], combined as AUTOMATIC1111 does.
+
+The rows a network call sees are laid out as [uncond of each image (guided only), then each image's
+conditional rows]: one per image for a plain prompt, one per subprompt for a composed one.
 """
 
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
 from lienzo.generation.plan import BatchPlan
 from lienzo.generation.prompt_schedule import schedule_index
-from lienzo.generation.prompts import PromptEmbeddings, PromptSchedule
+from lienzo.generation.prompts import ComposedPrompt, PromptEmbeddings, PromptSchedule
 from lienzo.models.components import Components
 
 
@@ -101,19 +106,64 @@ class Guidance:
         return uncond + self.scale * (cond - uncond)
 
 
+@dataclass(frozen=True)
+class Composition:
+    """AUTOMATIC1111's composable prompts (after Liu et al., "Compositional Visual Generation with
+    Composable Diffusion Models", ECCV 2022): a conditional row per subprompt, all in one model pass.
+
+    Guided: ``uncond + scale * sum_k(weight_k * (cond_k - uncond))`` for each image, A1111's
+    ``combine_denoised``; one term of weight 1 is exactly :class:`Guidance`. Unguided (CFG scale 1 or
+    less: no unconditional row) the weighted mean ``sum_k(weight_k * cond_k) / sum_k(weight_k)``, which
+    is A1111's result at scale 1 when the weights add up to 1 and keeps ``a AND a`` equal to ``a``
+    otherwise (a plain sum would double the predicted noise); the engine refuses weights adding up to
+    0 or less there. Terms are added one by one in a fixed order, so the result is reproducible."""
+
+    inner: Denoiser
+    owners: tuple[int, ...]  # the image of each conditional row
+    weights: tuple[float, ...]  # the weight of each conditional row
+    scale: float
+    guided: bool
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        n = x.shape[0]
+        rows = x[torch.tensor(self.owners, device=x.device)]
+        out = self.inner(torch.cat([x, rows]) if self.guided else rows, t, step)
+        terms = zip(self.owners, self.weights, strict=True)
+        if self.guided:
+            uncond, cond = out[:n], out[n:]
+            delta = torch.zeros_like(uncond)
+            for row, (image, weight) in enumerate(terms):
+                delta[image] += weight * (cond[row] - uncond[image])
+            return uncond + self.scale * delta
+        combined = out.new_zeros((n, *out.shape[1:]))
+        totals = [0.0] * n
+        for row, (image, weight) in enumerate(terms):
+            combined[image] += weight * out[row]
+            totals[image] += weight
+        return combined / torch.tensor(totals, dtype=out.dtype, device=out.device).view(-1, *[1] * (out.ndim - 1))
+
+
 def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | None) -> Denoiser:
     """The denoiser for one batch: a fresh one each batch, as DeepCache's cache must not outlive it."""
-    denoiser = _network_call(components, plan)
+    images = plan.image_prompts()
+    # The image each conditional row belongs to: one row per image, or per subprompt of a composed prompt.
+    owners = tuple(index for index, (pos, _) in enumerate(images) for _ in pos.terms)
+    composed = any(isinstance(pos, ComposedPrompt) for pos, _ in images)
+    denoiser = _network_call(components, plan, owners)
     if mask is not None and mask.masked_latents is not None:
         extra = torch.cat([mask.mask, mask.masked_latents], dim=1)
-        # Guidance doubles the batch before this layer sees it: the extra channels are doubled to match.
-        denoiser = InpaintChannels(denoiser, torch.cat([extra, extra]) if plan.guided else extra)
-    if plan.guided:
+        # Guidance (or composition) lays out the rows before this layer sees them: the extra channels follow.
+        cond = extra[torch.tensor(owners, device=extra.device)] if composed else extra
+        denoiser = InpaintChannels(denoiser, torch.cat([extra, cond]) if plan.guided else cond)
+    if composed:
+        weights = tuple(weight for pos, _ in images for _, weight in pos.terms)
+        denoiser = Composition(denoiser, owners, weights, plan.cfg_scale, plan.guided)
+    elif plan.guided:
         denoiser = Guidance(denoiser, plan.cfg_scale)
     return denoiser
 
 
-def _network_call(components: Components, plan: BatchPlan) -> Denoiser:
+def _network_call(components: Components, plan: BatchPlan, owners: tuple[int, ...]) -> Denoiser:
     """The innermost layer: the family's network with the batch's conditioning; another architecture
     (a transformer family) brings its own call and conditioning here, and the layers above stay."""
     images = plan.image_prompts()
@@ -121,31 +171,36 @@ def _network_call(components: Components, plan: BatchPlan) -> Denoiser:
     # their conditioning cannot be stacked, so each length gets its own call, padded as it would be alone.
     groups: dict[int, list[int]] = {}
     for index, (pos, _) in enumerate(images):
-        groups.setdefault(pos.entries[0][1].chunks, []).append(index)
+        groups.setdefault(pos.chunks, []).append(index)
     calls = tuple(_prompt_call(components, plan, [images[i] for i in indices]) for indices in groups.values())
     if len(calls) == 1:
         return calls[0]
     n = plan.batch_size
-    rows = tuple((*indices, *((n + i for i in indices) if plan.guided else ())) for indices in groups.values())
-    return ImageGroups(rows, calls)
+    rows = []
+    for indices in groups.values():
+        cond = [row for row, image in enumerate(owners) if image in indices]
+        rows.append((*indices, *(n + row for row in cond)) if plan.guided else tuple(cond))
+    return ImageGroups(tuple(rows), calls)
 
 
 def _prompt_call(
-    components: Components, plan: BatchPlan, images: list[tuple[PromptSchedule, PromptSchedule]]
+    components: Components, plan: BatchPlan, images: list[tuple[PromptSchedule | ComposedPrompt, PromptSchedule]]
 ) -> Denoiser:
     """The call for images whose conditioning stacks: one :class:`UNetCall` per stretch of steps where
-    every image's prompt (and, guided, negative prompt) stays the same."""
+    every image's prompt (every subprompt of a composed one) and, guided, negative prompt stays the same."""
     # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache);
     # one cache per call group, as its features are that group's rows.
     unet = DeepCacheUNet(components.unet) if plan.fast else components.unet
     # Every call shares the U-Net, so DeepCache's cache carries across a change of prompt.
-    schedules = [schedule for pos, neg in images for schedule in ((pos, neg) if plan.guided else (pos,))]
+    schedules = [
+        schedule for pos, neg in images for schedule in (*(term for term, _ in pos.terms), *((neg,) if plan.guided else ()))
+    ]
     end_steps = sorted({end for schedule in schedules for end in schedule.end_steps})
     calls: dict[tuple, UNetCall] = {}  # alternation repeats texts: one call (and tensor) per set of them
     stretches = []
     for end in end_steps:
-        pairs = [(pos.at(end), neg.at(end)) for pos, neg in images]
-        key = tuple((id(pos), id(neg) if plan.guided else 0) for pos, neg in pairs)
+        pairs = [(tuple(term.at(end) for term, _ in pos.terms), neg.at(end)) for pos, neg in images]
+        key = tuple((tuple(map(id, conds)), id(neg) if plan.guided else 0) for conds, neg in pairs)
         if key not in calls:
             calls[key] = UNetCall(unet, *_unet_conditioning(components, plan, pairs))
         stretches.append(calls[key])
@@ -155,13 +210,14 @@ def _prompt_call(
 
 
 def _unet_conditioning(
-    components: Components, plan: BatchPlan, pairs: list[tuple[PromptEmbeddings, PromptEmbeddings]]
+    components: Components, plan: BatchPlan, pairs: list[tuple[tuple[PromptEmbeddings, ...], PromptEmbeddings]]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Prompt embeddings for the images (one (prompt, negative) pair each), [uncond..., cond...] as
-    diffusers orders them, and SDXL's micro-conditioning: pooled text embeddings (of the same step's
-    prompts, as A1111 has them) and (original size, crop, target size) ids."""
+    """Prompt embeddings for the images (one (prompts, negative) pair each: a prompt per subprompt),
+    [uncond..., cond...] as diffusers orders them, and SDXL's micro-conditioning: pooled text embeddings
+    (of the same step's prompts, as A1111 has them) and (original size, crop, target size) ids."""
     device, dtype, n = components.execution_device, components.unet.dtype, len(pairs)
-    embeds = torch.cat([pos.embeds for pos, _ in pairs])
+    embeds = torch.cat([pos.embeds for conds, _ in pairs for pos in conds])
+    rows = embeds.shape[0]
     if plan.guided:
         embeds = torch.cat([torch.cat([neg.embeds for _, neg in pairs]), embeds])
     embeds = embeds.to(device=device, dtype=dtype)
@@ -169,9 +225,9 @@ def _unet_conditioning(
         return embeds, None
     cv = plan.canvas
     time_ids = torch.tensor([[cv.height, cv.width, 0, 0, cv.height, cv.width]], dtype=dtype, device=device)
-    pooled = torch.cat([pos.pooled for pos, _ in pairs])
-    ids = time_ids.repeat(n, 1)
+    pooled = torch.cat([pos.pooled for conds, _ in pairs for pos in conds])
+    ids = time_ids.repeat(rows, 1)
     if plan.guided:
         pooled = torch.cat([torch.cat([neg.pooled for _, neg in pairs]), pooled])
-        ids = torch.cat([ids, ids])
+        ids = torch.cat([time_ids.repeat(n, 1), ids])
     return embeds, {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}

@@ -15,18 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lienzo import __version__
-from lienzo.errors import InvalidRequestError, LienzoError
+from lienzo.errors import LienzoError
 from lienzo.generation import canvas
-from lienzo.generation.infotext import request_params
+from lienzo.generation.conditioning import check_unguided_weights, encode_images, image_texts, with_image_prompts
+from lienzo.generation.infotext import image_params, infotext_prompt, with_templates
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import Variation, random_seed
 from lienzo.generation.plan import BatchPlan, Canvas
-from lienzo.generation.prompts import PromptEmbeddings, PromptSchedule, encode_schedules
-from lienzo.generation.request import MAX_PROMPT_CHARS, GenerationRequest
+from lienzo.generation.prompts import encode_schedules
+from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import resolve_sampler, resolve_schedule
-from lienzo.generation.wildcards import DynamicPrompts, escape, is_dynamic
+from lienzo.generation.wildcards import DynamicPrompts, escape
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
 from lienzo.safety import SafetyFilter, Screened, screen
@@ -180,7 +180,7 @@ def generate(
     # 2. Prompts. Wildcards and variants first: each image's text, drawn from its seed before anything
     # runs (a missing wildcard file fails here); None for prompts without them, which go on as before.
     image_count = request.batch_size * request.batch_count
-    texts = _image_texts(request, [seed + (0 if request.subseed_strength else k) for k in range(image_count)], dynamic)
+    texts = image_texts(request, [seed + (0 if request.subseed_strength else k) for k in range(image_count)], dynamic)
 
     # Then encode once for every batch; <lora:...> tags are instructions, not words to encode.
     prompt, _ = extract_lora_tags(request.prompt)
@@ -191,9 +191,11 @@ def generate(
         )
         conditioning = None
     else:
-        conditioning = _encode_images(components, request, texts, device, cancel)
+        conditioning = encode_images(components, request, texts, device, cancel)
         pos, neg = conditioning[0]
-    info_prompt = _infotext_prompt(request)
+    # Composable prompts (AND) without guidance are a weighted mean of the subprompts' predictions.
+    check_unguided_weights(request, [pos] if conditioning is None else [image for image, _ in conditioning])
+    info_prompt = infotext_prompt(request)
 
     # 3.-8. One plan for every batch (the engine's only reading of the request for them); each batch
     # moves its first seed on by the batch size.
@@ -214,7 +216,7 @@ def generate(
         )
         batch_plan = replace(plan, first_seed=seed + (0 if variation.strength else first), variation=variation)
         if conditioning is not None:
-            batch_plan = _with_image_prompts(batch_plan, conditioning[first : first + request.batch_size])
+            batch_plan = with_image_prompts(batch_plan, conditioning[first : first + request.batch_size])
         stop = Stop(cancel, skip, interrupt)
         report = _reporter(progress, components, batch, request.batch_count)
         try:
@@ -231,8 +233,11 @@ def generate(
             if kept.filtered is not None:
                 array = np.asarray(kept.image, dtype=np.float32) / 255  # the replacement's pixels, not the original's
             image_seed = batch_plan.seeds[i]
-            resolved = {"seed": image_seed, "subseed": variation.subseeds[i], "sampler": sampler.name, "schedule": schedule}
-            params = _parameters(components, request, cv, resolved, kept.label or unchecked)
+            resolved = {
+                "seed": image_seed, "subseed": variation.subseeds[i], "sampler": sampler.name, "schedule": schedule,
+                "width": cv.width, "height": cv.height,
+            }
+            params = image_params(components, request, resolved, kept.label or unchecked)
             if stop.stopped_at is not None:
                 # Not what the parameters would remake: say so, as the picture is only the estimate at that step.
                 params["Interrupted"] = f"at step {stop.stopped_at} of {stop.total}"
@@ -240,9 +245,9 @@ def generate(
                 infotext = format_infotext(info_prompt, request.negative_prompt, params)
             else:
                 image_prompt, image_negative = texts[first + i]
-                params = _with_templates(params, request)
+                params = with_templates(params, request)
                 # Escaped, so that --from remakes this text instead of drawing a new one from the template.
-                infotext = format_infotext(_infotext_prompt(request, escape(image_prompt)), escape(image_negative), params)
+                infotext = format_infotext(infotext_prompt(request, escape(image_prompt)), escape(image_negative), params)
             images.append(GeneratedImage(kept.image, image_seed, infotext, params, array, kept.filtered))
             if on_image is not None:
                 on_image(images[-1])
@@ -301,93 +306,3 @@ def _safety_filter(components: Components, policy: str) -> SafetyFilter | None:
         return None
     components.safety_filter.prepare(components.execution_device)
     return components.safety_filter
-
-
-def _infotext_prompt(request: GenerationRequest, prompt: str | None = None) -> str:
-    """The prompt as given (or an image's resolved ``prompt``), plus a tag for each LoRA the request
-    applies that it does not show, so A1111 and --from can remake it."""
-    prompt = request.prompt if prompt is None else prompt
-    tagged = {name for name, _ in extract_lora_tags(prompt)[1]}
-    extra = [lora_tag(lora.name, lora.weight) for lora in request.requested_loras() if lora.name not in tagged]
-    return " ".join([prompt, *extra]) if extra else prompt
-
-
-def _image_texts(request: GenerationRequest, seeds: list[int], dynamic: DynamicPrompts | None) -> list[tuple[str, str]] | None:
-    """Each image's (prompt, negative prompt) resolved from the request's templates, or None when neither
-    holds wildcards or variants. InvalidRequestError on ``prompt`` / ``negative_prompt`` for what cannot be made."""
-    if not (is_dynamic(request.prompt) or is_dynamic(request.negative_prompt)):
-        return None
-    texts = (dynamic or DynamicPrompts()).image_texts(request.prompt, request.negative_prompt, seeds)
-    applied = {lora.name for lora in request.requested_loras()}
-    for image_prompt, image_negative in texts:
-        for name, text in (("prompt", image_prompt), ("negative_prompt", image_negative)):
-            if len(text) > MAX_PROMPT_CHARS:
-                raise InvalidRequestError(name, f"resolves to {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-        # LoRAs are applied for the whole job from the template's tags; one a wildcard file adds would be
-        # in the infotext but not in the picture.
-        added = [name for name, _ in extract_lora_tags(image_prompt)[1] if name not in applied]
-        if added:
-            raise InvalidRequestError(
-                "prompt", f"a wildcard adds <lora:{added[0]}>, but LoRAs come only from the prompt itself and loras"
-            )
-    return texts
-
-
-def _encode_images(
-    components: Components, request: GenerationRequest, texts: list[tuple[str, str]], device: torch.device,
-    cancel: CancelCheck | None,
-) -> list[tuple[PromptSchedule, PromptSchedule]]:
-    """Each image's conditioning, padded as it would be if the image were made alone (so it can be): one
-    pair of schedules per distinct pair of texts, each distinct text encoded once per length."""
-    cache: dict[tuple[str, int], PromptEmbeddings] = {}
-    pairs: dict[tuple[str, str], tuple[PromptSchedule, PromptSchedule]] = {}
-    for image_prompt, image_negative in texts:
-        if (image_prompt, image_negative) not in pairs:
-            pairs[image_prompt, image_negative] = encode_schedules(
-                components, extract_lora_tags(image_prompt)[0], image_negative, request.steps, clip_skip=request.clip_skip,
-                device=device, cancel=cancel, cache=cache,
-            )
-    return [pairs[pair] for pair in texts]
-
-
-def _with_image_prompts(plan: BatchPlan, images: list[tuple[PromptSchedule, PromptSchedule]]) -> BatchPlan:
-    """The batch's plan with its images' conditioning; a batch whose images all drew the same texts takes
-    the plain path (one prompt for all), exactly as one made from that text."""
-    pos, neg = images[0]
-    if all(image is images[0] for image in images):
-        return replace(plan, prompt=pos, negative=neg)
-    return replace(plan, prompt=pos, negative=neg, images=tuple(images))
-
-
-def _with_templates(params: dict, request: GenerationRequest) -> dict:
-    """sd-dynamic-prompts' record of the templates, before ``Version``: only a record (``--from`` reads the prompt)."""
-    templates = {"Template": request.prompt if is_dynamic(request.prompt) else None}
-    templates["Negative Template"] = request.negative_prompt if is_dynamic(request.negative_prompt) else None
-    keys = list(params)
-    at = keys.index("Version") if "Version" in keys else len(keys)
-    return {k: params[k] for k in keys[:at]} | {k: v for k, v in templates.items() if v is not None} | {k: params[k] for k in keys[at:]}
-
-
-def _parameters(components: Components, req: GenerationRequest, cv: Canvas, resolved: dict, safety: str | None = None) -> dict:
-    """The infotext fields of one image, in A1111's order: the request's (from the field table, with
-    what the run ``resolved``: seeds, sampler, schedule), the model's after ``Size``, the loaded VAE and
-    LoRAs before ``Fast``."""
-    params = request_params(req, {**resolved, "width": cv.width, "height": cv.height})
-    model = {"Model hash": components.short_hash or None, "Model": components.name or None}
-    loaded: dict[str, object] = {}
-    if components.vae_name:
-        loaded["VAE"] = components.vae_name
-    # A1111's form: "name: short hash, ..."; its reader splits on those characters, so names lose them.
-    hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for lora in components.loras.active if lora.short_hash]
-    if hashes:
-        loaded["Lora hashes"] = ", ".join(hashes)
-    keys = list(params)
-    at = keys.index("Fast") if "Fast" in keys else len(keys)
-    ordered = {k: params[k] for k in keys[: keys.index("Size") + 1]} | model
-    ordered |= {k: params[k] for k in keys[keys.index("Size") + 1 : at]} | loaded | {k: params[k] for k in keys[at:]}
-    if components.speed.int8:  # a load-time switch, so only a record: --from does not turn it on
-        ordered["Int8"] = "U-Net linear layers"
-    if safety:
-        ordered["Safety filter"] = safety
-    ordered["Version"] = f"lienzo {__version__}"
-    return ordered

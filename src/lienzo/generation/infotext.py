@@ -1,16 +1,23 @@
 """The infotext's generation keys, written and read through the field table: what an image says about
-how it was made, and the request fields that remake it (``lienzo generate --from``, the gallery, the
-A1111 API's png-info). The layout itself (lines, quoting) is ``images.metadata``'s."""
+how it was made (the request's fields, the model's, the run's), and the request fields that remake it
+(``lienzo generate --from``, the gallery, the A1111 API's png-info). The layout itself (lines, quoting)
+is ``images.metadata``'s."""
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lienzo import __version__
 from lienzo.errors import LienzoError
 from lienzo.generation.fields import InfotextKey, Row
+from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.request import GenerationRequest, table
 from lienzo.generation.samplers import split_folded_schedule
+from lienzo.generation.wildcards import is_dynamic
 from lienzo.images.metadata import Infotext, parse_infotext, read_parameters
+
+if TYPE_CHECKING:  # the CLI reads infotexts (--from) before it imports torch
+    from lienzo.models.components import Components
 
 
 def _keys() -> Iterator[tuple[InfotextKey, list[Row]]]:
@@ -63,3 +70,46 @@ def fields_from_image(path: Path, mode: str = "txt2img") -> dict:
     if text is None:
         raise LienzoError(f"from: {path} carries no generation parameters to remake it from")
     return fields_from_infotext(parse_infotext(text), mode)
+
+
+def infotext_prompt(request: GenerationRequest, prompt: str | None = None) -> str:
+    """The prompt as given (or an image's resolved ``prompt``), plus a tag for each LoRA the request
+    applies that it does not show, so A1111 and --from can remake it."""
+    prompt = request.prompt if prompt is None else prompt
+    tagged = {name for name, _ in extract_lora_tags(prompt)[1]}
+    extra = [lora_tag(lora.name, lora.weight) for lora in request.requested_loras() if lora.name not in tagged]
+    return " ".join([prompt, *extra]) if extra else prompt
+
+
+def with_templates(params: dict, request: GenerationRequest) -> dict:
+    """sd-dynamic-prompts' record of the templates, before ``Version``: only a record (``--from`` reads the prompt)."""
+    templates = {"Template": request.prompt if is_dynamic(request.prompt) else None}
+    templates["Negative Template"] = request.negative_prompt if is_dynamic(request.negative_prompt) else None
+    keys = list(params)
+    at = keys.index("Version") if "Version" in keys else len(keys)
+    return {k: params[k] for k in keys[:at]} | {k: v for k, v in templates.items() if v is not None} | {k: params[k] for k in keys[at:]}
+
+
+def image_params(components: "Components", req: GenerationRequest, resolved: dict, safety: str | None = None) -> dict:
+    """The infotext fields of one image, in A1111's order: the request's (from the field table, with
+    what the run ``resolved``: seeds, size, sampler, schedule), the model's after ``Size``, the loaded VAE and
+    LoRAs before ``Fast``."""
+    params = request_params(req, resolved)
+    model = {"Model hash": components.short_hash or None, "Model": components.name or None}
+    loaded: dict[str, object] = {}
+    if components.vae_name:
+        loaded["VAE"] = components.vae_name
+    # A1111's form: "name: short hash, ..."; its reader splits on those characters, so names lose them.
+    hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for lora in components.loras.active if lora.short_hash]
+    if hashes:
+        loaded["Lora hashes"] = ", ".join(hashes)
+    keys = list(params)
+    at = keys.index("Fast") if "Fast" in keys else len(keys)
+    ordered = {k: params[k] for k in keys[: keys.index("Size") + 1]} | model
+    ordered |= {k: params[k] for k in keys[keys.index("Size") + 1 : at]} | loaded | {k: params[k] for k in keys[at:]}
+    if components.speed.int8:  # a load-time switch, so only a record: --from does not turn it on
+        ordered["Int8"] = "U-Net linear layers"
+    if safety:
+        ordered["Safety filter"] = safety
+    ordered["Version"] = f"lienzo {__version__}"
+    return ordered

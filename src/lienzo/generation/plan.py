@@ -11,7 +11,7 @@ from PIL import Image
 
 from lienzo.generation import canvas
 from lienzo.generation.noise import Variation
-from lienzo.generation.prompts import PromptSchedule
+from lienzo.generation.prompts import ComposedPrompt, PromptSchedule
 from lienzo.generation.samplers import Sampler
 
 
@@ -33,7 +33,7 @@ class BatchPlan:
     """One batch of ``batch_size`` images: images ``first_seed``, ``first_seed + 1``, ... (one generator each)."""
 
     canvas: Canvas
-    prompt: PromptSchedule  # per step: A1111's prompt editing and alternation
+    prompt: PromptSchedule | ComposedPrompt  # per step: A1111's prompt editing and alternation; AND: composed
     negative: PromptSchedule
     sampler: Sampler
     schedule: str  # resolved: a key of samplers.SCHEDULES
@@ -48,9 +48,9 @@ class BatchPlan:
     variation: Variation = Variation()  # A1111's variation seed and seed resize (off by default)
     # Dynamic prompts: (prompt, negative) for each image when the batch's images have different texts;
     # empty: every image has ``prompt`` and ``negative``.
-    images: tuple[tuple[PromptSchedule, PromptSchedule], ...] = ()
+    images: tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...] = ()
 
-    def image_prompts(self) -> tuple[tuple[PromptSchedule, PromptSchedule], ...]:
+    def image_prompts(self) -> tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...]:
         """(prompt, negative) of each of the batch's images."""
         return self.images or ((self.prompt, self.negative),) * self.batch_size
 

@@ -25,6 +25,10 @@ what the emphasis parser (:mod:`lienzo.generation.prompts`) then encodes. The ru
 A1111 looks a schedule up with the sampler's 0-based step counter against these 1-based end steps
 (first entry whose end step is ≥ the counter), so ``[a:b:5]`` shows ``b`` from the 7th model call
 on: :func:`schedule_index` does the same.
+
+Composable prompts (A1111's ``get_multicond_prompt_list``) come before all of this:
+:func:`split_subprompts` cuts ``a cat AND a dog:1.2`` into subprompts with weights, and each
+subprompt then gets its own schedule. Only the positive prompt is cut.
 """
 
 import re
@@ -38,6 +42,14 @@ _WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 # character it escapes (not a newline, as in the grammar's regular expression).
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
 _STRAY = "[]():"  # characters the grammar lets stand as text at the top level, outside any group
+# Composable prompts: "AND" in capitals with a word boundary on each side ("ANDROID", "sAND" and "and"
+# stay text; "cat,AND dog" splits).
+_AND = re.compile(r"\bAND\b")
+# A subprompt: its text, then optionally ":weight" (spaces allowed around the colon) and trailing spaces,
+# which are not part of the text; nor are leading spaces (A1111 keeps them, but the CLIP tokenizer drops
+# them, and without them "a AND a" is one text to encode). The weight is a signed decimal without an
+# exponent: 2, 1., .5, -0.3, +1.
+_SUBPROMPT = re.compile(r"\s*(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,24 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
         else:
             schedule.append((step, current))
     return schedule
+
+
+def split_subprompts(text: str) -> list[tuple[str, float]]:
+    """A1111's composable prompt: ``text`` cut on the word ``AND`` into ``[(subprompt, weight), ...]``.
+
+    Each subprompt loses its spaces at both ends and may end in ``:weight`` (default 1.0); empty
+    subprompts (``a AND``, ``AND b``) are kept as the empty prompt, as A1111 keeps them. Repeated subprompts stay repeated (their weights add up in effect). A prompt without ``AND`` is
+    returned whole, as given, weight 1.0: no trailing ``:weight`` is read from it, so a plain prompt is
+    encoded exactly as before (A1111 would read ``a cat:1.5`` as weight 1.5 even without ``AND``)."""
+    parts = _AND.split(text)
+    if len(parts) == 1:
+        return [(text, 1.0)]
+    subprompts = []
+    for part in parts:
+        match = _SUBPROMPT.fullmatch(part)  # always matches: the lazy text can take everything
+        subprompt, weight = match.group(1), match.group(2)
+        subprompts.append((subprompt, 1.0 if weight is None else float(weight)))
+    return subprompts
 
 
 def schedule_index(end_steps: Sequence[int], step: int) -> int:

@@ -9,6 +9,8 @@ Three steps, one function each:
 
 Prompt editing and alternation (``[cat:dog:0.5]``, ``[cat|dog]``) come first: :func:`encode_schedules`
 resolves them per step (:mod:`lienzo.generation.prompt_schedule`) and encodes each distinct text once.
+Before that, a composable prompt (``a cat AND a dog:1.2``) is cut into subprompts, each with its own
+schedule and weight (:class:`ComposedPrompt`).
 """
 
 import re
@@ -21,7 +23,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from lienzo.devices import execution_device
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
-from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index
+from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index, split_subprompts
 from lienzo.models.components import Components
 
 # The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
@@ -266,6 +268,33 @@ class PromptSchedule:
         """The conditioning at the denoising loop's 0-based ``step``, looked up as A1111 does."""
         return self.entries[schedule_index(self.end_steps, step)][1]
 
+    @property
+    def chunks(self) -> int:
+        return self.entries[0][1].chunks
+
+    @property
+    def terms(self) -> "tuple[tuple[PromptSchedule, float], ...]":
+        """As a :class:`ComposedPrompt`'s: one term of weight 1, whose prediction is guided as it is."""
+        return ((self, 1.0),)
+
+
+@dataclass(frozen=True)
+class ComposedPrompt:
+    """A1111's composable prompt (``a cat AND a dog:1.2``): a schedule and a weight per distinct
+    subprompt (``terms``), all padded to the same chunk count. The denoiser runs one conditional
+    prediction per term and guides with ``uncond + scale * sum(weight * (cond - uncond))``
+    (:class:`~lienzo.generation.denoiser.Composition`)."""
+
+    terms: tuple[tuple[PromptSchedule, float], ...]
+
+    @property
+    def chunks(self) -> int:
+        return self.terms[0][0].chunks
+
+    @property
+    def total_weight(self) -> float:
+        return sum(weight for _, weight in self.terms)
+
 
 def encode_schedules(
     components: Components,
@@ -277,13 +306,21 @@ def encode_schedules(
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
     cache: dict[tuple[str, int], PromptEmbeddings] | None = None,
-) -> tuple[PromptSchedule, PromptSchedule]:
+) -> tuple[PromptSchedule | ComposedPrompt, PromptSchedule]:
     """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
     every distinct text encoded once. All texts are padded to the same number of chunks, as
-    guidance batches any step's pair in one UNet call. ``cancel`` as in :func:`encode_prompt`.
+    guidance batches any step's texts in one UNet call. ``cancel`` as in :func:`encode_prompt`.
     ``cache`` (text, chunks) → embeddings lets several pairs of one job (dynamic prompts: one pair per
-    image) share the texts they have in common; the same embeddings as without it."""
-    schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
+    image) share the texts they have in common; the same embeddings as without it.
+
+    A prompt with ``AND`` gives a :class:`ComposedPrompt`, a term per distinct subprompt (a repeated
+    one adds its weight to the first's: one U-Net row instead of several equal ones); the negative
+    prompt is never cut. Without ``AND``, the prompt's :class:`PromptSchedule`, exactly as before."""
+    subprompts: dict[str, float] = {}
+    split = split_subprompts(prompt)
+    for text, weight in split:
+        subprompts[text] = subprompts.get(text, 0.0) + weight
+    schedules = [*(prompt_schedule(text, steps) for text in subprompts), prompt_schedule(negative, steps)]
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
     chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
     cache = {} if cache is None else cache
@@ -294,8 +331,10 @@ def encode_schedules(
                 components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel
             )
         encoded[text] = cache[text, chunks]
-    pos, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
-    return pos, neg
+    *terms, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
+    if len(split) == 1:
+        return terms[0], neg
+    return ComposedPrompt(tuple(zip(terms, subprompts.values(), strict=True))), neg
 
 
 def _encoders(components: Components) -> list[tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTokenizer]]:
