@@ -284,3 +284,13 @@ def test_wildcards_with_and_make_a_prompt_per_image_and_each_remakes_alone(sd1):
     # Each image remakes alone (the plain ones by the plain path) up to the float noise of another batch size.
     for image in result.images:
         assert np.abs(_remake(sd1, image).pixels - image.pixels).max() <= 1e-4
+
+
+def test_more_subprompts_than_the_limit_are_refused_at_every_door_before_anything_runs():
+    from lienzo.errors import InvalidRequestError
+    from lienzo.generation.request import MAX_SUBPROMPTS
+
+    build_request(prompt=" AND ".join(["a cat"] * MAX_SUBPROMPTS))
+    with pytest.raises(InvalidRequestError, match=f"has {MAX_SUBPROMPTS + 1} subprompts joined by AND; at most {MAX_SUBPROMPTS}") as caught:
+        build_request(prompt=" AND ".join(["a cat"] * (MAX_SUBPROMPTS + 1)))
+    assert caught.value.field == "prompt"

@@ -12,6 +12,7 @@ from lienzo.generation.fields import (
     FAST, MASKED, OUTPAINT, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of, whole, yes,
 )
 from lienzo.generation.lora_tags import extract_lora_tags
+from lienzo.generation.prompt_schedule import split_subprompts
 from lienzo.generation.samplers import resolve_sampler, schedule_label
 from lienzo.generation.wildcards import parse as parse_dynamic
 from lienzo.images.metadata import lone_surrogate
@@ -30,6 +31,9 @@ MAX_LORA_WEIGHT = 10
 # text (4 characters a token), ten times the longest prompts in use. Characters, not tokens: exact, and
 # counted without loading a tokenizer, so a client can check it too.
 MAX_PROMPT_CHARS = 40_000
+# Composable prompts: every AND subprompt adds a U-Net row for every image of a batch, all in one call
+# (16 images x 32 subprompts is 512 rows); prompts in use have a handful.
+MAX_SUBPROMPTS = 32
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
@@ -303,6 +307,14 @@ class GenerationRequest(BaseModel):
             parse_dynamic(v, info.field_name)
         except InvalidRequestError as err:
             raise ValueError(str(err).removeprefix(f"{info.field_name}: ")) from None
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _subprompts(cls, v: str) -> str:
+        count = len(split_subprompts(v))
+        if count > MAX_SUBPROMPTS:
+            raise ValueError(f"has {count} subprompts joined by AND; at most {MAX_SUBPROMPTS} are allowed")
         return v
 
     @field_validator("prompt")
