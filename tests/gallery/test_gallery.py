@@ -89,13 +89,16 @@ def test_search_operators_typed_by_a_user_are_words(gallery):
     assert gallery.search("fox OR whale").items == []  # OR is a word to find, not an operator
 
 
+def _pngs(folder, count: int) -> list:
+    """``count`` different small PNGs in ``folder``: 0.png, 1.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"{i}.png").write_bytes(png(seed=i))
+    return [folder / f"{i}.png" for i in range(count)]
+
+
 def test_filters_by_model_date_and_favourite(gallery, tmp_path):
-    paths = []
-    for i in range(3):
-        path = tmp_path / "out" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png(seed=i))
-        paths.append(path)
+    paths = _pngs(tmp_path / "out", 3)
     old = gallery.add(paths[0], ImageMeta(64, 64, prompt="old", model="sd15"), source="cli", created=1000.0)
     mid = gallery.add(paths[1], ImageMeta(64, 64, prompt="mid", model="sdxl"), source="native", created=2000.0)
     new = gallery.add(paths[2], ImageMeta(64, 64, prompt="new", model="sd15"), source="openai", created=3000.0)
@@ -110,10 +113,7 @@ def test_filters_by_model_date_and_favourite(gallery, tmp_path):
 
 def test_cursor_pages_cover_everything_once_newest_first(gallery, tmp_path):
     ids = []
-    for i in range(7):
-        path = tmp_path / "out" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png(seed=i))
+    for i, path in enumerate(_pngs(tmp_path / "out", 7)):
         # Pairs with the same timestamp: the id breaks the tie, so no image is skipped or repeated.
         ids.append(gallery.add(path, ImageMeta(64, 64, prompt=f"image {i}"), source="cli", created=1000.0 + i // 2))
     seen, cursor, pages = [], None, 0

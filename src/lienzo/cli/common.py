@@ -129,14 +129,11 @@ def _generation_options(mode: str):
 
 def _field_option(row, mode: str):
     """A click option for one table row: its type from the field's annotation, its default for ``mode``."""
-    import types
     import typing
 
     spec, default = row.spec, row.spec.default_for(mode, row.default)
     names = [f"--{spec.cli}", *([spec.cli_short] if spec.cli_short else []), row.name]
-    kind = row.annotation
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:  # X | None: the X
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind = row.kind
     if kind is bool:
         return click.option(f"--{spec.cli}/--no-{spec.cli}", row.name, default=default, show_default=default not in (None, ""), help=spec.help)
     if row.name == "loras":

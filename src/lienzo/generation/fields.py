@@ -7,6 +7,8 @@ lists fields, defaults or limits of its own. This module imports no torch and no
 CLI and the page can read it before anything heavy.
 """
 
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -117,6 +119,20 @@ class Row:
     annotation: Any
     default: Any
     spec: Spec
+
+    @property
+    def nullable(self) -> bool:
+        return type(None) in self._union
+
+    @property
+    def kind(self) -> Any:
+        """The value's type: ``int`` for ``int | None``, the Literal itself for a Literal."""
+        return next((a for a in self._union if a is not type(None)), self.annotation)
+
+    @property
+    def _union(self) -> tuple:
+        union = isinstance(self.annotation, types.UnionType) or typing.get_origin(self.annotation) is typing.Union
+        return typing.get_args(self.annotation) if union else ()
 
 
 def spec_of(field_info) -> Spec | None:

@@ -10,7 +10,6 @@ Values are comma-separated (CSV: quote a value that holds a comma); numbers also
 import csv
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -58,13 +57,6 @@ def _key(name: str) -> str:
     return re.sub(r"[\s_-]+", " ", name.strip().lower())
 
 
-def _kind(row: Row) -> Any:
-    annotation = row.annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
 def _expand(text: str, whole: bool, option: str) -> list[float]:
     """A1111's ranges: ``a-b``, ``a-b (+step)``, ``a-b [count]``; a plain number is itself."""
     match = _RANGE.match(text)
@@ -88,7 +80,7 @@ def _expand(text: str, whole: bool, option: str) -> list[float]:
 
 
 def _convert(row: Row, texts: list[str], option: str) -> list:
-    kind = _kind(row)
+    kind = row.kind
     values: list = []
     for text in texts:
         try:

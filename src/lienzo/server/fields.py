@@ -2,7 +2,6 @@
 its errors, and the table itself as JSON (``GET /api/v1/fields``, from which the studio builds its
 controls). Nothing here lists a field: every door asks the table."""
 
-import types
 import typing
 from typing import Any, Literal
 
@@ -41,27 +40,25 @@ class FieldView(BaseModel):
     names: dict[str, str | None] = Field(description="the field's name at each door: cli flag, a1111 and openai keys, infotext key")
 
 
-def _kind(annotation: Any) -> tuple[str, bool, list[str] | None]:
-    """JSON kind, whether null is allowed, and the choices of a Literal."""
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else ()
-    nullable = type(None) in args
-    inner = next((a for a in args if a is not type(None)), annotation) if args else annotation
+def _kind(row: Row) -> tuple[str, list[str] | None]:
+    """JSON kind, and the choices of a Literal."""
+    inner = row.kind
     if typing.get_origin(inner) is Literal:
-        return "choice", nullable, [str(c) for c in typing.get_args(inner)]
+        return "choice", [str(c) for c in typing.get_args(inner)]
     if typing.get_origin(inner) is list:
-        return ("loras" if typing.get_args(inner) == (LoraRef,) else "list"), nullable, None
+        return ("loras" if typing.get_args(inner) == (LoraRef,) else "list"), None
     kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
-    return kinds.get(inner, "image"), nullable, None
+    return kinds.get(inner, "image"), None
 
 
 def field_views() -> list[FieldView]:
     views = []
     for row in table():
-        kind, nullable, choices = _kind(row.annotation)
+        kind, choices = _kind(row)
         spec = row.spec
         views.append(
             FieldView(
-                name=row.name, label=spec.label, help=spec.help, type=kind, nullable=nullable, choices=choices,
+                name=row.name, label=spec.label, help=spec.help, type=kind, nullable=row.nullable, choices=choices,
                 default=None if kind == "image" else row.default, mode_defaults=dict(spec.mode_defaults),
                 modes=[m for m in MODES if m in spec.modes], limits=json_limits(row.name),
                 widget=None if spec.widget is None else {k: v for k, v in vars(spec.widget).items() if v is not None},
