@@ -1,4 +1,4 @@
-"""Tiny seeded random Stable Diffusion models in the real layouts, for tests and as stand-in checkpoints.
+"""Tiny seeded random models of every family in the real layouts, for tests and as stand-in checkpoints.
 
 They follow the same family rules a real checkpoint does (SD 1.x: 8 attention heads and conv
 projections; SD 2.x / XL: 64 channels per head and linear projections; SDXL's text_time embedding),
@@ -9,6 +9,11 @@ Make a random-weight stand-in checkpoint:
 
     python tests/tiny_models.py sd1 tiny-sd1.safetensors [--inpainting]
     python tests/tiny_models.py sdxl tiny-sdxl --diffusers
+    python tests/tiny_models.py flux tiny-flux --diffusers
+
+SD 3.x and Flux.1 stand-ins are laid out like the real ones (16 latent channels, SD 3.5's dual
+attention and QK norm, Flux's double and single blocks, guidance input and packed 2x2 patches) at a
+few blocks of a few channels; their T5 has T5's real 32,128-token vocabulary so the bundled tokenizer fits.
 """
 
 import argparse
@@ -18,17 +23,26 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from lienzo.models.components import Components
+from lienzo.models.families import FAMILIES as FAMILY_TABLE
 from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config_for
 from lienzo.models.single_file_save import save_single_file
+from lienzo.models.tokenizers import bundled_t5_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+TRANSFORMER_FAMILIES = ("sd3", "flux")
+_T5_VOCAB = 32128  # T5 v1.1's embedding rows (its tokenizer has 32,100 tokens)
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 # The real CLIP vocabulary, so that the bundled tokenizer's ids fit.
 _VOCAB = 49408
@@ -75,10 +89,13 @@ _UNETS = {
 }
 
 
-def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | None = None) -> Components:
-    """A tiny random SD 1.x / 2.x / XL model (seed 0); ``inpainting`` gives the 9-channel UNet."""
+def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | None = None, **options) -> Components:
+    """A tiny random SD 1.x / 2.x / XL model (seed 0); ``inpainting`` gives the 9-channel UNet.
+    ``sd3`` and ``flux`` give the transformer families (see :func:`build_tiny_transformer` for ``options``)."""
+    if family in TRANSFORMER_FAMILIES:
+        return build_tiny_transformer(family, **options)
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family must be one of {', '.join(FAMILIES + TRANSFORMER_FAMILIES)}, got {family!r}")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=9 if inpainting else 4, out_channels=4, **_UNETS[family])
     xl = family == "sdxl"
@@ -96,9 +113,67 @@ def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | 
     )
 
 
+# Flux's rotary position axes split each head's channels as (1/8, 7/16, 7/16): (16, 56, 56) for 128.
+FLUX_HEAD_DIM = 32
+FLUX_ROPE = (4, 14, 14)
+
+
+def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = True) -> Components:
+    """A tiny random SD 3.5-like (``sd3``: CLIP-L, bigG, T5; dual attention in its first block, QK norm) or
+    Flux.1-like (``flux``: CLIP-L, T5; ``guidance`` False gives schnell's network) model, seed 0.
+    ``t5`` False leaves SD 3's optional T5 out."""
+    torch.manual_seed(0)
+    spec = FAMILY_TABLE[family]
+    clip_l = CLIPTextModelWithProjection(_text_config("quick_gelu", projection_dim=_SDXL_PROJECTION))
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=2 * _TEXT_HIDDEN, caption_projection_dim=16, pooled_projection_dim=2 * _SDXL_PROJECTION,
+            out_channels=16, pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+        )
+        encoders = dict(
+            text_encoder=clip_l, tokenizer=bundled_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config("gelu", projection_dim=_SDXL_PROJECTION)),
+            tokenizer_2=bundled_tokenizer("!"),
+            text_encoder_3=_tiny_t5(2 * _TEXT_HIDDEN) if t5 else None, tokenizer_3=bundled_t5_tokenizer() if t5 else None,
+        )
+        vae = _tiny_vae(1.5305, latent_channels=16, shift_factor=0.0609)
+    else:
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=FLUX_HEAD_DIM,
+            num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN, pooled_projection_dim=_TEXT_HIDDEN,
+            guidance_embeds=guidance, axes_dims_rope=FLUX_ROPE,
+        )
+        encoders = dict(
+            text_encoder=CLIPTextModel(_text_config("quick_gelu")), tokenizer=bundled_tokenizer(),
+            text_encoder_2=_tiny_t5(_TEXT_HIDDEN), tokenizer_2=bundled_t5_tokenizer(),
+        )
+        vae = _tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159)
+    return Components(
+        unet=None, transformer=transformer.eval(), vae=vae.eval(), scheduler_config=dict(spec.scheduler), family=family,
+        name=f"tiny-{family}", **{k: (v.eval() if isinstance(v, torch.nn.Module) else v) for k, v in encoders.items()},
+    )
+
+
+def _tiny_t5(d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=_T5_VOCAB, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config)
+
+
 def save_diffusers_folder(components: Components, folder) -> Path:
     """Write ``components`` as a diffusers pipeline folder (model_index.json and one folder per part)."""
     folder = Path(folder)
+    if components.spec.is_transformer:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
+        shared = dict(transformer=components.transformer, vae=components.vae, scheduler=scheduler)
+        names = [name for slot in components.spec.text_encoders for name in (slot.component, slot.tokenizer)]
+        encoders = {name: getattr(components, name) for name in names}
+        pipeline_class = StableDiffusion3Pipeline if components.family == "sd3" else FluxPipeline
+        pipeline_class(**shared, **encoders).save_pretrained(folder)
+        return folder
     scheduler = EulerDiscreteScheduler.from_config(components.scheduler_config)
     parts = dict(
         unet=components.unet,
@@ -122,15 +197,18 @@ def save_diffusers_folder(components: Components, folder) -> Path:
     return folder
 
 
-def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+def _tiny_vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None) -> AutoencoderKL:
+    """SD's VAE layout, two levels (a factor of 2); the 16-channel ones (SD 3, Flux) have no quant convs."""
+    flow = latent_channels == 16
     return AutoencoderKL(
+        shift_factor=shift_factor, use_quant_conv=not flow, use_post_quant_conv=not flow,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=16,
         scaling_factor=scaling_factor,
     )
@@ -151,7 +229,7 @@ def _text_config(hidden_act: str, projection_dim: int = _TEXT_HIDDEN) -> CLIPTex
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight Stable Diffusion stand-in model.")
-    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("family", choices=FAMILIES + TRANSFORMER_FAMILIES)
     parser.add_argument("output", type=Path, help="a .safetensors file, or a folder with --diffusers")
     parser.add_argument("--inpainting", action="store_true", help="9-channel inpainting UNet")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))

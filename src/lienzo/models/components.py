@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -10,9 +10,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lienzo.devices import execution_device
+from lienzo.models.families import Family, family
 from lienzo.safety.base import SafetyFilter
 
-Family = Literal["sd1", "sd2", "sdxl"]
 TILING_CHOICES = ("auto", "on", "off")  # Components.vae_tiling
 
 
@@ -49,22 +49,32 @@ class SpeedState:
 
 @dataclass
 class Components:
-    """UNet, VAE, text encoder(s) and tokenizer(s) plus the noise schedule they were trained with.
+    """The denoising network (a U-Net or a transformer), VAE, text encoder(s) and tokenizer(s) plus
+    the noise schedule they were trained with, named as the family's diffusers pipeline names them.
 
+    ``family`` is a key of :data:`lienzo.models.families.FAMILIES`. U-Net families (SD 1.x, 2.x, XL)
+    set ``unet``; transformer families (SD 3.x, Flux.1) set ``transformer`` and leave ``unet`` None.
     ``scheduler_config`` is a diffusers scheduler config (``num_train_timesteps``, ``beta_*``,
-    ``prediction_type``, ``timestep_spacing``, ...); the sampler table builds any scheduler from it.
-    SDXL has a second text encoder (OpenCLIP bigG, with projection) and tokenizer. ``safety_filter``
+    ``prediction_type``, ``timestep_spacing``, ``shift``, ...); the sampler table builds any scheduler
+    from it. SDXL's second text encoder is OpenCLIP bigG; SD 3.x has CLIP-L, bigG and T5 (the last may
+    be None: it is optional there); Flux.1 has CLIP-L and T5 (``text_encoder_2``). ``safety_filter``
     is the model's own checker when its folder has one; set it to plug in another.
     """
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection
     tokenizer: CLIPTokenizer
     scheduler_config: dict
-    family: Family
-    text_encoder_2: CLIPTextModelWithProjection | None = None
-    tokenizer_2: CLIPTokenizer | None = None
+    family: str
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: Any = None
+    transformer: torch.nn.Module | None = None  # SD3Transformer2DModel or FluxTransformer2DModel
+    # Each text encoder's file, for the infotext and provenance when they came apart from the network
+    # (ComfyUI's split layout, --text-encoder): component name -> file name.
+    text_encoder_files: dict[str, str] = field(default_factory=dict)
     name: str = ""
     short_hash: str = ""
     sha256: str = ""
@@ -78,9 +88,24 @@ class Components:
     vae_tiling: str = "auto"
 
     @property
+    def spec(self) -> Family:
+        """The family's row of the family table."""
+        return family(self.family)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the U-Net, or the transformer."""
+        return self.transformer if self.spec.is_transformer else self.unet
+
+    @property
     def is_inpainting(self) -> bool:
         """9-channel UNets take latents + mask + masked-image latents."""
-        return self.unet.config.in_channels == 9
+        return self.unet is not None and self.unet.config.in_channels == 9
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """The network takes a distilled guidance strength (Flux.1 dev; schnell does not)."""
+        return self.spec.distilled_guidance and bool(getattr(self.network.config, "guidance_embeds", False))
 
     @property
     def prediction_type(self) -> str:
@@ -92,12 +117,12 @@ class Components:
 
     @property
     def execution_device(self) -> torch.device:
-        """Where the U-Net computes, also when CPU offload hooks hold its weights (low-VRAM mode)."""
-        return execution_device(self.unet)
+        """Where the network computes, also when CPU offload hooks hold its weights (low-VRAM mode)."""
+        return execution_device(self.network)
 
     def to(self, device, dtype=None) -> "Components":
         device = torch.device(device)
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
             if module is None or getattr(module, "_hf_hook", None) is not None:
                 continue  # offloaded: its hooks decide where it runs
             # Only move what must move, and name a dtype only when one is asked for: diffusers 0.42 logs

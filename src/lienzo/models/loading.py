@@ -12,8 +12,10 @@ from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components, vae_dtype_for
 from lienzo.models.quiet import first_line, quiet_transformers
-from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config_for
+from lienzo.models.single_file_layout import scheduler_config_for
 from lienzo.models.single_file_load import load_single_file, load_vae_file
+from lienzo.models.tokenizers import clip_folder_tokenizer, embedding_rows
+from lienzo.models.transformer_loading import load_transformer_folder, transformer_family
 from lienzo.safety import find_safety_checker
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ def load_diffusers_folder(
     between components.
     """
     index = formats.read_model_index(path)
+    spec = transformer_family(index)
+    if spec is not None:
+        return load_transformer_folder(path, spec, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
     local = {"local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **local)
@@ -70,55 +75,16 @@ def load_diffusers_folder(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         # OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!"; OpenAI CLIP pads with end-of-text.
-        tokenizer=_folder_tokenizer(path / "tokenizer", text_encoder, "!" if family == "sd2" else "<|endoftext|>"),
+        tokenizer=clip_folder_tokenizer(path / "tokenizer", text_encoder, "!" if family == "sd2" else "<|endoftext|>"),
         scheduler_config=schedule,
         family=family,
         text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
-        tokenizer_2=_folder_tokenizer(path / "tokenizer_2", text_encoder_2, "!") if text_encoder_2 is not None else None,
+        tokenizer_2=clip_folder_tokenizer(path / "tokenizer_2", text_encoder_2, "!") if text_encoder_2 is not None else None,
         name=path.name,
         source=path,
         # Found now, loaded on first use: the checker is 1.2 GB and a policy of "off" never runs it.
         safety_filter=find_safety_checker(path, dtype=dtype),
     )
-
-
-def _folder_tokenizer(folder: Path, encoder: torch.nn.Module, pad_token: str) -> CLIPTokenizer:
-    """The model folder's own tokenizer, in each layout transformers writes: ``tokenizer.json`` alone
-    (transformers 5), ``vocab.json`` + ``merges.txt`` (4.x slow tokenizers) or all three (4.x fast ones).
-
-    A folder without one gets lienzo's CLIP tokenizer, as every single-file checkpoint does (they carry
-    none): it is the vocabulary every SD 1.x/2.x/XL text encoder was trained on, so refusing would turn
-    away a model lienzo reads correctly. It is said in a warning, and only for a text encoder with CLIP's
-    number of tokens: with another vocabulary CLIP's ids would index other words, or none.
-    """
-    model, encoder_name = folder.parent.name, folder.name.replace("tokenizer", "text_encoder")
-    pair = [name for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]
-    if (folder / "tokenizer.json").is_file() or len(pair) == 2:
-        try:
-            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        # The tokenizers library raises a plain Exception for a tokenizer.json it cannot parse.
-        except Exception as err:
-            raise ModelFileError(f"model {model}: cannot read {folder.name}/ ({first_line(err)})") from None
-    if pair:
-        missing = "merges.txt" if pair == ["vocab.json"] else "vocab.json"
-        raise ModelFileError(
-            f"model {model}: {folder.name}/ has {pair[0]} but no {missing}; the tokenizer is incomplete"
-        )
-    clip, rows = bundled_tokenizer(pad_token), _embedding_rows(encoder)
-    if rows != len(clip):
-        raise ModelFileError(
-            f"model {model}: there is no tokenizer in {folder.name}/ (tokenizer.json, or vocab.json and merges.txt), "
-            f"and {encoder_name}'s embedding has {rows:,} rows where CLIP's tokenizer has {len(clip):,} tokens; "
-            "copy the tokenizer folder from where the model came from"
-        )
-    log.warning(
-        "model %s: no tokenizer in %s/; using lienzo's CLIP tokenizer, which fits its %s", model, folder.name, encoder_name
-    )
-    return clip
-
-
-def _embedding_rows(encoder: torch.nn.Module) -> int:
-    return encoder.get_input_embeddings().num_embeddings
 
 
 def _check_vocabularies(components: Components, *, folder: bool) -> None:
@@ -128,7 +94,7 @@ def _check_vocabularies(components: Components, *, folder: bool) -> None:
         tokenizer, encoder = getattr(components, tokenizer_name), getattr(components, encoder_name)
         if tokenizer is None or encoder is None:
             continue
-        tokens, rows = len(tokenizer), _embedding_rows(encoder)
+        tokens, rows = len(tokenizer), embedding_rows(encoder)
         if tokens > rows:
             why = (
                 f"its {tokenizer_name}/ and {encoder_name}/ folders come from different models"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-_CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).parent / "configs"
 
 _CLIP_PAD = "<|endoftext|>"
 # OpenCLIP pads with token id 0, which is "!" in the CLIP vocabulary.
@@ -42,7 +42,7 @@ _TEXT_ENCODERS = {
 
 def bundled_tokenizer(pad_token: str = _CLIP_PAD) -> CLIPTokenizer:
     """CLIP's BPE tokenizer from the bundled files; pad with "!" for OpenCLIP encoders (SD2, SDXL's second)."""
-    folder = _CONFIGS / "tokenizer"
+    folder = CONFIGS / "tokenizer"
     return CLIPTokenizer(
         vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
     )
@@ -50,7 +50,7 @@ def bundled_tokenizer(pad_token: str = _CLIP_PAD) -> CLIPTokenizer:
 
 def scheduler_config_for(prediction_type: str) -> dict:
     """The noise schedule SD 1.x/2.x/XL were trained with (bundled scheduler_sd.json), for one prediction type."""
-    config = json.loads((_CONFIGS / "scheduler_sd.json").read_text())
+    config = json.loads((CONFIGS / "scheduler_sd.json").read_text())
     config.pop("_comment")
     config["prediction_type"] = prediction_type
     return config

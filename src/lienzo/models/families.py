@@ -1,0 +1,95 @@
+"""The model families lienzo runs, as one typed table (ComfyUI's supported-models list, typed).
+
+A family says what a loader and the engine need to know and the files do not always state: its
+denoising network and text encoders (diffusers class names, imported when a model is loaded), its
+latent space, the noise schedule it was trained with, and the defaults a request gets when it names
+no steps, CFG scale, sampler or size. Adding a family is adding a row here plus the little code its
+network call and prompt encoding need (:mod:`lienzo.generation.denoiser`, :mod:`lienzo.generation.text_encoding`).
+
+This module imports nothing heavy, so a request can be checked against a family before torch loads.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: the diffusers pipeline's component names for it and its tokenizer,
+    its transformers class, and the name ComfyUI's split layout gives its file (``clip_l``, ``t5xxl``)."""
+
+    component: str  # "text_encoder", "text_encoder_2", ...
+    tokenizer: str  # "tokenizer", "tokenizer_2", ...
+    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection" or "T5EncoderModel"
+    kind: str  # "clip_l", "clip_g" or "t5xxl": what the split layout's files are called, and what to ask for
+    optional: bool = False  # the model runs without it (SD 3.x without T5: zeros in its place)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the id: Components.family, the provenance record, the infotext's "Model family"
+    label: str  # what people call it
+    network: str  # "unet" or "transformer": the Components field holding the denoising network
+    network_class: str  # the diffusers class of the network
+    pipeline_class: str  # model_index.json's _class_name for a diffusers folder of this family
+    text_encoders: tuple[TextEncoderSlot, ...]
+    latent_channels: int
+    flow: bool  # trained with flow matching (rectified flow): the prediction is a velocity, sigma runs 1 -> 0
+    scheduler: dict = field(default_factory=dict)  # the training schedule's scheduler config, when a file has none
+    default_size: int = 512
+    default_steps: int = 20
+    default_cfg: float = 7.0
+    default_sampler: str = "Euler a"
+    default_schedule: str = "Automatic"
+    distilled_guidance: bool = False  # the network takes a guidance strength as an input (Flux.1 dev)
+    default_distilled_cfg: float = 3.5
+    max_sequence_length: int = 0  # T5 tokens per prompt (0: no T5)
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.network == "transformer"
+
+
+_CLIP_L = TextEncoderSlot("text_encoder", "tokenizer", "CLIPTextModel", "clip_l")
+_FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("sd1", "SD 1.x", "unet", "UNet2DConditionModel", "StableDiffusionPipeline", (_CLIP_L,), 4, False),
+        Family("sd2", "SD 2.x", "unet", "UNet2DConditionModel", "StableDiffusionPipeline", (_CLIP_L,), 4, False, default_size=768),
+        Family(
+            "sdxl", "SDXL", "unet", "UNet2DConditionModel", "StableDiffusionXLPipeline",
+            (_CLIP_L, TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g")), 4, False,
+            default_size=1024,
+        ),
+        Family(
+            "sd3", "SD 3.x", "transformer", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
+            (
+                TextEncoderSlot("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip_l"),
+                TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
+                TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5xxl", optional=True),
+            ),
+            16, True, {**_FLOW_SCHEDULER, "shift": 3.0},
+            default_size=1024, default_steps=28, default_cfg=5.0, default_sampler="Euler", default_schedule="Simple",
+            max_sequence_length=256,
+        ),
+        Family(
+            "flux", "Flux.1", "transformer", "FluxTransformer2DModel", "FluxPipeline",
+            (_CLIP_L, TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5xxl")),
+            16, True,
+            {
+                **_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                "base_image_seq_len": 256, "max_image_seq_len": 4096,
+            },
+            default_size=1024, default_steps=20, default_cfg=1.0, default_sampler="Euler", default_schedule="Simple",
+            distilled_guidance=True, max_sequence_length=512,
+        ),
+    )
+}
+# Flux.1 schnell: the same network without the guidance input, distilled to a few steps.
+SCHNELL_STEPS = 4
+PIPELINE_FAMILIES = {f.pipeline_class: f.name for f in FAMILIES.values() if f.is_transformer}
+
+
+def family(name: str) -> Family:
+    return FAMILIES[name]
