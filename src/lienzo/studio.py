@@ -8,7 +8,7 @@ previews; the API's return value).
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +58,8 @@ def load_model(
     model: str | Path | None = None,
     *,
     vae: str | Path | None = None,
+    text_encoders: Sequence[str | Path] = (),
+    t5: bool = True,
     prediction_type: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -79,11 +81,17 @@ def load_model(
     switches (``threads``, ``channels_last``, ``compile``, ``vae_tiling``, ``low_vram``, ``attention_slicing``, ``int8``; see
     :class:`lienzo.models.speed.SpeedOptions`) left at None come from ``settings``. ``cancel`` is asked
     while hashing and between the model's parts; when it says stop, GenerationCancelled is raised.
+
+    An SD 3.x or Flux.1 transformer file alone (ComfyUI's ``diffusion_models``) is completed with the
+    ``text_encoders`` and ``vae`` named (names in the models dir or paths), else with the ones found in the
+    models dir's ``text_encoders``, ``clip`` and ``vae`` folders (see :mod:`lienzo.models.assembly`).
+    ``t5`` False runs SD 3.x without its T5 text encoder (less memory, weaker prompt following).
     """
     settings = settings or Settings()
     registry = Registry(settings.models_dir, settings.cache_dir)
     path = registry.resolve(model) if model is not None else default_model(registry, settings)
     vae_path = registry.resolve(vae, field="vae") if vae is not None else None
+    text_encoder_paths = [registry.resolve(name, field="text_encoder") for name in text_encoders]
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     vae_dtype = vae_dtype or settings.vae_dtype
@@ -97,7 +105,9 @@ def load_model(
     if entry.error:
         raise ModelFileError(f"model: {entry.error}")
     components = load_components(
-        path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype, vae_dtype=torch_vae_dtype, cancel=cancel
+        path, vae=vae_path, prediction_type=prediction_type, dtype=torch_dtype, vae_dtype=torch_vae_dtype,
+        text_encoders=text_encoder_paths, t5=t5, models_dir=settings.models_dir, device=torch_device,
+        low_vram=speed.low_vram, cancel=cancel,
     )
     components.name, components.short_hash, components.sha256 = Path(entry.name).name, entry.short_hash, entry.sha256
     formats.stop_if_cancelled(cancel)

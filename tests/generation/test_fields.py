@@ -51,11 +51,13 @@ def test_infotext_written_from_the_table_reads_back_every_field(mode):
 
 
 def test_infotext_leaves_out_defaults_and_other_modes_keys():
-    params = request_params(request_for("txt2img"), {"seed": 5, "width": 64, "height": 64})
+    # What the engine resolves for every image: the seed and size, and what the model family filled in.
+    resolved = {"seed": 5, "width": 64, "height": 64, "steps": 20, "cfg_scale": 7.0, "sampler": "Euler"}
+    params = request_params(request_for("txt2img"), resolved)
     assert list(params) == ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"]
-    params = request_params(request_for("inpaint"), {"seed": 5, "width": 64, "height": 64})
+    params = request_params(request_for("inpaint"), resolved)
     assert list(params)[6:] == ["Denoising strength", "Mask blur", "Masked content"]  # no "Inpaint area": whole picture
-    assert request_params(request_for("outpaint", outpaint_up=8), {"seed": 5})["Outpaint"] == "left 0, right 0, up 8, down 0"
+    assert request_params(request_for("outpaint", outpaint_up=8), resolved)["Outpaint"] == "left 0, right 0, up 8, down 0"
 
 
 @pytest.mark.parametrize("row", [r for r in table() if r.spec.limits], ids=lambda r: r.name)

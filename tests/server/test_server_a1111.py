@@ -68,7 +68,9 @@ def assert_a1111_error(response, status: int, field: str, *words: str) -> None:
 
 def test_a1111_defaults_not_lienzos():
     request = txt2img_request(Txt2ImgRequest(), {})
-    assert (request.width, request.height, request.steps, request.sampler, request.cfg_scale) == (512, 512, 50, "Euler", 7.0)
+    assert (request.width, request.height, request.steps, request.sampler) == (512, 512, 50, "Euler")
+    # A1111's 7 is a U-Net model's: left out, the CFG scale is the model family's (7 for SD, 1 for Flux.1).
+    assert request.cfg_scale is None
     assert request.schedule == "Automatic" and request.batch_count == 1 and request.seed == -1
 
 
@@ -142,7 +144,8 @@ def test_txt2img_images_info_parameters_and_one_warning(client, caplog):
 
     body = r.json()
     assert body["parameters"]["prompt"] == "a red apple" and body["parameters"]["restore_faces"] is True
-    assert body["parameters"]["my_extension"] == 5 and body["parameters"]["cfg_scale"] == 7.0
+    # The request as received (no cfg_scale: the model family's); info says what the images were made with.
+    assert body["parameters"]["my_extension"] == 5 and body["parameters"]["cfg_scale"] is None
     info = json.loads(body["info"])
     assert info["seed"] == 11 and info["all_seeds"] == [11, 12]
     assert info["prompt"] == "a red apple" and info["negative_prompt"] == "blurry" and info["all_prompts"] == ["a red apple"] * 2

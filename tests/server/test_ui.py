@@ -5,12 +5,15 @@ Screenshots of the main screens go to ``screenshots/`` (ignored) for a person to
 
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
 from playwright import sync_api as playwright
 
+from lienzo.generation.samplers import flow_samplers
+from lienzo.images.metadata import parse_infotext
 from servers import lienzo_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,18 +39,25 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextmanager
+def studio(browser, url: str):
+    """The studio at ``url``, loaded, in a fresh browser context; fails on any JavaScript error."""
     context = browser.new_context(viewport={"width": 1366, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT)
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(server + "/")
+    page.goto(url + "/")
     page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser, server):
+    with studio(browser, server) as page:
+        yield page
 
 
 def shot(page, name: str) -> None:
@@ -373,3 +383,65 @@ def test_fits_phone_and_laptop_screens(browser, server, width, height, name):
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     shot(page, f"gallery-{name}")
     context.close()
+
+
+@pytest.fixture(scope="module")
+def flow_server(home, tmp_path_factory):
+    """A server whose models dir also holds a tiny Flux.1 dev and an SD 3.x (diffusers folders)."""
+    from lienzo.models.single_file_save import save_single_file
+    from tiny_models import build_tiny, save_diffusers_folder
+
+    root = tmp_path_factory.mktemp("flow-home")
+    save_single_file(build_tiny("sd1"), root / "models" / "tiny-sd15.safetensors")
+    save_diffusers_folder(build_tiny("flux"), root / "models" / "tiny-flux")
+    save_diffusers_folder(build_tiny("sd3"), root / "models" / "tiny-sd3")
+    with lienzo_server(root, env={"LIENZO_DEFAULT_MODEL": "tiny-sd15"}) as url:
+        yield url
+
+
+def options(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(f"{selector} option", "os => os.map(o => o.value)")
+
+
+def test_controls_follow_the_models_family(browser, flow_server):
+    with studio(browser, flow_server) as page:
+        distilled = '[data-field="distilled_cfg_scale"]'
+        # SD 1.x: real CFG, a negative prompt, every sampler, no distilled CFG.
+        assert page.input_value("#cfg_scale") == "7" and page.input_value("#steps") == "20"
+        assert page.is_visible("#negative-box") and page.is_hidden(distilled)
+        assert "DDIM" in options(page, "#sampler")
+        page.fill("#steps", "2")  # the user's own value: it stays when the model changes
+
+        page.select_option("#model", "tiny-flux")
+        page.wait_for_selector(f"{distilled}:not([hidden])")
+        assert page.input_value("#distilled_cfg_scale") == "3.5"
+        assert page.text_content(f"{distilled} label").startswith("Distilled CFG scale")
+        assert (page.input_value("#cfg_scale"), page.input_value("#sampler"), page.input_value("#steps")) == ("1", "Euler", "2")
+        # At CFG scale 1 the negative prompt has no effect: its box gives way to a note.
+        assert page.is_hidden("#negative-box") and page.is_visible("#negative-off")
+        assert options(page, "#sampler") == flow_samplers()
+        assert "Automatic (Simple)" in page.text_content("#schedule")
+        shot(page, "create-flux")
+
+        page.fill("#prompt", "a red apple")
+        small_settings(page)  # the tiny model's own size: the family's 1024 is a real Flux.1's
+        page.fill("#distilled_cfg_scale", "2.5")
+        page.fill("#seed", "3")
+        with page.expect_response(re.compile(r"/api/v1/txt2img$")) as answer:
+            page.click("#generate")
+        sent = answer.value.request.post_data_json
+        assert (sent["model"], sent["cfg_scale"], sent["distilled_cfg_scale"], sent["sampler"]) == ("tiny-flux", 1, 2.5, "Euler")
+        assert "negative_prompt" not in sent
+        wait_for_results(page, 1)
+        page.click("#results .tile")
+        page.wait_for_function("document.querySelector('#viewer-params').textContent.includes('tiny-flux')")
+        page.keyboard.press("Escape")
+        job = page.request.get(f"{flow_server}/api/v1/jobs").json()[0]
+        assert parse_infotext(job["images"][0]["infotext"]).params["Distilled CFG Scale"] == "2.5"
+
+        # SD 3.x: CFG scale 5 with a negative prompt; its network takes no distilled guidance.
+        page.select_option("#model", "tiny-sd3")
+        page.wait_for_selector(f"{distilled}[hidden]", state="attached")
+        assert page.input_value("#cfg_scale") == "5" and page.is_visible("#negative-box")
+        page.fill("#cfg_scale", "1")
+        assert page.is_hidden("#negative-box")

@@ -60,6 +60,12 @@ def _model_options(f):
         [
             click.option("--model", "-m", help="model name in the models dir, or a path (file or diffusers folder)"),
             click.option("--vae", help="a separate VAE file (name in the models dir or a path)"),
+            click.option(
+                "--text-encoder", "text_encoders", multiple=True, metavar="PATH",
+                help="a text encoder file for an SD 3.x or Flux.1 transformer file (clip_l, clip_g or t5xxl; repeatable) "
+                "[default: found in the models dir's text_encoders or clip folder]",
+            ),
+            click.option("--t5/--no-t5", "t5", default=True, help="SD 3.x: use its T5-XXL text encoder [default: --t5]"),
             click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="override the model's prediction type"),
             click.option("--device", default=None, help="auto, cpu, cuda or mps [default: auto]"),
             click.option("--dtype", default=None, help="auto, float32, float16 or bfloat16 [default: auto]"),
@@ -99,6 +105,14 @@ def _speed_options(f):
     ):
         f = option(f)
     return f
+
+
+def _model_kwargs(opts: dict) -> dict:
+    """The model options given (``_model_options`` but the speed ones), as ``load_model`` arguments."""
+    return {
+        "vae": opts.get("vae"), "text_encoders": list(opts.get("text_encoders") or ()), "t5": opts.get("t5", True),
+        "prediction_type": opts.get("prediction"),
+    }
 
 
 def _speed_kwargs(opts: dict) -> dict:

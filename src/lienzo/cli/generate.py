@@ -12,6 +12,7 @@ from lienzo.cli.common import (
     _ctrl_c,
     _flag_for,
     _generation_options,
+    _model_kwargs,
     _request_fields,
     _settings,
     _speed_kwargs,
@@ -21,69 +22,85 @@ from lienzo.cli.common import (
 from lienzo.errors import GenerationCancelled, LienzoError
 from lienzo.settings import Settings
 
+_FROM = click.option(
+    "--from", "from_image", type=click.Path(path_type=Path),
+    help="remake an image from its PNG parameters (flags given here win); img2img, inpaint and outpaint take the same inputs again",
+)
+
+
 @app.command()
 @click.argument("prompt", required=False, default="")
-@click.option("--from", "from_image", type=click.Path(path_type=Path), help="remake an image from its PNG parameters")
+@_FROM
 @_generation_options("txt2img")
 @click.pass_context
 def generate(ctx, prompt, from_image, **opts):
     """Text to image."""
+    _run(ctx, "txt2img", _remade(ctx, "txt2img", prompt, from_image, opts), opts)
+
+
+def _remade(ctx: click.Context, mode: str, prompt: str, from_image: Path | None, opts: dict) -> dict:
+    """The request's fields from the flags, over an image's parameters (``--from``) when one is given;
+    the image's model too, unless ``--model`` names one."""
     fields = _request_fields(opts)
     if from_image is not None:
         from lienzo.generation.infotext import fields_from_image
 
-        remade = fields_from_image(from_image)
+        remade = fields_from_image(from_image, mode)
         model = remade.pop("model", None)
         # Flags given explicitly on the command line win over the image's parameters.
         explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         fields = {**fields, **remade, **explicit}
         opts["model"] = opts.get("model") or model
         prompt = prompt or remade.get("prompt", "")
-    _run(ctx, "txt2img", {**fields, "prompt": prompt}, opts)
+    return {**fields, "prompt": prompt}
 
 
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False, default="")
+@_FROM
 @_generation_options("img2img")
 @click.pass_context
-def img2img(ctx, image, prompt, **opts):
+def img2img(ctx, image, prompt, from_image, **opts):
     """Image to image: repaint IMAGE guided by PROMPT."""
     from lienzo.images.io import load_image
 
     init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
-    _run(ctx, "img2img", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
+    _run(ctx, "img2img", {**_remade(ctx, "img2img", prompt, from_image, opts), "init_image": init}, opts)
 
 
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("mask", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False, default="")
+@_FROM
 @_generation_options("inpaint")
 @click.pass_context
-def inpaint(ctx, image, mask, prompt, **opts):
+def inpaint(ctx, image, mask, prompt, from_image, **opts):
     """Repaint the white part of MASK in IMAGE."""
     from lienzo.images.io import load_image, load_mask
 
     most = _settings(ctx).max_input_pixels
     init = load_image(image, max_pixels=most)
-    fields = {**_request_fields(opts), "prompt": prompt, "init_image": init, "mask": load_mask(mask, init.size, max_pixels=most)}
-    _run(ctx, "inpaint", fields, opts)
+    fields = {**_remade(ctx, "inpaint", prompt, from_image, opts), "init_image": init}
+    _run(ctx, "inpaint", {**fields, "mask": load_mask(mask, init.size, max_pixels=most)}, opts)
 
 
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("prompt", required=False, default="")
+@_FROM
 @_generation_options("outpaint")
 @click.pass_context
-def outpaint(ctx, image, prompt, **opts):
+def outpaint(ctx, image, prompt, from_image, **opts):
     """Grow IMAGE's canvas and paint the new area to match."""
     from lienzo.images.io import load_image
 
-    if not any(opts[f"outpaint_{side}"] for side in ("left", "right", "up", "down")):
+    fields = _remade(ctx, "outpaint", prompt, from_image, opts)
+    if not any(fields.get(f"outpaint_{side}") for side in ("left", "right", "up", "down")):
         raise click.UsageError("give at least one of --left, --right, --up, --down")
     init = load_image(image, max_pixels=_settings(ctx).max_input_pixels)
-    _run(ctx, "outpaint", {**_request_fields(opts), "prompt": prompt, "init_image": init}, opts)
+    _run(ctx, "outpaint", {**fields, "init_image": init}, opts)
 
 
 def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
@@ -147,8 +164,7 @@ def load_studio(opts: dict, settings: Settings):
     with err_console.status("loading model"):
         studio = Studio(settings)
         components = studio.load_model(
-            opts.get("model"), vae=opts.get("vae"), prediction_type=opts.get("prediction"), device=device, dtype=dtype,
-            **_speed_kwargs(opts),
+            opts.get("model"), device=device, dtype=dtype, **_model_kwargs(opts), **_speed_kwargs(opts),
         )
     studio.gallery = _open_gallery(settings)
     return studio, components

@@ -6,7 +6,9 @@ output for the scaled latents ``x`` at timestep ``t``, in the parameterisation i
 prompt. What wraps the network is a layer around that callable, never a branch in the loop:
 
 - :class:`UNetCall`: a U-Net (or DeepCache's :class:`~lienzo.generation.deepcache.DeepCacheUNet`
-  around it) with one text conditioning; another network family brings its own call;
+  around it) with one text conditioning; :class:`SD3Call` and :class:`FluxCall` are the transformer
+  families' (Flux packs the latents into 2x2 patches and back inside its call, so the loop, the
+  schedulers and the inpainting mask see ordinary N x C x h x w latents for every family);
 - :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
@@ -50,6 +52,51 @@ class UNetCall:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         with torch.no_grad():
             return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class SD3Call:
+    """SD 3.x's MMDiT, called as ``StableDiffusion3Pipeline`` calls it: the timestep on the 0-1000 scale,
+    the prompt's sequence and pooled CLIP vectors, rows ordered [uncond..., cond...]."""
+
+    transformer: Any
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.transformer(
+                hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=self.embeds,
+                pooled_projections=self.pooled, return_dict=False,
+            )[0]
+
+
+@dataclass(frozen=True)
+class FluxCall:
+    """Flux.1's transformer, called as ``FluxPipeline`` calls it: latents packed into 2x2 patches with
+    their position ids, the timestep on the 0-1 scale and, for the guidance-distilled dev models, the
+    distilled guidance strength (``guidance``: one value per row; None for schnell)."""
+
+    transformer: Any
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    guidance: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        from diffusers import FluxPipeline  # its packing helpers; imported with the model's family
+
+        n, channels, h, w = x.shape
+        packed = FluxPipeline._pack_latents(x, n, channels, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)
+        text_ids = torch.zeros(self.embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            out = self.transformer(
+                hidden_states=packed, timestep=t.expand(n).to(x.dtype) / 1000, guidance=self.guidance,
+                pooled_projections=self.pooled, encoder_hidden_states=self.embeds, txt_ids=text_ids, img_ids=image_ids,
+                return_dict=False,
+            )[0]
+        # _unpack_latents takes the pixel size: a latent pixel is one VAE factor (here 1) of it.
+        return FluxPipeline._unpack_latents(out, h, w, 1)
 
 
 @dataclass(frozen=True)
@@ -189,8 +236,8 @@ def _prompt_call(
     """The call for images whose conditioning stacks: one :class:`UNetCall` per stretch of steps where
     every image's prompt (every subprompt of a composed one) and, guided, negative prompt stays the same."""
     # Fast mode: one full U-Net pass every few steps, the deep features reused in between (DeepCache);
-    # one cache per call group, as its features are that group's rows.
-    unet = DeepCacheUNet(components.unet) if plan.fast else components.unet
+    # one cache per call group, as its features are that group's rows. (The engine refuses it elsewhere.)
+    unet = DeepCacheUNet(components.unet) if plan.fast and components.unet is not None else components.unet
     # Every call shares the U-Net, so DeepCache's cache carries across a change of prompt.
     schedules = [
         schedule for pos, neg in images for schedule in (*(term for term, _ in pos.terms), *((neg,) if plan.guided else ()))
@@ -202,11 +249,34 @@ def _prompt_call(
         pairs = [(tuple(term.at(end) for term, _ in pos.terms), neg.at(end)) for pos, neg in images]
         key = tuple((tuple(map(id, conds)), id(neg) if plan.guided else 0) for conds, neg in pairs)
         if key not in calls:
-            calls[key] = UNetCall(unet, *_unet_conditioning(components, plan, pairs))
+            calls[key] = _call(components, plan, pairs, unet)
         stretches.append(calls[key])
     if len(calls) == 1:
         return stretches[0]
     return PromptSteps(tuple(end_steps), tuple(stretches))
+
+
+def _call(components: Components, plan: BatchPlan, pairs, unet) -> Denoiser:
+    """The family's network with the conditioning of ``pairs`` (one (prompts, negative) pair per image)."""
+    if components.family == "sd3":
+        return SD3Call(components.transformer, *_transformer_conditioning(components, plan, pairs))
+    if components.family == "flux":
+        embeds, pooled = _transformer_conditioning(components, plan, pairs)
+        guidance = None
+        if components.guidance_embeds:
+            guidance = torch.full((embeds.shape[0],), plan.distilled_cfg_scale, dtype=torch.float32, device=embeds.device)
+        return FluxCall(components.transformer, embeds, pooled, guidance)
+    return UNetCall(unet, *_unet_conditioning(components, plan, pairs))
+
+
+def _transformer_conditioning(components: Components, plan: BatchPlan, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequence and pooled vectors of every row, [uncond..., cond...], in the network's dtype."""
+    device, dtype = components.execution_device, components.transformer.dtype
+    rows = [pos for conds, _ in pairs for pos in conds]
+    if plan.guided:
+        rows = [neg for _, neg in pairs] + rows
+    embeds = torch.cat([row.embeds for row in rows]).to(device=device, dtype=dtype)
+    return embeds, torch.cat([row.pooled for row in rows]).to(device=device, dtype=dtype)
 
 
 def _unet_conditioning(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lienzo.errors import LienzoError
+from lienzo.errors import InvalidRequestError, LienzoError
 from lienzo.generation import canvas
 from lienzo.generation.conditioning import check_unguided_weights, encode_images, image_texts, with_image_prompts
 from lienzo.generation.infotext import image_params, infotext_prompt, with_templates
@@ -25,10 +25,11 @@ from lienzo.generation.noise import Variation, random_seed
 from lienzo.generation.plan import BatchPlan, Canvas
 from lienzo.generation.prompts import encode_schedules
 from lienzo.generation.request import GenerationRequest
-from lienzo.generation.samplers import resolve_sampler, resolve_schedule
+from lienzo.generation.samplers import resolve_sampler, resolve_schedule, runs_as
 from lienzo.generation.wildcards import DynamicPrompts, escape
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
+from lienzo.models.families import SCHNELL_STEPS
 from lienzo.safety import SafetyFilter, Screened, screen
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,9 @@ ImageCallback = Callable[[GeneratedImage], None]
 
 
 def native_size(components: Components) -> int:
-    """The side length the model was trained at (512 for SD 1.x, 768 for SD 2-v, 1024 for SDXL)."""
-    return int(components.unet.config.sample_size) * components.vae_scale_factor
+    """The side length the model was trained at (512 for SD 1.x, 768 for SD 2-v, 1024 for SDXL, SD 3.x and
+    Flux.1, whose transformer config has no sample size: 128 latent pixels, as FluxPipeline's default)."""
+    return int(getattr(components.network.config, "sample_size", None) or 128) * components.vae_scale_factor
 
 
 def _round8(v: int) -> int:
@@ -165,10 +167,12 @@ def generate(
     encoded; each image's infotext has its own text as the prompt and the template under ``Template``.
     """
     started = time.perf_counter()
-    # 1. Resolve what the request leaves open: seed, sampler, schedule, sizes.
+    # 1. Resolve what the request leaves open: the model family's defaults, seed, sampler, schedule, sizes.
+    request = family_defaults(components, request)
     seed = random_seed() if request.seed == -1 else request.seed
     sampler = resolve_sampler(request.sampler)
-    schedule = resolve_schedule(sampler, request.schedule)
+    schedule = resolve_schedule(sampler, request.schedule, components.scheduler_config)
+    runs_as(sampler, schedule, components.scheduler_config)  # a sampler with no form for this model is refused now
     cv = _prepare_canvas(components, request)
     warnings = _size_warnings(components, cv)
     device = components.execution_device
@@ -203,7 +207,7 @@ def generate(
         canvas=cv, prompt=pos, negative=neg, sampler=sampler, schedule=schedule, steps=request.steps,
         cfg_scale=request.cfg_scale, denoising_strength=request.denoising_strength,
         inpainting_fill=request.inpainting_fill, fast=request.fast, batch_size=request.batch_size, first_seed=seed,
-        tiling=request.tiling,
+        tiling=request.tiling, distilled_cfg_scale=request.distilled_cfg_scale or 0.0, shift=request.shift,
     )
     images: list[GeneratedImage] = []
     interrupted = False
@@ -256,6 +260,28 @@ def generate(
             break
     result_request = request.model_copy(update={"seed": seed, **({"subseed": subseed} if request.subseed_strength else {})})
     return GenerationResult(images, result_request, time.perf_counter() - started, interrupted, warnings)
+
+
+def family_defaults(components: Components, request: GenerationRequest) -> GenerationRequest:
+    """``request`` with what it leaves to the model (None) filled in from the family table: steps, CFG
+    scale, sampler, Flux.1 dev's distilled CFG scale and a flow model's fixed shift; refused here, before
+    anything runs, what the family cannot do."""
+    spec = components.spec
+    flux_schnell = components.family == "flux" and not components.guidance_embeds
+    update: dict = {
+        "steps": request.steps or (SCHNELL_STEPS if flux_schnell else spec.default_steps),
+        "cfg_scale": spec.default_cfg if request.cfg_scale is None else request.cfg_scale,
+        "sampler": request.sampler or spec.default_sampler,
+    }
+    if components.guidance_embeds:
+        update["distilled_cfg_scale"] = spec.default_distilled_cfg if request.distilled_cfg_scale is None else request.distilled_cfg_scale
+    if spec.flow and request.shift is None and not components.scheduler_config.get("use_dynamic_shifting"):
+        update["shift"] = components.scheduler_config.get("shift", 1.0)
+    if spec.is_transformer:
+        for name, on, why in (("fast", request.fast, "DeepCache reuses U-Net features"), ("tiling", request.tiling, "circular padding is for U-Net convolutions")):
+            if on:
+                raise InvalidRequestError(name, f"{spec.label} models have no {name} mode yet ({why}); turn it off")
+    return request.model_copy(update=update)
 
 
 def _reporter(progress: ProgressCallback | None, components: Components, batch: int, batch_count: int) -> StepReport | None:

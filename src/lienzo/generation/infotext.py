@@ -99,6 +99,9 @@ def image_params(components: "Components", req: GenerationRequest, resolved: dic
     loaded: dict[str, object] = {}
     if components.vae_name:
         loaded["VAE"] = components.vae_name
+    # Forge's record of the separate text-encoder (and VAE) files a model was assembled from.
+    for number, file in enumerate(components.text_encoder_files.values(), start=1):
+        loaded[f"Module {number}"] = Path(file).stem
     # A1111's form: "name: short hash, ..."; its reader splits on those characters, so names lose them.
     hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for lora in components.loras.active if lora.short_hash]
     if hashes:

@@ -16,7 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from lienzo.generation import canvas
 from lienzo.generation.noise import batch_noise, varied_noise
 from lienzo.generation.plan import BatchPlan
-from lienzo.generation.samplers import build_scheduler, set_timesteps
+from lienzo.generation.samplers import build_scheduler, flux_mu, set_timesteps
 from lienzo.generation.vae_decode import decode_latents, wants_tiling
 from lienzo.models.components import Components
 
@@ -34,14 +34,22 @@ class ImageSchedulers:
 
     @property
     def init_noise_sigma(self) -> float:
-        return self.schedulers[0].init_noise_sigma
+        """What pure noise is scaled by at the first step (flow-matching schedulers start at sigma 1)."""
+        return getattr(self.schedulers[0], "init_noise_sigma", 1.0)
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-        """``original`` noised to the level of timestep number ``index`` of this batch."""
-        return self.schedulers[0].add_noise(original, noise, self.timesteps[index : index + 1].repeat(len(self.schedulers)))
+        """``original`` noised to the level of timestep number ``index`` of this batch (flow-matching
+        schedulers call it ``scale_noise``: (1 - sigma) * original + sigma * noise)."""
+        scheduler, timesteps = self.schedulers[0], self.timesteps[index : index + 1].repeat(len(self.schedulers))
+        if hasattr(scheduler, "scale_noise"):
+            return scheduler.scale_noise(original, timesteps, noise)
+        return scheduler.add_noise(original, noise, timesteps)
 
     def scale(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's input for ``latents`` at ``t`` (Euler-style schedulers divide by the noise level)."""
+        """The model's input for ``latents`` at ``t`` (Euler-style schedulers divide by the noise level;
+        flow-matching ones take the latents as they are)."""
+        if not hasattr(self.schedulers[0], "scale_model_input"):
+            return latents
         return torch.cat([s.scale_model_input(latents[j : j + 1], t) for j, s in enumerate(self.schedulers)])
 
     def step(self, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -78,6 +86,10 @@ def denoised_estimate(scheduler, output, sample: torch.Tensor, pred: torch.Tenso
     predicts_x0 = str(config.get("algorithm_type", "")).endswith("++") or config.get("predict_x0", False)
     if predicts_x0 and getattr(scheduler, "model_outputs", None) and scheduler.model_outputs[-1] is not None:
         return scheduler.model_outputs[-1]
+    if not hasattr(scheduler, "alphas_cumprod"):
+        # Flow matching: x_t = (1 - sigma) x0 + sigma noise and the network predicts noise - x0,
+        # so x0 = x_t - sigma * v, with sigma the timestep on the 0-1 scale.
+        return sample - (t / config.num_train_timesteps) * pred
     alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
     if config.prediction_type == "v_prediction":
         return alpha.sqrt() * sample - (1 - alpha).sqrt() * pred
@@ -86,10 +98,17 @@ def denoised_estimate(scheduler, output, sample: torch.Tensor, pred: torch.Tenso
 
 def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[torch.Generator]) -> ImageSchedulers:
     """Step 3: a scheduler per image with ``plan.steps`` timesteps; img2img keeps the last ``strength`` share."""
-    device = components.execution_device
-    schedulers = [build_scheduler(plan.sampler, plan.schedule, components.scheduler_config, seed=s) for s in plan.seeds]
+    device, config = components.execution_device, components.scheduler_config
+    if plan.shift is not None:
+        config = {**config, "shift": plan.shift, "use_dynamic_shifting": False}
+    schedulers = [build_scheduler(plan.sampler, plan.schedule, config, seed=s) for s in plan.seeds]
+    # Flux shifts its schedule by the image's size: mu from the number of 2x2 latent patches, as FluxPipeline.
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        shape = _latent_shape(components, plan)
+        mu = flux_mu((shape[1] // 2) * (shape[2] // 2), config)
     for s in schedulers:
-        set_timesteps(s, plan.sampler, plan.schedule, plan.steps, device=device, family=components.family)
+        set_timesteps(s, plan.sampler, plan.schedule, plan.steps, device=device, family=components.family, mu=mu)
     timesteps = schedulers[0].timesteps
     if plan.canvas.init is not None:
         # img2img runs the last ``strength`` share of the schedule, as diffusers and A1111 do.
@@ -186,6 +205,8 @@ def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.T
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
     image_latents = torch.cat([posterior.sample(g) for g in generators])
+    if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs centre their latents first
+        image_latents = image_latents - vae.config.shift_factor
     return (vae.config.scaling_factor * image_latents).to(latent_dtype(components))
 
 
@@ -205,7 +226,7 @@ def decode(components: Components, latents: torch.Tensor, *, seamless: bool = Fa
 
 def latent_dtype(components: Components) -> torch.dtype:
     """Latents are made in the denoising network's dtype (fp16 latents into an fp16 U-Net), the VAE's aside."""
-    return components.unet.dtype
+    return components.network.dtype
 
 
 def _latent_shape(components: Components, plan: BatchPlan) -> tuple[int, int, int]:

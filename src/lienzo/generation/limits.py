@@ -32,7 +32,7 @@ def check_limits(
     ``count_batches=False`` (the CLI and the Python API, on the user's own machine) limits one batch, which
     is what memory depends on, and lets a local run make a long series (``--batch-count 100``), as A1111 does;
     a server counts every image, as one client's request must not hold the queue for hours."""
-    if request.steps > settings.max_steps:
+    if request.steps is not None and request.steps > settings.max_steps:
         raise InvalidRequestError(
             name("steps"), f"at most {settings.max_steps} steps are allowed (max_steps, LIENZO_MAX_STEPS), got {request.steps}"
         )

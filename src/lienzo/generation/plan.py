@@ -44,6 +44,8 @@ class BatchPlan:
     fast: bool  # DeepCache
     batch_size: int
     first_seed: int
+    distilled_cfg_scale: float = 3.5  # Flux.1 dev's guidance input (a distilled model's CFG, not a second pass)
+    shift: float | None = None  # flow models: a fixed timestep shift in place of the model's (Flux: its size-dependent one)
     tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE (lienzo.generation.tiling)
     variation: Variation = Variation()  # A1111's variation seed and seed resize (off by default)
     # Dynamic prompts: (prompt, negative) for each image when the batch's images have different texts;

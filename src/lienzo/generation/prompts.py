@@ -25,6 +25,7 @@ from lienzo.devices import execution_device
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
 from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index, split_subprompts
 from lienzo.models.components import Components
+from lienzo.models.families import FAMILIES
 
 # The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
 # the same pair; a weight of -1 cannot come from emphasis, which only multiplies positives.
@@ -216,6 +217,11 @@ def encode_prompt(
     ``cancel`` is checked before every chunk (True: stop with GenerationCancelled), as a long
     prompt is hundreds of encoder passes.
     """
+    if FAMILIES[components.family].is_transformer:
+        # SD 3.x and Flux.1: a fixed-length sequence (CLIP and T5), no chunks to pad.
+        from lienzo.generation.text_encoding import encode_transformer_prompt
+
+        return encode_transformer_prompt(components, text, clip_skip=clip_skip, device=device, cancel=cancel)
     # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
     encoders = _encoders(components)
     chunk_lists = [tokenize_prompt(tokenizer, text) for _, tokenizer in encoders]
@@ -322,7 +328,8 @@ def encode_schedules(
         subprompts[text] = subprompts.get(text, 0.0) + weight
     schedules = [*(prompt_schedule(text, steps) for text in subprompts), prompt_schedule(negative, steps)]
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
-    chunks = max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
+    # Transformer families encode every text to one fixed length: there is nothing to pad.
+    chunks = 1 if FAMILIES[components.family].is_transformer else max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
     cache = {} if cache is None else cache
     encoded = {}
     for text in texts:
@@ -371,7 +378,7 @@ def _encode_chunk(
         hidden = output.last_hidden_state
     else:
         hidden = _final_layer_norm(encoder)(output.hidden_states[-clip_skip])
-    return _apply_weights(hidden, chunk.weights), getattr(output, "text_embeds", None)
+    return apply_weights(hidden, chunk.weights), getattr(output, "text_embeds", None)
 
 
 def _final_layer_norm(encoder: CLIPTextModel | CLIPTextModelWithProjection) -> torch.nn.LayerNorm:
@@ -379,7 +386,7 @@ def _final_layer_norm(encoder: CLIPTextModel | CLIPTextModelWithProjection) -> t
     return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
-def _apply_weights(hidden: Tensor, weights: list[float]) -> Tensor:
+def apply_weights(hidden: Tensor, weights: list[float]) -> Tensor:
     """A1111's emphasis: scale each token's embedding by its weight, then rescale the whole
     chunk so its mean is what it was, so emphasis shifts attention without changing the
     overall magnitude. All weights 1.0 returns ``hidden`` untouched (bit-identical)."""

@@ -154,24 +154,37 @@ class GenerationRequest(BaseModel):
         "Negative prompt", "what the image should not show", max_chars=MAX_PROMPT_CHARS, cli="negative", cli_short="-n",
         a1111="negative_prompt", a1111_default="", openai="negative_prompt", widget=Widget("text"),
     )] = ""
-    steps: Annotated[int, Spec(
-        "Steps", "denoising steps", limits=Limits(1, MAX_STEPS), cli="steps", a1111="steps", a1111_default=50, openai="steps",
+    steps: Annotated[int | None, Spec(
+        "Steps", "denoising steps [default: the model family's: 20; SD 3.x 28; Flux.1 dev 20, schnell 4]",
+        limits=Limits(1, MAX_STEPS), cli="steps", a1111="steps", a1111_default=50, openai="steps",
         infotext=whole("Steps", always=True), widget=Widget("number"),
-    )] = 20
-    sampler: Annotated[str, Spec(
-        "Sampler", "sampler by its AUTOMATIC1111 name or alias, in any case (`lienzo samplers`, GET /api/v1/samplers)",
+    )] = None
+    sampler: Annotated[str | None, Spec(
+        "Sampler", "sampler by its AUTOMATIC1111 name or alias, in any case (`lienzo samplers`, GET /api/v1/samplers) "
+        "[default: the model family's: DPM++ 2M; Euler for SD 3.x and Flux.1]",
         cli="sampler", a1111="sampler_name", a1111_body=False, openai="sampler", infotext=InfotextKey("Sampler", always=True),
         widget=Widget("select"),
-    )] = "DPM++ 2M"
+    )] = None
     schedule: Annotated[str, Spec(
         "Schedule", "schedule type by its A1111 label or id, in any case: Karras, Exponential, SGM Uniform, Align Your Steps, ... "
         "(`lienzo samplers`, GET /api/v1/samplers)",
         cli="schedule", a1111="scheduler", a1111_body=False, infotext=InfotextKey("Schedule type", always=True), widget=Widget("select"),
     )] = "Automatic"
-    cfg_scale: Annotated[float, Spec(
-        "CFG scale", "classifier-free guidance scale: how closely to follow the prompt", limits=Limits(0, 30), cli="cfg",
+    cfg_scale: Annotated[float | None, Spec(
+        "CFG scale", "classifier-free guidance scale: how closely to follow the prompt; 1 runs no negative pass "
+        "[default: the model family's: 7; SD 3.x 5; Flux.1 1]", limits=Limits(0, 30), cli="cfg",
         a1111="cfg_scale", openai="cfg_scale", infotext=number("CFG scale", always=True), widget=Widget("range", 1, 20, 0.5),
-    )] = 7.0
+    )] = None
+    distilled_cfg_scale: Annotated[float | None, Spec(
+        "Distilled CFG scale", "Flux.1 dev's own guidance strength, an input of the network rather than a second pass "
+        "(Forge's Distilled CFG Scale) [default: 3.5]; ignored by models without it",
+        limits=Limits(0, 30), cli="distilled-cfg", a1111="distilled_cfg_scale", openai="distilled_cfg_scale",
+        infotext=number("Distilled CFG Scale"), widget=Widget("range", 0, 10, 0.1),
+    )] = None
+    shift: Annotated[float | None, Spec(
+        "Shift", "flow-matching models' timestep shift (SD 3.x: 3; Flux.1 sets it from the image size) [default: the model's]",
+        limits=Limits(0.1, 20), cli="shift", a1111="shift", openai="shift", infotext=number("Shift"),
+    )] = None
     seed: Annotated[int, Spec(
         "Seed", "-1 picks a random seed; image i of a batch gets seed + i",
         limits=_SEED, cli="seed", a1111="seed", openai="seed",
@@ -330,7 +343,9 @@ class GenerationRequest(BaseModel):
 
     @field_validator("sampler")
     @classmethod
-    def _sampler(cls, v: str) -> str:
+    def _sampler(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         try:
             return resolve_sampler(v).name
         except InvalidRequestError as err:

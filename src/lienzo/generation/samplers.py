@@ -43,10 +43,62 @@ steps; to Align Your Steps 0.29 against 0.37). Euler a, DDIM and PLMS have no si
 diffusers; DPM++ SDE, DPM2, DPM2 a, LMS and UniPC take no custom list (UniPC only for flow models).
 LCM places its own timesteps on its 50-step distillation grid whatever the schedule.
 The infotext names the schedule asked for, so an image remakes with the same one.
+
+Flow-matching models (SD 3.x, Flux.1; :func:`is_flow` tells them by their scheduler config) predict a
+velocity along noise levels sigma = t from 1 to 0, shifted towards high noise: by a fixed ``shift``
+(SD 3), or by Flux's ``mu``, which grows with the image's size (:func:`flux_mu`). The same names run
+them on diffusers' flow schedulers (``Sampler.flow``), built on the model's config as above:
+
+============  ==========================================================================================
+sampler       on a flow model
+============  ==========================================================================================
+Euler         ``FlowMatchEulerDiscreteScheduler``: what diffusers' SD 3 and Flux pipelines run
+Euler a       the same with ``stochastic_sampling``, diffusers' only flow ancestral: each step predicts
+              the clean image and noises it afresh to the next level. It is LCM's step, and more noise
+              than k-diffusion's Euler a on flow models (eta 1 keeps part of the deterministic step)
+Heun          ``FlowMatchHeunDiscreteScheduler``; it has no dynamic shifting, so on Flux ``exp(mu)`` is
+              its fixed shift, the same curve (diffusers' DPM-Solver does the same)
+DPM++ 2M,     ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``, ``prediction_type="flow_prediction"``
+DPM++ 2M SDE  and the model's shift as ``flow_shift`` (Flux: ``mu``, dynamic shifting, as its pipeline)
+UniPC         ``UniPCMultistepScheduler``, likewise
+LCM           ``FlowMatchLCMScheduler``, for models distilled to it
+============  ==========================================================================================
+
+LMS, DPM2, DPM2 a, DPM++ SDE, DDIM and PLMS have no flow form in diffusers: a flow model refuses them
+(:func:`flow_samplers` lists those it runs). Schedules on a flow model are levels of unshifted time t,
+which the scheduler then shifts, under ComfyUI's and Forge's names. sigma_min, the lowest training
+level, is t = 0.001 on Flux; on SD 3 it is that shifted once more (diffusers shifts a fixed-shift
+model's training levels before it shifts the schedule).
+
+==================  ====================================================================================
+schedule            on a flow model
+==================  ====================================================================================
+Automatic           Simple
+Simple              the family's diffusers pipeline, bit for bit: Flux passes t = 1, 1 - 1/n, ... 1/n
+                    (ComfyUI's simple), SD 3 calls ``set_timesteps(n)``: Normal's levels. On Flux, DPM++
+                    and UniPC run their own flow levels, as FluxPipeline does (Simple's within 0.001 of
+                    t); on SD 3 they cannot run Normal's and run their own, SGM Uniform's, as its pipeline
+Normal, Uniform     the scheduler's own ``set_timesteps(n)``: n levels of t from 1 to sigma_min (ComfyUI's
+                    normal); on Flux it ends near 0, where Simple ends at 1/n
+SGM Uniform         Normal's range in n + 1 levels, less the last (ComfyUI's sgm_uniform): Flux's Simple
+                    within 0.001; DPM++ and UniPC run their own flow levels, the same within 0.003
+Karras,             ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas`` between
+Exponential,        Normal's first and last shifted levels: on Euler, Euler a and LCM only (DPM-Solver's
+Polyexponential,    and UniPC's would take SD's noise levels, not the flow's)
+Beta
+DDIM, KL Optimal,   Simple: diffusers has no flow form of them (DDIM's leading spacing is Simple's levels
+Align Your Steps    one step lower; the other two are a formula and tables for SD's noise levels)
+==================  ====================================================================================
+
+Any other schedule a flow sampler cannot run runs as Simple, and where it cannot run Simple's levels
+either, as its own: Heun on Flux (it takes no list of levels) as Normal, DPM++ and UniPC on SD 3 as
+SGM Uniform (:func:`runs_as`, given the model's config).
 """
 
+import inspect
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -66,7 +118,26 @@ SIGMA_KINDS = "sigma kinds"  # use_karras_sigmas, use_exponential_sigmas, use_be
 SIGMAS = "sigmas"  # set_timesteps(sigmas=[...]): any list of noise levels
 TIMESTEPS = "timesteps"  # set_timesteps(timesteps=[...]): any list of training timesteps
 
+# Only flow schedulers (Sampler.flow): which levels of unshifted t their own ``set_timesteps(n)`` runs.
+OWN_LINSPACE = "own linspace"  # n levels from t = 1 to sigma_min: Normal
+OWN_TRAILING = "own trailing"  # flow sigmas, n + 1 levels from t = 1 to about 0, less the last: SGM Uniform
+
 _KINDS = frozenset({SPACING, SIGMA_KINDS})
+
+
+@dataclass(frozen=True)
+class FlowVariant:
+    """How a sampler runs on a flow-matching model: the diffusers class, its options, and what it can
+    be told of the schedule (as ``Sampler.supports``; ``sigmas`` are levels of t before the shift)."""
+
+    scheduler_class: str
+    supports: frozenset[str]
+    options: dict = field(default_factory=dict)
+
+    @property
+    def shift_key(self) -> str:
+        """The config key the model's fixed shift goes to: DPM-Solver and UniPC call it ``flow_shift``."""
+        return "flow_shift" if self.options.get("use_flow_sigmas") else "shift"
 
 
 @dataclass(frozen=True)
@@ -79,11 +150,29 @@ class Sampler:
     automatic: str = "Uniform"
     stochastic: bool = False
     paper: str = ""
+    flow: FlowVariant | None = None  # on flow-matching models; None: they refuse it
 
     @property
     def schedules(self) -> list[str]:
         """Schedule types this scheduler runs as asked; any other runs as its nearest (:func:`runs_as`)."""
         return [label for label, s in SCHEDULES.items() if label == "Automatic" or s.needs & self.supports]
+
+    def schedules_on(self, config: Mapping | None = None) -> list[str]:
+        """:attr:`schedules` on the model whose scheduler config this is: for a flow model, those its flow
+        variant runs as asked (none where it has none)."""
+        if not is_flow(config):
+            return self.schedules
+        if self.flow is None:
+            return []
+        return [label for label in SCHEDULES if label == "Automatic" or runs_as(self, label, config) == label]
+
+
+# The flow variants' shared parts: FlowMatch Euler and LCM take every kind of list; the multistep
+# solvers run flow sigmas of their own, integrating the velocity as a prediction of the flow.
+_FLOW_MATCH = frozenset({SIGMAS, SIGMA_KINDS, OWN_LINSPACE})
+_FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -92,25 +181,31 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler(
             "Euler a", "EulerAncestralDiscreteScheduler", frozenset({SPACING}), stochastic=True,
             paper="Karras et al. 2022 (ancestral)",
+            flow=FlowVariant("FlowMatchEulerDiscreteScheduler", _FLOW_MATCH, {"stochastic_sampling": True}),
         ),
         Sampler(
-            "Euler", "EulerDiscreteScheduler", _KINDS | {SIGMAS, TIMESTEPS}, paper="Karras et al. 2022, Algorithm 2 (first order)"
+            "Euler", "EulerDiscreteScheduler", _KINDS | {SIGMAS, TIMESTEPS}, paper="Karras et al. 2022, Algorithm 2 (first order)",
+            flow=FlowVariant("FlowMatchEulerDiscreteScheduler", _FLOW_MATCH),
         ),
         Sampler("LMS", "LMSDiscreteScheduler", _KINDS, paper="linear multistep, Karras et al. 2022"),
-        Sampler("Heun", "HeunDiscreteScheduler", _KINDS | {TIMESTEPS}, paper="Karras et al. 2022, Algorithm 2"),
+        Sampler(
+            "Heun", "HeunDiscreteScheduler", _KINDS | {TIMESTEPS}, paper="Karras et al. 2022, Algorithm 2",
+            flow=FlowVariant("FlowMatchHeunDiscreteScheduler", frozenset({OWN_LINSPACE})),
+        ),
         Sampler("DPM2", "KDPM2DiscreteScheduler", _KINDS, automatic="Karras", paper="Karras et al. 2022 (DPM-Solver-2)"),
         Sampler(
             "DPM2 a", "KDPM2AncestralDiscreteScheduler", _KINDS, automatic="Karras", stochastic=True,
             paper="Karras et al. 2022 (DPM-Solver-2, ancestral)",
         ),
         Sampler(
-            "DPM++ 2M", "DPMSolverMultistepScheduler", _KINDS | {TIMESTEPS}, {"algorithm_type": "dpmsolver++", "solver_order": 2},
+            "DPM++ 2M", "DPMSolverMultistepScheduler", _KINDS | {TIMESTEPS}, _DPMPP_2M,
             automatic="Karras", paper="Lu et al. 2022, DPM-Solver++ (2M)",
+            flow=FlowVariant("DPMSolverMultistepScheduler", frozenset({OWN_TRAILING}), {**_DPMPP_2M, **_FLOW_SIGMAS}),
         ),
         Sampler(
-            "DPM++ 2M SDE", "DPMSolverMultistepScheduler", _KINDS | {TIMESTEPS},
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, automatic="Karras", stochastic=True,
+            "DPM++ 2M SDE", "DPMSolverMultistepScheduler", _KINDS | {TIMESTEPS}, _DPMPP_2M_SDE, automatic="Karras", stochastic=True,
             paper="Lu et al. 2022, DPM-Solver++ (2M SDE)",
+            flow=FlowVariant("DPMSolverMultistepScheduler", frozenset({OWN_TRAILING}), {**_DPMPP_2M_SDE, **_FLOW_SIGMAS}),
         ),
         Sampler("DPM++ SDE", "DPMSolverSDEScheduler", _KINDS, automatic="Karras", stochastic=True, paper="Lu et al. 2022"),
         # A1111 runs DDIM, PLMS and UniPC at timesteps 1, 1 + 1000 // steps, ...: the DDIM schedule.
@@ -118,8 +213,15 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler(
             "PLMS", "PNDMScheduler", frozenset({SPACING}), {"skip_prk_steps": True}, automatic="DDIM", paper="Liu et al. 2022, PNDM"
         ),
-        Sampler("UniPC", "UniPCMultistepScheduler", _KINDS, automatic="DDIM", paper="Zhao et al. 2023, UniPC"),
-        Sampler("LCM", "LCMScheduler", frozenset(), stochastic=True, paper="Luo et al. 2023, Latent Consistency Models"),
+        Sampler(
+            "UniPC", "UniPCMultistepScheduler", _KINDS, automatic="DDIM", paper="Zhao et al. 2023, UniPC",
+            # UniPC would take a list of levels too, but the pipelines run its own flow sigmas (FluxPipeline drops its list).
+            flow=FlowVariant("UniPCMultistepScheduler", frozenset({OWN_TRAILING}), _FLOW_SIGMAS),
+        ),
+        Sampler(
+            "LCM", "LCMScheduler", frozenset(), stochastic=True, paper="Luo et al. 2023, Latent Consistency Models",
+            flow=FlowVariant("FlowMatchLCMScheduler", _FLOW_MATCH),
+        ),
     )
 }
 
@@ -158,35 +260,54 @@ class Schedule:
     needs: frozenset[str] = frozenset()  # any one of these capabilities runs it as asked
     options: dict = field(default_factory=dict)  # scheduler config it sets
     sigmas: Callable[[int, float, float, str], list[float]] | None = None  # (steps, sigma_min, sigma_max, family)
+    # On flow models: any one of these capabilities of a FlowVariant runs it as asked; none, it runs as Simple.
+    flow_needs: frozenset[str] = frozenset()
 
 
 _LINSPACE = {"timestep_spacing": "linspace"}  # the sigma kinds span sigma_max..sigma_min of t = 999..0
 _CUSTOM = frozenset({SIGMAS, TIMESTEPS})
+_FLOW_KINDS = frozenset({SIGMA_KINDS})
+_FLOW_NORMAL = frozenset({OWN_LINSPACE})
+# A list of levels, or flow sigmas of the scheduler's own: the same within 0.003 of t.
+_FLOW_TRAILING = frozenset({SIGMAS, OWN_TRAILING})
 
 SCHEDULES: dict[str, Schedule] = {
     s.label: s
     for s in (
         Schedule("Automatic", "automatic"),
-        Schedule("Uniform", "uniform", need_inner_model=True, needs=frozenset({SPACING}), options=_LINSPACE),
-        Schedule("Karras", "karras", default_rho=7.0, needs=frozenset({SIGMA_KINDS}), options={"use_karras_sigmas": True, **_LINSPACE}),
-        Schedule("Exponential", "exponential", needs=frozenset({SIGMA_KINDS}), options={"use_exponential_sigmas": True, **_LINSPACE}),
+        Schedule(
+            "Uniform", "uniform", need_inner_model=True, needs=frozenset({SPACING}), options=_LINSPACE, flow_needs=_FLOW_NORMAL
+        ),
+        Schedule(
+            "Karras", "karras", default_rho=7.0, needs=frozenset({SIGMA_KINDS}), options={"use_karras_sigmas": True, **_LINSPACE},
+            flow_needs=_FLOW_KINDS,
+        ),
+        Schedule(
+            "Exponential", "exponential", needs=frozenset({SIGMA_KINDS}), options={"use_exponential_sigmas": True, **_LINSPACE},
+            flow_needs=_FLOW_KINDS,
+        ),
         Schedule(
             "Polyexponential", "polyexponential", default_rho=1.0, needs=frozenset({SIGMA_KINDS}),
-            options={"use_exponential_sigmas": True, **_LINSPACE},
+            options={"use_exponential_sigmas": True, **_LINSPACE}, flow_needs=_FLOW_KINDS,
         ),
         Schedule(
             "SGM Uniform", "sgm_uniform", ("SGMUniform",), need_inner_model=True, needs=frozenset({SPACING}),
-            options={"timestep_spacing": "trailing"},
+            options={"timestep_spacing": "trailing"}, flow_needs=_FLOW_TRAILING,
         ),
         Schedule("KL Optimal", "kl_optimal", needs=_CUSTOM, sigmas=_kl_optimal),
         Schedule("Align Your Steps", "align_your_steps", needs=_CUSTOM, sigmas=_align_your_steps),
-        Schedule("Simple", "simple", need_inner_model=True, needs=frozenset({SPACING}), options={"timestep_spacing": "trailing"}),
-        Schedule("Normal", "normal", need_inner_model=True, needs=frozenset({SPACING}), options=_LINSPACE),
+        # On flow models with a fixed shift (SD 3) Simple is Normal's levels: the pipeline calls set_timesteps(n).
+        Schedule(
+            "Simple", "simple", need_inner_model=True, needs=frozenset({SPACING}), options={"timestep_spacing": "trailing"},
+            flow_needs=_FLOW_TRAILING,
+        ),
+        Schedule("Normal", "normal", need_inner_model=True, needs=frozenset({SPACING}), options=_LINSPACE, flow_needs=_FLOW_NORMAL),
         Schedule(
             "DDIM", "ddim", need_inner_model=True, needs=frozenset({SPACING}), options={"timestep_spacing": "leading", "steps_offset": 1}
         ),
         Schedule(
             "Beta", "beta", need_inner_model=True, needs=frozenset({SIGMA_KINDS}), options={"use_beta_sigmas": True, **_LINSPACE},
+            flow_needs=_FLOW_KINDS,
         ),
     )
 }
@@ -245,17 +366,73 @@ def split_folded_schedule(sampler: str) -> tuple[str, str | None]:
     return sampler, None
 
 
-def resolve_schedule(sampler: Sampler, schedule: str) -> str:
-    """The schedule type a request names, "Automatic" resolved to what A1111 would use: the infotext's label."""
+def is_flow(config: Mapping | None) -> bool:
+    """Whether a model's scheduler config is a flow-matching one (SD 3.x, Flux.1): diffusers' FlowMatch
+    classes, or the flow sigmas of DPM-Solver and UniPC. A model's ``shift`` alone does not say it."""
+    if not config:
+        return False
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+
+
+def flow_samplers() -> list[str]:
+    """The samplers that run on flow-matching models, in the table's order."""
+    return [s.name for s in SAMPLERS.values() if s.flow is not None]
+
+
+def flux_mu(image_seq_len: int, config: Mapping) -> float:
+    """Flux's dynamic shift for an image of ``image_seq_len`` 2x2 latent patches ((h / 2) * (w / 2) of
+    the latents), from the scheduler config's sequence lengths and shifts, as FluxPipeline computes it."""
+    # Here, not at import: the pipeline's module imports transformers.
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    # FluxPipeline's defaults for a config that lacks them (SD 3's pipeline has max_shift 1.16).
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def _flow_variant(sampler: Sampler) -> FlowVariant:
+    if sampler.flow is None:
+        raise InvalidRequestError(
+            "sampler",
+            f"{sampler.name} does not run on flow-matching models (SD 3.x, Flux.1); choose one of: {', '.join(flow_samplers())}",
+        )
+    return sampler.flow
+
+
+def resolve_schedule(sampler: Sampler, schedule: str, config: Mapping | None = None) -> str:
+    """The schedule type a request names, "Automatic" resolved to what A1111 would use: the infotext's label.
+    On a flow model (``config``, the model's scheduler config) "Automatic" is Simple, the family's own."""
     label = schedule_label(schedule)
-    return sampler.automatic if label == "Automatic" else label
+    if label != "Automatic":
+        return label
+    return "Simple" if is_flow(config) else sampler.automatic
 
 
-def runs_as(sampler: Sampler, schedule: str) -> str:
+def runs_as(sampler: Sampler, schedule: str, config: Mapping | None = None) -> str:
     """The schedule ``sampler`` actually runs for ``schedule``: itself where its scheduler class can,
-    else Uniform, the nearest every class can (see the module's docstring)."""
-    label = resolve_schedule(sampler, schedule)
-    return label if SCHEDULES[label].needs & sampler.supports else "Uniform"
+    else Uniform, the nearest every class can (see the module's docstring). On a flow model (``config``)
+    the nearest is Simple, or for a class that takes no levels on Flux, Normal; a sampler with no flow
+    variant raises InvalidRequestError."""
+    label = resolve_schedule(sampler, schedule, config)
+    if not is_flow(config):
+        return label if SCHEDULES[label].needs & sampler.supports else "Uniform"
+    supports = _flow_variant(sampler).supports
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    for candidate in (label, "Simple"):
+        if _flow_needs(candidate, dynamic) & supports:
+            return candidate
+    # Simple's levels are beyond it (Heun on Flux; DPM++ and UniPC on SD 3): it runs its own.
+    return "Normal" if OWN_LINSPACE in supports else "SGM Uniform"
+
+
+def _flow_needs(label: str, dynamic: bool) -> frozenset[str]:
+    # Simple is the family's pipeline: Flux's list of levels, or SD 3's set_timesteps(n), Normal's levels.
+    return _FLOW_NORMAL if label == "Simple" and not dynamic else SCHEDULES[label].flow_needs
 
 
 def build_scheduler(sampler: Sampler, schedule: str, base_config: dict, *, seed: int | None = None) -> "SchedulerMixin":
@@ -263,9 +440,12 @@ def build_scheduler(sampler: Sampler, schedule: str, base_config: dict, *, seed:
     Call :func:`set_timesteps` on it, which also knows the schedules that are lists of noise levels."""
     import diffusers  # here, not at import: validating a request must not cost the seconds torch takes
 
-    asked, ran = resolve_schedule(sampler, schedule), runs_as(sampler, schedule)
+    asked, ran = resolve_schedule(sampler, schedule, base_config), runs_as(sampler, schedule, base_config)
     if ran != asked:
         log.info("%s cannot run the %s schedule in diffusers; running %s, the nearest it can", sampler.name, asked, ran)
+    if is_flow(base_config):
+        variant = _flow_variant(sampler)
+        return _build_flow(getattr(diffusers, variant.scheduler_class), variant, ran, base_config)
     options = {**sampler.options, **SCHEDULES[ran].options}
     if sampler.scheduler_class == "DPMSolverSDEScheduler" and seed is not None:
         # Its Brownian tree is seeded once per scheduler; one scheduler per image keeps seed+i exact.
@@ -274,11 +454,73 @@ def build_scheduler(sampler: Sampler, schedule: str, base_config: dict, *, seed:
     return getattr(diffusers, sampler.scheduler_class).from_config({**config, **options})
 
 
+def _build_flow(cls: type, variant: FlowVariant, ran: str, base_config: Mapping) -> "SchedulerMixin":
+    """A flow scheduler: the variant's options, the model's shift, and the schedule's sigma kind."""
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    options = dict(variant.options)
+    if SCHEDULES[ran].flow_needs == _FLOW_KINDS:
+        # Only the kind: SD's timestep spacing means nothing to these classes.
+        options.update({k: v for k, v in SCHEDULES[ran].options.items() if k.startswith("use_")})
+    if variant.shift_key != "shift":
+        options[variant.shift_key] = config.get("shift", 1.0)
+    mu_as_shift = config.get("use_dynamic_shifting") and "use_dynamic_shifting" not in accepted
+    if mu_as_shift:
+        # FlowMatch Heun has no dynamic shifting: set_timesteps gives it mu's shift as a fixed one. Built
+        # unshifted, its lowest level is t = 0.001, as FlowMatch Euler's is with dynamic shifting.
+        options["shift"] = 1.0
+    # Only what the class takes: from_config warns of every other key, on every image.
+    scheduler = cls.from_config({k: v for k, v in {**config, **options}.items() if k in accepted})
+    if mu_as_shift:
+        # Kept in its config, so that set_timesteps asks for mu as for the other classes.
+        scheduler.register_to_config(use_dynamic_shifting=True, time_shift_type=config.get("time_shift_type", "exponential"))
+    return scheduler
+
+
+def _set_flow_timesteps(scheduler: "SchedulerMixin", variant: FlowVariant, ran: str, steps: int, device, mu: float | None) -> None:
+    """A flow scheduler's levels for the schedule it runs, called as diffusers' SD 3 and Flux pipelines call it."""
+    config = scheduler.config
+    kwargs: dict = {"device": device}
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if dynamic:
+        if mu is None:
+            raise ValueError(f"{type(scheduler).__name__} shifts by the image's size (Flux): pass mu, see flux_mu()")
+        if "mu" in inspect.signature(scheduler.set_timesteps).parameters:
+            kwargs["mu"] = mu
+        else:
+            # Shifting by mu is a fixed shift of exp(mu) ("exponential"), or mu ("linear"): the same curve.
+            scheduler.register_to_config(shift=mu if config.get("time_shift_type") == "linear" else math.exp(mu))
+    levels = None
+    if SIGMAS in variant.supports:
+        if ran == "Simple" and dynamic:
+            levels = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's, to the bit
+        elif ran == "SGM Uniform":
+            levels = np.linspace(scheduler.sigma_max, scheduler.sigma_min, steps + 1)[:-1]
+    if levels is None:
+        scheduler.set_timesteps(steps, **kwargs)
+    else:
+        scheduler.set_timesteps(sigmas=levels, **kwargs)
+
+
 def set_timesteps(
-    scheduler: "SchedulerMixin", sampler: Sampler, schedule: str, steps: int, *, device: "torch.device | None" = None, family: str = "sd1"
+    scheduler: "SchedulerMixin",
+    sampler: Sampler,
+    schedule: str,
+    steps: int,
+    *,
+    device: "torch.device | None" = None,
+    family: str = "sd1",
+    mu: float | None = None,
 ) -> None:
     """Set ``steps`` timesteps on a scheduler from :func:`build_scheduler`: from its config, or for KL
-    Optimal and Align Your Steps from their noise levels (``family`` picks the SD 1.5 or SDXL table)."""
+    Optimal and Align Your Steps from their noise levels (``family`` picks the SD 1.5 or SDXL table).
+    A flow scheduler with dynamic shifting (Flux) needs ``mu``, :func:`flux_mu` of the image's size."""
+    # A scheduler's config has no _class_name: its class says whether it is a flow one.
+    config = {"_class_name": type(scheduler).__name__, **scheduler.config}
+    if is_flow(config):
+        variant = _flow_variant(sampler)
+        _set_flow_timesteps(scheduler, variant, runs_as(sampler, schedule, config), steps, device, mu)
+        return
     custom = SCHEDULES[runs_as(sampler, schedule)].sigmas
     if custom is None:
         scheduler.set_timesteps(steps, device=device)

@@ -67,6 +67,9 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool) -> torch.Ten
     vae.use_tiling = tiled
     try:
         with torch.no_grad():
-            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor
+            if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs
+                latents = latents + vae.config.shift_factor
+            return vae.decode(latents, return_dict=False)[0]
     finally:
         vae.use_tiling = before

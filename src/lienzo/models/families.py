@@ -38,7 +38,7 @@ class Family:
     default_size: int = 512
     default_steps: int = 20
     default_cfg: float = 7.0
-    default_sampler: str = "Euler a"
+    default_sampler: str = "DPM++ 2M"
     default_schedule: str = "Automatic"
     distilled_guidance: bool = False  # the network takes a guidance strength as an input (Flux.1 dev)
     default_distilled_cfg: float = 3.5

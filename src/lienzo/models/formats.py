@@ -41,6 +41,7 @@ _MAX_CONFIG_BYTES = 1024 * 1024
 # (pre-1.6) .ckpt format is a protocol-2 pickle stream.
 _PICKLE_STARTS = tuple(bytes([0x80, protocol]) for protocol in (2, 3, 4, 5))
 _ZIP_START = b"PK\x03\x04"
+_GGUF_MAGIC = b"GGUF"
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -77,7 +78,7 @@ def stop_if_cancelled(cancel: Callable[[], bool] | None) -> None:
 
 
 def sniff(path) -> str:
-    """Name a model file's format by its content: "safetensors", "torch-zip", "pickle" or "diffusers-folder".
+    """Name a model file's format by its content: "safetensors", "gguf", "torch-zip", "pickle" or "diffusers-folder".
 
     Only a regular file is opened: a FIFO would block the reader and a device never end.
     """
@@ -101,12 +102,15 @@ def sniff(path) -> str:
     if len(head) == 9 and head[8:9] == b"{":
         _read_safetensors_header(path)
         return "safetensors"
+    if head.startswith(_GGUF_MAGIC):
+        read_gguf_header(path)
+        return "gguf"
     if head.startswith(_ZIP_START):
         return "torch-zip"
     if head.startswith(_PICKLE_STARTS):
         return "pickle"
     raise ModelFileError(
-        f"{path.name} is not a model file lienzo knows: expected safetensors, a PyTorch checkpoint "
+        f"{path.name} is not a model file lienzo knows: expected safetensors, GGUF, a PyTorch checkpoint "
         "(.ckpt/.pt) or a diffusers folder"
     )
 
@@ -143,6 +147,26 @@ def read_header(path) -> dict[str, tuple[Shape, str]]:
     }
 
 
+def read_gguf_header(path) -> dict[str, tuple[Shape, str]]:
+    """Tensor name -> (shape, GGML type such as "Q8_0" or "F16") of a GGUF file, without reading tensor data.
+
+    GGUF lists dimensions fastest-first (ggml's order); the shapes here are reversed to torch's order.
+    The reader maps the file and checks that every tensor's bytes lie inside it.
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(path)
+    # The reader raises ValueError for a bad magic, version or a tensor running past the end of the file,
+    # and numpy's errors (also ValueErrors, or IndexError) for fields cut short.
+    except (ValueError, IndexError, OSError) as err:
+        raise ModelFileError(f"{path.name} is truncated or damaged: its GGUF header cannot be read ({err})") from None
+    return {
+        tensor.name: (tuple(int(n) for n in reversed(tensor.shape)), tensor.tensor_type.name) for tensor in reader.tensors
+    }
+
+
 def read_metadata(path) -> dict[str, str]:
     """The free-form ``__metadata__`` strings of a safetensors file (``modelspec.*``, trainer notes)."""
     return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
@@ -154,6 +178,9 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
     kind = sniff(path)
     if kind == "diffusers-folder":
         raise ModelFileError(f"{path.name} is a diffusers folder, not a single checkpoint file")
+    if kind == "gguf":
+        # Its tensors are mostly quantized blocks that only a quantization-aware loader can use.
+        raise ModelFileError(f"{path.name} is a GGUF file, which lienzo reads only as an SD 3.x or Flux.1 transformer or a T5 encoder")
     if kind == "safetensors":
         try:
             return load_file(path)

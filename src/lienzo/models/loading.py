@@ -1,17 +1,18 @@
 """The one place that turns model files into torch modules, with no network access at any point."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lienzo.errors import ModelFileError
 from lienzo.models import formats
+from lienzo.models.assembly import assemble, check_t5_option, folder_pieces, plan_memory
 from lienzo.models.components import Components, vae_dtype_for
-from lienzo.models.quiet import first_line, quiet_transformers
+from lienzo.models.quiet import quiet_transformers
 from lienzo.models.single_file_layout import scheduler_config_for
 from lienzo.models.single_file_load import load_single_file, load_vae_file
 from lienzo.models.tokenizers import clip_folder_tokenizer, embedding_rows
@@ -115,9 +116,20 @@ def load_components(
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    text_encoders: Sequence[Path] = (),
+    t5: bool = True,
+    models_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    low_vram: bool = False,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
     """Load a checkpoint file or diffusers folder (format judged by content), optionally with another VAE.
+
+    A safetensors or GGUF file holding an SD 3.x or Flux.1 transformer is assembled with its text encoders and
+    VAE (:mod:`lienzo.models.assembly`): ``text_encoders`` (``--text-encoder``) and ``vae`` name them, else they
+    are found in ``models_dir``'s ComfyUI folders. ``t5`` False leaves SD 3.x's optional T5 out. Models of the
+    transformer families are checked to fit in memory on ``device`` (``low_vram``: one part at a time) before
+    any tensor is read.
 
     ``vae_dtype`` None follows ``dtype``, with fp32 beside fp16 for VAEs that overflow in fp16
     (:func:`lienzo.models.components.vae_dtype_for`). Each VAE is read straight in its dtype: read in fp16
@@ -125,9 +137,30 @@ def load_components(
     when it says stop, GenerationCancelled is raised.
     """
     # 1. The model
+    path = Path(path)
     kind = formats.sniff(path)
+    spec = _transformer_spec(path, kind)
+    if text_encoders and (spec is None or kind == "diffusers-folder"):
+        raise ModelFileError(
+            f"--text-encoder: model {path.name} has its own text encoders; "
+            "--text-encoder completes an SD 3.x or Flux.1 transformer file"
+        )
+    if spec is not None and kind != "diffusers-folder":
+        components = assemble(
+            path, text_encoders=text_encoders, vae=vae, t5=t5, models_dir=models_dir, dtype=dtype, vae_dtype=vae_dtype,
+            device=device, low_vram=low_vram, cancel=cancel,
+        )
+        _check_vocabularies(components, folder=False)
+        return components
     if kind == "diffusers-folder":
+        if spec is not None:
+            check_t5_option(spec, t5, path.name)
+            pieces = folder_pieces(path, spec, t5=t5, dtype=dtype)
+            plan_memory(pieces, device, name=f"model {path.name} ({spec.label})", low_vram=low_vram, dtype=dtype)
         components = load_diffusers_folder(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
+        if not t5 and components.text_encoder_3 is not None:
+            components.text_encoder_3 = components.tokenizer_3 = None
+            log.info("model %s: without its T5-XXL text encoder (--no-t5)", path.name)
     else:
         components = load_single_file(path, prediction_type=prediction_type, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
     # 2. Another VAE
@@ -138,6 +171,10 @@ def load_components(
             components.vae = AutoencoderKL.from_pretrained(
                 vae, local_files_only=True, torch_dtype=vae_dtype_for(config, dtype, vae_dtype)
             )
+        elif spec is not None:
+            from lienzo.models.transformer_files import load_flow_vae
+
+            components.vae = load_flow_vae(vae, spec.name, dtype=vae_dtype_for({}, dtype, vae_dtype))
         else:
             # A VAE file does not say which model it was made for; keep the checkpoint's latent scale.
             scaling = components.vae.config.scaling_factor
@@ -148,3 +185,17 @@ def load_components(
     # 3. Tokenizers that fit their text encoders, whichever way they were found
     _check_vocabularies(components, folder=kind == "diffusers-folder")
     return components
+
+
+def _transformer_spec(path: Path, kind: str):
+    """The transformer family (its row) a diffusers folder or a safetensors/GGUF file holds; None for SD 1.x/2.x/XL."""
+    if kind == "diffusers-folder":
+        return transformer_family(formats.read_model_index(path))
+    if kind not in ("safetensors", "gguf"):
+        return None
+    from lienzo.models.families import FAMILIES
+    from lienzo.models.registry import header_tensors
+    from lienzo.models.transformer_files import detect_transformer_family
+
+    family = detect_transformer_family({k: shape for k, (shape, _, _) in header_tensors(path, kind).items()})
+    return None if family is None else FAMILIES[family]

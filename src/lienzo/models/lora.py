@@ -1,8 +1,14 @@
-"""LoRA files applied to loaded models: kohya's format (A1111, ComfyUI, Civitai) and diffusers/peft's.
+"""LoRA files applied to loaded models, in the formats people download.
 
-diffusers does the reading: ``lora_state_dict`` turns kohya names into diffusers ones (SDXL's sgm block
-names too), ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject peft adapters. Each file is
-loaded once per :class:`Components` (the adapters are remembered in ``components.loras``); after that
+U-Net families (SD 1.x, 2.x, XL): kohya's format (A1111, ComfyUI, Civitai) and diffusers/peft's.
+Flux.1: diffusers/peft, kohya (``lora_unet_double_blocks_…``, ``lora_te1_`` for CLIP-L), ComfyUI/BFL
+(``diffusion_model.double_blocks.…``, with ``lora_down``/``lora_up`` or ``lora_A``/``lora_B``) and XLabs.
+SD 3.x: diffusers/peft only (see :func:`_refuse_unconvertible`).
+
+diffusers does the reading: each family's loader mixin's ``lora_state_dict`` turns the file's names into
+diffusers ones (SDXL's sgm block names too, Flux's fused qkv split per projection), and
+``load_lora_adapter`` / ``load_lora_into_text_encoder`` inject peft adapters. Each file is loaded once
+per :class:`Components` (the adapters are remembered in ``components.loras``); after that
 :func:`apply_loras` only switches adapters on, off and to new weights, so a server can keep one model
 and give every request its own LoRAs.
 """
@@ -15,26 +21,54 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders import (
+    FluxLoraLoaderMixin,
+    SD3LoraLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
 from diffusers.loaders.lora_base import (
     LORA_ADAPTER_METADATA_KEY,
+    LoraBaseMixin,
     disable_lora_for_text_encoder,
     enable_lora_for_text_encoder,
     set_adapters_for_text_encoder,
 )
+from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lienzo.errors import LienzoError, ModelFileError
-from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models import formats
 from lienzo.models.components import ActiveLora, Components
+from lienzo.models.families import FAMILIES
+from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models.registry import LORA_SHORT_HASH, lora_hash
 from lienzo.models.speed import offload_suspended
 
 log = logging.getLogger(__name__)
 
-# The parts of a model a LoRA file can change, as Components names them.
-_PARTS = ("unet", "text_encoder", "text_encoder_2")
+# The parts of a model a LoRA file can change, as Components names them; the denoising networks
+# (U-Net, transformer) take adapters through diffusers' PeftAdapterMixin, the text encoders through peft.
+_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+_NETWORKS = ("unet", "transformer")
+
+# Each family's diffusers LoRA loader: the key converter and the parts it loads (_lora_loadable_modules).
+_MIXINS: dict[str, type[LoraBaseMixin]] = {
+    "sd1": StableDiffusionLoraLoaderMixin,
+    "sd2": StableDiffusionLoraLoaderMixin,
+    "sdxl": StableDiffusionXLLoraLoaderMixin,
+    "sd3": SD3LoraLoaderMixin,
+    "flux": FluxLoraLoaderMixin,
+}
+
+# Block names only one network layout has, in every naming the files use (kohya joins them with "_",
+# the others with "."): a LoRA naming them was trained for that layout. The U-Net families share one
+# layout, and telling them apart is left to whether the layers fit (their names mostly agree).
+_LAYOUT_MARKS = {
+    "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
+    "sd3": ("joint_blocks",),
+    "unet": ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block"),
+}
 
 
 @dataclass
@@ -68,7 +102,7 @@ def apply_loras(components: Components, loras: list[tuple[Path, str, float]]) ->
 
 def _activate(part: str, model: torch.nn.Module, on: list[tuple[str, float]]) -> None:
     names, weights = [a for a, _ in on], [w for _, w in on]
-    if part == "unet":
+    if part in _NETWORKS:
         if names:
             model.set_adapters(names, weights)
             model.enable_lora()
@@ -121,17 +155,22 @@ def _load(components: Components, path: Path) -> _Loaded:
 def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict | None]:
     """The file's tensors in diffusers' layout, kohya alphas folded in, and diffusers' adapter metadata."""
     tensors = formats.load_state_dict(path)
-    strange = next((k for k in tensors if "lora" not in k), None)
+    # Alphas are named by module alone in peft-style files ("transformer.x.alpha"); everything else says lora.
+    strange = next((k for k in tensors if "lora" not in k and not k.endswith(".alpha")), None)
     if strange is not None:
         raise ModelFileError(
             f"lora: {path.name} is not a LoRA: it holds tensors such as {strange!r}; "
             "checkpoints belong in the models folder, not its Lora folder"
         )
+    _refuse_other_layouts(path, tensors, components)
+    _refuse_unconvertible(path, tensors, components)
+    if components.family == "flux":
+        _name_comfy_pairs_as_kohya(tensors)
+        _warn_t5_layers(path, tensors)
     _fold_alphas(tensors)
     try:
-        # unet_config: kohya names SDXL's UNet blocks the sgm way (input_blocks.4.1); the config maps them.
-        state_dict, network_alphas = _mixin(components).lora_state_dict(tensors, unet_config=components.unet.config)
-    except ValueError as err:
+        state_dict, network_alphas = _convert(components, tensors)
+    except (ValueError, KeyError, AssertionError) as err:
         raise ModelFileError(
             f"lora: {path.name} is in a LoRA format lienzo cannot read ({first_line(err)}); "
             "kohya and diffusers/peft LoRAs are supported, LyCORIS LoHa/LoKr are not"
@@ -143,8 +182,101 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
     return state_dict, network_alphas, metadata
 
 
+def _convert(components: Components, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
+    """diffusers' names for the file's tensors, and the alphas diffusers kept apart (None: none)."""
+    mixin = _MIXINS[components.family]
+    if components.family == "flux":
+        # Recognises kohya, ComfyUI (diffusion_model.…), XLabs and diffusers names by themselves.
+        state_dict, network_alphas = mixin.lora_state_dict(tensors, return_alphas=True)
+    elif components.family == "sd3":
+        state_dict, network_alphas = mixin.lora_state_dict(tensors), None
+    else:
+        # unet_config: kohya names SDXL's UNet blocks the sgm way (input_blocks.4.1); the config maps them.
+        state_dict, network_alphas = mixin.lora_state_dict(tensors, unet_config=components.unet.config)
+    return _text_encoder_names_current(state_dict), network_alphas
+
+
+def _text_encoder_names_current(state_dict: dict) -> dict:
+    """Name every text-encoder layer the way diffusers currently does (``q_proj.lora_linear_layer.down``).
+
+    Its text-encoder loader guesses the naming of what it is given and guesses wrong twice: the old
+    naming its kohya converters write (``self_attn.to_q_lora.down``) only when an ``out_proj`` layer is
+    among the layers, and peft's (``mlp.fc1.lora_A``) only for attention layers; a LoRA with only
+    q/k/v, or only MLP layers, would fail to load. The current naming it always reads.
+    """
+    encoder_keys = [k for k in state_dict if k.startswith("text_encoder")]
+    if not encoder_keys:
+        return state_dict
+    rest = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder")}
+    old = {k: state_dict[k] for k in encoder_keys if "_lora." in k}
+    current = convert_state_dict_to_diffusers(old, original_type=StateDictType.DIFFUSERS_OLD) if old else {}
+    for key in (k for k in encoder_keys if k not in old):
+        # peft's A and B are the down and up matrices: a rename, as diffusers' own PEFT table does for attention.
+        current[key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up.")] = state_dict[key]
+    return {**rest, **current}
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The network layout ("unet", "sd3" or "flux") a LoRA's layer names belong to, None if they do not say."""
+    for layout, marks in _LAYOUT_MARKS.items():
+        if any(mark in key for key in tensors for mark in marks):
+            return layout
+    return None
+
+
+def _layout_label(layout: str) -> str:
+    return "SD 1.x, 2.x or XL" if layout == "unet" else FAMILIES[layout].label
+
+
+def _refuse_other_layouts(path: Path, tensors: dict[str, torch.Tensor], components: Components) -> None:
+    """A LoRA whose layer names belong to another network layout (an SD 1.5 LoRA on Flux, a Flux LoRA on
+    SD 3) is refused before any converter sees it: they would fail it with a message about key names."""
+    theirs = _layout(tensors)
+    ours = components.family if components.spec.is_transformer else "unet"
+    if theirs is not None and theirs != ours:
+        raise ModelFileError(
+            f"lora: {path.name} is a LoRA for {_layout_label(theirs)}, "
+            f"but this model ({components.name or components.family}) is {components.spec.label}"
+        )
+
+
+def _refuse_unconvertible(path: Path, tensors: dict[str, torch.Tensor], components: Components) -> None:
+    """SD 3.x LoRAs named the way SAI's checkpoints are (kohya ``lora_unet_joint_blocks_…``, ComfyUI
+    ``diffusion_model.joint_blocks.…``) or with kohya's text-encoder names: diffusers (0.42) has no
+    converter for them, and its SD 3 loader would pass them on unconverted, so that nothing fits."""
+    if components.family != "sd3":
+        return
+    native = next((k for k in tensors if k.startswith(("lora_unet_", "lora_te", "diffusion_model.", "text_encoders."))), None)
+    if native is not None:
+        raise ModelFileError(
+            f"lora: {path.name} is an SD 3.x LoRA in kohya/ComfyUI naming (such as {native!r}), which lienzo cannot "
+            "convert yet; only diffusers/peft-format SD 3.x LoRAs (transformer.…lora_A) are supported"
+        )
+
+
+def _name_comfy_pairs_as_kohya(tensors: dict[str, torch.Tensor]) -> None:
+    """Rename ComfyUI/BFL pairs written with peft's ``lora_A``/``lora_B`` to kohya's ``lora_down``/``lora_up``.
+
+    diffusers reads ComfyUI's ``diffusion_model.double_blocks.…`` names only in its kohya converter, which
+    looks for ``lora_down``; the matrices are the same (A = down, B = up), so only the names change.
+    """
+    for key in [k for k in tensors if k.startswith(("diffusion_model.", "text_encoders."))]:
+        renamed = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        if renamed != key:
+            tensors[renamed] = tensors.pop(key)
+
+
+def _warn_t5_layers(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Say that a Flux.1 LoRA's T5 layers (kohya's ``lora_te2_``, ComfyUI's ``text_encoders.t5xxl``) go unused:
+    diffusers converts and loads Flux.1 LoRAs for the transformer and CLIP-L only, and drops the rest."""
+    t5 = {k.split(".lora_")[0] for k in tensors if k.startswith(("lora_te2_", "text_encoders.t5xxl.")) and ".lora_" in k}
+    if t5:
+        log.warning("%s: its %d T5 layers are ignored; Flux.1 LoRAs change the transformer and CLIP-L only", path.name, len(t5))
+
+
 def _fold_alphas(tensors: dict[str, torch.Tensor]) -> None:
-    """Scale each kohya ``lora_down`` by its module's alpha / rank and drop the alpha.
+    """Scale each module's down matrix (kohya's ``lora_down``, peft's ``lora_A``) by its alpha / rank and
+    drop the alpha.
 
     The product is what kohya, A1111 and ComfyUI compute; folding it in is needed because diffusers 0.42
     keeps only the most common alpha when modules differ (its per-module alpha names for attention layers
@@ -152,8 +284,9 @@ def _fold_alphas(tensors: dict[str, torch.Tensor]) -> None:
     """
     for key in [k for k in tensors if k.endswith(".alpha")]:
         alpha = tensors.pop(key).item()
-        down_key = key.removesuffix(".alpha") + ".lora_down.weight"
-        if down_key in tensors:
+        module = key.removesuffix(".alpha")
+        down_key = next((k for k in (f"{module}.lora_down.weight", f"{module}.lora_A.weight") if k in tensors), None)
+        if down_key is not None:
             down = tensors[down_key]
             tensors[down_key] = down.float() * (alpha / down.shape[0])
 
@@ -183,9 +316,14 @@ def _inject_part(components: Components, part: str, path: Path, state_dict, netw
     if model is None:
         log.warning("%s: its %d %s layers are ignored; this model has no %s", path.name, expected, part, part)
         return False
-    mixin, part_metadata = _mixin(components), _part_metadata(metadata, part)
-    if part == "unet":
-        mixin.load_lora_into_unet(state_dict, network_alphas, model, adapter_name=adapter, metadata=part_metadata)
+    mixin = _MIXINS[components.family]
+    if part not in mixin._lora_loadable_modules:
+        # Flux.1's text_encoder_2 is T5, which diffusers loads no LoRA into.
+        log.warning("%s: its %d %s layers are ignored; LoRAs cannot change this model's %s", path.name, expected, part, part)
+        return False
+    part_metadata = _part_metadata(metadata, part)
+    if part in _NETWORKS:
+        model.load_lora_adapter(state_dict, prefix=part, network_alphas=network_alphas, adapter_name=adapter, metadata=part_metadata)
     else:
         mixin.load_lora_into_text_encoder(
             state_dict, network_alphas, model, prefix=part, adapter_name=adapter, metadata=part_metadata
@@ -196,12 +334,8 @@ def _inject_part(components: Components, part: str, path: Path, state_dict, netw
     return found > 0
 
 
-def _mixin(components: Components) -> type[StableDiffusionLoraLoaderMixin] | type[StableDiffusionXLLoraLoaderMixin]:
-    return StableDiffusionXLLoraLoaderMixin if components.family == "sdxl" else StableDiffusionLoraLoaderMixin
-
-
 def _part_metadata(metadata: dict | None, part: str) -> dict | None:
-    # diffusers stores one LoraConfig per part, under "unet.r", "text_encoder.lora_alpha", ...
+    # diffusers stores one LoraConfig per part, under "unet.r", "transformer.lora_alpha", ...
     if metadata is None or not any(k.startswith(f"{part}.") for k in metadata):
         return None
     return metadata
@@ -212,7 +346,7 @@ def _forget(components: Components, adapter: str) -> None:
     for part in _PARTS:
         model = getattr(components, part)
         if model is not None and adapter in getattr(model, "peft_config", {}):
-            if part == "unet":
+            if part in _NETWORKS:
                 model.delete_adapters(adapter)
             else:
                 model.delete_adapter(adapter)

@@ -7,6 +7,7 @@ file) are cached in ``<data dir>/cache/models.json``, keyed by path and invalida
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,8 +33,16 @@ def embedded_model() -> Path | None:
     return EMBEDDED if (EMBEDDED / "model_index.json").is_file() else None
 
 
-WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# What the architecture column calls a model that can generate: the U-Net families ("SD 1.x", "SDXL inpainting",
+# "SD (diffusers)"), SD 3.x and Flux.1 ("Flux.1", "Flux.1 schnell", "Flux.1 (diffusers)").
+_CHECKPOINT_PREFIXES = ("SD", "Flux")
+# ComfyUI's folders for the text encoders of a split model (lienzo.models.assembly reads them).
+TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
+TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
+# Raised when describe() or weight_format() learn something new: cached descriptions are made again, hashes kept.
+_DESCRIPTION_VERSION = 2
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
 LORA_FOLDERS = ("lora", "loras")
 LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
@@ -48,11 +57,13 @@ class ModelEntry:
     short_hash: str
     sha256: str  # of the file; of a folder, over its files' hashes ("" when it could not be read)
     error: str | None = None  # why it cannot be read; architecture is then "unreadable: <error>"
+    quantization: str = ""  # how its weights are stored: "fp16", "bf16", "scaled fp8", "GGUF Q8_0", ... ("": unknown)
 
     @property
     def is_checkpoint(self) -> bool:
-        """A whole model that can generate: "SD 1.x", "SDXL inpainting", "SD (diffusers)", ..."""
-        return self.architecture.startswith("SD")
+        """A model that can generate: "SD 1.x", "SDXL inpainting", "SD (diffusers)", "SD 3.x", "Flux.1 schnell", ...;
+        a transformer file alone counts too (its text encoders and VAE are found beside it: lienzo.models.assembly)."""
+        return self.architecture.startswith(_CHECKPOINT_PREFIXES)
 
     @property
     def file_name(self) -> str:
@@ -109,11 +120,61 @@ def _folder_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
-def _shapes(path: Path, kind: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes: from the safetensors header alone, or by a weights-only load of a .ckpt."""
+# name -> (shape in torch's order, storage type such as "F16", "F8_E4M3" or GGUF's "Q8_0", size in bytes)
+Tensors = dict[str, tuple[tuple[int, ...], str, int]]
+
+
+def header_tensors(path: Path, kind: str | None = None) -> Tensors:
+    """Every tensor's shape, storage type and size, read from a safetensors or GGUF header alone (no tensor
+    data); a ``.ckpt`` is loaded, weights only, to see them."""
+    path = Path(path)
+    kind = kind or formats.sniff(path)
     if kind == "safetensors":
-        return {k: shape for k, (shape, _) in formats.read_header(path).items()}
-    return {k: tuple(v.shape) for k, v in formats.load_state_dict(path).items() if hasattr(v, "shape")}
+        return {
+            k: (shape, dtype, math.prod(shape) * formats._DTYPE_BITS[dtype] // 8)
+            for k, (shape, dtype) in formats.read_header(path).items()
+        }
+    if kind == "gguf":
+        return _gguf_tensors(path)
+    return {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size())
+        for k, v in formats.load_state_dict(path).items()
+        if hasattr(v, "shape")
+    }
+
+
+def _gguf_tensors(path: Path) -> Tensors:
+    """A GGUF file's tensors, each sized by its quantization's blocks (``Q8_0``: 34 bytes per 32 weights)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    tensors = {}
+    for name, (shape, kind) in formats.read_gguf_header(path).items():
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+        tensors[name] = (shape, kind, math.prod(shape) // block * block_bytes)
+    return tensors
+
+
+# Storage types as people name them (safetensors' and torch's spellings); GGUF's keep their own ("Q8_0", "Q4_K").
+_PRECISIONS = {
+    "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8", "F8_E5M2": "fp8",
+    "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
+}
+
+
+def weight_format(tensors: Tensors, *, gguf: bool = False) -> str:
+    """How most of the weights' bytes are stored: "fp16", "bf16", "fp32", "fp8", "scaled fp8" (fp8 with
+    scales beside, ComfyUI's ``*_scaled`` files) or "GGUF Q8_0" (GGUF: its main quantization); "" for no tensors."""
+    totals: dict[str, int] = {}
+    for _, dtype, size in tensors.values():
+        totals[dtype] = totals.get(dtype, 0) + size
+    if not totals:
+        return ""
+    main = max(totals, key=totals.get)
+    if gguf:
+        return f"GGUF {main}"
+    name = _PRECISIONS.get(main, main.lower())
+    scaled = any(k == "scaled_fp8" or k.endswith((".scale_weight", ".weight_scale")) for k in tensors)
+    return f"scaled {name}" if name == "fp8" and scaled else name
 
 
 UNREADABLE = "unreadable: "
@@ -121,26 +182,92 @@ UNREADABLE = "unreadable: "
 
 def describe(path: Path) -> str:
     """A short human name for what a file or folder holds, judged by its content."""
+    return examine(path)[0]
+
+
+def examine(path: Path) -> tuple[str, str]:
+    """What a file or folder holds (:func:`describe`) and how its weights are stored (:func:`weight_format`)."""
+    path = Path(path)
     try:
         kind = formats.sniff(path)
         if kind == "diffusers-folder":
-            index = formats.read_model_index(path)
-            return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
-        shapes = _shapes(path, kind)
+            return _describe_folder(path), _folder_format(path)
+        tensors = header_tensors(path, kind)
     except ModelFileError as err:
-        return f"{UNREADABLE}{err}"
+        return f"{UNREADABLE}{err}", ""
     except OSError as err:
-        return f"{UNREADABLE}cannot read {path.name}: {err.strerror or err}"
+        return f"{UNREADABLE}cannot read {path.name}: {err.strerror or err}", ""
+    shapes = {k: shape for k, (shape, _, _) in tensors.items()}
+    return _describe_tensors(path, shapes), weight_format(tensors, gguf=kind == "gguf")
+
+
+def _describe_folder(path: Path) -> str:
+    from lienzo.models.transformer_loading import transformer_family
+
+    index = formats.read_model_index(path)
+    spec = transformer_family(index)
+    if spec is None:
+        return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
+    config_file = path / "transformer" / "config.json"
+    config = formats.read_json_file(config_file) if config_file.is_file() else {}
+    schnell = spec.distilled_guidance and config.get("guidance_embeds") is False
+    return f"{spec.label}{' schnell' if schnell else ''} (diffusers)"
+
+
+def _folder_format(path: Path) -> str:
+    """The weight format of a diffusers folder's safetensors files, together."""
+    tensors: Tensors = {}
+    for file in _folder_files(path):
+        if file.suffix == ".safetensors":
+            relative = file.relative_to(path).as_posix()
+            tensors.update({f"{relative}:{k}": v for k, v in header_tensors(file, "safetensors").items()})
+    return weight_format(tensors)
+
+
+def _describe_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     try:
         arch = formats.detect_architecture(shapes)
     except ModelFileError:
-        keys = shapes.keys()
-        if any("lora_" in k for k in keys):
-            return "LoRA"
-        if any(k.startswith(("encoder.down", "first_stage_model.encoder", "decoder.up")) for k in keys):
-            return "VAE"
-        return "not a checkpoint"
-    return _FAMILY_NAMES[arch.family] + (" inpainting" if arch.inpainting else "")
+        pass
+    else:
+        return _FAMILY_NAMES[arch.family] + (" inpainting" if arch.inpainting else "")
+    from lienzo.models.families import FAMILIES
+    from lienzo.models.transformer_files import detect_transformer_family, text_encoder_kind
+
+    family = detect_transformer_family(shapes)
+    if family is not None:
+        return FAMILIES[family].label + (" schnell" if is_schnell(family, shapes) else "")
+    kind = text_encoder_kind(shapes) or (text_encoder_kind_by_name(path.name) if in_text_encoder_folder(path) else None)
+    if kind is not None:
+        return f"text encoder ({TEXT_ENCODER_LABELS[kind]})"
+    keys = shapes.keys()
+    if any("lora_" in k for k in keys):
+        return "LoRA"
+    if any(k.startswith(("encoder.down", "first_stage_model.encoder", "decoder.up")) for k in keys):
+        return "VAE"
+    return "not a checkpoint"
+
+
+def is_schnell(family: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A Flux.1 network without the distilled-guidance input (schnell), in any key naming."""
+    return family == "flux" and not any("guidance_in." in k or "guidance_embedder." in k for k in shapes)
+
+
+def text_encoder_kind_by_name(name: str) -> str | None:
+    """The text encoder ComfyUI's file names say a file is: ``clip_l*``, ``clip_g*``, ``t5*`` or ``*t5xxl*``."""
+    name = name.lower()
+    if name.startswith("clip_l"):
+        return "clip_l"
+    if name.startswith("clip_g"):
+        return "clip_g"
+    if name.startswith("t5") or "t5xxl" in name:
+        return "t5xxl"
+    return None
+
+
+def in_text_encoder_folder(path: Path) -> bool:
+    """Whether ``path`` lies in a folder ComfyUI keeps text encoders in (``text_encoders``, ``clip``)."""
+    return any(part.lower() in TEXT_ENCODER_FOLDERS for part in Path(path).parent.parts)
 
 
 # The size each family was trained at, which single-file checkpoints don't state (SD 2.x: the 768-v models).
@@ -207,15 +334,19 @@ class Registry:
             files = _folder_files(path) if path.is_dir() else [path]
             stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
             cached = cache.get(str(path))
-            fresh = cached is None or cached["stamp"] != stamp
-            if fresh:
+            rehash = cached is None or cached["stamp"] != stamp
+            fresh = rehash or cached.get("version") != _DESCRIPTION_VERSION
+            if rehash:
                 if path.is_dir():
                     # A folder's hash: sha256 over its files' hashes, so any changed weight changes it.
                     joined = "".join(f"{f.relative_to(path)}:{sha256_file(f, cancel=cancel)}\n" for f in files)
                     digest = hashlib.sha256(joined.encode()).hexdigest()
                 else:
                     digest = sha256_file(path, cancel=cancel)
-                cached = {"stamp": stamp, "sha256": digest, "architecture": describe(path)}
+                cached = {"stamp": stamp, "sha256": digest}
+            if fresh:  # an unchanged file described by an older lienzo keeps its hash
+                architecture, quantization = examine(path)
+                cached = {**cached, "architecture": architecture, "quantization": quantization, "version": _DESCRIPTION_VERSION}
         except ModelFileError as err:
             return ModelEntry(name, path, f"{UNREADABLE}{err}", 0, "", "", error=str(err))
         except OSError as err:
@@ -227,7 +358,8 @@ class Registry:
         size = sum(s for _, s, _ in stamp)
         architecture = cached["architecture"]
         error = architecture.removeprefix(UNREADABLE) if architecture.startswith(UNREADABLE) else None
-        return ModelEntry(name, path, architecture, size, cached["sha256"][:10], cached["sha256"], error)
+        sha256 = cached["sha256"]
+        return ModelEntry(name, path, architecture, size, sha256[:10], sha256, error, cached.get("quantization", ""))
 
     def scan(self) -> list[ModelEntry]:
         return [self.entry(p) for p in self.candidates()]

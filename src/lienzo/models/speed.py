@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # An inductor cache directory the user chose before lienzo started wins over the settings' one.
 _USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 # The parts low_vram offloads to CPU memory (components.speed.offloaded keeps their weights meanwhile).
-_OFFLOADED_PARTS = ("unet", "text_encoder", "text_encoder_2")
+_OFFLOADED_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 # Where NHWC is the default layout: CUDA's convolutions prefer it, and on the CPU oneDNN's do too
 # (SD 1.5 on a 2-core AVX2 EPYC: 1.10x at 256 and 1.11x at 512, 80 dB from NCHW; benchmarks/RESULTS.md).
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
@@ -85,22 +85,23 @@ class SpeedOptions:
 
 
 def apply_speed(components: Components, options: SpeedOptions, device: torch.device | str | None = None) -> Components:
-    """Apply ``options`` to ``components`` (already loaded on ``device``; default: the U-Net's) in place."""
-    device = torch.device(device) if device is not None else components.unet.device
+    """Apply ``options`` to ``components`` (already loaded on ``device``; default: the network's) in place.
+    What is said of the U-Net applies to a transformer family's transformer alike."""
+    device = torch.device(device) if device is not None else components.network.device
     tiling = "on" if options.low_vram and options.vae_tiling == "auto" else options.vae_tiling
     components.vae_tiling = tiling
     components.vae.use_tiling = tiling == "on"  # encodes follow the VAE's own flag; decodes are decided per image
 
     channels_last = device.type in CHANNELS_LAST_DEVICES if options.channels_last is None else options.channels_last
     if channels_last:
-        for module in (components.unet, components.vae):
+        for module in (components.network, components.vae):
             module.to(memory_format=torch.channels_last)
 
     slicing = options.attention_slicing
     if slicing is None:  # fused attention on CPUs and CUDA GPUs already works in blocks (see SpeedOptions)
         slicing = options.low_vram and device.type not in ("cpu", "cuda")
     if slicing:
-        enable_attention_slicing(components.unet)
+        enable_attention_slicing(components.network)
 
     offloaded = False
     if options.low_vram:
@@ -118,7 +119,7 @@ def apply_speed(components: Components, options: SpeedOptions, device: torch.dev
             # Offload hooks move weights inside every layer's call: dynamo would break the graph at each one.
             log.warning("compile: the U-Net is not compiled with low_vram's CPU offload; the VAE decoder is")
         else:
-            compile_module(components, "unet", components.unet, options.compile_backend, options.compile_mode)
+            compile_module(components, components.spec.network, components.network, options.compile_backend, options.compile_mode)
         compile_module(components, "vae decoder", components.vae.decoder, options.compile_backend, options.compile_mode)
     return components
 
@@ -134,14 +135,15 @@ def quantize_int8(components: Components, device: torch.device) -> None:
     weights on the CPU are quantized; elsewhere the switch is logged and left off. Marked in
     ``components.speed.int8``, which LoRA loading checks: adapters cannot wrap quantized layers.
     """
-    if device.type != "cpu" or components.unet.dtype != torch.float32:
-        log.warning("int8: only float32 models on the CPU are quantized; this one is %s on %s", components.unet.dtype, device)
+    network = components.network
+    if device.type != "cpu" or network.dtype != torch.float32:
+        log.warning("int8: only float32 models on the CPU are quantized; this one is %s on %s", network.dtype, device)
         return
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():  # the eager API's notice that torchao will replace it, once per call
         warnings.simplefilter("ignore")
-        quantize_dynamic(components.unet, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        quantize_dynamic(network, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     components.speed.int8 = True
 
 

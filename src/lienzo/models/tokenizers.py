@@ -91,7 +91,3 @@ def clip_folder_tokenizer(folder: Path, encoder: torch.nn.Module, pad_token: str
 
 def embedding_rows(encoder: torch.nn.Module) -> int:
     return encoder.get_input_embeddings().num_embeddings
-
-
-def embedding_rows(encoder: torch.nn.Module) -> int:
-    return encoder.get_input_embeddings().num_embeddings

@@ -54,10 +54,16 @@ class JobQueue:
         self.gallery = gallery
         self.registry = Registry(settings.models_dir, settings.cache_dir)
         self.model = model  # what jobs without a model use; None: the default model
+        # The text encoder and VAE files models load with (Forge's forge_additional_modules), as load_model's
+        # text_encoders and vae arguments; a change reloads the model before the next job.
+        self.modules: dict = {}
+        self._loaded_modules: dict = {}
         # What self.model was when it last loaded: where a switch to a model that fails to load goes back to.
         self._working_model = model
         self._loader = loader or (
-            lambda name, cancel: load_model(name, device=settings.device, dtype=settings.dtype, settings=settings, cancel=cancel)
+            lambda name, cancel: load_model(
+                name, device=settings.device, dtype=settings.dtype, settings=settings, cancel=cancel, **self.modules
+            )
         )
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: deque[Job] = deque()
@@ -343,9 +349,10 @@ class JobQueue:
         model go back to the one that last loaded: the next such job reloads it."""
         tried = self.model
         path = self.resolve_model(name) if name else self.current_model()
-        if self._loaded is None or self._loaded[0] != path:
+        if self._loaded is None or self._loaded[0] != path or self._loaded_modules != self.modules:
             self._loaded = None
             try:
+                self._loaded_modules = dict(self.modules)
                 self._loaded = (path, self._loader(str(path), cancel))
             except GenerationCancelled:
                 raise

@@ -5,7 +5,9 @@ can never drift from the engine; the values are validated once, by ``build_reque
 """
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
+from functools import cache
 from typing import Annotated, Any, Self
 
 from fastapi import APIRouter, Query, Request, Response
@@ -15,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.fields import MODES
 from lienzo.generation.request import GenerationRequest, build_request, table
-from lienzo.generation.samplers import SAMPLERS
+from lienzo.generation.samplers import SAMPLERS, Sampler, resolve_schedule
 from lienzo.images.provenance import describe_training_data
+from lienzo.models.families import FAMILIES, SCHNELL_STEPS
 from lienzo.models.registry import ModelEntry, native_size
 from lienzo.origins import training_data_for
 from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
@@ -250,6 +253,67 @@ class TrainingDataView(BaseModel):
     manifest_sha256: str
 
 
+class SamplerView(BaseModel):
+    name: str
+    schedules: list[str] = Field(description="the schedule types it runs as asked; any other runs as the nearest it can")
+    automatic: str = Field(description="the schedule type Automatic runs")
+    flow: bool = Field(description="it runs on flow-matching models (SD 3.x, Flux.1) too")
+
+
+def sampler_view(sampler: Sampler, config: Mapping | None = None) -> SamplerView:
+    """``sampler`` on a model with this scheduler config (None: a U-Net model's)."""
+    return SamplerView(
+        name=sampler.name, schedules=sampler.schedules_on(config), automatic=resolve_schedule(sampler, "Automatic", config),
+        flow=sampler.flow is not None,
+    )
+
+
+class FamilyView(BaseModel):
+    """What a model's family decides for a request that leaves it open (steps, cfg_scale, sampler and
+    distilled_cfg_scale null or absent): a client shows these as the model's defaults."""
+
+    name: str = Field(description="the family's id: sd1, sd2, sdxl, sd3 or flux")
+    label: str = Field(description="what people call it: SD 1.x, SDXL, SD 3.x, Flux.1, ...")
+    flow: bool = Field(description="a flow-matching model (SD 3.x, Flux.1): it runs only the samplers GET /samplers marks flow")
+    steps: int
+    cfg_scale: float
+    sampler: str
+    schedule: str = Field(description="the schedule type Automatic runs with its sampler")
+    distilled_cfg_scale: float | None = Field(
+        description="the default of the network's own guidance input (Flux.1 dev); null: it has none, and distilled_cfg_scale is ignored"
+    )
+    negative_prompt: bool = Field(
+        description="whether the negative prompt has an effect at the default CFG scale (at CFG scale 1 no negative pass runs)"
+    )
+    samplers: list[SamplerView] = Field(description="the samplers that run on its models, with the schedule types they run there")
+
+
+# The registry's architecture column names the family by its label, with what it adds: " inpainting",
+# " schnell" (Flux.1 without the guidance input) and " (diffusers)". "SD (diffusers)" is a U-Net folder
+# of SD 1.x or 2.x, whose defaults are the same.
+_FAMILY_LABELS = {f.label: f.name for f in FAMILIES.values()} | {"SD": "sd1"}
+
+
+@cache
+def family_view(architecture: str) -> FamilyView | None:
+    """The family of a model by the registry's architecture column; None for one it does not name."""
+    label = architecture.removesuffix(" (diffusers)").removesuffix(" inpainting")
+    schnell = label.endswith(" schnell")
+    name = _FAMILY_LABELS.get(label.removesuffix(" schnell"))
+    if name is None:
+        return None
+    spec = FAMILIES[name]
+    distilled = spec.default_distilled_cfg if spec.distilled_guidance and not schnell else None
+    # The family's training schedule: its models' own configs differ in numbers, not in kind.
+    config = spec.scheduler or None
+    return FamilyView(
+        name=name, label=spec.label, flow=spec.flow, steps=SCHNELL_STEPS if schnell else spec.default_steps, cfg_scale=spec.default_cfg,
+        sampler=spec.default_sampler, schedule=resolve_schedule(SAMPLERS[spec.default_sampler], "Automatic", config),
+        distilled_cfg_scale=distilled, negative_prompt=spec.default_cfg != 1,
+        samplers=[sampler_view(s, config) for s in SAMPLERS.values() if not spec.flow or s.flow is not None],
+    )
+
+
 class ModelView(BaseModel):
     name: str
     architecture: str
@@ -258,6 +322,9 @@ class ModelView(BaseModel):
     sha256: str
     current: bool
     native_size: int | None = Field(description="the side in pixels the model draws best at (null: unknown)")
+    family: FamilyView | None = Field(
+        description="the model's family and the defaults it gives a request; null: not a model that generates"
+    )
     training_data: TrainingDataView | None = Field(description="what a lienzo-trained model states about its data")
     provenance: str = Field(description="the training data in one line, or 'provenance unknown'")
     error: str | None = Field(None, description="why the file cannot be read (it cannot be chosen); null: readable")
@@ -265,10 +332,13 @@ class ModelView(BaseModel):
 
 def model_view(entry: ModelEntry, current: bool) -> ModelView:
     data = training_data_for(entry.path)
+    family = None if entry.error else family_view(entry.architecture)
+    # Transformer models state no size in a form the registry reads: their family's is theirs.
+    side = native_size(entry) or (FAMILIES[family.name].default_size if family else None)
     return ModelView(
         name=entry.name, architecture=entry.architecture, size_bytes=entry.size_bytes, short_hash=entry.short_hash,
-        sha256=entry.sha256, current=current, native_size=native_size(entry), training_data=TrainingDataView(**asdict(data)) if data else None,
-        provenance=describe_training_data(data), error=entry.error,
+        sha256=entry.sha256, current=current, native_size=side, family=family,
+        training_data=TrainingDataView(**asdict(data)) if data else None, provenance=describe_training_data(data), error=entry.error,
     )
 
 
@@ -304,15 +374,11 @@ async def list_fields() -> list[FieldView]:
     return field_views()
 
 
-class SamplerView(BaseModel):
-    name: str
-    schedules: list[str]
-    automatic: str
-
-
 @router.get("/samplers", response_model=list[SamplerView])
 async def list_samplers() -> list[SamplerView]:
-    return [SamplerView(name=s.name, schedules=s.schedules, automatic=s.automatic) for s in SAMPLERS.values()]
+    """Every sampler with the schedule types it runs as asked on U-Net models (a model's family lists
+    its own: GET /models); ``flow`` says whether it runs on flow-matching models too."""
+    return [sampler_view(s) for s in SAMPLERS.values()]
 
 
 class LoraView(BaseModel):

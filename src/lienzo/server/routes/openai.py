@@ -132,8 +132,9 @@ def _extensions(base: type[BaseModel], modes: set[str]) -> type[BaseModel]:
     for row in table():
         name = row.spec.openai
         if name and row.spec.modes & modes and name not in _ImageOptions.model_fields and name not in base.model_fields:
-            shown = "none" if row.default is None else row.default
-            fields[name] = body_field(row, None, f"{_EXTENSION}: {row.spec.help} (default {shown})", optional=True)
+            # A field whose default is None says in its help what decides it (the model's family, ...).
+            shown = "" if row.default is None else f" (default {row.default})"
+            fields[name] = body_field(row, None, f"{_EXTENSION}: {row.spec.help}{shown}", optional=True)
     return create_model(f"_{base.__name__}Extensions", __base__=base, **fields)
 
 

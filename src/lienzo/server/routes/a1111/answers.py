@@ -65,8 +65,9 @@ def job_info(job: Job, body: CommonRequest, notes: Notes | None = None) -> dict[
         "width": req.width,
         "height": req.height,
         "sampler_name": first.get("Sampler", req.sampler),
-        "cfg_scale": req.cfg_scale,
-        "steps": req.steps,
+        # What the model family filled in where the request left it open (None), as the images say.
+        "cfg_scale": float(first["CFG scale"]) if "CFG scale" in first else req.cfg_scale,
+        "steps": int(first["Steps"]) if "Steps" in first else req.steps,
         "batch_size": req.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,

@@ -17,7 +17,7 @@ from lienzo.server.codec import JSONResponse, b64decode
 from lienzo.server.deps import AppSettings, Gallery, Queue
 from lienzo.server.jobs import JobQueue
 from lienzo.server.routes.a1111.answers import Notes, infotext_parameters, job_response, model_item, progress_view
-from lienzo.server.routes.a1111.options import Options, default_options, set_options
+from lienzo.server.routes.a1111.options import Options, default_options, is_module, set_options
 from lienzo.server.routes.a1111.schemas import (
     PREFIX,
     CommonRequest,
@@ -139,7 +139,8 @@ async def get_options(queue: Queue, settings: AppSettings, options: Options) -> 
 
 @router.post("/options")
 async def post_options(values: dict[str, Any], queue: Queue, options: Options) -> None:
-    """Change settings; ``sd_model_checkpoint`` (a title, name or hash) switches the model from the next job on."""
+    """Change settings; ``sd_model_checkpoint`` (a title, name or hash) switches the model from the next job on, and
+    ``forge_additional_modules`` (text encoder and VAE files) what SD 3.x and Flux.1 transformer files load with."""
     set_options(values, queue, options)
 
 
@@ -176,6 +177,12 @@ async def refresh_checkpoints() -> None:
 @router.get("/sd-vae", response_model=list[SDVaeItem])
 async def sd_vae(queue: Queue) -> list[SDVaeItem]:
     return [SDVaeItem(model_name=e.path.name, filename=str(e.path)) for e in queue.registry.scan() if e.architecture == "VAE"]
+
+
+@router.get("/sd-modules", response_model=list[SDVaeItem])
+async def sd_modules(queue: Queue) -> list[SDVaeItem]:
+    """Forge's modules: the text encoder and VAE files ``forge_additional_modules`` may name."""
+    return [SDVaeItem(model_name=e.path.name, filename=str(e.path)) for e in queue.registry.scan() if is_module(e)]
 
 
 @router.get("/loras", response_model=list[LoraItem])

@@ -8,7 +8,7 @@ import { imageItems, initViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
-const state = { models: [], samplers: [], lastSeed: null, job: null, results: [] };
+const state = { models: [], samplers: [], family: null, lastSeed: null, job: null, results: [] };
 
 // ---- messages -------------------------------------------------------------------------------
 let toastTimer;
@@ -127,15 +127,33 @@ function setValue(control, value) {
   control.dispatchEvent(new Event("input"));
 }
 
-// Each control starts at its field's default for the mode; a mode change moves the controls the
-// user has not changed to the new mode's defaults (e.g. a stronger denoising for outpainting).
+// The fields the table leaves to the model's family (null there): GET /models gives each model's.
+const FAMILY_DEFAULTS = ["steps", "cfg_scale", "sampler", "distilled_cfg_scale"];
+
+const familyDecides = (f) => f.default === null && FAMILY_DEFAULTS.includes(f.name);
+
+function defaultFor(f, m) {
+  const value = f.mode_defaults[m] ?? f.default;
+  return familyDecides(f) ? state.family?.[f.name] ?? null : value;
+}
+
+// Each control starts at its field's default for the mode and the model's family; a mode or model
+// change moves the controls the user has not changed to the new defaults (e.g. a stronger denoising
+// for outpainting, Flux.1's CFG scale 1). ``defaults`` holds what the page last put in each control;
+// ``serverDecides`` the family's fields for a model of no known family, left out of requests until
+// the user sets them.
 const defaults = new Map();
+const serverDecides = new Set();
+const untouched = (f, control) => !defaults.has(f.name) || read(f, control) === defaults.get(f.name);
+
 function applyDefaults(m) {
   for (const { field: f, control } of controls) {
-    if (defaults.has(f.name) && read(f, control) !== defaults.get(f.name)) continue;
-    const value = f.mode_defaults[m] ?? f.default;
-    defaults.set(f.name, value);
+    if (!untouched(f, control)) continue;
+    const value = defaultFor(f, m);
     setValue(control, value);
+    defaults.set(f.name, value ?? read(f, control));
+    if (value === null && familyDecides(f)) serverDecides.add(f.name);
+    else serverDecides.delete(f.name);
   }
 }
 
@@ -155,8 +173,12 @@ function applyNativeSize(model, set) {
   $("native-size").onclick = () => sides.forEach((id) => setValue($(id), native));
 }
 
+// The samplers that run on the selected model, with the schedules they run there.
+const samplerChoices = () => state.family?.samplers ?? state.samplers;
+
 function fillSchedules(samplerName, schedule) {
-  const sampler = state.samplers.find((s) => s.name === samplerName) ?? state.samplers[0];
+  const choices = samplerChoices();
+  const sampler = choices.find((s) => s.name === samplerName) ?? choices[0];
   const select = $("schedule");
   select.replaceChildren(...sampler.schedules.map((s) => new Option(s === "Automatic" ? `Automatic (${sampler.automatic})` : s, s)));
   select.value = sampler.schedules.includes(schedule) ? schedule : "Automatic";
@@ -177,22 +199,46 @@ async function loadChoices() {
   if (current) select.value = current.name;
   if (!current) showError("No model found: put a checkpoint in the models folder, or reinstall lienzo for its built-in model.", "model");
   applyNativeSize(current, true);
-  $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
-  $("sampler").value = samplers.some((s) => s.name === field.sampler.default) ? field.sampler.default : samplers[0]?.name;
-  fillSchedules($("sampler").value, field.schedule.default);
+  applyFamily(current);
 }
 
-$("sampler").addEventListener("change", () => fillSchedules($("sampler").value));
-$("model").addEventListener("change", async () => {
+// The controls follow the model's family: its samplers, its defaults where the user set none, the
+// distilled CFG slider for a network that takes one (Flux.1 dev).
+function applyFamily(model) {
+  state.family = model?.family ?? null;
+  const select = $("sampler");
+  const chosen = select.value;
+  const choices = samplerChoices();
+  select.replaceChildren(...choices.map((s) => new Option(s.name, s.name)));
+  if (choices.some((s) => s.name === chosen)) select.value = chosen;
+  else defaults.delete("sampler"); // the user's sampler does not run on this model: the family's replaces it
+  document.querySelector('[data-field="distilled_cfg_scale"]').hidden = state.family?.distilled_cfg_scale == null;
+  applyDefaults(mode());
+  fillSchedules(select.value, $("schedule").value);
+}
+
+// At CFG scale 1 no negative pass runs: the negative prompt would change nothing.
+function showNegative() {
+  const off = Number($("cfg_scale").value) === 1;
+  $("negative-box").hidden = off;
+  $("negative-off").hidden = !off;
+}
+$("cfg_scale").addEventListener("input", showNegative);
+
+async function chooseModel() {
   clearErrors();
   try {
     await api.put("/models/current", { name: $("model").value });
     applyNativeSize(currentModel(), true);
+    applyFamily(currentModel());
     toast(`Model: ${$("model").value}`);
   } catch (err) {
     showError(err.message, "model");
   }
-});
+}
+
+$("sampler").addEventListener("change", () => fillSchedules($("sampler").value));
+$("model").addEventListener("change", chooseModel);
 
 $("seed-random").addEventListener("click", () => ($("seed").value = -1));
 $("seed-reuse").addEventListener("click", () => {
@@ -283,6 +329,7 @@ function body() {
   // The mode's fields, less the controls that do not apply: width and height are disabled outside
   // txt2img (the output takes the input image's size), the mask tools hidden outside inpaint.
   for (const { field: f, control } of controls) {
+    if (serverDecides.has(f.name) && untouched(f, control)) continue;
     if (f.modes.includes(m) && !control.disabled && !control.closest("[hidden]")) request[f.name] = read(f, control);
   }
   if (m === "txt2img") return request;
@@ -380,11 +427,17 @@ $("cancel").addEventListener("click", async () => {
 });
 
 // ---- reuse parameters -------------------------------------------------------------------------
-function reuse(parameters) {
+async function reuse(parameters) {
   location.hash = "#create";
   if (parameters.width && parameters.height) {
     form.querySelector('input[name="mode"][value="txt2img"]').checked = true;
     applyMode();
+  }
+  // The model first: its family decides which samplers and controls there are.
+  const model = state.models.find((m) => m.name === parameters.model);
+  if (model && model.name !== $("model").value) {
+    $("model").value = model.name;
+    await chooseModel();
   }
   for (const { field: f, control } of controls) {
     // A flag missing from an older image's parameters was off.
@@ -392,11 +445,6 @@ function reuse(parameters) {
   }
   if (parameters.negative_prompt) $("negative-box").open = true;
   if (state.samplers.length) fillSchedules($("sampler").value, parameters.schedule ?? $("schedule").value);
-  const model = state.models.find((m) => m.name === parameters.model);
-  if (model && model.name !== $("model").value) {
-    $("model").value = model.name;
-    $("model").dispatchEvent(new Event("change"));
-  }
   toast("Parameters loaded: generate to remake the image.");
   $("prompt").focus();
 }

@@ -1,0 +1,494 @@
+"""ComfyUI's split layout: an SD 3.x or Flux.1 transformer file, assembled with its text encoders and VAE.
+
+Flux.1 ships as a transformer alone (BFL's or ComfyUI's key names, in bf16, fp8 or GGUF), and SD 3.5 as a
+file that may or may not carry its text encoders and VAE. The other parts come, first match wins, from:
+
+1. the files the user names: ``--text-encoder PATH`` (repeatable) and ``--vae PATH``;
+2. the model file itself, when it bundles them (SD 3.5's all-in-one files);
+3. the models dir, in ComfyUI's folders: text encoders in ``<models>/text_encoders`` or ``<models>/clip``,
+   VAEs in ``<models>/vae`` (one with 16 latent channels; a name saying the family is preferred:
+   ``ae*``/``flux*`` for Flux.1, ``sd3*`` for SD 3.x). The models dir of a file in ComfyUI's
+   ``<models>/diffusion_models`` or ``<models>/unet`` is looked in first, then lienzo's.
+
+Which text encoder a file is, is read from its tensors (:func:`lienzo.models.transformer_files.text_encoder_kind`);
+when they cannot tell (tiny test models), from ComfyUI's file names: ``clip_l*``, ``clip_g*``, ``t5*`` or ``*t5xxl*``.
+Of several files of one kind in the models dir, the most precise is taken: fp16 or bf16, then fp32, scaled fp8,
+fp8, then GGUF from the largest file down. A smaller file would save disk only: every text encoder is read
+into the model's dtype (only a GGUF transformer stays quantized in memory). SD 3.x runs without T5 (its slot
+is optional): missing, or left out with ``t5=False`` (``--no-t5``), it is said in the log.
+
+Before any tensor is read, what the pieces will take in memory (from their headers) is set against what the
+device has (:func:`plan_memory`): a model that cannot fit fails at once, in one line that says what to do.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lienzo.errors import ModelFileError
+from lienzo.models import formats
+from lienzo.models.components import Components, vae_dtype_for
+from lienzo.models.families import FAMILIES, Family, TextEncoderSlot
+from lienzo.models.registry import (
+    TEXT_ENCODER_FOLDERS,
+    TEXT_ENCODER_LABELS,
+    WEIGHT_SUFFIXES,
+    Tensors,
+    header_tensors,
+    text_encoder_kind_by_name,
+    weight_format,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSFORMER_FOLDERS = ("diffusion_models", "unet")
+VAE_FOLDER = "vae"
+# What a user who lacks a piece is told to put in the models dir: the names ComfyUI's guides use.
+_SUGGESTED_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
+_SUGGESTED_VAE = {"flux": "ae.safetensors", "sd3": "sd3_vae.safetensors"}
+# VAE file names that say which family a 16-channel VAE was made for (the two are built alike).
+_VAE_NAMES = {"flux": ("ae", "flux"), "sd3": ("sd3", "diffusion_pytorch_model")}
+# Where an all-in-one file (ComfyUI's checkpoint layout, SD 3.5's releases) keeps its other parts.
+_BUNDLED_TEXT_ENCODER = "text_encoders.{kind}."
+_BUNDLED_VAE = "first_stage_model."
+# Most precise first (see the module's docstring); GGUF files after these, largest first.
+_PRECISION_ORDER = ("fp16", "bf16", "fp32", "scaled fp8", "fp8")
+# Storage types the loaders cast to the model's dtype (safetensors' and GGUF's names); others stay as stored.
+_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Flux.1 schnell's scheduler (its diffusers folder's scheduler_config.json): no resolution-dependent shift.
+_SCHNELL_SCHEDULE = {"shift": 1.0, "use_dynamic_shifting": False}
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One part of a model and where it is read from: a file of its own, or a part of the model file (``bundled``)."""
+
+    role: str  # "transformer", "vae" or a text encoder kind ("clip_l", "clip_g", "t5xxl")
+    path: Path
+    size: int  # bytes it takes in memory once read: in the model's dtype (a GGUF transformer: quantized)
+    origin: str  # "given" (by the user), "bundled" (in the model file) or "found" (in the models dir)
+    optional: bool = False  # the model runs without it (SD 3.x's T5)
+
+    @property
+    def label(self) -> str:
+        return TEXT_ENCODER_LABELS.get(self.role, self.role)
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """What a split model is read from, decided from file headers alone (nothing loaded yet)."""
+
+    path: Path
+    spec: Family
+    transformer: Piece
+    text_encoders: dict[str, Piece | None]  # slot kind -> piece; None: an optional one left out
+    vae: Piece
+
+    @property
+    def pieces(self) -> list[Piece]:
+        return [self.transformer, *(p for p in self.text_encoders.values() if p is not None), self.vae]
+
+
+# -- which file is which --------------------------------------------------------------------------------------
+
+
+def _headers(path: Path) -> tuple[str, Tensors]:
+    """A file's format and, for safetensors and GGUF, its tensors from the header (a pickle is not read: {})."""
+    kind = formats.sniff(path)
+    return kind, header_tensors(path, kind) if kind in ("safetensors", "gguf") else {}
+
+
+def text_encoder_kind_of(path: Path) -> str | None:
+    """"clip_l", "clip_g" or "t5xxl": what a text encoder file holds, by its tensors, else by its name."""
+    from lienzo.models.transformer_files import text_encoder_kind
+
+    _, tensors = _headers(path)
+    return text_encoder_kind({k: shape for k, (shape, _, _) in tensors.items()}) or text_encoder_kind_by_name(path.name)
+
+
+def models_dir_of(path: Path) -> Path | None:
+    """The models dir a transformer file lies in, when it is in ComfyUI's ``diffusion_models`` or ``unet`` folder."""
+    folder = Path(path).resolve().parent
+    return folder.parent if folder.name.lower() in TRANSFORMER_FOLDERS else None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    files = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    return sorted(files, key=lambda p: str(p).lower())
+
+
+def _text_encoder_folders(models_dir: Path) -> list[Path]:
+    return [models_dir / name for name in TEXT_ENCODER_FOLDERS]
+
+
+def _precision_rank(path: Path) -> tuple:
+    """Sort key: most precise first (fp16/bf16, fp32, scaled fp8, fp8, then GGUF largest first)."""
+    kind, tensors = _headers(path)
+    quantization = weight_format(tensors, gguf=kind == "gguf")
+    if quantization in _PRECISION_ORDER:
+        return (_PRECISION_ORDER.index(quantization), 0, path.name.lower())
+    return (len(_PRECISION_ORDER), -path.stat().st_size, path.name.lower())
+
+
+def find_text_encoders(models_dir: Path) -> dict[str, list[Path]]:
+    """The text encoder files in ``<models>/text_encoders`` and ``<models>/clip`` by kind, most precise first.
+    A file that cannot be read or told apart is passed over (said in the debug log)."""
+    found: dict[str, list[Path]] = {}
+    for folder in _text_encoder_folders(models_dir):
+        for path in _weight_files(folder):
+            try:
+                kind = text_encoder_kind_of(path)
+            except ModelFileError as err:
+                log.debug("%s: passed over (%s)", path, err)
+                continue
+            if kind is not None:
+                found.setdefault(kind, []).append(path)
+    return {kind: sorted(paths, key=_precision_rank) for kind, paths in found.items()}
+
+
+def _vae_latent_channels(path: Path) -> int | None:
+    """The latent channels of a VAE file (ldm or diffusers names), from its decoder's first conv."""
+    try:
+        shapes = {k: shape for k, (shape, _, _) in _headers(path)[1].items()}
+    except ModelFileError:
+        return None
+    for key in ("decoder.conv_in.weight", _BUNDLED_VAE + "decoder.conv_in.weight"):
+        if key in shapes and len(shapes[key]) == 4:
+            return shapes[key][1]
+    return None
+
+
+def find_vae(models_dir: Path, spec: Family) -> Path | None:
+    """A VAE in ``<models>/vae`` with the family's latent channels; one whose name says the family first."""
+    fitting = [p for p in _weight_files(models_dir / VAE_FOLDER) if _vae_latent_channels(p) == spec.latent_channels]
+    named = [p for p in fitting if p.stem.lower().startswith(_VAE_NAMES.get(spec.name, ()))]
+    return (named or fitting or [None])[0]
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+
+
+def plan_assembly(
+    path: Path,
+    *,
+    text_encoders: Sequence[Path] = (),
+    vae: Path | None = None,
+    t5: bool = True,
+    models_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Assembly:
+    """Where each part of the transformer model ``path`` comes from (see the module's docstring) and what it
+    takes in memory read in ``dtype``, from headers alone. ModelFileError names, in one line, what is missing,
+    where it was looked for and how to give it."""
+    from lienzo.models.transformer_files import detect_transformer_family
+
+    path = Path(path)
+    tensors = header_tensors(path)
+    family = detect_transformer_family({k: shape for k, (shape, _, _) in tensors.items()})
+    if family is None:
+        raise ModelFileError(f"model {path.name} is not an SD 3.x or Flux.1 transformer")
+    spec = FAMILIES[family]
+    model = f"model {path.name} ({spec.label})"
+    # The models dir the file lies in (a ComfyUI tree given by path) first, then the one asked to look in.
+    searched = list(dict.fromkeys(d.resolve() for d in (models_dir_of(path), models_dir) if d is not None))
+    given = _given_text_encoders(text_encoders, spec)
+    check_t5_option(spec, t5, path.name)
+
+    def bundled_size(prefix: str) -> int:
+        return loaded_size({key: t for key, t in tensors.items() if key.startswith(prefix)}, dtype)
+
+    def file_size(file: Path) -> int:
+        return _size_of(file, dtype)
+
+    found: dict[str, list[Path]] = {}
+    for folder in searched:
+        for kind, paths in find_text_encoders(folder).items():
+            found.setdefault(kind, []).extend(paths)
+    chosen: dict[str, Piece | None] = {}
+    missing: list[TextEncoderSlot] = []
+    for slot in spec.text_encoders:
+        kind = slot.kind
+        inside = bundled_size(_BUNDLED_TEXT_ENCODER.format(kind=kind))
+        if kind == "t5xxl" and not t5:
+            chosen[kind] = None
+            log.info("%s: without its T5-XXL text encoder (--no-t5)", model)
+        elif kind in given:
+            chosen[kind] = Piece(kind, given[kind], file_size(given[kind]), "given", slot.optional)
+        elif inside:
+            chosen[kind] = Piece(kind, path, inside, "bundled", slot.optional)
+        elif found.get(kind):
+            chosen[kind] = Piece(kind, found[kind][0], file_size(found[kind][0]), "found", slot.optional)
+        elif slot.optional:
+            chosen[kind] = None
+            log.info("%s: no %s text encoder (%s) given or found; running without it", model, TEXT_ENCODER_LABELS[kind], kind)
+        else:
+            missing.append(slot)
+    if missing:
+        raise ModelFileError(_missing_text_encoders(model, missing, searched))
+
+    if vae is not None:
+        vae_piece = Piece("vae", Path(vae), _size_of(Path(vae), dtype), "given")
+    elif bundled_size(_BUNDLED_VAE):
+        vae_piece = Piece("vae", path, bundled_size(_BUNDLED_VAE), "bundled")
+    else:
+        found_vae = next((v for v in (find_vae(folder, spec) for folder in searched) if v is not None), None)
+        if found_vae is None:
+            folders = " or ".join(str(folder / VAE_FOLDER) for folder in searched)
+            where = f"none with {spec.latent_channels} latent channels in {folders}" if searched else "none given"
+            raise ModelFileError(
+                f"{model} needs a VAE: {where}; put {_SUGGESTED_VAE[spec.name]} there or pass --vae PATH"
+            )
+        vae_piece = Piece("vae", found_vae, file_size(found_vae), "found")
+
+    own = {key: t for key, t in tensors.items() if not key.startswith(("text_encoders.", _BUNDLED_VAE))}
+    transformer = Piece("transformer", path, loaded_size(own, dtype, quantized=True), "given")
+    return Assembly(path=path, spec=spec, transformer=transformer, text_encoders=chosen, vae=vae_piece)
+
+
+def loaded_size(tensors: Tensors, dtype: torch.dtype, *, quantized: bool = False) -> int:
+    """Bytes ``tensors`` take once read: floating-point ones in ``dtype`` (the loaders cast fp8 and fp16 files
+    alike), others as stored. ``quantized``: GGUF's quantized blocks stay so (a GGUF transformer computes
+    from them); else they too are expanded to ``dtype`` (a GGUF T5 is)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for shape, kind, size in tensors.values():
+        expanded = kind in _FLOATS or (not quantized and kind.startswith(("Q", "IQ", "TQ")))
+        total += math.prod(shape) * itemsize if expanded else size
+    return total
+
+
+def _size_of(path: Path, dtype: torch.dtype) -> int:
+    """What a file, or a folder's weight files, take once read in ``dtype``: by their headers (safetensors,
+    GGUF), else by their size."""
+    files = [f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in WEIGHT_SUFFIXES] if path.is_dir() else [path]
+    total = 0
+    for file in files:
+        tensors = _headers(file)[1]
+        total += loaded_size(tensors, dtype) if tensors else file.stat().st_size
+    return total
+
+
+def _given_text_encoders(paths: Sequence[Path], spec: Family) -> dict[str, Path]:
+    """``--text-encoder`` files by the slot each fills; one line for a file that fits no slot of the family."""
+    kinds = {slot.kind for slot in spec.text_encoders}
+    given: dict[str, Path] = {}
+    for path in map(Path, paths):
+        formats.sniff(path)  # a clear line for a missing, empty or foreign file
+        kind = text_encoder_kind_of(path)
+        if kind is None:
+            raise ModelFileError(
+                f"--text-encoder {path.name}: cannot tell which text encoder it is from its tensors; "
+                "name the file clip_l*, clip_g* or t5xxl* after what it holds"
+            )
+        if kind not in kinds:
+            takes = ", ".join(slot.kind for slot in spec.text_encoders)
+            raise ModelFileError(
+                f"--text-encoder {path.name}: a {TEXT_ENCODER_LABELS[kind]} text encoder, which {spec.label} does not use "
+                f"(it takes {takes})"
+            )
+        if kind in given:
+            raise ModelFileError(f"--text-encoder: {given[kind].name} and {path.name} are both {kind}; give one")
+        given[kind] = path
+    return given
+
+
+def _missing_text_encoders(model: str, slots: list[TextEncoderSlot], searched: list[Path]) -> str:
+    needs = " and ".join(f"a {TEXT_ENCODER_LABELS[s.kind]} text encoder ({s.kind})" for s in slots)
+    files = " and ".join(_SUGGESTED_FILES[s.kind] for s in slots)
+    if not searched:
+        return f"{model} needs {needs}: none given; pass --text-encoder PATH (for example {files})"
+    folders = " or ".join(str(folder) for models_dir in searched for folder in _text_encoder_folders(models_dir))
+    return f"{model} needs {needs}: none in {folders}; put {files} there or pass --text-encoder PATH"
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes the device can still take: free CUDA memory, else the RAM the kernel says is available
+    (``MemAvailable``; Apple's unified memory counts as RAM); None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_memory(
+    pieces: Iterable[Piece],
+    device: torch.device | str,
+    *,
+    name: str = "the model",
+    low_vram: bool = False,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Refuse, before any tensor is read, a model whose pieces cannot fit: every model is read into RAM
+    first, then moved to a GPU whole, or with ``low_vram`` one part at a time (so there the largest must fit).
+    The one-line ModelFileError gives the sizes and what would make it fit (``dtype``: the one read in)."""
+    pieces = list(pieces)
+    device = torch.device(device)
+    total = sum(p.size for p in pieces)
+    checks = [(torch.device("cpu"), total)]
+    if device.type == "cuda":
+        checks.append((device, max(p.size for p in pieces) if low_vram else total))
+    for where, needed in checks:
+        free = available_memory(where)
+        if free is None or needed <= free:
+            continue
+        parts = ", ".join(f"{p.label} {p.size / _GIB:.1f} GiB" for p in pieces)
+        room = f"{free / _GIB:.1f} GiB"
+        has = f"the CPU has {room} of RAM available" if where.type == "cpu" else f"{where} has {room} free"
+        ways = ["a GGUF file of the transformer (it stays quantized in memory)"]
+        if where.type == "cuda" and not low_vram:
+            ways.insert(0, "--low-vram")
+        if dtype == torch.float32:
+            ways.append("--dtype bfloat16")
+        if any(p.role == "t5xxl" and p.optional for p in pieces):
+            ways.append("--no-t5")
+        advice = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
+        raise ModelFileError(f"{name} needs {needed / _GIB:.1f} GiB to load ({parts}) but {has}; try {advice}")
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+
+
+def assemble(
+    path: Path,
+    *,
+    text_encoders: Sequence[Path] = (),
+    vae: Path | None = None,
+    t5: bool = True,
+    models_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    low_vram: bool = False,
+    cancel: Callable[[], bool] | None = None,
+) -> Components:
+    """The whole model around the SD 3.x or Flux.1 transformer file ``path``, every part named as the family's
+    diffusers pipeline names it, with lienzo's bundled tokenizers. The other parts are looked for in the
+    models dir the file lies in (the folder above its ``diffusion_models``/``unet`` folder), then in
+    ``models_dir``. ``device`` and ``low_vram``: where the model will run, for :func:`plan_memory`.
+    ``cancel`` is asked between the parts."""
+    assembly = plan_assembly(path, text_encoders=text_encoders, vae=vae, t5=t5, models_dir=models_dir, dtype=dtype)
+    name = f"model {assembly.path.name} ({assembly.spec.label})"
+    plan_memory(assembly.pieces, device, name=name, low_vram=low_vram, dtype=dtype)
+    return load_assembly(assembly, dtype=dtype, vae_dtype=vae_dtype, cancel=cancel)
+
+
+def load_assembly(
+    assembly: Assembly,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Components:
+    """Read the pieces :func:`plan_assembly` chose."""
+    from lienzo.models.tokenizers import bundled_for
+    from lienzo.models.transformer_files import load_text_encoder_file, load_transformer_file
+
+    spec, path = assembly.spec, assembly.path
+    formats.stop_if_cancelled(cancel)
+    _family, network = load_transformer_file(path, dtype=dtype)
+    parts: dict = {}
+    files: dict[str, str] = {}
+    bundled = [kind for kind, piece in assembly.text_encoders.items() if piece is not None and piece.origin == "bundled"]
+    if bundled:
+        formats.stop_if_cancelled(cancel)
+        parts.update(_bundled_text_encoders(path, spec, bundled, dtype))
+    for slot in spec.text_encoders:
+        piece = assembly.text_encoders[slot.kind]
+        if piece is None:
+            continue
+        if piece.origin != "bundled":
+            formats.stop_if_cancelled(cancel)
+            projection = slot.model_class == "CLIPTextModelWithProjection"
+            parts[slot.component] = load_text_encoder_file(piece.path, slot.kind, dtype=dtype, projection=projection)
+            files[slot.component] = piece.path.name
+        parts[slot.component] = parts[slot.component].eval()
+        parts[slot.tokenizer] = bundled_for(slot.kind)
+    formats.stop_if_cancelled(cancel)
+    vae = _load_vae(assembly.vae, spec, vae_dtype_for({}, dtype, vae_dtype))
+    schedule = dict(spec.scheduler)
+    if spec.distilled_guidance and not getattr(network.config, "guidance_embeds", True):
+        schedule.update(_SCHNELL_SCHEDULE)
+    return Components(
+        unet=None,
+        transformer=network.eval(),
+        vae=vae.eval(),
+        scheduler_config=schedule,
+        family=spec.name,
+        text_encoder_files=files,
+        name=path.stem,
+        source=path,
+        vae_name="" if assembly.vae.origin == "bundled" else assembly.vae.path.stem,
+        **parts,
+    )
+
+
+def _bundled_text_encoders(path: Path, spec: Family, kinds: list[str], dtype: torch.dtype) -> dict:
+    """The text encoders of ``kinds`` an all-in-one file carries, reading only their tensors."""
+    from safetensors import safe_open
+
+    from lienzo.models.transformer_files import load_text_encoders_from_state_dict
+
+    prefixes = tuple(_BUNDLED_TEXT_ENCODER.format(kind=kind) for kind in kinds)
+    with safe_open(path, framework="pt") as f:
+        state_dict = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}
+    loaded = load_text_encoders_from_state_dict(state_dict, spec.name, dtype)
+    wanted = {slot.component for slot in spec.text_encoders if slot.kind in kinds}
+    if not wanted <= loaded.keys():
+        lacking = ", ".join(sorted(wanted - loaded.keys()))
+        raise ModelFileError(f"model {path.name}: its bundled text encoders ({lacking}) cannot be read")
+    return {component: loaded[component] for component in wanted}
+
+
+def _load_vae(piece: Piece, spec: Family, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    from lienzo.models.transformer_files import load_flow_vae
+
+    if piece.origin == "bundled":
+        from safetensors import safe_open
+
+        with safe_open(piece.path, framework="pt") as f:
+            state_dict = {key.removeprefix(_BUNDLED_VAE): f.get_tensor(key) for key in f.keys() if key.startswith(_BUNDLED_VAE)}
+        return load_flow_vae(state_dict, spec.name, dtype=dtype)
+    if piece.path.is_dir():
+        return AutoencoderKL.from_pretrained(piece.path, local_files_only=True, torch_dtype=dtype)
+    return load_flow_vae(piece.path, spec.name, dtype=dtype)
+
+
+def folder_pieces(folder: Path, spec: Family, *, t5: bool = True, dtype: torch.dtype = torch.float32) -> list[Piece]:
+    """The parts of a diffusers folder of a transformer family and what each takes read in ``dtype``, for
+    :func:`plan_memory`."""
+    parts = [("transformer", "transformer", False), ("vae", "vae", False)]
+    parts += [(slot.kind, slot.component, slot.optional) for slot in spec.text_encoders if t5 or slot.kind != "t5xxl"]
+    return [
+        Piece(role, folder / sub, _size_of(folder / sub, dtype), "bundled", optional)
+        for role, sub, optional in parts
+        if (folder / sub).is_dir()
+    ]
+
+
+def check_t5_option(spec: Family, t5: bool, model: str) -> None:
+    """``t5=False`` (``--no-t5``) is for a family that runs without T5 (SD 3.x); one line for Flux.1."""
+    if not t5 and any(slot.kind == "t5xxl" and not slot.optional for slot in spec.text_encoders):
+        raise ModelFileError(f"--no-t5: model {model} ({spec.label}) needs its T5-XXL text encoder; only SD 3.x runs without one")
