@@ -155,6 +155,16 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
     )
 
 
+def save_transformer_models(models_dir) -> Path:
+    """A tiny Flux.1 dev (``tiny-flux``), Flux.1 schnell (``tiny-schnell``) and SD 3.x (``tiny-sd3``), as
+    diffusers folders in ``models_dir``."""
+    models_dir = Path(models_dir)
+    save_diffusers_folder(build_tiny("flux"), models_dir / "tiny-flux")
+    save_diffusers_folder(build_tiny("flux", guidance=False), models_dir / "tiny-schnell")
+    save_diffusers_folder(build_tiny("sd3"), models_dir / "tiny-sd3")
+    return models_dir
+
+
 def _tiny_t5(d_model: int) -> T5EncoderModel:
     config = T5Config(
         vocab_size=_T5_VOCAB, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,

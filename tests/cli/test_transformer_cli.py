@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lienzo.images.metadata import parse_infotext, read_parameters
-from tiny_models import build_tiny, save_diffusers_folder
+from tiny_models import save_transformer_models
 
 SMALL = ("--steps", "2", "-W", "64", "-H", "64")
 
@@ -18,9 +18,7 @@ SMALL = ("--steps", "2", "-W", "64", "-H", "64")
 def home(tmp_path_factory):
     """A models dir with a tiny Flux.1 dev, a Flux.1 schnell and an SD 3.x, as diffusers folders."""
     root = tmp_path_factory.mktemp("transformer-cli")
-    save_diffusers_folder(build_tiny("flux"), root / "models" / "tiny-flux")
-    save_diffusers_folder(build_tiny("flux", guidance=False), root / "models" / "tiny-schnell")
-    save_diffusers_folder(build_tiny("sd3"), root / "models" / "tiny-sd3")
+    save_transformer_models(root / "models")
     return root
 
 

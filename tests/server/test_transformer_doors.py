@@ -18,7 +18,7 @@ from lienzo.server.routes.a1111.schemas import Txt2ImgRequest
 from lienzo.server.routes.a1111.translate import txt2img_request
 from lienzo.settings import Settings
 from servers import b64_png, png_bytes
-from tiny_models import build_tiny, save_diffusers_folder
+from tiny_models import save_transformer_models
 
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 SQUARE = (16, 16, 48, 48)  # the masked area of the inpainting tests
@@ -28,9 +28,7 @@ SQUARE = (16, 16, 48, 48)  # the masked area of the inpainting tests
 def home(tmp_path_factory):
     """A models dir with a tiny Flux.1 dev, a Flux.1 schnell and an SD 3.x, as diffusers folders."""
     root = tmp_path_factory.mktemp("transformer-doors")
-    save_diffusers_folder(build_tiny("flux"), root / "models" / "tiny-flux")
-    save_diffusers_folder(build_tiny("flux", guidance=False), root / "models" / "tiny-schnell")
-    save_diffusers_folder(build_tiny("sd3"), root / "models" / "tiny-sd3")
+    save_transformer_models(root / "models")
     return root
 
 
