@@ -60,6 +60,7 @@ def load_model(
     vae: str | Path | None = None,
     text_encoders: Sequence[str | Path] = (),
     t5: bool = True,
+    text_encoder_device: str | None = None,
     prediction_type: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -86,6 +87,7 @@ def load_model(
     ``text_encoders`` and ``vae`` named (names in the models dir or paths), else with the ones found in the
     models dir's ``text_encoders``, ``clip`` and ``vae`` folders (see :mod:`lienzo.models.assembly`).
     ``t5`` False runs SD 3.x without its T5 text encoder (less memory, weaker prompt following).
+    ``text_encoder_device`` (``cpu``) keeps the text encoders there while the network runs on ``device``.
     """
     settings = settings or Settings()
     registry = Registry(settings.models_dir, settings.cache_dir)
@@ -111,6 +113,8 @@ def load_model(
     )
     components.name, components.short_hash, components.sha256 = Path(entry.name).name, entry.short_hash, entry.sha256
     formats.stop_if_cancelled(cancel)
+    if text_encoder_device is not None:
+        components.text_encoder_device = pick_device(text_encoder_device)
     if not (speed.low_vram and torch_device.type == "cuda"):  # offloaded models stay in CPU memory
         components.to(torch_device)
     log.info("loaded %s on %s in %s (VAE %s)", entry.name, torch_device, torch_dtype, components.vae.dtype)

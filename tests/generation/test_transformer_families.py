@@ -147,3 +147,12 @@ def test_weighted_prompt_differs_and_plain_parentheses_do_not_crash(models):
     plain = _ours(models["flux"], steps=2)
     weighted = GenerationRequest(prompt="a (red:1.5) apple on a table", width=SIZE, height=SIZE, seed=42, steps=2)
     assert np.abs(generate(models["flux"], weighted).images[0].pixels - plain).max() > 0
+
+
+def test_text_encoders_can_stay_on_the_cpu_while_the_network_moves():
+    """--text-encoder-device cpu: the network and VAE go where they are sent, the text encoders stay."""
+    components = build_tiny("flux")
+    components.text_encoder_device = torch.device("cpu")
+    components.to("meta")  # a stand-in for a GPU: any device other than the CPU
+    assert components.transformer.device.type == components.vae.device.type == "meta"
+    assert components.text_encoder.device.type == components.text_encoder_2.device.type == "cpu"

@@ -66,6 +66,10 @@ def _model_options(f):
                 "[default: found in the models dir's text_encoders or clip folder]",
             ),
             click.option("--t5/--no-t5", "t5", default=True, help="SD 3.x: use its T5-XXL text encoder [default: --t5]"),
+            click.option(
+                "--text-encoder-device", help="cpu: run the text encoders there, leaving the GPU's memory to the network "
+                "[default: beside the network]",
+            ),
             click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="override the model's prediction type"),
             click.option("--device", default=None, help="auto, cpu, cuda or mps [default: auto]"),
             click.option("--dtype", default=None, help="auto, float32, float16 or bfloat16 [default: auto]"),
@@ -111,6 +115,7 @@ def _model_kwargs(opts: dict) -> dict:
     """The model options given (``_model_options`` but the speed ones), as ``load_model`` arguments."""
     return {
         "vae": opts.get("vae"), "text_encoders": list(opts.get("text_encoders") or ()), "t5": opts.get("t5", True),
+        "text_encoder_device": opts.get("text_encoder_device"),
         "prediction_type": opts.get("prediction"),
     }
 

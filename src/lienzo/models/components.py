@@ -75,6 +75,9 @@ class Components:
     # Each text encoder's file, for the infotext and provenance when they came apart from the network
     # (ComfyUI's split layout, --text-encoder): component name -> file name.
     text_encoder_files: dict[str, str] = field(default_factory=dict)
+    # Where the text encoders run when not beside the network: the CPU, to leave a GPU's memory to the
+    # network (they run once per prompt, the network every step). None: beside the network.
+    text_encoder_device: torch.device | None = None
     name: str = ""
     short_hash: str = ""
     sha256: str = ""
@@ -122,13 +125,15 @@ class Components:
 
     def to(self, device, dtype=None) -> "Components":
         device = torch.device(device)
-        for module in (self.unet, self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        for module in (self.unet, self.transformer, self.vae, *encoders):
             if module is None or getattr(module, "_hf_hook", None) is not None:
                 continue  # offloaded: its hooks decide where it runs
+            target = self.text_encoder_device if self.text_encoder_device is not None and module in encoders else device
             # Only move what must move, and name a dtype only when one is asked for: diffusers 0.42 logs
             # "There are modules in ... that should be kept in float32: []" on every .to() given a dtype, None too.
-            if module.device != device or (dtype is not None and module.dtype != dtype):
-                module.to(device=device, **({} if dtype is None else {"dtype": dtype}))
+            if module.device != target or (dtype is not None and module.dtype != dtype):
+                module.to(device=target, **({} if dtype is None else {"dtype": dtype}))
         return self
 
 

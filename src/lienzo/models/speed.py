@@ -166,6 +166,8 @@ def enable_sequential_offload(components: Components, device: torch.device | str
     device = torch.device(device)
     for name in _OFFLOADED_PARTS:
         module = getattr(components, name)
+        if name.startswith("text_encoder") and components.text_encoder_device is not None:
+            continue  # they run where they were put
         if module is not None and getattr(module, "_hf_hook", None) is None:
             _offload(components, name, module, device)
     components.vae.to(device)
