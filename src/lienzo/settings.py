@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     channels_last: bool | None = None  # NHWC memory layout for the U-Net and VAE; unset: on for CUDA and the CPU
     compile: bool = False  # torch.compile the U-Net and VAE decoder (slow first image, cached in cache_dir)
     int8: bool = False  # CPU: the U-Net's linear layers in int8 (faster, agrees less with fp32)
+    fp8: bool = False  # the network's and T5's weights stored in fp8, cast up layer by layer (half bf16's memory)
     vae_tiling: VaeTiling = "auto"
     low_vram: bool = False  # VAE tiling and, on CUDA, CPU offload of the U-Net and text encoders
     attention_slicing: bool | None = None  # unset: with low_vram where fused attention is missing (not CPU/CUDA)

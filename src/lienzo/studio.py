@@ -72,6 +72,7 @@ def load_model(
     low_vram: bool | None = None,
     attention_slicing: bool | None = None,
     int8: bool | None = None,
+    fp8: bool | None = None,
     settings: Settings | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
@@ -79,7 +80,7 @@ def load_model(
 
     ``dtype`` ``auto`` is fp16 on GPUs, bf16 on CPUs that compute it natively and fp32 on others;
     ``vae_dtype`` ``auto`` follows it (fp32 beside fp16 for VAEs that overflow in fp16). The speed
-    switches (``threads``, ``channels_last``, ``compile``, ``vae_tiling``, ``low_vram``, ``attention_slicing``, ``int8``; see
+    switches (``threads``, ``channels_last``, ``compile``, ``vae_tiling``, ``low_vram``, ``attention_slicing``, ``int8``, ``fp8``; see
     :class:`lienzo.models.speed.SpeedOptions`) left at None come from ``settings``. ``cancel`` is asked
     while hashing and between the model's parts; when it says stop, GenerationCancelled is raised.
 
@@ -100,7 +101,7 @@ def load_model(
     torch_vae_dtype = None if vae_dtype == "auto" else pick_dtype(vae_dtype, torch_device)
     speed = SpeedOptions.from_settings(
         settings, channels_last=channels_last, compile=compile, vae_tiling=vae_tiling, low_vram=low_vram,
-        attention_slicing=attention_slicing, int8=int8,
+        attention_slicing=attention_slicing, int8=int8, fp8=fp8,
     )
     configure_threads(threads or settings.threads)
     entry = registry.entry(path, cancel=cancel)

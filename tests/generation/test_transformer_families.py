@@ -21,6 +21,7 @@ from lienzo.errors import InvalidRequestError
 from lienzo.generation.engine import generate
 from lienzo.generation.request import GenerationRequest
 from lienzo.models.loading import load_components
+from lienzo.models.speed import SpeedOptions, apply_speed
 from tiny_models import build_tiny, save_diffusers_folder
 
 SIZE = 64
@@ -156,3 +157,20 @@ def test_text_encoders_can_stay_on_the_cpu_while_the_network_moves():
     components.to("meta")  # a stand-in for a GPU: any device other than the CPU
     assert components.transformer.device.type == components.vae.device.type == "meta"
     assert components.text_encoder.device.type == components.text_encoder_2.device.type == "cpu"
+
+
+def test_fp8_storage_halves_the_weights_and_stays_close():
+    """--fp8: the transformer's and T5's weights stored in float8 and cast up layer by layer; measured here:
+    their bytes, and how far the picture moves (the tiny model's pixels, 0-1)."""
+    components = build_tiny("flux")
+    request = GenerationRequest(prompt="a cat", width=SIZE, height=SIZE, steps=2, seed=1)
+    before = generate(components, request).images[0].pixels
+    bytes_before = sum(p.numel() * p.element_size() for p in components.transformer.parameters())
+    apply_speed(components, SpeedOptions(fp8=True, channels_last=False))
+    after = generate(components, request).images[0]
+    bytes_after = sum(p.numel() * p.element_size() for p in components.transformer.parameters())
+    assert bytes_after < 0.5 * bytes_before  # fp32 -> fp8 for the linear weights (0.44 here: small layers are kept)
+    assert components.text_encoder_2.shared.weight.dtype == torch.float32  # T5's embedding is kept
+    assert any(p.dtype == torch.float8_e4m3fn for p in components.text_encoder_2.parameters())
+    assert after.parameters["FP8 weights"] == "transformer, T5"
+    assert 0 < np.abs(after.pixels - before).mean() < 0.01

@@ -93,6 +93,11 @@ def _speed_options(f):
                 "--compile", "compile_", is_flag=True, default=None, help="torch.compile the U-Net and VAE (slow first image, cached)"
             ),
             click.option(
+                "--fp8", is_flag=True, default=None,
+                help="store the network's and T5's weights in fp8, each layer cast up when it runs: about half the memory "
+                "of bf16 for them, a little less faithful",
+            ),
+            click.option(
                 "--int8", is_flag=True, default=None,
                 help="CPU: the U-Net's linear layers in int8 (faster, a little less faithful to the model)",
             ),
@@ -125,7 +130,7 @@ def _speed_kwargs(opts: dict) -> dict:
     return {
         "vae_dtype": opts.get("vae_dtype"), "threads": opts.get("threads"), "channels_last": opts.get("channels_last"),
         "compile": opts.get("compile_"), "vae_tiling": opts.get("vae_tiling"), "low_vram": opts.get("low_vram"),
-        "attention_slicing": opts.get("attention_slicing"), "int8": opts.get("int8"),
+        "attention_slicing": opts.get("attention_slicing"), "int8": opts.get("int8"), "fp8": opts.get("fp8"),
     }
 
 

@@ -112,6 +112,8 @@ def image_params(components: "Components", req: GenerationRequest, resolved: dic
     ordered |= {k: params[k] for k in keys[keys.index("Size") + 1 : at]} | loaded | {k: params[k] for k in keys[at:]}
     if components.speed.int8:  # a load-time switch, so only a record: --from does not turn it on
         ordered["Int8"] = "U-Net linear layers"
+    if components.speed.fp8:  # a load-time switch too: a record of what the weights were
+        ordered["FP8 weights"] = ", ".join(components.speed.fp8)
     if safety:
         ordered["Safety filter"] = safety
     ordered["Version"] = f"lienzo {__version__}"

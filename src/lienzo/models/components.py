@@ -43,6 +43,7 @@ class SpeedState:
     and the CPU copies of the weights low-VRAM offload streams (part name -> (state dict, device))."""
 
     int8: bool = False
+    fp8: list[str] = field(default_factory=list)  # the parts whose weights are stored in fp8
     compile_seconds: dict[str, float] = field(default_factory=dict)
     offloaded: dict[str, tuple[dict, torch.device]] = field(default_factory=dict)
 
