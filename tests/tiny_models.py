@@ -14,6 +14,8 @@ Make a random-weight stand-in checkpoint:
 SD 3.x and Flux.1 stand-ins are laid out like the real ones (16 latent channels, SD 3.5's dual
 attention and QK norm, Flux's double and single blocks, guidance input and packed 2x2 patches) at a
 few blocks of a few channels; their T5 has T5's real 32,128-token vocabulary so the bundled tokenizer fits.
+Chroma and Z-Image stand-ins (``chroma``, ``zimage``) are written as diffusers folders only (``--diffusers``):
+lienzo reads no single file of theirs yet.
 """
 
 import argparse
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -31,8 +35,20 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from lienzo.models.components import Components
 from lienzo.models.families import FAMILIES as FAMILY_TABLE
@@ -41,7 +57,7 @@ from lienzo.models.single_file_save import save_single_file
 from lienzo.models.tokenizers import bundled_t5_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-TRANSFORMER_FAMILIES = ("sd3", "flux")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage")
 _T5_VOCAB = 32128  # T5 v1.1's embedding rows (its tokenizer has 32,100 tokens)
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 # The real CLIP vocabulary, so that the bundled tokenizer's ids fit.
@@ -119,8 +135,10 @@ FLUX_ROPE = (4, 14, 14)
 
 
 def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = True) -> Components:
-    """A tiny random SD 3.5-like (``sd3``: CLIP-L, bigG, T5; dual attention in its first block, QK norm) or
-    Flux.1-like (``flux``: CLIP-L, T5; ``guidance`` False gives schnell's network) model, seed 0.
+    """A tiny random SD 3.5-like (``sd3``: CLIP-L, bigG, T5; dual attention in its first block, QK norm),
+    Flux.1-like (``flux``: CLIP-L, T5; ``guidance`` False gives schnell's network) or Chroma-like (``chroma``:
+    T5; Flux's blocks modulated by one small approximator network) or Z-Image-like (``zimage``: Qwen3 with a
+    byte-level tokenizer and Qwen3's chat template; a single-stream network with refiner blocks) model, seed 0.
     ``t5`` False leaves SD 3's optional T5 out."""
     torch.manual_seed(0)
     spec = FAMILY_TABLE[family]
@@ -138,6 +156,26 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
             text_encoder_3=_tiny_t5(2 * _TEXT_HIDDEN) if t5 else None, tokenizer_3=bundled_t5_tokenizer() if t5 else None,
         )
         vae = _tiny_vae(1.5305, latent_channels=16, shift_factor=0.0609)
+    elif family == "chroma":
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=FLUX_HEAD_DIM,
+            num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN, axes_dims_rope=FLUX_ROPE,
+            approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+        )
+        encoders = dict(text_encoder=_tiny_t5(_TEXT_HIDDEN), tokenizer=bundled_t5_tokenizer())
+        vae = _tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159)  # Flux.1's VAE
+    elif family == "zimage":
+        transformer = ZImageTransformer2DModel(
+            dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=_TEXT_HIDDEN,
+            axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64],
+        )
+        tokenizer = _tiny_qwen_tokenizer()
+        encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=_TEXT_HIDDEN, intermediate_size=2 * _TEXT_HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        ))
+        encoders = dict(text_encoder=encoder, tokenizer=tokenizer)
+        vae = _tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159)  # Flux.1's VAE
     else:
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=FLUX_HEAD_DIM,
@@ -165,6 +203,28 @@ def save_transformer_models(models_dir) -> Path:
     return models_dir
 
 
+# Qwen3's chat template for one user turn, thinking enabled (what ZImagePipeline asks for): the turn, then
+# the assistant's opening.
+_QWEN_CHAT = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_qwen_tokenizer() -> Qwen2TokenizerFast:
+    """Qwen's byte-level BPE reduced to its 256 byte tokens (no merges) and the three special tokens the chat
+    template and padding use; it pads on the right with <|endoftext|>, as Qwen3's does."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None, chat_template=_QWEN_CHAT,
+        padding_side="right",
+    )
+
+
 def _tiny_t5(d_model: int) -> T5EncoderModel:
     config = T5Config(
         vocab_size=_T5_VOCAB, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
@@ -181,7 +241,9 @@ def save_diffusers_folder(components: Components, folder) -> Path:
         shared = dict(transformer=components.transformer, vae=components.vae, scheduler=scheduler)
         names = [name for slot in components.spec.text_encoders for name in (slot.component, slot.tokenizer)]
         encoders = {name: getattr(components, name) for name in names}
-        pipeline_class = StableDiffusion3Pipeline if components.family == "sd3" else FluxPipeline
+        pipeline_class = {
+            "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "chroma": ChromaPipeline, "zimage": ZImagePipeline,
+        }[components.family]
         pipeline_class(**shared, **encoders).save_pretrained(folder)
         return folder
     scheduler = EulerDiscreteScheduler.from_config(components.scheduler_config)

@@ -174,3 +174,11 @@ def test_fp8_storage_halves_the_weights_and_stays_close():
     assert any(p.dtype == torch.float8_e4m3fn for p in components.text_encoder_2.parameters())
     assert after.parameters["FP8 weights"] == "transformer, T5"
     assert 0 < np.abs(after.pixels - before).mean() < 0.01
+
+
+@pytest.mark.parametrize("pipeline", ["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "StableDiffusion3Img2ImgPipeline"])
+def test_folders_saved_from_any_of_a_familys_pipelines_are_that_family(pipeline):
+    from lienzo.models.transformer_loading import transformer_family
+
+    assert transformer_family({"_class_name": pipeline}).name == ("sd3" if "Diffusion3" in pipeline else "flux")
+    assert transformer_family({"_class_name": "StableDiffusionXLPipeline"}) is None

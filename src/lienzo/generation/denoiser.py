@@ -6,9 +6,10 @@ output for the scaled latents ``x`` at timestep ``t``, in the parameterisation i
 prompt. What wraps the network is a layer around that callable, never a branch in the loop:
 
 - :class:`UNetCall`: a U-Net (or DeepCache's :class:`~lienzo.generation.deepcache.DeepCacheUNet`
-  around it) with one text conditioning; :class:`SD3Call` and :class:`FluxCall` are the transformer
-  families' (Flux packs the latents into 2x2 patches and back inside its call, so the loop, the
-  schedulers and the inpainting mask see ordinary N x C x h x w latents for every family);
+  around it) with one text conditioning; :class:`SD3Call`, :class:`FluxCall`, :class:`ChromaCall` and
+  :class:`ZImageCall` are the transformer families' (each turns the latents into what its network takes,
+  packed 2x2 patches or a list of frames, and back inside its call, so the loop, the schedulers and the
+  inpainting mask see ordinary N x C x h x w latents for every family);
 - :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
@@ -71,11 +72,29 @@ class SD3Call:
             )[0]
 
 
+def _packed_call(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **inputs) -> torch.Tensor:
+    """A Flux.1-layout transformer (Flux.1, Chroma) on N x C x h x w latents, as their pipelines call it:
+    the latents packed into 2x2 patches with their position ids, the timestep on the 0-1 scale."""
+    from diffusers import FluxPipeline  # its packing helpers; imported with the model's family
+
+    n, channels, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, n, channels, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)
+    text_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=packed, timestep=t.expand(n).to(x.dtype) / 1000, encoder_hidden_states=embeds,
+            txt_ids=text_ids, img_ids=image_ids, return_dict=False, **inputs,
+        )[0]
+    # _unpack_latents takes the pixel size: a latent pixel is one VAE factor (here 1) of it.
+    return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
 @dataclass(frozen=True)
 class FluxCall:
-    """Flux.1's transformer, called as ``FluxPipeline`` calls it: latents packed into 2x2 patches with
-    their position ids, the timestep on the 0-1 scale and, for the guidance-distilled dev models, the
-    distilled guidance strength (``guidance``: one value per row; None for schnell)."""
+    """Flux.1's transformer, called as ``FluxPipeline`` calls it: packed latents, the pooled CLIP vector
+    and, for the guidance-distilled dev models, the distilled guidance strength (``guidance``: one value
+    per row; None for schnell)."""
 
     transformer: Any
     embeds: torch.Tensor
@@ -83,20 +102,38 @@ class FluxCall:
     guidance: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        from diffusers import FluxPipeline  # its packing helpers; imported with the model's family
+        return _packed_call(self.transformer, x, t, self.embeds, guidance=self.guidance, pooled_projections=self.pooled)
 
-        n, channels, h, w = x.shape
-        packed = FluxPipeline._pack_latents(x, n, channels, h, w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)
-        text_ids = torch.zeros(self.embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+
+@dataclass(frozen=True)
+class ChromaCall:
+    """Chroma's transformer, called as ``ChromaPipeline`` calls it: packed latents and the T5 sequence with
+    its mask (``mask``: rows x text tokens), every image token attended to."""
+
+    transformer: Any
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        n, _, h, w = x.shape
+        image = self.mask.new_ones((n, (h // 2) * (w // 2)))
+        return _packed_call(self.transformer, x, t, self.embeds, attention_mask=torch.cat([self.mask, image], dim=1))
+
+
+@dataclass(frozen=True)
+class ZImageCall:
+    """Z-Image's transformer, called as ``ZImagePipeline`` calls it: a list of one-frame latents and one of
+    prompt sequences, each as long as its prompt; the timestep reversed on the 0-1 scale (1: clean) and
+    the prediction negated (it predicts x0 - noise, the loop steps with noise - x0)."""
+
+    transformer: Any
+    embeds: tuple[torch.Tensor, ...]  # one (tokens, dim) per row
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        frames = list(x.to(self.transformer.dtype).unsqueeze(2).unbind(0))
         with torch.no_grad():
-            out = self.transformer(
-                hidden_states=packed, timestep=t.expand(n).to(x.dtype) / 1000, guidance=self.guidance,
-                pooled_projections=self.pooled, encoder_hidden_states=self.embeds, txt_ids=text_ids, img_ids=image_ids,
-                return_dict=False,
-            )[0]
-        # _unpack_latents takes the pixel size: a latent pixel is one VAE factor (here 1) of it.
-        return FluxPipeline._unpack_latents(out, h, w, 1)
+            out = self.transformer(frames, (1000 - t.expand(x.shape[0])) / 1000, list(self.embeds), return_dict=False)[0]
+        return -torch.stack([frame.float() for frame in out]).squeeze(2).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -258,25 +295,27 @@ def _prompt_call(
 
 def _call(components: Components, plan: BatchPlan, pairs, unet) -> Denoiser:
     """The family's network with the conditioning of ``pairs`` (one (prompts, negative) pair per image)."""
-    if components.family == "sd3":
-        return SD3Call(components.transformer, *_transformer_conditioning(components, plan, pairs))
-    if components.family == "flux":
-        embeds, pooled = _transformer_conditioning(components, plan, pairs)
-        guidance = None
-        if components.guidance_embeds:
-            guidance = torch.full((embeds.shape[0],), plan.distilled_cfg_scale, dtype=torch.float32, device=embeds.device)
-        return FluxCall(components.transformer, embeds, pooled, guidance)
-    return UNetCall(unet, *_unet_conditioning(components, plan, pairs))
-
-
-def _transformer_conditioning(components: Components, plan: BatchPlan, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequence and pooled vectors of every row, [uncond..., cond...], in the network's dtype."""
-    device, dtype = components.execution_device, components.transformer.dtype
+    if not components.spec.is_transformer:
+        return UNetCall(unet, *_unet_conditioning(components, plan, pairs))
+    # Every row's conditioning, [uncond..., cond...], in the network's dtype.
     rows = [pos for conds, _ in pairs for pos in conds]
     if plan.guided:
         rows = [neg for _, neg in pairs] + rows
-    embeds = torch.cat([row.embeds for row in rows]).to(device=device, dtype=dtype)
-    return embeds, torch.cat([row.pooled for row in rows]).to(device=device, dtype=dtype)
+    device, dtype = components.execution_device, components.transformer.dtype
+    if components.family == "zimage":  # sequences as long as their prompts: a list, not one tensor
+        return ZImageCall(components.transformer, tuple(row.embeds[0].to(device=device, dtype=dtype) for row in rows))
+
+    def stacked(part: str) -> torch.Tensor:  # ``embeds``, ``pooled`` or ``mask`` of each row's PromptEmbeddings
+        return torch.cat([getattr(row, part) for row in rows]).to(device=device, dtype=dtype)
+
+    if components.family == "chroma":
+        return ChromaCall(components.transformer, stacked("embeds"), stacked("mask"))
+    if components.family == "sd3":
+        return SD3Call(components.transformer, stacked("embeds"), stacked("pooled"))
+    guidance = None
+    if components.guidance_embeds:
+        guidance = torch.full((len(rows),), plan.distilled_cfg_scale, dtype=torch.float32, device=device)
+    return FluxCall(components.transformer, stacked("embeds"), stacked("pooled"), guidance)
 
 
 def _unet_conditioning(

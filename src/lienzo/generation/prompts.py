@@ -186,10 +186,12 @@ class PromptEmbeddings:
     """What the UNet cross-attends to: ``embeds`` is (1, 77·chunks, dim).
 
     ``pooled`` is SDXL's pooled text embedding (1, dim₂) from the first chunk; None for SD 1/2.
+    ``mask`` is, for Chroma, which of the sequence's tokens its network attends to (1, length).
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
+    mask: Tensor | None = None
 
     @property
     def chunks(self) -> int:

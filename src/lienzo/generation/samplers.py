@@ -105,6 +105,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lienzo.errors import InvalidRequestError
+from lienzo.models.families import FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -477,8 +478,11 @@ def _build_flow(cls: type, variant: FlowVariant, ran: str, base_config: Mapping)
     return scheduler
 
 
-def _set_flow_timesteps(scheduler: "SchedulerMixin", variant: FlowVariant, ran: str, steps: int, device, mu: float | None) -> None:
-    """A flow scheduler's levels for the schedule it runs, called as diffusers' SD 3 and Flux pipelines call it."""
+def _set_flow_timesteps(
+    scheduler: "SchedulerMixin", variant: FlowVariant, ran: str, steps: int, device, mu: float | None, even: bool
+) -> None:
+    """A flow scheduler's levels for the schedule it runs, called as the family's diffusers pipeline calls it
+    (``even``: it asks for levels evenly spaced from 1 to 1 / steps even at a fixed shift, as Z-Image's does)."""
     config = scheduler.config
     kwargs: dict = {"device": device}
     dynamic = bool(config.get("use_dynamic_shifting"))
@@ -492,8 +496,8 @@ def _set_flow_timesteps(scheduler: "SchedulerMixin", variant: FlowVariant, ran: 
             scheduler.register_to_config(shift=mu if config.get("time_shift_type") == "linear" else math.exp(mu))
     levels = None
     if SIGMAS in variant.supports:
-        if ran == "Simple" and dynamic:
-            levels = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's, to the bit
+        if ran == "Simple" and (dynamic or even):
+            levels = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's (and ZImagePipeline's), to the bit
         elif ran == "SGM Uniform":
             levels = np.linspace(scheduler.sigma_max, scheduler.sigma_min, steps + 1)[:-1]
     if levels is None:
@@ -519,7 +523,8 @@ def set_timesteps(
     config = {"_class_name": type(scheduler).__name__, **scheduler.config}
     if is_flow(config):
         variant = _flow_variant(sampler)
-        _set_flow_timesteps(scheduler, variant, runs_as(sampler, schedule, config), steps, device, mu)
+        even = FAMILIES[family].even_sigmas
+        _set_flow_timesteps(scheduler, variant, runs_as(sampler, schedule, config), steps, device, mu, even)
         return
     custom = SCHEDULES[runs_as(sampler, schedule)].sigmas
     if custom is None:

@@ -1,7 +1,9 @@
-"""Prompt encoding for the transformer families (SD 3.x, Flux.1): CLIP's pooled vector and a T5 sequence.
+"""Prompt encoding for the transformer families (SD 3.x, Flux.1, Chroma, Z-Image): CLIP's pooled vector and
+a T5 (Z-Image: Qwen3) sequence.
 
-A plain prompt is encoded exactly as diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` encode
-it (the same tokens, layers and padding), so a lienzo picture equals theirs. On top, A1111's emphasis
+A plain prompt is encoded exactly as diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
+``ChromaPipeline`` / ``ZImagePipeline`` encode it (the same tokens, layers, padding and masks), so a
+lienzo picture equals theirs. On top, A1111's emphasis
 syntax (``(word:1.3)``, ``[word]``) weights T5's and CLIP's token embeddings as Forge does for these
 families: each piece is tokenized on its own, its tokens' embeddings scaled, the whole rescaled to
 its original mean. A prompt longer than CLIP's 77 tokens reaches the network through T5 (256 tokens
@@ -26,14 +28,15 @@ def _pieces(text: str) -> list[tuple[str, float]]:
     return [piece for piece in parse_prompt_attention(text) if piece != BREAK_MARKER]
 
 
-def _token_ids(tokenizer, text: str, length: int, *, end: bool) -> tuple[list[int], list[float]]:
-    """``length`` ids and their weights: a plain prompt tokenized whole (diffusers' ids exactly), a weighted
-    one piece by piece; then end-of-text (``end``, T5) and padding, cut to ``length`` as diffusers cuts."""
+def _token_ids(tokenizer, text: str, length: int, *, end: bool) -> tuple[list[int], list[float], int]:
+    """``length`` ids, their weights and how many are not padding: a plain prompt tokenized whole (diffusers'
+    ids exactly), a weighted one piece by piece; then end-of-text (``end``, T5) and padding, cut to ``length``
+    as diffusers cuts."""
     pieces = _pieces(text)
     if all(weight == 1.0 for _, weight in pieces):
         plain = "".join(piece for piece, _ in pieces)
-        ids = tokenizer(plain, padding="max_length", max_length=length, truncation=True).input_ids
-        return ids, [1.0] * len(ids)
+        tokens = tokenizer(plain, padding="max_length", max_length=length, truncation=True)
+        return tokens.input_ids, [1.0] * length, sum(tokens.attention_mask)
     ids: list[int] = []
     weights: list[float] = []
     for piece, weight in pieces:
@@ -46,7 +49,7 @@ def _token_ids(tokenizer, text: str, length: int, *, end: bool) -> tuple[list[in
         ids = [tokenizer.bos_token_id, *ids[: length - 2], tokenizer.eos_token_id]
         weights = [1.0, *weights[: length - 2], 1.0]
     padding = length - len(ids)
-    return ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding
+    return ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding, len(ids)
 
 
 def _ids(ids: list[int], encoder: torch.nn.Module) -> Tensor:
@@ -56,7 +59,7 @@ def _ids(ids: list[int], encoder: torch.nn.Module) -> Tensor:
 def _clip(encoder, tokenizer, text: str, clip_skip: int, *, hidden: bool) -> tuple[Tensor | None, Tensor]:
     """(hidden states or None, pooled): SD 3.x reads the penultimate layer (``clip_skip`` counts on
     from there, as for SDXL) and the projected pooled vector; Flux.1 only CLIP-L's pooled output."""
-    ids, weights = _token_ids(tokenizer, text, _CLIP_LENGTH, end=False)
+    ids, weights, _ = _token_ids(tokenizer, text, _CLIP_LENGTH, end=False)
     output = encoder(_ids(ids, encoder), output_hidden_states=hidden)
     if not hidden:
         return None, output.pooler_output
@@ -67,8 +70,47 @@ def _clip(encoder, tokenizer, text: str, clip_skip: int, *, hidden: bool) -> tup
 
 
 def _t5(encoder, tokenizer, text: str, length: int) -> Tensor:
-    ids, weights = _token_ids(tokenizer, text, length, end=True)
+    ids, weights, _ = _token_ids(tokenizer, text, length, end=True)
     return apply_weights(encoder(_ids(ids, encoder), output_hidden_states=False)[0], weights)
+
+
+def _masked_t5(encoder, tokenizer, text: str, length: int) -> tuple[Tensor, Tensor]:
+    """Chroma's T5 sequence and mask: T5 reads the prompt without its padding, and the network attends to
+    the prompt and the first padding token only (a float mask, as ``ChromaPipeline`` builds it)."""
+    ids, weights, tokens = _token_ids(tokenizer, text, length, end=True)
+    ids = _ids(ids, encoder)
+    embeds = encoder(ids, attention_mask=(torch.arange(length, device=ids.device) < tokens)[None].long())[0]
+    mask = (torch.arange(length, device=ids.device) <= tokens)[None].to(embeds.dtype)
+    return apply_weights(embeds, weights), mask
+
+
+def _qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
+    """Z-Image's sequence, as ``ZImagePipeline`` reads it: the prompt as a chat's user turn, padded to
+    ``length`` and masked, Qwen3's second-to-last layer at the real tokens only (1, tokens, dim). A weighted
+    prompt's pieces are tokenized on their own between the template's tokens."""
+
+    def chat(content: str) -> str:
+        message = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+
+    pieces = _pieces(text)
+    if all(weight == 1.0 for _, weight in pieces):
+        tokens = tokenizer(chat("".join(piece for piece, _ in pieces)), padding="max_length", max_length=length, truncation=True)
+        ids, weights, real = tokens.input_ids, [1.0] * length, sum(tokens.attention_mask)
+    else:
+        # The template puts the content in verbatim: around a marker it gives what comes before and after.
+        before, after = chat("\0").split("\0")
+        ids, weights = [], []
+        for piece, weight in [(before, 1.0), *pieces, (after, 1.0)]:
+            piece_ids = tokenizer(piece, add_special_tokens=False).input_ids
+            ids += piece_ids
+            weights += [weight] * len(piece_ids)
+        ids, weights = ids[:length], weights[:length]
+        real = len(ids)
+        ids += [tokenizer.pad_token_id] * (length - real)
+    mask = (torch.arange(length, device=execution_device(encoder)) < real)[None]
+    hidden = encoder(input_ids=_ids(ids, encoder), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    return apply_weights(hidden[:, :real], weights[:real])
 
 
 @torch.no_grad()
@@ -80,14 +122,23 @@ def encode_transformer_prompt(
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> PromptEmbeddings:
-    """One prompt for an SD 3.x or Flux.1 model: ``embeds`` is what the transformer attends to (SD 3.x:
-    CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then T5's sequence; Flux.1:
-    T5's sequence) and ``pooled`` the pooled CLIP vector(s). SD 3.x without its T5 gets zeros in its place,
-    as diffusers gives it."""
+    """One prompt for an SD 3.x, Flux.1, Chroma or Z-Image model: ``embeds`` is what the transformer attends
+    to (SD 3.x: CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then T5's sequence;
+    Flux.1 and Chroma: T5's sequence; Z-Image: Qwen3's, as long as the prompt) and ``pooled`` the pooled CLIP
+    vector(s) (none for Chroma, which has ``mask``, nor for Z-Image). SD 3.x without its T5 gets zeros in its
+    place, as diffusers gives it."""
     if cancel is not None and cancel():
         raise GenerationCancelled("generation cancelled")
     spec = components.spec
     length = spec.max_sequence_length
+    if components.family == "zimage":
+        embeds = _qwen3(components.text_encoder, components.tokenizer, text, length)
+        return PromptEmbeddings(embeds if device is None else embeds.to(device))
+    if components.family == "chroma":
+        embeds, mask = _masked_t5(components.text_encoder, components.tokenizer, text, length)
+        if device is not None:
+            embeds, mask = embeds.to(device), mask.to(device)
+        return PromptEmbeddings(embeds, mask=mask)
     if components.family == "flux":
         _, pooled = _clip(components.text_encoder, components.tokenizer, text, clip_skip, hidden=False)
         embeds = _t5(components.text_encoder_2, components.tokenizer_2, text, length)

@@ -58,7 +58,8 @@ class Components:
     ``scheduler_config`` is a diffusers scheduler config (``num_train_timesteps``, ``beta_*``,
     ``prediction_type``, ``timestep_spacing``, ``shift``, ...); the sampler table builds any scheduler
     from it. SDXL's second text encoder is OpenCLIP bigG; SD 3.x has CLIP-L, bigG and T5 (the last may
-    be None: it is optional there); Flux.1 has CLIP-L and T5 (``text_encoder_2``). ``safety_filter``
+    be None: it is optional there); Flux.1 has CLIP-L and T5 (``text_encoder_2``); Chroma has T5 alone and
+    Z-Image Qwen3 alone (``text_encoder``, so that field is not always CLIP). ``safety_filter``
     is the model's own checker when its folder has one; set it to plug in another.
     """
 
@@ -72,7 +73,7 @@ class Components:
     tokenizer_2: Any = None
     text_encoder_3: torch.nn.Module | None = None
     tokenizer_3: Any = None
-    transformer: torch.nn.Module | None = None  # SD3Transformer2DModel or FluxTransformer2DModel
+    transformer: torch.nn.Module | None = None  # SD3Transformer2DModel, FluxTransformer2DModel, ...: the family's network_class
     # Each text encoder's file, for the infotext and provenance when they came apart from the network
     # (ComfyUI's split layout, --text-encoder): component name -> file name.
     text_encoder_files: dict[str, str] = field(default_factory=dict)

@@ -19,8 +19,8 @@ class TextEncoderSlot:
 
     component: str  # "text_encoder", "text_encoder_2", ...
     tokenizer: str  # "tokenizer", "tokenizer_2", ...
-    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection" or "T5EncoderModel"
-    kind: str  # "clip_l", "clip_g" or "t5xxl": what the split layout's files are called, and what to ask for
+    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel" or "Qwen3Model"
+    kind: str  # "clip_l", "clip_g", "t5xxl" or "qwen3": what the split layout's files are called, and what to ask for
     optional: bool = False  # the model runs without it (SD 3.x without T5: zeros in its place)
 
 
@@ -42,7 +42,10 @@ class Family:
     default_schedule: str = "Automatic"
     distilled_guidance: bool = False  # the network takes a guidance strength as an input (Flux.1 dev)
     default_distilled_cfg: float = 3.5
-    max_sequence_length: int = 0  # T5 tokens per prompt (0: no T5)
+    max_sequence_length: int = 0  # T5 (Qwen3) tokens per prompt (0: no T5)
+    # At a fixed shift, the Simple schedule's noise levels are spaced evenly from 1 to 1 / steps before the
+    # shift (Z-Image's pipeline), not by the scheduler (SD 3.x's); a size-shifted schedule always is (Flux.1).
+    even_sigmas: bool = False
 
     @property
     def is_transformer(self) -> bool:
@@ -51,6 +54,12 @@ class Family:
 
 _CLIP_L = TextEncoderSlot("text_encoder", "tokenizer", "CLIPTextModel", "clip_l")
 _FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+# Flux.1's schedule, shifted by the image's size; Chroma's pipeline shifts alike. (A folder's own config wins.)
+_SIZE_SHIFTED = {
+    **_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+_FLOW_DEFAULTS = dict(default_size=1024, default_sampler="Euler", default_schedule="Simple")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -69,20 +78,28 @@ FAMILIES: dict[str, Family] = {
                 TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
                 TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5xxl", optional=True),
             ),
-            16, True, {**_FLOW_SCHEDULER, "shift": 3.0},
-            default_size=1024, default_steps=28, default_cfg=5.0, default_sampler="Euler", default_schedule="Simple",
-            max_sequence_length=256,
+            16, True, {**_FLOW_SCHEDULER, "shift": 3.0}, default_steps=28, default_cfg=5.0, max_sequence_length=256,
+            **_FLOW_DEFAULTS,
         ),
         Family(
             "flux", "Flux.1", "transformer", "FluxTransformer2DModel", "FluxPipeline",
             (_CLIP_L, TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5xxl")),
-            16, True,
-            {
-                **_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                "base_image_seq_len": 256, "max_image_seq_len": 4096,
-            },
-            default_size=1024, default_steps=20, default_cfg=1.0, default_sampler="Euler", default_schedule="Simple",
-            distilled_guidance=True, max_sequence_length=512,
+            16, True, _SIZE_SHIFTED, default_steps=20, default_cfg=1.0, distilled_guidance=True, max_sequence_length=512,
+            **_FLOW_DEFAULTS,
+        ),
+        # T5 alone, read with its padding masked; real CFG with a negative prompt (ChromaPipeline's defaults).
+        Family(
+            "chroma", "Chroma", "transformer", "ChromaTransformer2DModel", "ChromaPipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "T5EncoderModel", "t5xxl"),),
+            16, True, _SIZE_SHIFTED, default_steps=35, default_cfg=5.0, max_sequence_length=512, **_FLOW_DEFAULTS,
+        ),
+        # Qwen3's chat-templated prompt; Turbo's defaults (8 steps, no CFG: ZImagePipeline's guidance_scale 0,
+        # which is CFG scale 1 here, as its guidance_scale g is uncond + (g + 1) * (cond - uncond)).
+        Family(
+            "zimage", "Z-Image", "transformer", "ZImageTransformer2DModel", "ZImagePipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "Qwen3Model", "qwen3"),),
+            16, True, {**_FLOW_SCHEDULER, "shift": 3.0}, default_steps=8, default_cfg=1.0, max_sequence_length=512,
+            even_sigmas=True, **_FLOW_DEFAULTS,
         ),
     )
 }

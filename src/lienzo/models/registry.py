@@ -16,6 +16,7 @@ from pathlib import Path
 from lienzo.errors import ModelFileError
 from lienzo.files import write_atomic
 from lienzo.models import formats
+from lienzo.models.families import FAMILIES
 from lienzo.models.paths import check_model_path
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ def embedded_model() -> Path | None:
 
 WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
 _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# What the architecture column calls a model that can generate: the U-Net families ("SD 1.x", "SDXL inpainting",
-# "SD (diffusers)"), SD 3.x and Flux.1 ("Flux.1", "Flux.1 schnell", "Flux.1 (diffusers)").
-_CHECKPOINT_PREFIXES = ("SD", "Flux")
+# What the architecture column calls a model that can generate: its family's label, with what it adds
+# ("SDXL inpainting", "Flux.1 schnell", "Z-Image (diffusers)"), or "SD (diffusers)" for a U-Net folder.
+_CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
 # ComfyUI's folders for the text encoders of a split model (lienzo.models.assembly reads them).
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
@@ -231,7 +232,6 @@ def _describe_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
         pass
     else:
         return _FAMILY_NAMES[arch.family] + (" inpainting" if arch.inpainting else "")
-    from lienzo.models.families import FAMILIES
     from lienzo.models.transformer_files import detect_transformer_family, text_encoder_kind
 
     family = detect_transformer_family(shapes)

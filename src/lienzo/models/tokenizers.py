@@ -40,6 +40,13 @@ def bundled_for(kind: str):
 
 def folder_tokenizer(folder: Path, slot: TextEncoderSlot, encoder: torch.nn.Module):
     """The tokenizer of one text encoder slot of a diffusers folder."""
+    if slot.kind == "qwen3":  # Qwen's BPE and chat template: nothing bundled stands in for it
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelFileError(f"model {folder.parent.name}: cannot read {folder.name}/ ({first_line(err)})") from None
     if slot.kind == "t5xxl":
         from transformers import T5TokenizerFast
 

@@ -1,4 +1,4 @@
-"""Diffusers folders of the transformer families (SD 3.x, Flux.1): their parts, by the family table.
+"""Diffusers folders of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image): their parts, by the family table.
 
 What is in the folder is read with diffusers' and transformers' own ``from_pretrained``, offline; the
 family's row says which class each part is and which text encoders it may go without.
@@ -20,7 +20,9 @@ from lienzo.models.tokenizers import folder_tokenizer
 
 def transformer_family(index: dict) -> Family | None:
     """The transformer family a ``model_index.json`` names by its pipeline class, or None (a U-Net family)."""
-    name = PIPELINE_FAMILIES.get(str(index.get("_class_name", "")).removesuffix("Img2ImgPipeline").removesuffix("InpaintPipeline"))
+    # A folder saved from the family's img2img or inpaint pipeline holds the same parts.
+    pipeline = str(index.get("_class_name", "")).replace("Img2Img", "").replace("Inpaint", "")
+    name = PIPELINE_FAMILIES.get(pipeline)
     return None if name is None else FAMILIES[name]
 
 
@@ -42,8 +44,8 @@ def load_transformer_folder(
     vae_dtype: torch.dtype | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
-    """A ``StableDiffusion3Pipeline`` or ``FluxPipeline`` folder: transformer, VAE, text encoders and
-    tokenizers, and the scheduler's config (shift, dynamic shifting) as the folder states it."""
+    """A transformer family's pipeline folder (``StableDiffusion3Pipeline``, ``FluxPipeline``, ...): transformer,
+    VAE, text encoders and tokenizers, and the scheduler's config (shift, dynamic shifting) as the folder states it."""
     local = {"local_files_only": True}
     try:
         transformer = diffusers_class(spec.network_class).from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **local)
