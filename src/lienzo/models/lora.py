@@ -4,6 +4,10 @@ U-Net families (SD 1.x, 2.x, XL): kohya's format (A1111, ComfyUI, Civitai) and d
 Flux.1: diffusers/peft, kohya (``lora_unet_double_blocks_…``, ``lora_te1_`` for CLIP-L), ComfyUI/BFL
 (``diffusion_model.double_blocks.…``, with ``lora_down``/``lora_up`` or ``lora_A``/``lora_B``) and XLabs.
 SD 3.x: diffusers/peft only (see :func:`_refuse_unconvertible`).
+Chroma: its transformer keeps Flux.1's block names, so every Flux.1 format above is read for it (ChromaPipeline
+uses Flux.1's loader); only the transformer takes LoRAs (see :func:`_loadable_parts`).
+Z-Image: diffusers/peft, ComfyUI/ai-toolkit (``diffusion_model.layers.0.attention.to_q…``) and kohya
+(``lora_unet_layers_0_attention_to_q``, a fused ``…_attention_qkv`` split per projection).
 
 diffusers does the reading: each family's loader mixin's ``lora_state_dict`` turns the file's names into
 diffusers ones (SDXL's sgm block names too, Flux's fused qkv split per projection), and
@@ -26,6 +30,7 @@ from diffusers.loaders import (
     SD3LoraLoaderMixin,
     StableDiffusionLoraLoaderMixin,
     StableDiffusionXLLoraLoaderMixin,
+    ZImageLoraLoaderMixin,
 )
 from diffusers.loaders.lora_base import (
     LORA_ADAPTER_METADATA_KEY,
@@ -59,7 +64,16 @@ _MIXINS: dict[str, type[LoraBaseMixin]] = {
     "sdxl": StableDiffusionXLLoraLoaderMixin,
     "sd3": SD3LoraLoaderMixin,
     "flux": FluxLoraLoaderMixin,
+    "chroma": FluxLoraLoaderMixin,  # as ChromaPipeline does: Chroma's transformer keeps Flux.1's module names
+    "zimage": ZImageLoraLoaderMixin,
 }
+# Families whose network is laid out as another's, so that the other's LoRAs fit it where layers agree:
+# Chroma is Flux.1 with its modulation layers replaced by one small network, and people train Chroma
+# LoRAs under Flux.1's block names (kohya's lora_unet_double_blocks_…, ComfyUI's diffusion_model.…).
+_SAME_LAYOUT = {"chroma": "flux"}
+# Which parts a family's LoRAs may change, where not all its mixin's _lora_loadable_modules: Flux.1's
+# loader (which ChromaPipeline uses) names CLIP-L "text_encoder", but Chroma's text_encoder is T5.
+_LOADABLE_PARTS = {"chroma": ("transformer",)}
 
 # Block names only one network layout has, in every naming the files use (kohya joins them with "_",
 # the others with "."): a LoRA naming them was trained for that layout. The U-Net families share one
@@ -67,6 +81,8 @@ _MIXINS: dict[str, type[LoraBaseMixin]] = {
 _LAYOUT_MARKS = {
     "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
     "sd3": ("joint_blocks",),
+    # Z-Image's refiners and its feed_forward (the others call theirs ff or mlp); its main blocks are just "layers".
+    "zimage": ("noise_refiner", "context_refiner", "feed_forward"),
     "unet": ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block"),
 }
 
@@ -164,8 +180,9 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
         )
     _refuse_other_layouts(path, tensors, components)
     _refuse_unconvertible(path, tensors, components)
-    if components.family == "flux":
+    if components.family in ("flux", "chroma"):
         _name_comfy_pairs_as_kohya(tensors)
+    if components.family == "flux":
         _warn_t5_layers(path, tensors)
     _fold_alphas(tensors)
     try:
@@ -185,10 +202,11 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
 def _convert(components: Components, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
     """diffusers' names for the file's tensors, and the alphas diffusers kept apart (None: none)."""
     mixin = _MIXINS[components.family]
-    if components.family == "flux":
+    if mixin is FluxLoraLoaderMixin:
         # Recognises kohya, ComfyUI (diffusion_model.…), XLabs and diffusers names by themselves.
         state_dict, network_alphas = mixin.lora_state_dict(tensors, return_alphas=True)
-    elif components.family == "sd3":
+    elif components.family in ("sd3", "zimage"):
+        # Z-Image's converter recognises kohya, ComfyUI/ai-toolkit and diffusers names by itself too.
         state_dict, network_alphas = mixin.lora_state_dict(tensors), None
     else:
         # unet_config: kohya names SDXL's UNet blocks the sgm way (input_blocks.4.1); the config maps them.
@@ -217,7 +235,7 @@ def _text_encoder_names_current(state_dict: dict) -> dict:
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The network layout ("unet", "sd3" or "flux") a LoRA's layer names belong to, None if they do not say."""
+    """The network layout (a key of _LAYOUT_MARKS) a LoRA's layer names belong to, None if they do not say."""
     for layout, marks in _LAYOUT_MARKS.items():
         if any(mark in key for key in tensors for mark in marks):
             return layout
@@ -230,9 +248,11 @@ def _layout_label(layout: str) -> str:
 
 def _refuse_other_layouts(path: Path, tensors: dict[str, torch.Tensor], components: Components) -> None:
     """A LoRA whose layer names belong to another network layout (an SD 1.5 LoRA on Flux, a Flux LoRA on
-    SD 3) is refused before any converter sees it: they would fail it with a message about key names."""
+    SD 3) is refused before any converter sees it: they would fail it with a message about key names.
+    A Flux.1 LoRA on Chroma is not another layout (see _SAME_LAYOUT)."""
     theirs = _layout(tensors)
-    ours = components.family if components.spec.is_transformer else "unet"
+    family = components.family
+    ours = _SAME_LAYOUT.get(family, family) if components.spec.is_transformer else "unet"
     if theirs is not None and theirs != ours:
         raise ModelFileError(
             f"lora: {path.name} is a LoRA for {_layout_label(theirs)}, "
@@ -317,8 +337,8 @@ def _inject_part(components: Components, part: str, path: Path, state_dict, netw
         log.warning("%s: its %d %s layers are ignored; this model has no %s", path.name, expected, part, part)
         return False
     mixin = _MIXINS[components.family]
-    if part not in mixin._lora_loadable_modules:
-        # Flux.1's text_encoder_2 is T5, which diffusers loads no LoRA into.
+    if part not in _loadable_parts(components.family):
+        # Flux.1's text_encoder_2 and Chroma's text_encoder are T5, which diffusers loads no LoRA into.
         log.warning("%s: its %d %s layers are ignored; LoRAs cannot change this model's %s", path.name, expected, part, part)
         return False
     part_metadata = _part_metadata(metadata, part)
@@ -332,6 +352,10 @@ def _inject_part(components: Components, part: str, path: Path, state_dict, netw
     if found < expected:
         log.warning("%s: %d of its %d %s layers fit no layer of this model and are ignored", path.name, expected - found, expected, part)
     return found > 0
+
+
+def _loadable_parts(family: str) -> tuple[str, ...]:
+    return _LOADABLE_PARTS.get(family, tuple(_MIXINS[family]._lora_loadable_modules))
 
 
 def _part_metadata(metadata: dict | None, part: str) -> dict | None:
