@@ -14,8 +14,8 @@ Make a random-weight stand-in checkpoint:
 SD 3.x and Flux.1 stand-ins are laid out like the real ones (16 latent channels, SD 3.5's dual
 attention and QK norm, Flux's double and single blocks, guidance input and packed 2x2 patches) at a
 few blocks of a few channels; their T5 has T5's real 32,128-token vocabulary so the bundled tokenizer fits.
-Chroma and Z-Image stand-ins (``chroma``, ``zimage``) are written as diffusers folders only (``--diffusers``):
-lienzo reads no single file of theirs yet.
+Chroma, Z-Image and Flux.2 Klein stand-ins (``chroma``, ``zimage``, ``flux2``) are written as diffusers folders
+only (``--diffusers``): lienzo reads no single file of theirs yet.
 """
 
 import argparse
@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     ChromaPipeline,
     ChromaTransformer2DModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -45,6 +48,7 @@ from transformers import (
     CLIPTextModelWithProjection,
     Qwen2TokenizerFast,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -57,7 +61,7 @@ from lienzo.models.single_file_save import save_single_file
 from lienzo.models.tokenizers import bundled_t5_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage", "flux2")
 _T5_VOCAB = 32128  # T5 v1.1's embedding rows (its tokenizer has 32,100 tokens)
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 # The real CLIP vocabulary, so that the bundled tokenizer's ids fit.
@@ -138,7 +142,8 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
     """A tiny random SD 3.5-like (``sd3``: CLIP-L, bigG, T5; dual attention in its first block, QK norm),
     Flux.1-like (``flux``: CLIP-L, T5; ``guidance`` False gives schnell's network) or Chroma-like (``chroma``:
     T5; Flux's blocks modulated by one small approximator network) or Z-Image-like (``zimage``: Qwen3 with a
-    byte-level tokenizer and Qwen3's chat template; a single-stream network with refiner blocks) model, seed 0.
+    byte-level tokenizer and Qwen3's chat template; a single-stream network with refiner blocks) or Flux.2
+    Klein-like (``flux2``: see :func:`_tiny_flux2`) model, seed 0.
     ``t5`` False leaves SD 3's optional T5 out."""
     torch.manual_seed(0)
     spec = FAMILY_TABLE[family]
@@ -176,6 +181,8 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
         ))
         encoders = dict(text_encoder=encoder, tokenizer=tokenizer)
         vae = _tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159)  # Flux.1's VAE
+    elif family == "flux2":
+        transformer, encoders, vae = _tiny_flux2()
     else:
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=FLUX_HEAD_DIM,
@@ -193,6 +200,28 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
     )
 
 
+def _tiny_flux2() -> tuple[Flux2Transformer2DModel, dict, AutoencoderKLFlux2]:
+    """Flux.2 Klein's layout: a Qwen3 language model deep enough for the three layers its pipeline reads
+    (27 layers of 32 channels), a 4-latent-channel VAE whose batch-norm statistics are not the identity, and
+    a double- and a single-stream block over its 2x2 patches (16 channels)."""
+    tokenizer = _tiny_qwen_tokenizer()
+    encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+    ))
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16,
+    )
+    vae.bn.running_mean.uniform_(-0.5, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * 32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    return transformer, dict(text_encoder=encoder, tokenizer=tokenizer), vae
+
+
 def save_transformer_models(models_dir) -> Path:
     """A tiny Flux.1 dev (``tiny-flux``), Flux.1 schnell (``tiny-schnell``) and SD 3.x (``tiny-sd3``), as
     diffusers folders in ``models_dir``."""
@@ -203,11 +232,12 @@ def save_transformer_models(models_dir) -> Path:
     return models_dir
 
 
-# Qwen3's chat template for one user turn, thinking enabled (what ZImagePipeline asks for): the turn, then
-# the assistant's opening.
+# Qwen3's chat template for one user turn: the turn, then the assistant's opening, with an empty thought when
+# thinking is off (what Flux2KleinPipeline asks for; ZImagePipeline turns it on).
 _QWEN_CHAT = (
     "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 
 
@@ -243,6 +273,7 @@ def save_diffusers_folder(components: Components, folder) -> Path:
         encoders = {name: getattr(components, name) for name in names}
         pipeline_class = {
             "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "chroma": ChromaPipeline, "zimage": ZImagePipeline,
+            "flux2": Flux2KleinPipeline,
         }[components.family]
         pipeline_class(**shared, **encoders).save_pretrained(folder)
         return folder

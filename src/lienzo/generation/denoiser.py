@@ -6,10 +6,10 @@ output for the scaled latents ``x`` at timestep ``t``, in the parameterisation i
 prompt. What wraps the network is a layer around that callable, never a branch in the loop:
 
 - :class:`UNetCall`: a U-Net (or DeepCache's :class:`~lienzo.generation.deepcache.DeepCacheUNet`
-  around it) with one text conditioning; :class:`SD3Call`, :class:`FluxCall`, :class:`ChromaCall` and
-  :class:`ZImageCall` are the transformer families' (each turns the latents into what its network takes,
-  packed 2x2 patches or a list of frames, and back inside its call, so the loop, the schedulers and the
-  inpainting mask see ordinary N x C x h x w latents for every family);
+  around it) with one text conditioning; :class:`SD3Call`, :class:`FluxCall`, :class:`ChromaCall`,
+  :class:`ZImageCall` and :class:`Flux2Call` are the transformer families' (each turns the latents into
+  what its network takes, packed 2x2 patches or a list of frames, and back inside its call, so the loop,
+  the schedulers and the inpainting mask see ordinary N x C x h x w latents for every family);
 - :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
@@ -134,6 +134,29 @@ class ZImageCall:
         with torch.no_grad():
             out = self.transformer(frames, (1000 - t.expand(x.shape[0])) / 1000, list(self.embeds), return_dict=False)[0]
         return -torch.stack([frame.float() for frame in out]).squeeze(2).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Flux2Call:
+    """Flux.2's transformer, called as ``Flux2KleinPipeline`` calls it: the (already 2x2-patched) latents as
+    a sequence with (time, row, column, layer) position ids, the Qwen3 sequence with its token positions,
+    the timestep on the 0-1 scale and no guidance input."""
+
+    transformer: Any
+    embeds: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline  # its packing helpers; imported with the model's family
+
+        n, _, h, w = x.shape
+        image_ids = Flux2KleinPipeline._prepare_latent_ids(x).to(x.device)
+        with torch.no_grad():
+            out = self.transformer(
+                hidden_states=Flux2KleinPipeline._pack_latents(x).to(self.transformer.dtype),
+                timestep=t.expand(n).to(x.dtype) / 1000, encoder_hidden_states=self.embeds,
+                txt_ids=Flux2KleinPipeline._prepare_text_ids(self.embeds).to(x.device), img_ids=image_ids, return_dict=False,
+            )[0]
+        return Flux2KleinPipeline._unpack_latents_with_ids(out, image_ids, h, w).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -308,6 +331,8 @@ def _call(components: Components, plan: BatchPlan, pairs, unet) -> Denoiser:
     def stacked(part: str) -> torch.Tensor:  # ``embeds``, ``pooled`` or ``mask`` of each row's PromptEmbeddings
         return torch.cat([getattr(row, part) for row in rows]).to(device=device, dtype=dtype)
 
+    if components.family == "flux2":
+        return Flux2Call(components.transformer, stacked("embeds"))
     if components.family == "chroma":
         return ChromaCall(components.transformer, stacked("embeds"), stacked("mask"))
     if components.family == "sd3":

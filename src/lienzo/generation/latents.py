@@ -106,7 +106,12 @@ def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[
     mu = None
     if config.get("use_dynamic_shifting"):
         shape = _latent_shape(components, plan)
-        mu = flux_mu((shape[1] // 2) * (shape[2] // 2), config)
+        if components.family == "flux2":  # Flux2KleinPipeline's own fit, of the latents' count and the steps
+            from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+            mu = compute_empirical_mu(shape[1] * shape[2], plan.steps)
+        else:
+            mu = flux_mu((shape[1] // 2) * (shape[2] // 2), config)
     for s in schedulers:
         set_timesteps(s, plan.sampler, plan.schedule, plan.steps, device=device, family=components.family, mu=mu)
     timesteps = schedulers[0].timesteps
@@ -205,6 +210,8 @@ def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.T
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
     image_latents = torch.cat([posterior.sample(g) for g in generators])
+    if components.spec.latent_patch > 1:
+        return _patched(vae, image_latents).to(latent_dtype(components))
     if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs centre their latents first
         image_latents = image_latents - vae.config.shift_factor
     return (vae.config.scaling_factor * image_latents).to(latent_dtype(components))
@@ -217,11 +224,37 @@ def decode(components: Components, latents: torch.Tensor, *, seamless: bool = Fa
     ``seamless`` (a tiling job, inside :func:`lienzo.generation.tiling.seamless`) decodes whole whatever
     ``vae_tiling`` says: with circular padding each tile would wrap onto its own edges, not the picture's,
     and show seams at the tile borders; a tiling image is usually of the model's own size anyway."""
+    if components.spec.latent_patch > 1:
+        latents = _unpatched(components.vae, latents)
     tiling = "off" if seamless else components.vae_tiling
     if seamless and wants_tiling(components.vae, latents, components.vae_tiling):
         log.info("tiling: decoding %dx%d latents whole, not in VAE tiles (they would not wrap)", latents.shape[-1], latents.shape[-2])
     decoded = decode_latents(components.vae, latents, tiling=tiling)
     return _processor(components).postprocess(decoded, output_type="np")
+
+
+def _batch_norm(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation Flux.2's VAE keeps of its patched latents, as ``like``'s."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def _patched(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents as the loop's: 2x2 patches, normalized (``Flux2KleinPipeline._encode_vae_image``)."""
+    from diffusers import Flux2KleinPipeline  # its patching helpers; imported with the model's family
+
+    patched = Flux2KleinPipeline._patchify_latents(latents)
+    mean, std = _batch_norm(vae, patched)
+    return (patched - mean) / std
+
+
+def _unpatched(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The loop's latents back as the VAE's, as ``Flux2KleinPipeline`` decodes them."""
+    from diffusers import Flux2KleinPipeline
+
+    mean, std = _batch_norm(vae, latents)
+    return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
 
 
 def latent_dtype(components: Components) -> torch.dtype:
@@ -230,9 +263,14 @@ def latent_dtype(components: Components) -> torch.dtype:
 
 
 def _latent_shape(components: Components, plan: BatchPlan) -> tuple[int, int, int]:
-    factor = components.vae_scale_factor
-    return (components.vae.config.latent_channels, plan.canvas.height // factor, plan.canvas.width // factor)
+    factor, channels = _pixels_per_latent(components), components.vae.config.latent_channels * components.spec.latent_patch**2
+    return (channels, plan.canvas.height // factor, plan.canvas.width // factor)
+
+
+def _pixels_per_latent(components: Components) -> int:
+    """The side of the pixels one latent of the loop stands for (Flux.2's: a 2x2 patch of its VAE's latents)."""
+    return components.vae_scale_factor * components.spec.latent_patch
 
 
 def _processor(components: Components) -> VaeImageProcessor:
-    return VaeImageProcessor(vae_scale_factor=components.vae_scale_factor)
+    return VaeImageProcessor(vae_scale_factor=_pixels_per_latent(components))

@@ -1,9 +1,9 @@
-"""Prompt encoding for the transformer families (SD 3.x, Flux.1, Chroma, Z-Image): CLIP's pooled vector and
-a T5 (Z-Image: Qwen3) sequence.
+"""Prompt encoding for the transformer families (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein): CLIP's pooled
+vector and a T5 (Z-Image, Flux.2 Klein: Qwen3) sequence.
 
 A plain prompt is encoded exactly as diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
-``ChromaPipeline`` / ``ZImagePipeline`` encode it (the same tokens, layers, padding and masks), so a
-lienzo picture equals theirs. On top, A1111's emphasis
+``ChromaPipeline`` / ``ZImagePipeline`` / ``Flux2KleinPipeline`` encode it (the same tokens, layers, padding
+and masks), so a lienzo picture equals theirs. On top, A1111's emphasis
 syntax (``(word:1.3)``, ``[word]``) weights T5's and CLIP's token embeddings as Forge does for these
 families: each piece is tokenized on its own, its tokens' embeddings scaled, the whole rescaled to
 its original mean. A prompt longer than CLIP's 77 tokens reaches the network through T5 (256 tokens
@@ -84,14 +84,13 @@ def _masked_t5(encoder, tokenizer, text: str, length: int) -> tuple[Tensor, Tens
     return apply_weights(embeds, weights), mask
 
 
-def _qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
-    """Z-Image's sequence, as ``ZImagePipeline`` reads it: the prompt as a chat's user turn, padded to
-    ``length`` and masked, Qwen3's second-to-last layer at the real tokens only (1, tokens, dim). A weighted
-    prompt's pieces are tokenized on their own between the template's tokens."""
+def _chat_ids(tokenizer, text: str, length: int, *, thinking: bool) -> tuple[list[int], list[float], int]:
+    """``length`` ids of the prompt as a chat's user turn, their weights and how many are not padding. A
+    weighted prompt's pieces are tokenized on their own between the template's tokens."""
 
     def chat(content: str) -> str:
         message = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+        return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
 
     pieces = _pieces(text)
     if all(weight == 1.0 for _, weight in pieces):
@@ -108,9 +107,30 @@ def _qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
         ids, weights = ids[:length], weights[:length]
         real = len(ids)
         ids += [tokenizer.pad_token_id] * (length - real)
+        weights += [1.0] * (length - real)
+    return ids, weights, real
+
+
+def _qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
+    """Z-Image's sequence, as ``ZImagePipeline`` reads it: the chat turn (thinking on) padded to ``length`` and
+    masked, Qwen3's second-to-last layer at the real tokens only (1, tokens, dim)."""
+    ids, weights, real = _chat_ids(tokenizer, text, length, thinking=True)
     mask = (torch.arange(length, device=execution_device(encoder)) < real)[None]
     hidden = encoder(input_ids=_ids(ids, encoder), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
     return apply_weights(hidden[:, :real], weights[:real])
+
+
+# Flux2KleinPipeline's text_encoder_out_layers: the hidden states it reads, side by side.
+_FLUX2_LAYERS = (9, 18, 27)
+
+
+def _flux2_qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
+    """Flux.2 Klein's sequence, as ``Flux2KleinPipeline`` reads it: the chat turn (thinking off) padded to
+    ``length`` and masked, Qwen3's layers 9, 18 and 27 side by side at every token, padding too (1, length, 3 dim)."""
+    ids, weights, real = _chat_ids(tokenizer, text, length, thinking=False)
+    mask = (torch.arange(length, device=execution_device(encoder)) < real)[None].long()
+    output = encoder(input_ids=_ids(ids, encoder), attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return apply_weights(torch.cat([output.hidden_states[k] for k in _FLUX2_LAYERS], dim=-1), weights)
 
 
 @torch.no_grad()
@@ -122,17 +142,19 @@ def encode_transformer_prompt(
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> PromptEmbeddings:
-    """One prompt for an SD 3.x, Flux.1, Chroma or Z-Image model: ``embeds`` is what the transformer attends
-    to (SD 3.x: CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then T5's sequence;
-    Flux.1 and Chroma: T5's sequence; Z-Image: Qwen3's, as long as the prompt) and ``pooled`` the pooled CLIP
-    vector(s) (none for Chroma, which has ``mask``, nor for Z-Image). SD 3.x without its T5 gets zeros in its
+    """One prompt for an SD 3.x, Flux.1, Chroma, Z-Image or Flux.2 Klein model: ``embeds`` is what the transformer
+    attends to (SD 3.x: CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then T5's sequence;
+    Flux.1 and Chroma: T5's sequence; Z-Image: Qwen3's, as long as the prompt; Flux.2 Klein: three of Qwen3's
+    layers) and ``pooled`` the pooled CLIP vector(s) (none for Chroma, which has ``mask``, nor for Z-Image and
+    Flux.2 Klein). SD 3.x without its T5 gets zeros in its
     place, as diffusers gives it."""
     if cancel is not None and cancel():
         raise GenerationCancelled("generation cancelled")
     spec = components.spec
     length = spec.max_sequence_length
-    if components.family == "zimage":
-        embeds = _qwen3(components.text_encoder, components.tokenizer, text, length)
+    if components.family in ("zimage", "flux2"):
+        read = _qwen3 if components.family == "zimage" else _flux2_qwen3
+        embeds = read(components.text_encoder, components.tokenizer, text, length)
         return PromptEmbeddings(embeds if device is None else embeds.to(device))
     if components.family == "chroma":
         embeds, mask = _masked_t5(components.text_encoder, components.tokenizer, text, length)

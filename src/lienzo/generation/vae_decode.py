@@ -67,7 +67,8 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool) -> torch.Ten
     vae.use_tiling = tiled
     try:
         with torch.no_grad():
-            latents = latents.to(vae.dtype) / vae.config.scaling_factor
+            # Flux.2's VAE has no scaling factor: lienzo.generation.latents undoes its batch norm before this.
+            latents = latents.to(vae.dtype) / vae.config.get("scaling_factor", 1.0)
             if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs
                 latents = latents + vae.config.shift_factor
             return vae.decode(latents, return_dict=False)[0]

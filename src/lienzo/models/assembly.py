@@ -1,21 +1,31 @@
-"""ComfyUI's split layout: an SD 3.x or Flux.1 transformer file, assembled with its text encoders and VAE.
+"""ComfyUI's split layout: an SD 3.x, Flux.1, Chroma or Z-Image transformer file, assembled with its text
+encoders and VAE.
 
-Flux.1 ships as a transformer alone (BFL's or ComfyUI's key names, in bf16, fp8 or GGUF), and SD 3.5 as a
-file that may or may not carry its text encoders and VAE. The other parts come, first match wins, from:
+Flux.1, Chroma and Z-Image ship as a transformer alone (their makers' or ComfyUI's key names, in bf16, fp8 or
+GGUF), and SD 3.5 as a file that may or may not carry its text encoders and VAE. The other parts come, first
+match wins, from:
 
 1. the files the user names: ``--text-encoder PATH`` (repeatable) and ``--vae PATH``;
 2. the model file itself, when it bundles them (SD 3.5's all-in-one files);
 3. the models dir, in ComfyUI's folders: text encoders in ``<models>/text_encoders`` or ``<models>/clip``,
    VAEs in ``<models>/vae`` (one with 16 latent channels; a name saying the family is preferred:
-   ``ae*``/``flux*`` for Flux.1, ``sd3*`` for SD 3.x). The models dir of a file in ComfyUI's
-   ``<models>/diffusion_models`` or ``<models>/unet`` is looked in first, then lienzo's.
+   ``ae*``/``flux*`` for Flux.1, Chroma and Z-Image, which decode with Flux's VAE; ``sd3*`` for SD 3.x).
+   The models dir of a file in ComfyUI's ``<models>/diffusion_models`` or ``<models>/unet`` is looked in
+   first, then lienzo's.
 
 Which text encoder a file is, is read from its tensors (:func:`lienzo.models.transformer_files.text_encoder_kind`);
-when they cannot tell (tiny test models), from ComfyUI's file names: ``clip_l*``, ``clip_g*``, ``t5*`` or ``*t5xxl*``.
+when they cannot tell (tiny test models), from ComfyUI's file names: ``clip_l*``, ``clip_g*``, ``t5*``, ``*t5xxl*``
+or ``qwen*``.
 Of several files of one kind in the models dir, the most precise is taken: fp16 or bf16, then fp32, scaled fp8,
 fp8, then GGUF from the largest file down. A smaller file would save disk only: every text encoder is read
 into the model's dtype (only a GGUF transformer stays quantized in memory). SD 3.x runs without T5 (its slot
 is optional): missing, or left out with ``t5=False`` (``--no-t5``), it is said in the log.
+
+lienzo bundles the CLIP and T5 tokenizers, not Qwen3's (Z-Image's): its ``tokenizer.json`` (with the
+``tokenizer_config.json`` that carries the chat template; a Z-Image diffusers folder's ``tokenizer/`` has
+both) is read from a folder given with ``--text-encoder FOLDER``, else from beside the Qwen3 file (or its
+``tokenizer/`` folder). A Qwen3 given as a transformers folder (a diffusers folder's ``text_encoder/``) brings
+its sibling ``tokenizer/``.
 
 Before any tensor is read, what the pieces will take in memory (from their headers) is set against what the
 device has (:func:`plan_memory`): a model that cannot fit fails at once, in one line that says what to do.
@@ -34,6 +44,7 @@ from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components, vae_dtype_for
 from lienzo.models.families import FAMILIES, Family, TextEncoderSlot
+from lienzo.models.quiet import first_line
 from lienzo.models.registry import (
     TEXT_ENCODER_FOLDERS,
     TEXT_ENCODER_LABELS,
@@ -49,10 +60,22 @@ log = logging.getLogger(__name__)
 TRANSFORMER_FOLDERS = ("diffusion_models", "unet")
 VAE_FOLDER = "vae"
 # What a user who lacks a piece is told to put in the models dir: the names ComfyUI's guides use.
-_SUGGESTED_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
-_SUGGESTED_VAE = {"flux": "ae.safetensors", "sd3": "sd3_vae.safetensors"}
+_SUGGESTED_FILES = {
+    "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors",
+    "qwen3": "qwen_3_4b.safetensors",
+}
+# Chroma and Z-Image decode with Flux.1's VAE.
+_SUGGESTED_VAE = {
+    "flux": "ae.safetensors", "sd3": "sd3_vae.safetensors", "chroma": "ae.safetensors", "zimage": "ae.safetensors",
+}
 # VAE file names that say which family a 16-channel VAE was made for (the two are built alike).
-_VAE_NAMES = {"flux": ("ae", "flux"), "sd3": ("sd3", "diffusion_pytorch_model")}
+_VAE_NAMES = {
+    "flux": ("ae", "flux"), "sd3": ("sd3", "diffusion_pytorch_model"), "chroma": ("ae", "flux", "chroma"),
+    "zimage": ("ae", "flux", "z_image", "zimage"),
+}
+# Qwen3's tokenizer: the file that must be there, and where beside a Qwen3 file or folder it is looked for.
+_TOKENIZER_FILE = "tokenizer.json"
+_TOKENIZER_FOLDER = "tokenizer"
 # Where an all-in-one file (ComfyUI's checkpoint layout, SD 3.5's releases) keeps its other parts.
 _BUNDLED_TEXT_ENCODER = "text_encoders.{kind}."
 _BUNDLED_VAE = "first_stage_model."
@@ -69,7 +92,7 @@ _GIB = 2**30
 class Piece:
     """One part of a model and where it is read from: a file of its own, or a part of the model file (``bundled``)."""
 
-    role: str  # "transformer", "vae" or a text encoder kind ("clip_l", "clip_g", "t5xxl")
+    role: str  # "transformer", "vae" or a text encoder kind ("clip_l", "clip_g", "t5xxl", "qwen3")
     path: Path
     size: int  # bytes it takes in memory once read: in the model's dtype (a GGUF transformer: quantized)
     origin: str  # "given" (by the user), "bundled" (in the model file) or "found" (in the models dir)
@@ -89,6 +112,7 @@ class Assembly:
     transformer: Piece
     text_encoders: dict[str, Piece | None]  # slot kind -> piece; None: an optional one left out
     vae: Piece
+    tokenizer: Path | None = None  # the folder with Qwen3's tokenizer (Z-Image); the others' are bundled
 
     @property
     def pieces(self) -> list[Piece]:
@@ -105,7 +129,7 @@ def _headers(path: Path) -> tuple[str, Tensors]:
 
 
 def text_encoder_kind_of(path: Path) -> str | None:
-    """"clip_l", "clip_g" or "t5xxl": what a text encoder file holds, by its tensors, else by its name."""
+    """"clip_l", "clip_g", "t5xxl" or "qwen3": what a text encoder file holds, by its tensors, else by its name."""
     from lienzo.models.transformer_files import text_encoder_kind
 
     _, tensors = _headers(path)
@@ -194,12 +218,12 @@ def plan_assembly(
     tensors = header_tensors(path)
     family = detect_transformer_family({k: shape for k, (shape, _, _) in tensors.items()})
     if family is None:
-        raise ModelFileError(f"model {path.name} is not an SD 3.x or Flux.1 transformer")
+        raise ModelFileError(f"model {path.name} is not an SD 3.x, Flux.1, Chroma or Z-Image transformer")
     spec = FAMILIES[family]
     model = f"model {path.name} ({spec.label})"
     # The models dir the file lies in (a ComfyUI tree given by path) first, then the one asked to look in.
     searched = list(dict.fromkeys(d.resolve() for d in (models_dir_of(path), models_dir) if d is not None))
-    given = _given_text_encoders(text_encoders, spec)
+    given, tokenizer_folders = _given_text_encoders(text_encoders, spec)
     check_t5_option(spec, t5, path.name)
 
     def bundled_size(prefix: str) -> int:
@@ -248,9 +272,32 @@ def plan_assembly(
             )
         vae_piece = Piece("vae", found_vae, file_size(found_vae), "found")
 
+    tokenizer = None
+    if chosen.get("qwen3") is not None:
+        tokenizer = _find_tokenizer(model, chosen["qwen3"].path, tokenizer_folders)
     own = {key: t for key, t in tensors.items() if not key.startswith(("text_encoders.", _BUNDLED_VAE))}
     transformer = Piece("transformer", path, loaded_size(own, dtype, quantized=True), "given")
-    return Assembly(path=path, spec=spec, transformer=transformer, text_encoders=chosen, vae=vae_piece)
+    return Assembly(path=path, spec=spec, transformer=transformer, text_encoders=chosen, vae=vae_piece, tokenizer=tokenizer)
+
+
+def _tokenizer_places(folder: Path) -> list[Path]:
+    """Where a given folder may keep Qwen3's tokenizer: in itself, in its ``tokenizer/`` (a Z-Image diffusers
+    folder), or beside it (a diffusers folder's ``text_encoder/``, next to ``tokenizer/``)."""
+    return [folder, folder / _TOKENIZER_FOLDER, folder.parent / _TOKENIZER_FOLDER]
+
+
+def _find_tokenizer(model: str, encoder: Path, given: Sequence[Path]) -> Path:
+    """The folder with Qwen3's tokenizer.json: a given folder first, then beside the Qwen3 file or folder."""
+    beside = _tokenizer_places(encoder) if encoder.is_dir() else [encoder.parent, encoder.parent / _TOKENIZER_FOLDER]
+    places = [place for folder in given for place in _tokenizer_places(folder)] + beside
+    found = next((place for place in places if (place / _TOKENIZER_FILE).is_file()), None)
+    if found is None:
+        raise ModelFileError(
+            f"{model} needs Qwen3's tokenizer: no {_TOKENIZER_FILE} beside {encoder.name} or in a folder given with "
+            f"--text-encoder; put the Z-Image diffusers folder's tokenizer/ files in {encoder.parent} "
+            "or pass --text-encoder FOLDER"
+        )
+    return found
 
 
 def loaded_size(tensors: Tensors, dtype: torch.dtype, *, quantized: bool = False) -> int:
@@ -276,17 +323,31 @@ def _size_of(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
-def _given_text_encoders(paths: Sequence[Path], spec: Family) -> dict[str, Path]:
-    """``--text-encoder`` files by the slot each fills; one line for a file that fits no slot of the family."""
+def _given_text_encoders(paths: Sequence[Path], spec: Family) -> tuple[dict[str, Path], list[Path]]:
+    """``--text-encoder`` files by the slot each fills, and the folders given (Qwen3's tokenizer, or a Qwen3
+    transformers folder: one with config.json); one line for a path that fits no slot of the family."""
     kinds = {slot.kind for slot in spec.text_encoders}
     given: dict[str, Path] = {}
+    folders: list[Path] = []
     for path in map(Path, paths):
+        if path.is_dir():
+            if "qwen3" not in kinds:
+                raise ModelFileError(
+                    f"--text-encoder {path.name}: a folder, which lienzo reads only for Z-Image's Qwen3 (its tokenizer); "
+                    f"give {spec.label}'s text encoders as files"
+                )
+            folders.append(path)
+            if (path / "config.json").is_file():  # a Qwen3 saved by transformers, not only a tokenizer
+                if "qwen3" in given:
+                    raise ModelFileError(f"--text-encoder: {given['qwen3'].name} and {path.name} are both qwen3; give one")
+                given["qwen3"] = path
+            continue
         formats.sniff(path)  # a clear line for a missing, empty or foreign file
         kind = text_encoder_kind_of(path)
         if kind is None:
             raise ModelFileError(
                 f"--text-encoder {path.name}: cannot tell which text encoder it is from its tensors; "
-                "name the file clip_l*, clip_g* or t5xxl* after what it holds"
+                "name the file clip_l*, clip_g*, t5xxl* or qwen* after what it holds"
             )
         if kind not in kinds:
             takes = ", ".join(slot.kind for slot in spec.text_encoders)
@@ -297,7 +358,7 @@ def _given_text_encoders(paths: Sequence[Path], spec: Family) -> dict[str, Path]
         if kind in given:
             raise ModelFileError(f"--text-encoder: {given[kind].name} and {path.name} are both {kind}; give one")
         given[kind] = path
-    return given
+    return given, folders
 
 
 def _missing_text_encoders(model: str, slots: list[TextEncoderSlot], searched: list[Path]) -> str:
@@ -382,10 +443,11 @@ def assemble(
     low_vram: bool = False,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
-    """The whole model around the SD 3.x or Flux.1 transformer file ``path``, every part named as the family's
-    diffusers pipeline names it, with lienzo's bundled tokenizers. The other parts are looked for in the
-    models dir the file lies in (the folder above its ``diffusion_models``/``unet`` folder), then in
-    ``models_dir``. ``device`` and ``low_vram``: where the model will run, for :func:`plan_memory`.
+    """The whole model around the SD 3.x, Flux.1, Chroma or Z-Image transformer file ``path``, every part named
+    as the family's diffusers pipeline names it, with lienzo's bundled tokenizers (Qwen3's: found beside it).
+    The other parts are looked for in the models dir the file lies in (the folder above its
+    ``diffusion_models``/``unet`` folder), then in ``models_dir``. ``device`` and ``low_vram``: where the
+    model will run, for :func:`plan_memory`.
     ``cancel`` is asked between the parts."""
     assembly = plan_assembly(path, text_encoders=text_encoders, vae=vae, t5=t5, models_dir=models_dir, dtype=dtype)
     name = f"model {assembly.path.name} ({assembly.spec.label})"
@@ -423,7 +485,7 @@ def load_assembly(
             parts[slot.component] = load_text_encoder_file(piece.path, slot.kind, dtype=dtype, projection=projection)
             files[slot.component] = piece.path.name
         parts[slot.component] = parts[slot.component].eval()
-        parts[slot.tokenizer] = bundled_for(slot.kind)
+        parts[slot.tokenizer] = _qwen3_tokenizer(assembly.tokenizer) if slot.kind == "qwen3" else bundled_for(slot.kind)
     formats.stop_if_cancelled(cancel)
     vae = _load_vae(assembly.vae, spec, vae_dtype_for({}, dtype, vae_dtype))
     schedule = dict(spec.scheduler)
@@ -441,6 +503,22 @@ def load_assembly(
         vae_name="" if assembly.vae.origin == "bundled" else assembly.vae.path.stem,
         **parts,
     )
+
+
+def _qwen3_tokenizer(folder: Path):
+    """Qwen3's tokenizer from the folder :func:`plan_assembly` found; Z-Image prompts through its chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # the tokenizers library raises a plain Exception for a file it cannot parse
+        raise ModelFileError(f"cannot read Qwen3's tokenizer in {folder}: {first_line(err)}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelFileError(
+            f"Qwen3's tokenizer in {folder} has no chat template; "
+            "add its tokenizer_config.json (the Z-Image diffusers folder's tokenizer/ has one)"
+        )
+    return tokenizer
 
 
 def _bundled_text_encoders(path: Path, spec: Family, kinds: list[str], dtype: torch.dtype) -> dict:

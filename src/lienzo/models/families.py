@@ -19,7 +19,7 @@ class TextEncoderSlot:
 
     component: str  # "text_encoder", "text_encoder_2", ...
     tokenizer: str  # "tokenizer", "tokenizer_2", ...
-    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel" or "Qwen3Model"
+    model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "Qwen3Model", ...
     kind: str  # "clip_l", "clip_g", "t5xxl" or "qwen3": what the split layout's files are called, and what to ask for
     optional: bool = False  # the model runs without it (SD 3.x without T5: zeros in its place)
 
@@ -46,6 +46,10 @@ class Family:
     # At a fixed shift, the Simple schedule's noise levels are spaced evenly from 1 to 1 / steps before the
     # shift (Z-Image's pipeline), not by the scheduler (SD 3.x's); a size-shifted schedule always is (Flux.1).
     even_sigmas: bool = False
+    vae_class: str = "AutoencoderKL"  # the diffusers class of the VAE
+    # The loop's latents are the VAE's in latent_patch x latent_patch patches (their channels side by side),
+    # normalized by the VAE's batch-norm statistics in place of a scaling factor (Flux.2); 1: the VAE's own.
+    latent_patch: int = 1
 
     @property
     def is_transformer(self) -> bool:
@@ -100,6 +104,14 @@ FAMILIES: dict[str, Family] = {
             (TextEncoderSlot("text_encoder", "tokenizer", "Qwen3Model", "qwen3"),),
             16, True, {**_FLOW_SCHEDULER, "shift": 3.0}, default_steps=8, default_cfg=1.0, max_sequence_length=512,
             even_sigmas=True, **_FLOW_DEFAULTS,
+        ),
+        # Qwen3's chat-templated prompt read at three layers; the distilled Klein's defaults (4 steps, no CFG:
+        # Flux2KleinPipeline ignores its guidance scale for them). Shifted by size and step count (its own mu).
+        Family(
+            "flux2", "Flux.2 Klein", "transformer", "Flux2Transformer2DModel", "Flux2KleinPipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "Qwen3ForCausalLM", "qwen3"),),
+            32, True, {**_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True}, default_steps=4, default_cfg=1.0,
+            max_sequence_length=512, vae_class="AutoencoderKLFlux2", latent_patch=2, **_FLOW_DEFAULTS,
         ),
     )
 }

@@ -41,7 +41,7 @@ _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 _CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
 # ComfyUI's folders for the text encoders of a split model (lienzo.models.assembly reads them).
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
-TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
+TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3"}
 # Raised when describe() or weight_format() learn something new: cached descriptions are made again, hashes kept.
 _DESCRIPTION_VERSION = 2
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
@@ -254,7 +254,7 @@ def is_schnell(family: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 
 
 def text_encoder_kind_by_name(name: str) -> str | None:
-    """The text encoder ComfyUI's file names say a file is: ``clip_l*``, ``clip_g*``, ``t5*`` or ``*t5xxl*``."""
+    """The text encoder ComfyUI's file names say a file is: ``clip_l*``, ``clip_g*``, ``t5*``, ``*t5xxl*`` or ``qwen*``."""
     name = name.lower()
     if name.startswith("clip_l"):
         return "clip_l"
@@ -262,6 +262,8 @@ def text_encoder_kind_by_name(name: str) -> str | None:
         return "clip_g"
     if name.startswith("t5") or "t5xxl" in name:
         return "t5xxl"
+    if name.startswith("qwen"):  # qwen_3_4b.safetensors, Z-Image's
+        return "qwen3"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Single files of the transformer families (SD 3.x, Flux.1) as people keep them, read offline.
+"""Single files of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image) as people keep them, read offline.
 
 The network alone comes in Black Forest Labs' and Stability's original key names, with ComfyUI's
 ``model.diffusion_model.`` prefix, or in diffusers' names; in bf16/fp16/fp32, fp8 (``float8_e4m3fn``),
@@ -8,8 +8,9 @@ each text encoder (``clip_l``, ``clip_g``, ``t5xxl``) and Flux's VAE (``ae.safet
 
 Every config is read from tensor shapes, as :mod:`lienzo.models.single_file_load` does for U-Net models,
 so a tiny test model loads exactly like a real one. Renaming uses diffusers' converters where they fit
-any size (SD 3.x, the VAE, OpenCLIP); diffusers' Flux converter assumes Flux.1's 3072 channels, so
-Flux's names are mapped here from a table. GGUF tensors stay quantized through diffusers' GGUF quantizer.
+any size (SD 3.x, Z-Image, the VAE, OpenCLIP); diffusers' Flux and Chroma converters assume Flux.1's 3072
+channels, so Flux's (and Chroma's, which are Flux's blocks without their modulation) names are mapped here
+from a table. GGUF tensors stay quantized through diffusers' GGUF quantizer.
 """
 
 import logging
@@ -20,11 +21,18 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    ChromaTransformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    ZImageTransformer2DModel,
+)
 from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
     convert_sd3_transformer_checkpoint_to_diffusers,
+    convert_z_image_transformer_checkpoint_to_diffusers,
     swap_scale_shift,
 )
 from diffusers.models.model_loading_utils import load_gguf_checkpoint, load_model_dict_into_meta
@@ -32,7 +40,7 @@ from diffusers.quantizers.gguf import GGUFQuantizer
 from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
 from diffusers.quantizers.quantization_config import GGUFQuantizationConfig
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models import formats
@@ -52,14 +60,32 @@ log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 PREFIX = formats.UNET_PREFIX  # ComfyUI's (and SD 3.5 all-in-one files') prefix of the network's tensors
-TEXT_ENCODER_KINDS = ("clip_l", "clip_g", "t5xxl")
+TEXT_ENCODER_KINDS = ("clip_l", "clip_g", "t5xxl", "qwen3")
 # Where an all-in-one file keeps each text encoder, in transformers' names.
 TEXT_ENCODER_PREFIX = "text_encoders.{kind}.transformer."
 
 # Tensors that name a family, in its original names (BFL's, Stability's) and in diffusers' names,
 # after the ComfyUI prefix is removed. Flux.1's time_in/vector_in tell it from Chroma and Flux.2, which
-# share its block names; diffusers' SD 3 has no single-stream blocks and no plain x_embedder.
+# share its block names, and Chroma's distilled_guidance_layer (its modulation approximator) tells Chroma;
+# diffusers' SD 3 has no single-stream blocks and no plain x_embedder.
 _SIGNATURES = {
+    "chroma": (
+        (
+            "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight",
+            "distilled_guidance_layer.in_proj.weight",
+        ),
+        (
+            "transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_q.weight", "x_embedder.weight",
+            "distilled_guidance_layer.in_proj.weight",
+        ),
+    ),
+    "zimage": (
+        ("layers.0.attention.qkv.weight", "noise_refiner.0.attention.qkv.weight", "x_embedder.weight", "cap_embedder.1.weight"),
+        (
+            "layers.0.attention.to_q.weight", "noise_refiner.0.attention.to_q.weight", "all_x_embedder.2-1.weight",
+            "cap_embedder.1.weight",
+        ),
+    ),
     "flux": (
         (
             "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight",
@@ -90,6 +116,23 @@ _CONFIG_NAMES = {
         "double": ("double_blocks.", "transformer_blocks."),
         "single": ("single_blocks.", "single_transformer_blocks."),
     },
+    "chroma": {
+        "x_in": ("img_in.weight", "x_embedder.weight"),
+        "text_in": ("txt_in.weight", "context_embedder.weight"),
+        "q_norm": ("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
+        "out": ("final_layer.linear.weight", "proj_out.weight"),
+        "double": ("double_blocks.", "transformer_blocks."),
+        "single": ("single_blocks.", "single_transformer_blocks."),
+        "approximator_in": ("distilled_guidance_layer.in_proj.weight",) * 2,
+        "approximator_layers": ("distilled_guidance_layer.layers.",) * 2,
+    },
+    "zimage": {
+        "x_in": ("x_embedder.weight", "all_x_embedder.2-1.weight"),
+        "text_in": ("cap_embedder.1.weight",) * 2,
+        "q_norm": ("layers.0.attention.q_norm.weight", "layers.0.attention.norm_q.weight"),
+        "layers": ("layers.",) * 2,
+        "refiner": ("noise_refiner.",) * 2,
+    },
     "sd3": {
         "patch": ("x_embedder.proj.weight", "pos_embed.proj.weight"),
         "positions": ("pos_embed", "pos_embed.pos_embed"),
@@ -101,7 +144,10 @@ _CONFIG_NAMES = {
         "attn2": (".x_block.attn2.", ".attn2."),  # in the blocks with SD 3.5's second (dual) attention
     },
 }
-_NETWORKS = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}
+_NETWORKS = {
+    "flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "chroma": ChromaTransformer2DModel,
+    "zimage": ZImageTransformer2DModel,
+}
 # SD 3 without QK norm (3.0 Medium) leaves its head width in no tensor; every SD 3.x has 64 per head.
 _SD3_HEAD_DIM = 64
 # The image size SD 3.x and Flux.1 were trained at, in latents (1024 px / 8); no tensor states it.
@@ -148,6 +194,19 @@ _FLUX_FUSED = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
 }
 _FLUX_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
+# Chroma's approximator (what replaced Flux's modulation layers) in lodestones' names -> diffusers', relative
+# to distilled_guidance_layer.; its RMSNorms' "scale" becomes "weight" as Flux's do.
+_CHROMA_APPROXIMATOR = re.compile(
+    r"distilled_guidance_layer\.(?:(in_proj|out_proj)|layers\.(\d+)\.(in_layer|out_layer)|norms\.(\d+))\.(\w+)"
+)
+_CHROMA_LAYER = {"in_layer": "linear_1", "out_layer": "linear_2"}
+# Z-Image: what no tensor states. Its patches are 2x2 latents of one frame, and its rotary axes (frame, row,
+# column) split each head as 1/4, 3/8, 3/8 (32, 48, 48 for 128); the axes' lengths only bound the positions
+# the rotary table covers, so Z-Image's own (which cover 4096 px) serve every size.
+_ZIMAGE_PATCH = 2
+_ZIMAGE_AXES_LENS = (1536, 512, 512)
+# Some Z-Image files keep a final norm that the network does not use (diffusers' converter drops it too).
+_ZIMAGE_UNUSED = "norm_final.weight"
 # BFL and SD 3 keep the final modulation as (shift, scale); diffusers as (scale, shift).
 _FLUX_FINAL_MODULATION = "final_layer.adaLN_modulation.1"
 
@@ -171,11 +230,29 @@ _T5_BLOCK = "encoder.block."
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")  # the same (tied) table; files keep either or both
 # llama.cpp's names for T5's encoder, as city96's T5 GGUF files have them.
 _T5_GGUF = ("token_embd.weight", "enc.blk.0.attn_q.weight")
+# Qwen3 (Z-Image's text encoder) in transformers' Qwen3Model names; ComfyUI's qwen_3_4b.safetensors keeps
+# Qwen3ForCausalLM's (under model., beside an lm_head that an encoder does not use). The QK norms tell it
+# from Qwen2 and Llama, which share the other names.
+_QWEN3_PREFIX = "model."
+_QWEN3_SIGNATURE = ("embed_tokens.weight", "layers.0.self_attn.q_norm.weight")
+_QWEN3_UNUSED = ("lm_head.weight",)
+# llama.cpp's names for Qwen3 (GGUF files of qwen_3_4b), mapped back through gguf's own table; its lm_head
+# ("output.weight") is not used. llama.cpp stores Qwen's q and k unpermuted (it permutes Llama's only).
+_QWEN3_GGUF = ("token_embd.weight", "blk.0.attn_q_norm.weight")
+_QWEN3_GGUF_UNUSED = ("output.weight",)
+_QWEN3_LAYER = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+)
+# What no tensor of Qwen3 states: its rotary base, norm epsilon and context length (Qwen3-4B's config).
+_QWEN3_CONSTANTS = {"rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 40960}
 
 _VAE_PREFIX = formats.VAE_PREFIX
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # Each family's latent space: (scaling_factor, shift_factor) as its VAE config states them.
-_VAE_LATENTS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+# Chroma and Z-Image decode with Flux.1's VAE (ae.safetensors), so they share its latent scale and shift.
+_VAE_LATENTS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609), "chroma": (0.3611, 0.1159), "zimage": (0.3611, 0.1159)}
 _VAE_SAMPLE_SIZE = 1024
 
 
@@ -183,8 +260,8 @@ _VAE_SAMPLE_SIZE = 1024
 
 
 def detect_transformer_family(shapes: Mapping[str, Shape]) -> str | None:
-    """"flux" or "sd3" when the tensor names are those of a Flux.1 or SD 3.x transformer (original, ComfyUI-
-    prefixed or diffusers names), else None. Only names are read; ``shapes`` may be a header's."""
+    """"flux", "sd3", "chroma" or "zimage" when the tensor names are those of that family's transformer
+    (original, ComfyUI-prefixed or diffusers names), else None. Only names are read; ``shapes`` may be a header's."""
     own = _network_part(shapes)
     for family, layouts in _SIGNATURES.items():
         if any(all(name in own for name in names) for names in layouts):
@@ -193,13 +270,13 @@ def detect_transformer_family(shapes: Mapping[str, Shape]) -> str | None:
 
 
 def transformer_config(family: str, shapes: Mapping[str, Shape], *, name: str = "this file") -> dict:
-    """The diffusers config of a ``family`` transformer ("flux" or "sd3"), read from its tensor shapes
+    """The diffusers config of a ``family`` transformer ("flux", "sd3", "chroma", "zimage"), read from its tensor shapes
     (original, ComfyUI-prefixed or diffusers names). ``name`` is the file, for the error message."""
     own = _network_part(shapes)
     diffusers_names = all(key in own for key in _SIGNATURES[family][1])
     names = {what: pair[diffusers_names] for what, pair in _CONFIG_NAMES[family].items()}
     try:
-        return (_flux_config if family == "flux" else _sd3_config)(own, names)
+        return _CONFIGS[family](own, names)
     except KeyError as err:
         raise ModelFileError(f"{name} is missing the transformer tensor {err.args[0]!r}; the file is incomplete") from None
 
@@ -221,6 +298,46 @@ def _flux_config(own: Mapping[str, Shape], names: dict) -> dict:
         "guidance_embeds": names["guidance_in"] in own,
         # The rotary axes (text index, row, column) split each head as 1/8, 7/16, 7/16: (16, 56, 56) for 128.
         "axes_dims_rope": (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+    }
+
+
+def _chroma_config(own: Mapping[str, Shape], names: dict) -> dict:
+    inner, in_channels = own[names["x_in"]]
+    head_dim = own[names["q_norm"]][0]
+    hidden, channels = own[names["approximator_in"]]
+    return {
+        "patch_size": 1,  # packed 2x2 latent patches, as Flux's
+        "in_channels": in_channels,
+        "out_channels": own[names["out"]][0],
+        "num_layers": _count_indices(own, names["double"]),
+        "num_single_layers": _count_indices(own, names["single"]),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": own[names["text_in"]][1],
+        "axes_dims_rope": (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),  # Flux's split
+        "approximator_num_channels": channels,
+        "approximator_hidden_dim": hidden,
+        "approximator_layers": _count_indices(own, names["approximator_layers"]),
+    }
+
+
+def _zimage_config(own: Mapping[str, Shape], names: dict) -> dict:
+    dim, patch_channels = own[names["x_in"]]
+    head_dim = own[names["q_norm"]][0]
+    return {
+        "all_patch_size": (_ZIMAGE_PATCH,),
+        "all_f_patch_size": (1,),
+        "in_channels": patch_channels // (_ZIMAGE_PATCH * _ZIMAGE_PATCH),
+        "dim": dim,
+        "n_layers": _count_indices(own, names["layers"]),
+        "n_refiner_layers": _count_indices(own, names["refiner"]),
+        "n_heads": dim // head_dim,
+        # The fused qkv of the original names is split in thirds (as diffusers' converter does): as many
+        # key/value heads as query heads, which every Z-Image has.
+        "n_kv_heads": dim // head_dim,
+        "cap_feat_dim": own[names["text_in"]][1],
+        "axes_dims": [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8],
+        "axes_lens": list(_ZIMAGE_AXES_LENS),
     }
 
 
@@ -248,10 +365,14 @@ def _sd3_config(own: Mapping[str, Shape], names: dict) -> dict:
     }
 
 
-def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
-    """"clip_l", "clip_g" or "t5xxl" for a standalone text-encoder file (ComfyUI's split layout), else None.
+_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "chroma": _chroma_config, "zimage": _zimage_config}
 
-    T5 by its encoder blocks and embedding (transformers' or llama.cpp's GGUF names). A CLIP (transformers'
+
+def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
+    """"clip_l", "clip_g", "t5xxl" or "qwen3" for a standalone text-encoder file (ComfyUI's split layout), else None.
+
+    T5 by its encoder blocks and embedding (transformers' or llama.cpp's GGUF names); Qwen3 by its embedding
+    and its attention's QK norms (transformers' names, with or without ``model.``). A CLIP (transformers'
     or OpenCLIP names) by its width alone: 768 is CLIP-L, 1280 bigG. Layer counts and text projections
     do not decide (SD 3's CLIP-L has a projection, Flux's none; bigG's layer count varies with how it was
     cut). A CLIP of any other width (a test-sized one) gives None: the caller's wanted kind decides then.
@@ -260,6 +381,10 @@ def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
         return "t5xxl"
     if all(key in shapes for key in _T5_GGUF):
         return "t5xxl"
+    if any(all(prefix + key in shapes for key in _QWEN3_SIGNATURE) for prefix in ("", _QWEN3_PREFIX)):
+        return "qwen3"
+    if all(key in shapes for key in _QWEN3_GGUF):
+        return "qwen3"
     token = shapes.get(_CLIP_TOKEN) or shapes.get(_FLAT_CLIP_TOKEN) or shapes.get(_OPEN_CLIP_TOKEN)
     return None if token is None or len(token) != 2 else _CLIP_WIDTHS.get(token[1])
 
@@ -268,7 +393,8 @@ def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
 
 
 def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[str, torch.nn.Module]:
-    """(family, network) from one file holding an SD 3.x or Flux.1 transformer, alone or in an all-in-one file.
+    """(family, network) from one file holding an SD 3.x, Flux.1, Chroma or Z-Image transformer, alone or in
+    an all-in-one file.
 
     fp8 and scaled-fp8 weights are upcast to ``dtype``; GGUF weights stay quantized (diffusers'
     ``GGUFLinear`` dequantizes each layer's weight as it runs, computing in ``dtype``).
@@ -294,6 +420,13 @@ def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[
             converted = own
         elif family == "flux":
             converted = _flux_to_diffusers(own, inner=config["num_attention_heads"] * config["attention_head_dim"])
+        elif family == "chroma":
+            converted = _chroma_approximator(own)
+            converted.update(_flux_to_diffusers(own, inner=config["num_attention_heads"] * config["attention_head_dim"]))
+        elif family == "zimage":
+            # diffusers' converter renames every tensor, so one that fits no layer is named by the load below.
+            own.pop(_ZIMAGE_UNUSED, None)
+            converted = convert_z_image_transformer_checkpoint_to_diffusers(own)
         else:
             # diffusers' converter pops what it uses, so what stays behind fits no layer.
             converted = convert_sd3_transformer_checkpoint_to_diffusers(own)
@@ -336,6 +469,24 @@ def _flux_to_diffusers(bfl: dict, *, inner: int) -> dict:
     return converted
 
 
+def _chroma_approximator(tensors: dict) -> dict:
+    """Chroma's approximator tensors in diffusers' names, popped from ``tensors`` (lodestones' names)."""
+    converted = {}
+    for key in [key for key in tensors if key.startswith("distilled_guidance_layer.")]:
+        match = _CHROMA_APPROXIMATOR.fullmatch(key)
+        if match is None:
+            continue  # left in ``tensors``: named as fitting no layer
+        projection, layer, part, norm, ending = match.groups()
+        if projection:
+            name = projection
+        elif layer is not None:
+            name = f"layers.{layer}.{_CHROMA_LAYER[part]}"
+        else:
+            name, ending = f"norms.{norm}", "weight" if ending == "scale" else ending
+        converted[f"distilled_guidance_layer.{name}.{ending}"] = tensors.pop(key)
+    return converted
+
+
 def _load_quantized(network: torch.nn.Module, state_dict: dict, name: str, dtype: torch.dtype) -> torch.nn.Module:
     """Fill an empty network with GGUF tensors through diffusers' GGUF quantizer: its linear layers become
     ``GGUFLinear`` holding the quantized blocks; every other tensor is read (dequantized) into ``dtype``."""
@@ -370,9 +521,10 @@ def _load_quantized(network: torch.nn.Module, state_dict: dict, name: str, dtype
 def load_text_encoder_file(
     source, kind: str, *, dtype: torch.dtype = torch.float32, projection: bool = False, prefix: str = ""
 ) -> torch.nn.Module:
-    """A ``kind`` ("clip_l", "clip_g" or "t5xxl") text encoder from a file, or from the tensors of an already
-    read file (a state dict) under ``prefix``: CLIPTextModel, CLIPTextModelWithProjection (``projection``,
-    as SD 3 uses both CLIPs) or T5EncoderModel, its config read from the tensor shapes.
+    """A ``kind`` ("clip_l", "clip_g", "t5xxl" or "qwen3") text encoder from a file, or from the tensors of an
+    already read file (a state dict) under ``prefix``: CLIPTextModel, CLIPTextModelWithProjection
+    (``projection``, as SD 3 uses both CLIPs), T5EncoderModel or Qwen3Model, its config read from the tensor
+    shapes. A Qwen3 may also be a transformers folder (a diffusers folder's ``text_encoder``).
 
     A CLIP's head count is its width / 64 (CLIP-L: 12, bigG: 20). A CLIP asked for with a projection whose
     file has none (Flux's CLIP-L used for SD 3) gets the identity, as ComfyUI gives it.
@@ -383,7 +535,11 @@ def load_text_encoder_file(
         name, state_dict = prefix.rstrip(".") or "the state dict", source
     else:
         path = Path(source)
+        if kind == "qwen3" and path.is_dir():
+            return _load_qwen3_folder(path, dtype)
         name, file_kind = path.name, formats.sniff(path)
+        if file_kind == "gguf" and kind == "qwen3":
+            return _load_qwen3_gguf(path, dtype)
         if file_kind == "gguf":
             return _load_t5_gguf(path, kind, dtype)
         if file_kind == "safetensors":
@@ -398,6 +554,8 @@ def load_text_encoder_file(
         with quiet_transformers():
             if kind == "t5xxl":
                 return _load_t5(tensors, name, dtype)
+            if kind == "qwen3":
+                return _load_qwen3(tensors, name, dtype)
             return _load_clip(tensors, kind, name, dtype, projection)
     except KeyError as err:  # a tensor the config is read from
         raise ModelFileError(f"{name} is missing the text-encoder tensor {err.args[0]!r}; the file is incomplete") from None
@@ -478,6 +636,65 @@ def _load_t5(tensors: dict, name: str, dtype: torch.dtype) -> T5EncoderModel:
     return encoder
 
 
+def _load_qwen3(tensors: dict, name: str, dtype: torch.dtype) -> Qwen3Model:
+    if all(_QWEN3_PREFIX + key in tensors for key in _QWEN3_SIGNATURE):
+        tensors = {key.removeprefix(_QWEN3_PREFIX): t for key, t in tensors.items()}
+    if not all(key in tensors for key in _QWEN3_SIGNATURE):
+        raise ModelFileError(f"{name} holds no Qwen3 encoder (no tensors embed_tokens.weight and layers.*.self_attn.q_norm)")
+    tensors = {key: t for key, t in tensors.items() if key not in _QWEN3_UNUSED}
+    vocab, hidden = _shapes(tensors)["embed_tokens.weight"]
+    attention = "layers.0.self_attn."
+    head_dim = tensors[attention + "q_norm.weight"].shape[0]
+    rows = {key: shape[0] for key, shape in _shapes(tensors).items()}
+    config = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=rows["layers.0.mlp.gate_proj.weight"],
+        num_hidden_layers=_count_indices(tensors, "layers."),
+        num_attention_heads=rows[attention + "q_proj.weight"] // head_dim,
+        num_key_value_heads=rows[attention + "k_proj.weight"] // head_dim,
+        head_dim=head_dim,
+        **_QWEN3_CONSTANTS,
+    )
+    with init_empty_weights():
+        encoder = Qwen3Model(config)
+    return _assign_weights(encoder, tensors, "Qwen3 encoder", name, dtype)
+
+
+def _load_qwen3_gguf(path: Path, dtype: torch.dtype) -> Qwen3Model:
+    """A Qwen3 in llama.cpp's GGUF names, expanded to ``dtype`` (as a GGUF T5 is) and read like a safetensors
+    file: the config from the shapes, the rest Qwen3's own (what the file's metadata says too)."""
+    import gguf
+
+    tensors = _read_tensors(path, "gguf", None)
+    if text_encoder_kind(_shapes(tensors)) != "qwen3":
+        raise ModelFileError(f"{path.name} is a GGUF file but not a Qwen3 encoder (no tensors {', '.join(_QWEN3_GGUF)})")
+    layers = 1 + max(int(key.split(".")[1]) for key in tensors if key.startswith("blk."))
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, layers)
+    names = ["embed_tokens.weight", "norm.weight"]
+    names += [f"layers.{i}.{part}.weight" for i in range(layers) for part in _QWEN3_LAYER]
+    renamed = {}
+    for name in names:
+        stored = table.get_name(_QWEN3_PREFIX + name, try_suffixes=(".weight",))
+        if stored in tensors:
+            tensor = tensors.pop(stored)
+            renamed[name] = dequantize_gguf_tensor(tensor) if isinstance(tensor, GGUFParameter) else tensor
+    unused = sorted(key for key in tensors if key not in _QWEN3_GGUF_UNUSED)
+    if unused:
+        raise ModelFileError(f"{path.name}: {len(unused)} of its tensors fit no Qwen3 layer: {_few(unused)}")
+    with quiet_transformers():
+        return _load_qwen3(renamed, path.name, dtype)
+
+
+def _load_qwen3_folder(folder: Path, dtype: torch.dtype) -> Qwen3Model:
+    """A Qwen3 saved by transformers (config.json and weights), as a diffusers folder's ``text_encoder`` is."""
+    try:
+        with quiet_transformers():
+            return Qwen3Model.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"cannot read {folder.name} as a Qwen3 encoder folder: {first_line(err)}") from None
+
+
 def _load_t5_gguf(path: Path, kind: str, dtype: torch.dtype) -> T5EncoderModel:
     """A T5 encoder in llama.cpp's GGUF names (city96's T5-XXL files), read by transformers with the config
     the file's metadata states. transformers expands the quantized weights to ``dtype`` as it reads them,
@@ -504,9 +721,9 @@ def _load_t5_gguf(path: Path, kind: str, dtype: torch.dtype) -> T5EncoderModel:
 
 
 def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The 16-channel VAE of SD 3.x or Flux.1 ("sd3", "flux"): Flux's ``ae.safetensors`` (ldm names without
-    prefix), SD 3's own file, the ``first_stage_model.`` part of an all-in-one file, or a diffusers VAE's
-    tensors. Its config comes from the shapes, its latent scale and shift from the family."""
+    """The 16-channel VAE of SD 3.x or Flux.1 ("sd3", "flux"; "chroma" and "zimage" use Flux's): Flux's
+    ``ae.safetensors`` (ldm names without prefix), SD 3's own file, the ``first_stage_model.`` part of an
+    all-in-one file, or a diffusers VAE's tensors. Its config comes from the shapes, its latent scale and shift from the family."""
     if isinstance(state_dict_or_path, Mapping):
         name, state_dict = "the checkpoint's VAE", state_dict_or_path
     else:

@@ -1,4 +1,5 @@
-"""Diffusers folders of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image): their parts, by the family table.
+"""Diffusers folders of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein): their parts,
+by the family table.
 
 What is in the folder is read with diffusers' and transformers' own ``from_pretrained``, offline; the
 family's row says which class each part is and which text encoders it may go without.
@@ -50,7 +51,7 @@ def load_transformer_folder(
     try:
         transformer = diffusers_class(spec.network_class).from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **local)
         formats.stop_if_cancelled(cancel)
-        vae_class = diffusers_class("AutoencoderKL")
+        vae_class = diffusers_class(spec.vae_class)
         vae_config = vae_class.load_config(path, subfolder="vae", **local)
         vae = vae_class.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype_for(vae_config, dtype, vae_dtype), **local)
         parts: dict = {}
