@@ -240,11 +240,9 @@ def test_flux_t5_layers_are_ignored_with_a_warning(tmp_path, caplog):
     assert "with-t5.safetensors: its 1 T5 layers are ignored" in caplog.text
 
 
-@pytest.mark.parametrize(("family", "fmt"), [("flux", "flux-kohya"), ("sd3", "sd3-diffusers")])
-def test_prompt_tag_generation_writes_lora_hashes_and_remakes_the_same_pixels(tmp_path, family, fmt):
-    components = build_tiny(family)
-    path = tmp_path / "style.safetensors"
-    _write(path, components, FORMATS[fmt][2], FORMATS[fmt][1])
+def assert_tag_remakes(components, path) -> None:
+    """``<lora:style:0.8>`` in the prompt writes "Lora hashes" and changes the picture; the tags the infotext
+    keeps apply the same LoRA again and remake the same pixels."""
 
     def generate(prompt):
         request = GenerationRequest(
@@ -267,6 +265,15 @@ def test_prompt_tag_generation_writes_lora_hashes_and_remakes_the_same_pixels(tm
     assert extract_lora_tags(info.prompt)[1] == [("style", 0.8)]
     apply_loras(components, [(path, name, weight) for name, weight in extract_lora_tags(info.prompt)[1]])
     assert np.array_equal(generate(info.prompt).pixels, tagged.pixels)
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("flux", "flux-kohya"), ("sd3", "sd3-diffusers")])
+def test_prompt_tag_generation_writes_lora_hashes_and_remakes_the_same_pixels(tmp_path, family, fmt):
+    components = build_tiny(family)
+    path = tmp_path / "style.safetensors"
+    _write(path, components, FORMATS[fmt][2], FORMATS[fmt][1])
+
+    assert_tag_remakes(components, path)
 
 
 def _names_only(path, names, shape=(2, 8)):

@@ -6,18 +6,13 @@ applies it through lienzo's ``apply_loras`` and checks the changed layers agains
 are checked, not only that something changed.
 """
 
-import numpy as np
 import pytest
 import torch
 
 from lienzo.errors import ModelFileError
-from lienzo.generation import engine
-from lienzo.generation.lora_tags import extract_lora_tags
-from lienzo.generation.request import GenerationRequest
-from lienzo.images.metadata import parse_infotext
 from lienzo.models.lora import ActiveLora, apply_loras
 from lienzo.models.registry import lora_hash
-from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _probe, _qkv, _write
+from test_transformer_lora import DOUBLE, assert_tag_remakes, SD1_NAMES, Layer, _names_only, _probe, _qkv, _write
 from tiny_models import build_tiny
 
 SINGLE = "single_transformer_blocks.0"
@@ -151,27 +146,7 @@ def test_prompt_tag_generation_writes_lora_hashes_and_remakes_the_same_pixels(tm
     path = tmp_path / "style.safetensors"
     _write(path, components, layers, naming)
 
-    def generate(prompt):
-        request = GenerationRequest(
-            prompt=prompt, width=64, height=64, steps=2, seed=7, cfg_scale=1.0, sampler="Euler", schedule="Simple"
-        )
-        return engine.generate(components, request).images[0]
-
-    apply_loras(components, [(path, "style", 0.8)])  # what studio.prepare_loras does for the tag
-    tagged = generate("a watercolor fox <lora:style:0.8>")
-    info = parse_infotext(tagged.infotext)
-    assert info.params["Lora hashes"] == f"style: {lora_hash(path)[:12]}"
-    assert info.prompt == "a watercolor fox <lora:style:0.8>"
-
-    apply_loras(components, [])
-    plain = generate("a watercolor fox")
-    assert not np.array_equal(plain.pixels, tagged.pixels)
-    assert "Lora hashes" not in parse_infotext(plain.infotext).params
-
-    # Remake from the infotext: its tags name the LoRA and weight again.
-    assert extract_lora_tags(info.prompt)[1] == [("style", 0.8)]
-    apply_loras(components, [(path, name, weight) for name, weight in extract_lora_tags(info.prompt)[1]])
-    assert np.array_equal(generate(info.prompt).pixels, tagged.pixels)
+    assert_tag_remakes(components, path)
 
 
 ZIMAGE_NAMES = [layer.name for layer in FORMATS["zimage-kohya"][2]]

@@ -62,7 +62,7 @@ def _model_options(f):
             click.option("--vae", help="a separate VAE file (name in the models dir or a path)"),
             click.option(
                 "--text-encoder", "text_encoders", multiple=True, metavar="PATH",
-                help="a text encoder file for an SD 3.x or Flux.1 transformer file (clip_l, clip_g or t5xxl; repeatable) "
+                help="a text encoder file (or Qwen3 folder) for a transformer file: SD 3.x, Flux.1, Chroma, Z-Image (clip_l, clip_g, t5xxl or qwen3; repeatable) "
                 "[default: found in the models dir's text_encoders or clip folder]",
             ),
             click.option("--t5/--no-t5", "t5", default=True, help="SD 3.x: use its T5-XXL text encoder [default: --t5]"),

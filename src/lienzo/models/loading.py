@@ -143,7 +143,7 @@ def load_components(
     if text_encoders and (spec is None or kind == "diffusers-folder"):
         raise ModelFileError(
             f"--text-encoder: model {path.name} has its own text encoders; "
-            "--text-encoder completes an SD 3.x or Flux.1 transformer file"
+            "--text-encoder completes a transformer file (SD 3.x, Flux.1, Chroma, Z-Image)"
         )
     if spec is not None and kind != "diffusers-folder":
         components = assemble(

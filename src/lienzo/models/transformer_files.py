@@ -104,25 +104,23 @@ _SIGNATURES = {
         ),
     ),
 }
-# The tensors a config is read from: (original name, diffusers name).
+# The tensors a config is read from: (original name, diffusers name). Chroma keeps Flux.1's blocks.
+_FLUX_BLOCKS = {
+    "x_in": ("img_in.weight", "x_embedder.weight"),
+    "text_in": ("txt_in.weight", "context_embedder.weight"),
+    "q_norm": ("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
+    "out": ("final_layer.linear.weight", "proj_out.weight"),
+    "double": ("double_blocks.", "transformer_blocks."),
+    "single": ("single_blocks.", "single_transformer_blocks."),
+}
 _CONFIG_NAMES = {
     "flux": {
-        "x_in": ("img_in.weight", "x_embedder.weight"),
-        "text_in": ("txt_in.weight", "context_embedder.weight"),
+        **_FLUX_BLOCKS,
         "pooled_in": ("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight"),
         "guidance_in": ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight"),
-        "q_norm": ("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
-        "out": ("final_layer.linear.weight", "proj_out.weight"),
-        "double": ("double_blocks.", "transformer_blocks."),
-        "single": ("single_blocks.", "single_transformer_blocks."),
     },
     "chroma": {
-        "x_in": ("img_in.weight", "x_embedder.weight"),
-        "text_in": ("txt_in.weight", "context_embedder.weight"),
-        "q_norm": ("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
-        "out": ("final_layer.linear.weight", "proj_out.weight"),
-        "double": ("double_blocks.", "transformer_blocks."),
-        "single": ("single_blocks.", "single_transformer_blocks."),
+        **_FLUX_BLOCKS,
         "approximator_in": ("distilled_guidance_layer.in_proj.weight",) * 2,
         "approximator_layers": ("distilled_guidance_layer.layers.",) * 2,
     },
@@ -408,7 +406,7 @@ def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[
     shapes = _header_shapes(path, kind) if state_dict is None else _shapes(state_dict)
     family = detect_transformer_family(shapes)
     if family is None:
-        raise ModelFileError(f"{path.name} is not an SD 3.x or Flux.1 transformer: {_what_it_is(shapes)}")
+        raise ModelFileError(f"{path.name} is not a transformer lienzo knows (SD 3.x, Flux.1, Chroma, Z-Image): {_what_it_is(shapes)}")
     config = transformer_config(family, shapes, name=path.name)
     if state_dict is None:
         # Of an all-in-one file only the network is read, not its VAE and text encoders (T5-XXL alone is 9 GB).
