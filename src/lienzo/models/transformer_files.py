@@ -279,7 +279,8 @@ def transformer_config(family: str, shapes: Mapping[str, Shape], *, name: str = 
         raise ModelFileError(f"{name} is missing the transformer tensor {err.args[0]!r}; the file is incomplete") from None
 
 
-def _flux_config(own: Mapping[str, Shape], names: dict) -> dict:
+def _flux_blocks_config(own: Mapping[str, Shape], names: dict) -> dict:
+    """What Flux.1 and Chroma, which keeps Flux.1's blocks, read alike."""
     inner, in_channels = own[names["x_in"]]
     head_dim = own[names["q_norm"]][0]
     return {
@@ -291,28 +292,24 @@ def _flux_config(own: Mapping[str, Shape], names: dict) -> dict:
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
         "joint_attention_dim": own[names["text_in"]][1],
-        "pooled_projection_dim": own[names["pooled_in"]][1],
-        # Flux.1 dev takes a distilled guidance strength; schnell has no guidance_in.
-        "guidance_embeds": names["guidance_in"] in own,
         # The rotary axes (text index, row, column) split each head as 1/8, 7/16, 7/16: (16, 56, 56) for 128.
         "axes_dims_rope": (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
     }
 
 
+def _flux_config(own: Mapping[str, Shape], names: dict) -> dict:
+    return {
+        **_flux_blocks_config(own, names),
+        "pooled_projection_dim": own[names["pooled_in"]][1],
+        # Flux.1 dev takes a distilled guidance strength; schnell has no guidance_in.
+        "guidance_embeds": names["guidance_in"] in own,
+    }
+
+
 def _chroma_config(own: Mapping[str, Shape], names: dict) -> dict:
-    inner, in_channels = own[names["x_in"]]
-    head_dim = own[names["q_norm"]][0]
     hidden, channels = own[names["approximator_in"]]
     return {
-        "patch_size": 1,  # packed 2x2 latent patches, as Flux's
-        "in_channels": in_channels,
-        "out_channels": own[names["out"]][0],
-        "num_layers": _count_indices(own, names["double"]),
-        "num_single_layers": _count_indices(own, names["single"]),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": own[names["text_in"]][1],
-        "axes_dims_rope": (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),  # Flux's split
+        **_flux_blocks_config(own, names),
         "approximator_num_channels": channels,
         "approximator_hidden_dim": hidden,
         "approximator_layers": _count_indices(own, names["approximator_layers"]),
