@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
 from diffusers.quantizers.gguf.utils import GGUFLinear
 from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
@@ -261,21 +261,22 @@ def network_output(network: torch.nn.Module) -> torch.Tensor:
     def noise(*shape):
         return torch.randn(*shape, generator=generator)
 
-    if isinstance(network, FluxTransformer2DModel):
+    if isinstance(network, (FluxTransformer2DModel, ChromaTransformer2DModel)):  # Chroma keeps Flux.1's packing
         rows = cols = 4
         image_ids = torch.zeros(rows * cols, 3)
         image_ids[:, 1] = torch.arange(rows).repeat_interleave(cols)
         image_ids[:, 2] = torch.arange(cols).repeat(rows)
-        return network(
-            hidden_states=noise(1, rows * cols, config.in_channels),
-            encoder_hidden_states=noise(1, 8, config.joint_attention_dim),
-            pooled_projections=noise(1, config.pooled_projection_dim),
-            timestep=torch.tensor([0.7]),
-            img_ids=image_ids,
-            txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([3.5]) if config.guidance_embeds else None,
-            return_dict=False,
-        )[0]
+        inputs = {
+            "hidden_states": noise(1, rows * cols, config.in_channels),
+            "encoder_hidden_states": noise(1, 8, config.joint_attention_dim),
+        }
+        if isinstance(network, FluxTransformer2DModel):
+            inputs["pooled_projections"] = noise(1, config.pooled_projection_dim)
+            inputs["guidance"] = torch.tensor([3.5]) if config.guidance_embeds else None
+        return network(**inputs, timestep=torch.tensor([0.7]), img_ids=image_ids, txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+    if isinstance(network, ZImageTransformer2DModel):
+        latents = noise(config.in_channels, 1, 8, 8)
+        return network([latents], torch.tensor([0.3]), [noise(8, config.cap_feat_dim)], return_dict=False)[0][0]
     return network(
         hidden_states=noise(1, config.in_channels, 8, 8),
         encoder_hidden_states=noise(1, 8, config.joint_attention_dim),

@@ -28,6 +28,7 @@ from test_transformer_files import (
     encode,
     gguf_type,
     max_diff,
+    network_output,
     original_names,
     relative_diff,
     rounded,
@@ -94,31 +95,6 @@ def zimage_original_names(state_dict: dict) -> dict:
 
 def family_original_names(family: str, state_dict: dict) -> dict:
     return chroma_original_names(state_dict) if family == "chroma" else zimage_original_names(state_dict)
-
-
-@torch.no_grad()
-def network_output(network: torch.nn.Module) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    config = network.config
-
-    def noise(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    if isinstance(network, ChromaTransformer2DModel):
-        rows = cols = 4
-        image_ids = torch.zeros(rows * cols, 3)
-        image_ids[:, 1] = torch.arange(rows).repeat_interleave(cols)
-        image_ids[:, 2] = torch.arange(cols).repeat(rows)
-        return network(
-            hidden_states=noise(1, rows * cols, config.in_channels),
-            encoder_hidden_states=noise(1, 8, config.joint_attention_dim),
-            timestep=torch.tensor([0.7]),
-            img_ids=image_ids,
-            txt_ids=torch.zeros(8, 3),
-            return_dict=False,
-        )[0]
-    latents = noise(config.in_channels, 1, 8, 8)
-    return network([latents], torch.tensor([0.3]), [noise(8, config.cap_feat_dim)], return_dict=False)[0][0]
 
 
 @pytest.fixture(scope="module")
