@@ -1,8 +1,9 @@
 """Tokenizers: a model folder's own, or the ones lienzo bundles for files that carry none.
 
 Single-file checkpoints and ComfyUI's split text-encoder files hold weights only. CLIP's BPE vocabulary
-(CLIP-L, OpenCLIP bigG) is bundled in ``models/configs/tokenizer``, T5's in ``models/configs/t5_tokenizer``
-(see the NOTICE files); nothing is ever downloaded.
+(CLIP-L, OpenCLIP bigG) is bundled in ``models/configs/tokenizer``, T5's in ``models/configs/t5_tokenizer``,
+Qwen's (Qwen3, Qwen2.5-VL) in ``models/configs/qwen_tokenizer`` (see the NOTICE files); nothing is ever
+downloaded.
 """
 
 import gzip
@@ -31,6 +32,56 @@ def bundled_t5_tokenizer(max_length: int = 512):
     )
 
 
+QWEN_KINDS = ("qwen3", "qwen25vl")  # the text encoder kinds that read prompts with Qwen's vocabulary
+# Qwen's pre-tokenizer split (its tokenizer.json's; one digit a piece, unlike tiktoken's default of three).
+_QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# The tokens Qwen2.5(-VL)'s tokenizer adds after the 151,643 of the vocabulary, in id order; Qwen3's adds four more.
+_QWEN25_ADDED = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+_QWEN3_ADDED = (*_QWEN25_ADDED, "<tool_response>", "</tool_response>", "<think>", "</think>")
+# Qwen3's chat template, for the turns lienzo sends (user turns, then the assistant's opening; with thinking
+# off, an empty thought), which is what Z-Image's and Flux.2 Klein's pipelines ask it for.
+_QWEN3_CHAT = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def bundled_qwen_tokenizer(kind: str):
+    """Qwen's tokenizer for a text encoder kind ("qwen3" or "qwen25vl"), built from the bundled ranked vocabulary.
+
+    The vocabulary ships in tiktoken's form (the only openly licensed wheel that carries it has it so);
+    transformers' converter turns ranks into BPE merges, as it does for any tiktoken model, with the file read
+    here rather than through the tiktoken package, which lienzo would otherwise not need."""
+    import base64
+
+    from tokenizers import AddedToken, normalizers
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    lines = gzip.decompress((CONFIGS / "qwen_tokenizer" / "qwen.tiktoken.gz").read_bytes()).splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+    class _Ranks(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(_) -> dict[bytes, int]:
+            return ranks
+
+    bpe = _Ranks(pattern=_QWEN_SPLIT).converted()
+    bpe.normalizer = normalizers.NFC()
+    added = _QWEN3_ADDED if kind == "qwen3" else _QWEN25_ADDED
+    bpe.add_tokens([AddedToken(token, special=token.startswith("<|"), normalized=False) for token in added])
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None, padding_side="right",
+        chat_template=_QWEN3_CHAT if kind == "qwen3" else None, model_max_length=131072,
+    )
+
+
 def bundled_for(kind: str):
     """The bundled tokenizer for a text encoder kind: "clip_l", "clip_g" or "t5xxl"."""
     if kind == "t5xxl":
@@ -40,12 +91,15 @@ def bundled_for(kind: str):
 
 def folder_tokenizer(folder: Path, slot: TextEncoderSlot, encoder: torch.nn.Module):
     """The tokenizer of one text encoder slot of a diffusers folder."""
-    if slot.kind == "qwen3":  # Qwen's BPE and chat template: nothing bundled stands in for it
+    if slot.kind in QWEN_KINDS:
         from transformers import AutoTokenizer
 
+        if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+            log.warning("model %s: no tokenizer in %s/; using lienzo's Qwen tokenizer", folder.parent.name, folder.name)
+            return bundled_qwen_tokenizer(slot.kind)
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # the tokenizers library raises a plain Exception for a file it cannot parse
             raise ModelFileError(f"model {folder.parent.name}: cannot read {folder.name}/ ({first_line(err)})") from None
     if slot.kind == "t5xxl":
         from transformers import T5TokenizerFast
