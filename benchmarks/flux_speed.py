@@ -1,4 +1,4 @@
-"""lienzo against diffusers' FluxPipeline, side by side, on a random-weight Flux.1-architecture model.
+"""lienzo against diffusers' FluxPipeline (or Flux2KleinPipeline), side by side, on a random-weight Flux model.
 
 One process builds the model once (seeded, directly in ``--dtype`` on ``--device``): Flux.1 dev's
 transformer at its full width (3072 channels, 24 heads of 128, joint_attention_dim 4096, pooled 768,
@@ -27,6 +27,19 @@ transformer's weights stored in float8_e4m3fn and computed in bf16 (diffusers'
 and read back by ``lienzo.models.transformer_files.load_transformer_file``. ``--nchw`` adds lienzo with
 its VAE left in NCHW, as diffusers' is (tells the VAE layout's share of a difference from the rest).
 
+``--family flux2`` does the same for Flux.2 Klein 4B against diffusers' ``Flux2KleinPipeline``: its transformer
+at full width (3072 channels, 24 heads of 128, mlp_ratio 3, in_channels 128 = 2x2 packed 32-channel latents,
+joint_attention_dim 7680 = three of Qwen3-4B's layers side by side, rotary axes (32, 32, 32, 32), theta 2000,
+no guidance input) with ``--double-blocks`` / ``--single-blocks`` blocks (Klein 4B: 5 + 20), Flux.2's VAE
+(``AutoencoderKLFlux2`` at diffusers' defaults: block_out_channels (128, 256, 512, 512), 32 latent channels,
+quant convs, batch-norm statistics) and Qwen3-4B's language model at full width (2560 channels, 32 query and
+8 key/value heads of 128, MLP 9728, its 151,936-row tied embedding) with ``--qwen-layers`` layers (Qwen3-4B:
+36). Both programs read the Qwen3 hidden states at three layers (Klein: 9, 18 and 27); with fewer than 27
+layers both read layers L/3, 2L/3 and L instead (lienzo's constant is set for the run). The tokenizer is
+Qwen's byte-level BPE cut down to its 256 byte tokens (no merges) with Qwen3's chat template: the prompt is
+padded to 512 tokens either way, so the encoder's work is the real one; only the tokenizer's own (negligible)
+time differs. 4 steps (Klein's distilled default), CFG 1, no distilled guidance.
+
 Weights are random: speed does not depend on their values, and the pixel difference compares the
 same computation done by two programs.
 
@@ -35,6 +48,8 @@ same computation done by two programs.
     python benchmarks/flux_speed.py --nchw                           # + lienzo with an NCHW VAE
     python benchmarks/flux_speed.py --device cuda                    # GPU: full depth, 1024, 20 steps, bf16/fp8/GGUF rows
     python benchmarks/flux_speed.py --device cuda --no-gguf --runs 2 # a shorter GPU check
+    python benchmarks/flux_speed.py --family flux2                   # Flux.2 Klein 4B: 1 double + 4 single blocks, 3 Qwen3 layers
+    python benchmarks/flux_speed.py --family flux2 --device cuda     # full depth: 5 + 20 blocks, Qwen3-4B's 36 layers, 1024, 4 steps
 """
 
 import argparse
@@ -53,13 +68,32 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+)
 
 from lienzo.devices import cpu_has_native_bf16  # noqa: E402
-from lienzo.generation import engine  # noqa: E402
+from lienzo.generation import engine, text_encoding  # noqa: E402
 from lienzo.generation.request import GenerationRequest  # noqa: E402
 from lienzo.models.components import Components  # noqa: E402
 from lienzo.models.families import FAMILIES  # noqa: E402
@@ -113,6 +147,64 @@ def t5(layers: int) -> T5EncoderModel:
     ))
 
 
+# --- Flux.2 Klein 4B --------------------------------------------------------------------------------
+
+KLEIN_LAYERS = (9, 18, 27)  # the Qwen3 hidden states Flux2KleinPipeline reads (its text_encoder_out_layers)
+QWEN3_4B_WIDTH = 2560
+
+
+def klein_transformer(double: int, single: int) -> Flux2Transformer2DModel:
+    """Flux.2 Klein 4B's transformer at full width with ``double`` + ``single`` blocks (the real one: 5 + 20)."""
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=double, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=3 * QWEN3_4B_WIDTH, timestep_guidance_channels=256, mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+    )
+
+
+def qwen3_4b(layers: int) -> Qwen3ForCausalLM:
+    """Qwen3-4B's language model (2560 channels, 32 query / 8 key-value heads of 128, MLP 9728, tied 151,936-row
+    embedding) with ``layers`` layers (the real one: 36)."""
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=QWEN3_4B_WIDTH, intermediate_size=9728, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True, use_cache=False,
+    ))
+
+
+def qwen_read_layers(layers: int) -> tuple[int, int, int]:
+    """The three hidden states both programs read: Klein's (9, 18, 27) when the encoder is that deep, else
+    layers L/3, 2L/3 and L of a shallower one."""
+    if layers >= KLEIN_LAYERS[-1]:
+        return KLEIN_LAYERS
+    if layers < 3:
+        raise SystemExit("--qwen-layers: at least 3 (three distinct hidden states are read)")
+    return (layers // 3, 2 * layers // 3, layers)
+
+
+# Qwen3's chat template for one user turn, thinking off as Flux2KleinPipeline asks (the real tokenizer's, cut to
+# what one turn needs).
+QWEN_CHAT = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def byte_qwen_tokenizer() -> Qwen2TokenizerFast:
+    """Qwen's byte-level BPE reduced to its 256 byte tokens (no merges) and the special tokens the chat template
+    and padding use, padding on the right with <|endoftext|> as Qwen3's does (no tokenizer files needed)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None, chat_template=QWEN_CHAT,
+        padding_side="right",
+    )
+
+
 def build(args, device: torch.device, dtype: torch.dtype) -> Components:
     """Every module built once, seed 0, directly on ``device`` in ``dtype`` (a full-depth model would not
     fit twice: Flux's 12B parameters are 48 GB in fp32)."""
@@ -121,12 +213,22 @@ def build(args, device: torch.device, dtype: torch.dtype) -> Components:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            transformer = flux_transformer(args.double_blocks, args.single_blocks).eval()
-            vae = flux_vae().eval()
-            text_encoder = clip_l().eval()
-            text_encoder_2 = t5(args.t5_layers).eval()
+            if args.family == "flux2":
+                transformer = klein_transformer(args.double_blocks, args.single_blocks).eval()
+                vae = AutoencoderKLFlux2().eval()
+                text_encoder = qwen3_4b(args.qwen_layers).eval()
+            else:
+                transformer = flux_transformer(args.double_blocks, args.single_blocks).eval()
+                vae = flux_vae().eval()
+                text_encoder = clip_l().eval()
+                text_encoder_2 = t5(args.t5_layers).eval()
     finally:
         torch.set_default_dtype(default)
+    if args.family == "flux2":
+        return Components(
+            unet=None, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=byte_qwen_tokenizer(),
+            scheduler_config=dict(FAMILIES["flux2"].scheduler), family="flux2", name="random Flux.2 Klein 4B",
+        )
     return Components(
         unet=None, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=bundled_tokenizer(),
         text_encoder_2=text_encoder_2, tokenizer_2=bundled_t5_tokenizer(), scheduler_config=dict(FAMILIES["flux"].scheduler),
@@ -146,12 +248,12 @@ def stored_gib(module: torch.nn.Module) -> float:
 # --- the other storage formats ----------------------------------------------------------------------
 
 
-def fp8_twin(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
+def fp8_twin(transformer: torch.nn.Module) -> torch.nn.Module:
     """A second transformer on the same weights (no copy: built on the meta device, then given the first one's
     tensors) whose layers then store fp8 and compute in bf16 (diffusers' layerwise casting; norms and the
     in/out projections stay bf16, diffusers' defaults). Casting replaces the twin's tensors only."""
     with torch.device("meta"):
-        twin = FluxTransformer2DModel.from_config(transformer.config)
+        twin = type(transformer).from_config(transformer.config)
     twin.load_state_dict(transformer.state_dict(), assign=True)
     twin.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=torch.bfloat16)
     return twin.eval()
@@ -224,12 +326,22 @@ def lienzo_row(name: str, components: Components, device: torch.device, request:
 
 
 def diffusers_row(name: str, components: Components, device: torch.device, size: int, steps: int) -> Row:
-    """diffusers' FluxPipeline as its documentation runs Flux.1 dev, over the modules as they were built."""
-    pipe = FluxPipeline(
-        transformer=components.transformer, vae=components.vae, text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config),
-    )
+    """diffusers' FluxPipeline as its documentation runs Flux.1 dev (or Flux2KleinPipeline as it runs the distilled
+    Klein: guidance_scale 1, no negative pass), over the modules as they were built."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
+    if components.family == "flux2":
+        pipe = Flux2KleinPipeline(
+            transformer=components.transformer, vae=components.vae, text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer, scheduler=scheduler, is_distilled=True,
+        )
+        extra = dict(guidance_scale=1.0, text_encoder_out_layers=text_encoding._FLUX2_LAYERS)
+    else:
+        pipe = FluxPipeline(
+            transformer=components.transformer, vae=components.vae, text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
+            scheduler=scheduler,
+        )
+        extra = dict(guidance_scale=DISTILLED_CFG)
     pipe.set_progress_bar_config(disable=True)
 
     def run():
@@ -241,8 +353,8 @@ def diffusers_row(name: str, components: Components, device: torch.device, size:
             return kwargs
 
         image = pipe(
-            PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=DISTILLED_CFG,
-            generator=torch.Generator().manual_seed(SEED), output_type="np", callback_on_step_end=on_step,
+            prompt=PROMPT, height=size, width=size, num_inference_steps=steps, generator=torch.Generator().manual_seed(SEED),
+            output_type="np", callback_on_step_end=on_step, **extra,
         ).images[0]
         return image, stamps
 
@@ -272,7 +384,7 @@ def measure(rows: list[Row], runs: int, device: torch.device) -> None:
 def table(rows: list[Row], baseline: Row) -> str:
     base = statistics.median(baseline.seconds)
     lines = [
-        f"| {'':34} | s/image | min-max s | it/s | peak MiB | weights GiB | speed-up | PSNR dB | max diff | first run s |",
+        f"| {'':40} | s/image | min-max s | it/s | peak MiB | weights GiB | speed-up | PSNR dB | max diff | first run s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -282,7 +394,7 @@ def table(rows: list[Row], baseline: Row) -> str:
         diff = np.abs(np.round(row.pixels * 255) - np.round(baseline.pixels * 255)).max()
         shown = "exact" if agreement == float("inf") else f"{agreement:.1f}"
         lines.append(
-            f"| {row.name:34} | {seconds:.2f} | {min(row.seconds):.2f}-{max(row.seconds):.2f} | {rate} | {max(row.peaks):.0f} "
+            f"| {row.name:40} | {seconds:.2f} | {min(row.seconds):.2f}-{max(row.seconds):.2f} | {rate} | {max(row.peaks):.0f} "
             f"| {row.weights_gib:.2f} | {base / seconds:.2f}x | {shown} | {diff:.0f} | {row.first:.1f} |"
         )
     return "\n".join(lines)
@@ -290,13 +402,19 @@ def table(rows: list[Row], baseline: Row) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=("flux", "flux2"), default="flux", help="Flux.1 dev (default) or Flux.2 Klein 4B")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on CUDA and on CPUs with native bf16, else float32")
     parser.add_argument("--size", type=int, help="image side (default: 512 on the CPU, 1024 on CUDA)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on the CPU, 20 on CUDA)")
-    parser.add_argument("--double-blocks", type=int, help="double-stream blocks (default: 2 on the CPU, Flux.1's 19 on CUDA)")
-    parser.add_argument("--single-blocks", type=int, help="single-stream blocks (default: 4 on the CPU, Flux.1's 38 on CUDA)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on the CPU, 20 on CUDA; flux2: 4, the distilled Klein's)")
+    parser.add_argument(
+        "--double-blocks", type=int, help="double-stream blocks (default: 2 on the CPU, Flux.1's 19 on CUDA; flux2: 1, Klein's 5)"
+    )
+    parser.add_argument(
+        "--single-blocks", type=int, help="single-stream blocks (default: 4 on the CPU, Flux.1's 38 on CUDA; flux2: 4, Klein's 20)"
+    )
     parser.add_argument("--t5-layers", type=int, help="T5 encoder layers (default: 2 on the CPU, T5-XXL's 24 on CUDA)")
+    parser.add_argument("--qwen-layers", type=int, help="flux2: Qwen3 layers (default: 3 on the CPU, Qwen3-4B's 36 on CUDA)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row after one warm-up (default: 3)")
     parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, help="add the fp8-storage row (default: on CUDA)")
     parser.add_argument("--nchw", action="store_true", help="add a lienzo row whose VAE keeps the NCHW layout (lienzo's default: channels_last)")
@@ -311,12 +429,18 @@ def main() -> None:
     native_bf16 = gpu or cpu_has_native_bf16()
     dtype = DTYPES[args.dtype or ("bfloat16" if native_bf16 else "float32")]
     size = args.size or (1024 if gpu else 512)
-    steps = args.steps or (20 if gpu else 4)
-    args.double_blocks = args.double_blocks if args.double_blocks is not None else (19 if gpu else 2)
-    args.single_blocks = args.single_blocks if args.single_blocks is not None else (38 if gpu else 4)
+    klein = args.family == "flux2"
+    steps = args.steps or (20 if gpu and not klein else 4)  # Klein is distilled to 4 steps
+    full = (5, 20) if klein else (19, 38)  # the real model's double + single blocks
+    cpu_depth = (1, 4) if klein else (2, 4)  # reduced depth that runs in minutes on a few cores
+    args.double_blocks = args.double_blocks if args.double_blocks is not None else (full[0] if gpu else cpu_depth[0])
+    args.single_blocks = args.single_blocks if args.single_blocks is not None else (full[1] if gpu else cpu_depth[1])
     args.t5_layers = args.t5_layers or (24 if gpu else 2)
+    args.qwen_layers = args.qwen_layers or (36 if gpu else 3)
     want_fp8 = gpu if args.fp8 is None else args.fp8
-    want_gguf = gpu if args.gguf is None else args.gguf
+    want_gguf = (gpu and not klein) if args.gguf is None else args.gguf
+    if want_gguf and klein:
+        parser.error("--gguf: lienzo's GGUF reader is measured for Flux.1 only here")
     if want_fp8 and dtype != torch.bfloat16:
         print("--fp8 computes in bf16: left out with --dtype float32\n")
         want_fp8 = False
@@ -325,34 +449,52 @@ def main() -> None:
         what = torch.cuda.get_device_name()
     else:
         what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}"
-    print(f"# lienzo vs diffusers FluxPipeline, {date.today()}, torch {torch.__version__}, {what}")
+    pipeline = "Flux2KleinPipeline" if klein else "FluxPipeline"
+    print(f"# lienzo vs diffusers {pipeline}, {date.today()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"transformers {transformers.__version__}, {what}")
     print(f"{_load()} at the start")
+    if klein:  # both programs read the same three hidden states of the (maybe shallower) Qwen3
+        text_encoding._FLUX2_LAYERS = qwen_read_layers(args.qwen_layers)
 
     started = time.perf_counter()
     components = build(args, device, dtype)
-    full_depth = (args.double_blocks, args.single_blocks) == (19, 38)
-    print(
-        f"random Flux.1-dev architecture in {str(dtype).removeprefix('torch.')}: transformer at full width with "
-        f"{args.double_blocks} double + {args.single_blocks} single blocks ({billions(components.transformer):.2f}B parameters"
-        f"{'' if full_depth else '; Flux.1 has 19 + 38, 11.9B'}), full-size VAE ({billions(components.vae) * 1000:.0f}M), "
-        f"CLIP-L full size ({billions(components.text_encoder) * 1000:.0f}M), T5 at XXL width with {args.t5_layers} layers "
-        f"({billions(components.text_encoder_2):.2f}B{'' if args.t5_layers == 24 else '; T5-XXL has 24, 4.8B'}); "
-        f"built in {time.perf_counter() - started:.0f} s"
-    )
-    print(
-        f"{size}x{size}, {steps} steps Euler / Simple, distilled CFG {DISTILLED_CFG}, CFG 1, T5 length 512, batch 1, "
-        f"{args.runs} runs each after one warm-up, alternating\n"
-    )
+    full_depth = (args.double_blocks, args.single_blocks) == full
+    if klein:
+        print(
+            f"random Flux.2 Klein 4B architecture in {str(dtype).removeprefix('torch.')}: transformer at full width with "
+            f"{args.double_blocks} double + {args.single_blocks} single blocks ({billions(components.transformer):.2f}B parameters"
+            f"{'' if full_depth else '; Klein 4B has 5 + 20, 3.9B'}), Flux.2 VAE ({billions(components.vae) * 1000:.0f}M), "
+            f"Qwen3-4B at full width with {args.qwen_layers} layers ({billions(components.text_encoder):.2f}B with the "
+            f"0.39B embedding{'' if args.qwen_layers == 36 else '; Qwen3-4B has 36, 4.0B'}), hidden states read at layers "
+            f"{text_encoding._FLUX2_LAYERS}, byte-level tokenizer; built in {time.perf_counter() - started:.0f} s"
+        )
+        print(
+            f"{size}x{size}, {steps} steps Euler / Simple (size- and step-shifted), CFG 1, Qwen3 length 512, batch 1, "
+            f"{args.runs} runs each after one warm-up, alternating\n"
+        )
+    else:
+        print(
+            f"random Flux.1-dev architecture in {str(dtype).removeprefix('torch.')}: transformer at full width with "
+            f"{args.double_blocks} double + {args.single_blocks} single blocks ({billions(components.transformer):.2f}B parameters"
+            f"{'' if full_depth else '; Flux.1 has 19 + 38, 11.9B'}), full-size VAE ({billions(components.vae) * 1000:.0f}M), "
+            f"CLIP-L full size ({billions(components.text_encoder) * 1000:.0f}M), T5 at XXL width with {args.t5_layers} layers "
+            f"({billions(components.text_encoder_2):.2f}B{'' if args.t5_layers == 24 else '; T5-XXL has 24, 4.8B'}); "
+            f"built in {time.perf_counter() - started:.0f} s"
+        )
+        print(
+            f"{size}x{size}, {steps} steps Euler / Simple, distilled CFG {DISTILLED_CFG}, CFG 1, T5 length 512, batch 1, "
+            f"{args.runs} runs each after one warm-up, alternating\n"
+        )
 
     # lienzo's own copy of the VAE, with what lienzo does on load (channels_last); the rest is shared.
     theirs = components
     ours = apply_speed(dataclasses.replace(components, vae=copy.deepcopy(components.vae)), SpeedOptions(), device)
     request = GenerationRequest(
         prompt=PROMPT, width=size, height=size, seed=SEED, steps=steps, sampler="Euler", schedule="Simple",
-        cfg_scale=1.0, distilled_cfg_scale=DISTILLED_CFG,
+        cfg_scale=1.0, distilled_cfg_scale=None if klein else DISTILLED_CFG,
     )
     name = str(dtype).removeprefix("torch.")
-    baseline = diffusers_row(f"diffusers FluxPipeline ({name})", theirs, device, size, steps)
+    baseline = diffusers_row(f"diffusers {pipeline} ({name})", theirs, device, size, steps)
     rows = [baseline, lienzo_row(f"lienzo ({name})", ours, device, request)]
     notes = []
     if args.nchw:

@@ -19,12 +19,14 @@ only (``--diffusers``): lienzo reads no single file of theirs yet.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     ChromaPipeline,
     ChromaTransformer2DModel,
     EulerDiscreteScheduler,
@@ -33,6 +35,11 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    Krea2Pipeline,
+    Krea2Transformer2DModel,
+    QwenImageEditPlusPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -47,9 +54,16 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     Qwen2TokenizerFast,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
+    Qwen3VLConfig,
+    Qwen3VLModel,
     T5Config,
     T5EncoderModel,
 )
@@ -61,7 +75,7 @@ from lienzo.models.single_file_save import save_single_file
 from lienzo.models.tokenizers import bundled_t5_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage", "flux2")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage", "flux2", "qwenimage", "krea2", "qwenimage_edit")
 _T5_VOCAB = 32128  # T5 v1.1's embedding rows (its tokenizer has 32,100 tokens)
 _DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 # The real CLIP vocabulary, so that the bundled tokenizer's ids fit.
@@ -183,6 +197,12 @@ def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = Tru
         vae = _tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159)  # Flux.1's VAE
     elif family == "flux2":
         transformer, encoders, vae = _tiny_flux2()
+    elif family == "qwenimage":
+        transformer, encoders, vae = _tiny_qwenimage()
+    elif family == "krea2":
+        return _tiny_krea2()
+    elif family == "qwenimage_edit":
+        return _tiny_qwenimage_edit()
     else:
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=FLUX_HEAD_DIM,
@@ -222,6 +242,109 @@ def _tiny_flux2() -> tuple[Flux2Transformer2DModel, dict, AutoencoderKLFlux2]:
     return transformer, dict(text_encoder=encoder, tokenizer=tokenizer), vae
 
 
+def _tiny_qwenimage() -> tuple[QwenImageTransformer2DModel, dict, AutoencoderKLQwenImage]:
+    """Qwen-Image's layout: a Qwen2.5-VL (language model of 32 channels, multimodal rotary sections, a one-block
+    vision tower it never uses for text), a 4-channel Wan-style VAE (4x downsampling, a frame axis) whose latent
+    statistics are not the identity, and two dual-stream blocks over its 2x2 patches (16 channels)."""
+    tokenizer = _tiny_qwen_tokenizer()
+    special = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=2048, **special,
+            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vocab_size=len(tokenizer), **special,
+    ))
+    statistics = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=(statistics[0] - 0.5).tolist(), latents_std=(statistics[1] + 0.5).tolist(),
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    return transformer, dict(text_encoder=encoder, tokenizer=tokenizer), vae
+
+
+# The vision tokens of Qwen2.5-VL's tokenizer that Qwen-Image-Edit's prompt template and its processor use.
+_QWEN_VISION_TOKENS = dict(
+    vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>", image_token_id="<|image_pad|>",
+    video_token_id="<|video_pad|>",
+)
+
+
+def _tiny_qwenimage_edit() -> Components:
+    """Qwen-Image-Edit's layout, as a loaded folder is: Qwen-Image's tiny network and VAE; a Qwen2.5-VL like Qwen-Image's
+    whose one-block vision tower reads the input images (Qwen2.5-VL's 14-pixel patches, merged 2x2), the tiny Qwen
+    tokenizer with the vision tokens, and Qwen2-VL's image processor (PIL's: torchvision is not a dependency)."""
+    transformer, _, vae = _tiny_qwenimage()
+    tokenizer = _tiny_qwen_tokenizer()
+    tokenizer.add_tokens(list(_QWEN_VISION_TOKENS.values()), special_tokens=True)
+    special = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    vision = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _QWEN_VISION_TOKENS.items()}
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=4096, **special,
+            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vocab_size=len(tokenizer), **special, **vision,
+    ))
+    return Components(
+        unet=None, transformer=transformer.eval(), vae=vae.eval(), text_encoder=encoder.eval(), tokenizer=tokenizer,
+        image_processor=Qwen2VLImageProcessorPil(), scheduler_config=dict(FAMILY_TABLE["qwenimage_edit"].scheduler), family="qwenimage_edit",
+        name="tiny-qwenimage_edit",
+    )
+
+
+# The tiny Krea 2's text_encoder_select_layers: three of its Qwen3-VL's five hidden states (0: the embeddings).
+KREA2_LAYERS = (1, 2, 4)
+
+
+def _tiny_krea2() -> Components:
+    """Krea 2's layout, as a loaded folder of the base model is: a Qwen3-VL (language model of 32 channels, four
+    layers, interleaved multimodal rotary sections, a one-block vision tower it never uses for text) read at
+    :data:`KREA2_LAYERS`, Qwen-Image's tiny VAE, and two single-stream blocks over 2x2 patches (16 channels) after
+    a one-block text fusion. The zero-initialised modulation tables and norm scales are randomised, so that each
+    is exercised."""
+    _, _, vae = _tiny_qwenimage()
+    tokenizer = _tiny_qwen_tokenizer()
+    encoder = Qwen3VLModel(Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0]),
+    ))
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=32, num_text_layers=len(KREA2_LAYERS),
+        text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=64, num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 0.2 - 0.1)
+    return Components(
+        unet=None, transformer=transformer.eval(), vae=vae.eval(), text_encoder=encoder.eval(), tokenizer=tokenizer,
+        scheduler_config=dict(FAMILY_TABLE["krea2"].scheduler), family="krea2", is_distilled=False,
+        text_encoder_layers=KREA2_LAYERS, name="tiny-krea2",
+    )
+
+
 def save_transformer_models(models_dir) -> Path:
     """A tiny Flux.1 dev (``tiny-flux``), Flux.1 schnell (``tiny-schnell``) and SD 3.x (``tiny-sd3``), as
     diffusers folders in ``models_dir``."""
@@ -255,6 +378,18 @@ def _tiny_qwen_tokenizer() -> Qwen2TokenizerFast:
     )
 
 
+def qwen_vl_processor(tokenizer, image_processor) -> Qwen2VLProcessor:
+    """transformers' Qwen2VLProcessor of these parts and no video processor, as QwenImageEditPlusPipeline takes it. Its
+    constructor checks each part's class, and without torchvision it cannot look up the video processors' base class:
+    that check is skipped for the absent video processor."""
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, part: None if part is None else check(self, name, part)
+    try:
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
 def _tiny_t5(d_model: int) -> T5EncoderModel:
     config = T5Config(
         vocab_size=_T5_VOCAB, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
@@ -273,9 +408,22 @@ def save_diffusers_folder(components: Components, folder) -> Path:
         encoders = {name: getattr(components, name) for name in names}
         pipeline_class = {
             "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "chroma": ChromaPipeline, "zimage": ZImagePipeline,
-            "flux2": Flux2KleinPipeline,
+            "flux2": Flux2KleinPipeline, "qwenimage": QwenImagePipeline, "krea2": Krea2Pipeline,
+            "qwenimage_edit": QwenImageEditPlusPipeline,
         }[components.family]
-        pipeline_class(**shared, **encoders).save_pretrained(folder)
+        options = {}
+        if components.spec.prompt_images:  # processor/ is written below: transformers cannot save this processor
+            options = dict(processor=None)
+        if components.family == "krea2":  # its pipeline's config: which encoder layers it reads, and which model it is
+            options = dict(text_encoder_select_layers=components.text_encoder_layers, is_distilled=bool(components.is_distilled))
+        elif components.family == "flux2":  # the step-distilled Klein, as released (base folders say False)
+            options = dict(is_distilled=components.is_distilled is not False)
+        pipeline_class(**shared, **encoders, **options).save_pretrained(folder)
+        if components.spec.prompt_images:  # processor/ as real folders have it: its tokenizer's and image processor's files
+            components.tokenizer.save_pretrained(folder / "processor")
+            components.image_processor.save_pretrained(folder / "processor")
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps({**index, "processor": ["transformers", "Qwen2VLProcessor"]}, indent=2))
         return folder
     scheduler = EulerDiscreteScheduler.from_config(components.scheduler_config)
     parts = dict(

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     fp8: bool = False  # the network's and T5's weights stored in fp8, cast up layer by layer (half bf16's memory)
     vae_tiling: VaeTiling = "auto"
     low_vram: bool = False  # VAE tiling and, on CUDA, CPU offload of the U-Net and text encoders
+    free_text_encoders: bool = False  # text encoders in CPU memory, on the network's device only to encode uncached texts
+    prompt_cache_mb: float = Field(64, ge=0)  # prompt embeddings each loaded model keeps across jobs (LRU); 0: none
     attention_slicing: bool | None = None  # unset: with low_vram where fused attention is missing (not CPU/CUDA)
     watermark: bool = True  # invisible watermark in every saved image; a request may turn it off
     safety_cli: SafetyPolicy = "off"  # safety filter policy when a request gives none, per front door

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from lienzo import outputs
 from lienzo.devices import configure_threads, pick_device, pick_dtype
-from lienzo.errors import InvalidRequestError, ModelFileError
+from lienzo.errors import InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.store import Gallery
 from lienzo.generation import engine
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.generation.styles import merge_styles
 from lienzo.models import formats
-from lienzo.models.components import Components
+from lienzo.models.components import Components, PromptCache
 from lienzo.models.loading import load_components
 from lienzo.models.lora import apply_loras
 from lienzo.models.registry import Registry, embedded_model
@@ -61,6 +61,7 @@ def load_model(
     text_encoders: Sequence[str | Path] = (),
     t5: bool = True,
     text_encoder_device: str | None = None,
+    free_text_encoders: bool | None = None,
     prediction_type: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -89,8 +90,20 @@ def load_model(
     models dir's ``text_encoders``, ``clip`` and ``vae`` folders (see :mod:`lienzo.models.assembly`).
     ``t5`` False runs SD 3.x without its T5 text encoder (less memory, weaker prompt following).
     ``text_encoder_device`` (``cpu``) keeps the text encoders there while the network runs on ``device``.
+    ``free_text_encoders`` (None: the settings') keeps them in CPU memory instead and moves them beside the
+    network only to encode a text the model's prompt cache (``settings.prompt_cache_mb``) lacks, back once a
+    job's prompts are encoded: the network gets their memory while it runs, as with ``text_encoder_device``,
+    but they compute on the fast device, for the price of a move there and back per job with a new text
+    (``components.text_encoder_offload``, :func:`lienzo.generation.prompts.text_encoders_on_call`). The two
+    exclude each other. With ``low_vram`` on CUDA the text encoders are streamed layer by layer instead.
     """
     settings = settings or Settings()
+    free_text_encoders = settings.free_text_encoders if free_text_encoders is None else free_text_encoders
+    if free_text_encoders and text_encoder_device is not None:
+        raise LienzoError(
+            f"free_text_encoders: the text encoders either stay on text_encoder_device ({text_encoder_device}) "
+            "or move beside the network to encode; choose one"
+        )
     registry = Registry(settings.models_dir, settings.cache_dir)
     path = registry.resolve(model) if model is not None else default_model(registry, settings)
     vae_path = registry.resolve(vae, field="vae") if vae is not None else None
@@ -114,6 +127,8 @@ def load_model(
     )
     components.name, components.short_hash, components.sha256 = Path(entry.name).name, entry.short_hash, entry.sha256
     formats.stop_if_cancelled(cancel)
+    components.prompt_cache = PromptCache(max_bytes=int(settings.prompt_cache_mb * 2**20))
+    components.text_encoder_offload = free_text_encoders
     if text_encoder_device is not None:
         components.text_encoder_device = pick_device(text_encoder_device)
     if not (speed.low_vram and torch_device.type == "cuda"):  # offloaded models stay in CPU memory

@@ -1,7 +1,6 @@
 """Prompt syntax, 77-token chunking and text encoding, checked against plain transformers calls."""
 
 from importlib import resources
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from lienzo.generation.prompts import (
     parse_prompt_attention,
     tokenize_prompt,
 )
+from lienzo.models.components import Components
 
 BOS, EOS = 49406, 49407
 
@@ -39,17 +39,22 @@ def _text_config(**overrides) -> CLIPTextConfig:
     return CLIPTextConfig(**{**settings, **overrides})
 
 
+def _text_only(family: str, **encoders) -> Components:
+    """A model's text side alone: prompt encoding reads no network or VAE."""
+    return Components(unet=None, vae=None, scheduler_config={}, family=family, **encoders)
+
+
 @pytest.fixture(scope="module")
 def sd1():
     torch.manual_seed(0)
     encoder = CLIPTextModel(_text_config()).eval()
-    return SimpleNamespace(family="sd1", text_encoder=encoder, tokenizer=_tokenizer("<|endoftext|>"))
+    return _text_only("sd1", text_encoder=encoder, tokenizer=_tokenizer("<|endoftext|>"))
 
 
 @pytest.fixture(scope="module")
 def sd2():
     torch.manual_seed(0)
-    return SimpleNamespace(family="sd2", text_encoder=CLIPTextModel(_text_config()).eval(), tokenizer=_tokenizer("!"))
+    return _text_only("sd2", text_encoder=CLIPTextModel(_text_config()).eval(), tokenizer=_tokenizer("!"))
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +62,8 @@ def sdxl():
     torch.manual_seed(0)
     first = CLIPTextModel(_text_config()).eval()
     second = CLIPTextModelWithProjection(_text_config(hidden_size=32, intermediate_size=64, projection_dim=16)).eval()
-    return SimpleNamespace(
-        family="sdxl",
+    return _text_only(
+        "sdxl",
         text_encoder=first,
         tokenizer=_tokenizer("<|endoftext|>"),
         text_encoder_2=second,

@@ -48,7 +48,34 @@ def _zimage(models):
     return components, {"diffusion_models/z_image_turbo_bf16": ("Z-Image", "bf16")}
 
 
-LAYOUTS = {"chroma": _chroma, "zimage": _zimage}
+def _flux2(models):
+    """Flux.2 Klein 4B (step-distilled) as city96-style GGUF in BFL's names, Qwen3 4B without its lm_head (with
+    the tiny tokenizer beside it) and BFL's flux2-vae."""
+    from test_flux2_files import bfl_names, qwen3_like_the_real_one as klein_qwen3, save_qwen3 as save_klein_qwen3, save_vae as save_flux2_vae
+
+    components = build_tiny("flux2")
+    components.text_encoder = klein_qwen3(components.text_encoder)
+    write_gguf(models / "diffusion_models" / "flux-2-klein-4b-Q8_0.gguf", bfl_names(components.transformer.state_dict()), GGMLQuantizationType.Q8_0, "flux")
+    save_klein_qwen3(components.text_encoder, models / "text_encoders" / "qwen_3_4b.safetensors", head=False)
+    components.tokenizer.save_pretrained(models / "text_encoders")
+    save_flux2_vae(components.vae, models / "vae" / "flux2-vae.safetensors")
+    return components, {"diffusion_models/flux-2-klein-4b-Q8_0": ("Flux.2 Klein", "GGUF Q8_0")}
+
+
+def _folder_only(family: str, label: str):
+    """A family lienzo reads from its diffusers folder only (the text encoder and VAE files of Qwen-Image and
+    Krea 2 state no config lienzo could read)."""
+
+    def layout(models):
+        return build_tiny(family), {f"tiny-{family}": (f"{label} (diffusers)", "fp32")}
+
+    return layout
+
+
+LAYOUTS = {
+    "chroma": _chroma, "zimage": _zimage, "flux2": _flux2, "qwenimage": _folder_only("qwenimage", "Qwen-Image"),
+    "krea2": _folder_only("krea2", "Krea 2"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
@@ -63,7 +90,7 @@ def home(request, tmp_path_factory):
     save_diffusers_folder(components, models / f"tiny-{family}")
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "photo.png")
-    label = next(iter(files.values()))[0]
+    label = next(iter(files.values()))[0].removesuffix(" (diffusers)")
     return root, family, {f"tiny-{family}": (f"{label} (diffusers)", "fp32"), **files}
 
 
@@ -153,4 +180,3 @@ def test_lienzo_models_lists_family_format_and_size_of_every_file(home, monkeypa
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
     for model, (label, weight_format) in models.items():
         assert label in rows[model] and weight_format in rows[model] and ("KiB" in rows[model] or "MiB" in rows[model]), rows[model]
-    assert "VAE" in rows["vae/ae"]

@@ -714,7 +714,7 @@ def test_files_that_hold_no_transformer_are_refused_in_one_line(tmp_path, built)
     for path, hint in expected.items():
         with pytest.raises(ModelFileError) as err:
             load_transformer_file(path)
-        assert str(err.value) == f"{path.name} is not a transformer lienzo knows (SD 3.x, Flux.1, Chroma, Z-Image): {hint}"
+        assert str(err.value) == f"{path.name} is not a transformer lienzo knows (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein, Qwen-Image): {hint}"
 
 
 def test_an_incomplete_network_is_refused_in_one_line(tmp_path, built):

@@ -357,10 +357,10 @@ def test_a_missing_text_encoder_or_tokenizer_is_one_line(tmp_path, built, tiny_z
     assert "t5xxl_fp16.safetensors" in message and "\n" not in message
 
     zimage, _ = comfyui_tree(tmp_path / "z", tiny_zimage, "zimage")
-    with pytest.raises(ModelFileError) as err:
-        plan_assembly(zimage)
+    with pytest.raises(ModelFileError) as err:  # without its tokenizer, a Qwen3 whose vocabulary is not Qwen's
+        assemble(zimage)
     message = str(err.value)
-    assert message.startswith("model zimage.safetensors (Z-Image) needs Qwen3's tokenizer: no tokenizer.json beside qwen_3_4b")
+    assert message.startswith("text encoder qwen_3_4b.safetensors embeds 259 tokens, fewer than Qwen's 151,669: put its own")
     assert "\n" not in message
 
     (tmp_path / "z" / "models" / "text_encoders" / "qwen_3_4b.safetensors").unlink()
@@ -369,6 +369,21 @@ def test_a_missing_text_encoder_or_tokenizer_is_one_line(tmp_path, built, tiny_z
     message = str(err.value)
     assert message.startswith("model zimage.safetensors (Z-Image) needs a Qwen3 text encoder (qwen3): none in ")
     assert "qwen_3_4b.safetensors" in message and "\n" not in message
+
+
+def test_a_qwen3_file_alone_reads_prompts_with_the_bundled_tokenizer(tmp_path, tiny_zimage):
+    """qwen_3_4b.safetensors as ComfyUI's guide has it, no tokenizer anywhere: lienzo's Qwen tokenizer reads the
+    prompt, and its ids reach the encoder (one as wide as Qwen3's vocabulary)."""
+    zimage, _ = comfyui_tree(tmp_path, tiny_zimage, "zimage")
+    config = tiny_zimage.text_encoder.config.to_dict() | {"vocab_size": 151936}  # Qwen3-4B's embedding rows
+    torch.manual_seed(3)
+    save_qwen3(Qwen3Model(Qwen3Config(**config)).eval(), tmp_path / "models" / "text_encoders" / "qwen_3_4b.safetensors")
+    assembled = assemble(zimage)
+    assert len(assembled.tokenizer) == 151669 and assembled.tokenizer("Hello world").input_ids == [9707, 1879]
+    seen = []
+    assembled.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    assert pixels(assembled).shape == (64, 64, 3)
+    assert int(seen[0].max()) >= 151644  # the chat template's <|im_start|>, Qwen's own id
 
 
 def test_a_folder_is_refused_as_a_text_encoder_of_a_family_without_qwen3(tmp_path, built):

@@ -70,6 +70,11 @@ def _model_options(f):
                 "--text-encoder-device", help="cpu: run the text encoders there, leaving the GPU's memory to the network "
                 "[default: beside the network]",
             ),
+            click.option(
+                "--free-text-encoders", is_flag=True, default=None,
+                help="keep the text encoders in CPU memory and run them beside the network only to encode a prompt "
+                "not encoded before, leaving the GPU's memory to the network [default: off]",
+            ),
             click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="override the model's prediction type"),
             click.option("--device", default=None, help="auto, cpu, cuda or mps [default: auto]"),
             click.option("--dtype", default=None, help="auto, float32, float16 or bfloat16 [default: auto]"),
@@ -120,7 +125,7 @@ def _model_kwargs(opts: dict) -> dict:
     """The model options given (``_model_options`` but the speed ones), as ``load_model`` arguments."""
     return {
         "vae": opts.get("vae"), "text_encoders": list(opts.get("text_encoders") or ()), "t5": opts.get("t5", True),
-        "text_encoder_device": opts.get("text_encoder_device"),
+        "text_encoder_device": opts.get("text_encoder_device"), "free_text_encoders": opts.get("free_text_encoders"),
         "prediction_type": opts.get("prediction"),
     }
 
@@ -162,11 +167,20 @@ def _field_option(row, mode: str):
         return click.option(f"--{spec.cli}/--no-{spec.cli}", row.name, default=default, show_default=default not in (None, ""), help=spec.help)
     if row.name == "loras":
         return click.option(*names, type=_LoraParam(), multiple=True, help=spec.help)
+    if row.name == "reference_images":  # picture files, read as the command line is
+        return click.option(*names, type=click.Path(path_type=Path), multiple=True, callback=_read_images, help=f"{spec.help} (repeatable)")
     if typing.get_origin(kind) is list:  # repeatable: --style a --style b
         return click.option(*names, multiple=True, help=f"{spec.help} (repeatable)")
     if typing.get_origin(kind) is typing.Literal:
         kind = click.Choice([str(c) for c in typing.get_args(kind)])
     return click.option(*names, type=kind, default=default, show_default=default not in (None, ""), help=spec.help)
+
+
+def _read_images(ctx: click.Context, param: click.Parameter, paths: tuple[Path, ...]) -> list:
+    """The pictures a repeatable option names, each held to the settings' max_input_pixels."""
+    from lienzo.images.io import load_image
+
+    return [load_image(path, field=param.opts[0], max_pixels=_settings(ctx).max_input_pixels) for path in paths]
 
 
 def _request_fields(opts: dict) -> dict:

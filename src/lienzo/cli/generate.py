@@ -47,6 +47,12 @@ def _remade(ctx: click.Context, mode: str, prompt: str, from_image: Path | None,
 
         remade = fields_from_image(from_image, mode)
         model = remade.pop("model", None)
+        # The infotext keeps the reference images' hashes, not the pictures: they must be given again.
+        recorded = remade.pop("reference_images", ())
+        if recorded:
+            from lienzo.generation.fields import check_references
+
+            check_references(recorded, fields.get("reference_images", []), _flag_for("reference_images"))
         # Flags given explicitly on the command line win over the image's parameters.
         explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         fields = {**fields, **remade, **explicit}

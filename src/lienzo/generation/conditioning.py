@@ -1,5 +1,6 @@
 """Each image's texts and conditioning for one job: templates resolved per image (wildcards and variants),
-each distinct text encoded once, composed prompts checked, and a batch's plan given its images' prompts."""
+each distinct text encoded once (or not at all, when the model's prompt cache has it), composed prompts
+checked, and a batch's plan given its images' prompts."""
 
 from dataclasses import replace
 
@@ -9,7 +10,13 @@ from lienzo.errors import InvalidRequestError
 from lienzo.generation.loop import CancelCheck
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.plan import BatchPlan
-from lienzo.generation.prompts import ComposedPrompt, PromptEmbeddings, PromptSchedule, encode_schedules
+from lienzo.generation.prompts import (
+    ComposedPrompt,
+    PromptEmbeddings,
+    PromptSchedule,
+    encode_schedules,
+    text_encoders_on_call,
+)
 from lienzo.generation.request import MAX_PROMPT_CHARS, GenerationRequest
 from lienzo.generation.wildcards import DynamicPrompts, is_dynamic
 from lienzo.models.components import Components
@@ -36,20 +43,29 @@ def image_texts(request: GenerationRequest, seeds: list[int], dynamic: DynamicPr
     return texts
 
 
+def prompt_images(components: Components, request: GenerationRequest) -> tuple:
+    """The images the family's text encoder reads with every text of the request: Qwen-Image-Edit's, the reference
+    images; none for the others."""
+    return tuple(request.reference_images) if components.spec.prompt_images else ()
+
+
 def encode_images(
     components: Components, request: GenerationRequest, texts: list[tuple[str, str]], device: torch.device,
     cancel: CancelCheck | None,
 ) -> list[tuple[PromptSchedule | ComposedPrompt, PromptSchedule]]:
     """Each image's conditioning, padded as it would be if the image were made alone (so it can be): one
-    pair of schedules per distinct pair of texts, each distinct text encoded once per length."""
+    pair of schedules per distinct pair of texts, each distinct text encoded once per length. The text
+    encoders (with ``components.text_encoder_offload``) are woken once for the whole job, not once a pair."""
     cache: dict[tuple[str, int], PromptEmbeddings] = {}
     pairs: dict[tuple[str, str], tuple[PromptSchedule | ComposedPrompt, PromptSchedule]] = {}
-    for image_prompt, image_negative in texts:
-        if (image_prompt, image_negative) not in pairs:
-            pairs[image_prompt, image_negative] = encode_schedules(
-                components, extract_lora_tags(image_prompt)[0], image_negative, request.steps, clip_skip=request.clip_skip,
-                device=device, cancel=cancel, cache=cache,
-            )
+    images = prompt_images(components, request)
+    with text_encoders_on_call(components) as wake:
+        for image_prompt, image_negative in texts:
+            if (image_prompt, image_negative) not in pairs:
+                pairs[image_prompt, image_negative] = encode_schedules(
+                    components, extract_lora_tags(image_prompt)[0], image_negative, request.steps, clip_skip=request.clip_skip,
+                    device=device, cancel=cancel, cache=cache, wake=wake, images=images,
+                )
     return [pairs[pair] for pair in texts]
 
 

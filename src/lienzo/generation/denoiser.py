@@ -7,16 +7,18 @@ prompt. What wraps the network is a layer around that callable, never a branch i
 
 - :class:`UNetCall`: a U-Net (or DeepCache's :class:`~lienzo.generation.deepcache.DeepCacheUNet`
   around it) with one text conditioning; :class:`SD3Call`, :class:`FluxCall`, :class:`ChromaCall`,
-  :class:`ZImageCall` and :class:`Flux2Call` are the transformer families' (each turns the latents into
-  what its network takes, packed 2x2 patches or a list of frames, and back inside its call, so the loop,
+  :class:`ZImageCall`, :class:`Flux2Call`, :class:`QwenImageCall` and :class:`Krea2Call` are the transformer families' (each
+  turns the latents into what its network takes, packed 2x2 patches or a list of frames, and back inside its call, so the loop,
   the schedulers and the inpainting mask see ordinary N x C x h x w latents for every family);
 - :class:`PromptSteps`: for prompt editing and alternation, the step's call among several
   :class:`UNetCall` around the same U-Net (absent for a prompt the same at every step);
 - :class:`ImageGroups`: for dynamic prompts of different lengths in one batch, a call per group of images;
 - :class:`InpaintChannels`: the mask and masked-image latents an inpainting model takes as extra input;
-- :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond];
+- :class:`Guidance`: classifier-free guidance, one model pass over [uncond, cond] (for Qwen-Image, rescaled
+  to the conditional prediction's norm as its pipeline does);
 - :class:`Composition`: in its place for composable prompts (``a AND b:0.5``), one model pass over
-  [uncond, a row per subprompt], combined as AUTOMATIC1111 does.
+  [uncond, a row per subprompt], combined as AUTOMATIC1111 does (for Qwen-Image too: without the rescale,
+  which has no single conditional prediction to take its norm from).
 
 The rows a network call sees are laid out as [uncond of each image (guided only), then each image's
 conditional rows]: one per image for a plain prompt, one per subprompt for a composed one.
@@ -26,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.nn.functional import pad
 
 from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
-from lienzo.generation.plan import BatchPlan
+from lienzo.generation.plan import BatchPlan, References
 from lienzo.generation.prompt_schedule import schedule_index
 from lienzo.generation.prompts import ComposedPrompt, PromptEmbeddings, PromptSchedule
 from lienzo.models.components import Components
@@ -140,23 +143,85 @@ class ZImageCall:
 class Flux2Call:
     """Flux.2's transformer, called as ``Flux2KleinPipeline`` calls it: the (already 2x2-patched) latents as
     a sequence with (time, row, column, layer) position ids, the Qwen3 sequence with its token positions,
-    the timestep on the 0-1 scale and no guidance input."""
+    the timestep on the 0-1 scale and no guidance input. Reference images follow the latents in every row's
+    sequence, with their own ids; the prediction is the latents' part of the output."""
 
     transformer: Any
     embeds: torch.Tensor
+    references: References | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         from diffusers import Flux2KleinPipeline  # its packing helpers; imported with the model's family
 
         n, _, h, w = x.shape
         image_ids = Flux2KleinPipeline._prepare_latent_ids(x).to(x.device)
+        tokens, ids = Flux2KleinPipeline._pack_latents(x), image_ids
+        if self.references is not None:
+            tokens = torch.cat([tokens, self.references.tokens.to(x).expand(n, -1, -1)], dim=1)
+            ids = torch.cat([ids, self.references.ids.to(x.device).expand(n, -1, -1)], dim=1)
         with torch.no_grad():
             out = self.transformer(
-                hidden_states=Flux2KleinPipeline._pack_latents(x).to(self.transformer.dtype),
+                hidden_states=tokens.to(self.transformer.dtype),
                 timestep=t.expand(n).to(x.dtype) / 1000, encoder_hidden_states=self.embeds,
-                txt_ids=Flux2KleinPipeline._prepare_text_ids(self.embeds).to(x.device), img_ids=image_ids, return_dict=False,
+                txt_ids=Flux2KleinPipeline._prepare_text_ids(self.embeds).to(x.device), img_ids=ids, return_dict=False,
             )[0]
-        return Flux2KleinPipeline._unpack_latents_with_ids(out, image_ids, h, w).to(x.dtype)
+        return Flux2KleinPipeline._unpack_latents_with_ids(out[:, : h * w], image_ids, h, w).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class QwenImageCall:
+    """Qwen-Image's transformer, called as ``QwenImagePipeline`` calls it: the latents packed into 2x2 patches with
+    their (frames, rows, columns), the Qwen2.5-VL sequences zero-padded to the longest with their mask (None when
+    no row has padding, as the pipeline passes it), the timestep on the 0-1 scale. Qwen-Image-Edit's input images
+    follow the latents in every row's sequence, with their own shapes (as ``QwenImageEditPlusPipeline`` calls it);
+    the prediction is the latents' part of the output."""
+
+    transformer: Any
+    embeds: torch.Tensor
+    mask: torch.Tensor | None  # rows x tokens, 1 at a prompt's tokens
+    references: References | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        from diffusers import QwenImagePipeline  # its packing helpers; imported with the model's family
+
+        n, channels, h, w = x.shape
+        packed, shapes = QwenImagePipeline._pack_latents(x, n, channels, h, w), [(1, h // 2, w // 2)]
+        if self.references is not None:
+            packed = torch.cat([packed, self.references.tokens.to(packed).expand(n, -1, -1)], dim=1)
+            shapes += self.references.shapes
+        with torch.no_grad():
+            out = self.transformer(
+                hidden_states=packed, timestep=t.expand(n).to(x.dtype) / 1000, encoder_hidden_states=self.embeds,
+                encoder_hidden_states_mask=self.mask, img_shapes=[shapes] * n, return_dict=False,
+            )[0]
+        # _unpack_latents takes the pixel size: a latent pixel is one VAE factor (here 1) of it; one frame.
+        return QwenImagePipeline._unpack_latents(out[:, : (h // 2) * (w // 2)], h, w, 1)[:, :, 0]
+
+
+@dataclass(frozen=True)
+class Krea2Call:
+    """Krea 2's transformer, called as ``Krea2Pipeline`` calls it: the latents packed into 2x2 patches, the
+    text's zero position ids then each patch's (0, row, column), Qwen3-VL's stacked layers with their mask, the
+    timestep on the 0-1 scale. Guidance above it gives Krea's cond + g * (cond - uncond) at CFG scale 1 + g."""
+
+    transformer: Any
+    embeds: torch.Tensor  # rows x tokens x layers x dim
+    mask: torch.Tensor  # rows x tokens, True at a prompt's block's real tokens
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        # Krea2Pipeline's own packing is an instance method (its patch_size, 2); QwenImagePipeline's static
+        # one packs 2x2 patches the same way.
+        from diffusers import Krea2Pipeline, QwenImagePipeline
+
+        n, channels, h, w = x.shape
+        packed = QwenImagePipeline._pack_latents(x, n, channels, h, w)
+        ids = Krea2Pipeline.prepare_position_ids(self.embeds.shape[1], h // 2, w // 2, x.device)
+        with torch.no_grad():
+            out = self.transformer(
+                hidden_states=packed, encoder_hidden_states=self.embeds, timestep=(t / 1000).expand(n).to(x.dtype),
+                position_ids=ids, encoder_attention_mask=self.mask, return_dict=False,
+            )[0]
+        return QwenImagePipeline._unpack_latents(out, h, w, 1)[:, :, 0]
 
 
 @dataclass(frozen=True)
@@ -203,14 +268,23 @@ class InpaintChannels:
 
 @dataclass(frozen=True)
 class Guidance:
-    """Classifier-free guidance (Ho and Salimans 2022): both predictions from one doubled batch."""
+    """Classifier-free guidance (Ho and Salimans 2022): both predictions from one doubled batch. ``rescale``
+    (Qwen-Image's true CFG) gives each 2x2 patch of the result the norm the conditional prediction has there."""
 
     inner: Denoiser
     scale: float
+    rescale: bool = False
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         uncond, cond = self.inner(torch.cat([x, x]), t, step).chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        return guided * (_patch_norm(cond) / _patch_norm(guided)) if self.rescale else guided
+
+
+def _patch_norm(x: torch.Tensor) -> torch.Tensor:
+    """The norm of each 2x2 patch's channels (QwenImagePipeline's norm over a packed token), at each of its pixels."""
+    sums = torch.nn.functional.avg_pool2d(x.square(), 2, divisor_override=1).sum(1, keepdim=True)
+    return sums.sqrt().repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
 @dataclass(frozen=True)
@@ -266,7 +340,7 @@ def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | N
         weights = tuple(weight for pos, _ in images for _, weight in pos.terms)
         denoiser = Composition(denoiser, owners, weights, plan.cfg_scale, plan.guided)
     elif plan.guided:
-        denoiser = Guidance(denoiser, plan.cfg_scale)
+        denoiser = Guidance(denoiser, plan.cfg_scale, components.spec.cfg_norm_rescale)
     return denoiser
 
 
@@ -332,9 +406,17 @@ def _call(components: Components, plan: BatchPlan, pairs, unet) -> Denoiser:
         return torch.cat([getattr(row, part) for row in rows]).to(device=device, dtype=dtype)
 
     if components.family == "flux2":
-        return Flux2Call(components.transformer, stacked("embeds"))
+        return Flux2Call(components.transformer, stacked("embeds"), plan.references)
+    if components.family == "krea2":  # one fixed-length block a prompt: they stack, the mask kept boolean
+        return Krea2Call(components.transformer, stacked("embeds"), torch.cat([row.mask for row in rows]).to(device))
     if components.family == "chroma":
         return ChromaCall(components.transformer, stacked("embeds"), stacked("mask"))
+    if components.family in ("qwenimage", "qwenimage_edit"):  # sequences as long as their prompts: zero-padded, masked
+        longest = max(row.embeds.shape[1] for row in rows)
+        embeds = torch.cat([pad(row.embeds, (0, 0, 0, longest - row.embeds.shape[1])) for row in rows])
+        embeds = embeds.to(device=device, dtype=dtype)
+        mask = torch.cat([pad(row.mask, (0, longest - row.mask.shape[1])) for row in rows]).to(device=device)
+        return QwenImageCall(components.transformer, embeds, None if mask.all() else mask, plan.references)
     if components.family == "sd3":
         return SD3Call(components.transformer, stacked("embeds"), stacked("pooled"))
     guidance = None

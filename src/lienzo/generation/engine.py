@@ -17,8 +17,15 @@ from PIL import Image
 
 from lienzo.errors import InvalidRequestError, LienzoError
 from lienzo.generation import canvas
-from lienzo.generation.conditioning import check_unguided_weights, encode_images, image_texts, with_image_prompts
+from lienzo.generation.conditioning import (
+    check_unguided_weights,
+    encode_images,
+    image_texts,
+    prompt_images,
+    with_image_prompts,
+)
 from lienzo.generation.infotext import image_params, infotext_prompt, with_templates
+from lienzo.generation.latents import encode_references, reference_size
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import Variation, random_seed
@@ -29,7 +36,7 @@ from lienzo.generation.samplers import resolve_sampler, resolve_schedule, runs_a
 from lienzo.generation.wildcards import DynamicPrompts, escape
 from lienzo.images.metadata import format_infotext
 from lienzo.models.components import Components
-from lienzo.models.families import SCHNELL_STEPS
+from lienzo.models.families import FAMILIES, SCHNELL_STEPS
 from lienzo.safety import SafetyFilter, Screened, screen
 
 log = logging.getLogger(__name__)
@@ -106,8 +113,11 @@ def _round8(v: int) -> int:
 def _prepare_canvas(components: Components, req: GenerationRequest) -> Canvas:
     """Resolve sizes; grow, fill and crop the input image and mask for the request's mode."""
     if req.init_image is None:
+        # With reference images, their pipeline's default (Flux.2: the first one's size; Qwen-Image-Edit: about a
+        # megapixel of the last one's shape); else the model's.
         side = _round8(native_size(components))
-        return Canvas(req.width or side, req.height or side)
+        width, height = reference_size(components, req.reference_images) if req.reference_images else (side, side)
+        return Canvas(req.width or width, req.height or height)
     image, mask = req.init_image.convert("RGB"), req.mask
     if req.is_outpaint:
         # The mask reaches into the old image at least as far as the blur, so the seam is repainted.
@@ -191,7 +201,8 @@ def generate(
     # Prompt editing ([from:to:when]) and alternation ([a|b]) give each step its own text; each text is encoded once.
     if texts is None:
         pos, neg = encode_schedules(
-            components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel
+            components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel,
+            images=prompt_images(components, request),
         )
         conditioning = None
     else:
@@ -208,6 +219,7 @@ def generate(
         cfg_scale=request.cfg_scale, denoising_strength=request.denoising_strength,
         inpainting_fill=request.inpainting_fill, fast=request.fast, batch_size=request.batch_size, first_seed=seed,
         tiling=request.tiling, distilled_cfg_scale=request.distilled_cfg_scale or 0.0, shift=request.shift,
+        references=encode_references(components, request.reference_images),
     )
     images: list[GeneratedImage] = []
     interrupted = False
@@ -264,19 +276,28 @@ def generate(
 
 def family_defaults(components: Components, request: GenerationRequest) -> GenerationRequest:
     """``request`` with what it leaves to the model (None) filled in from the family table: steps, CFG
-    scale, sampler, Flux.1 dev's distilled CFG scale and a flow model's fixed shift; refused here, before
+    scale (a base model's where the family has step-distilled and base models), sampler, Flux.1 dev's distilled
+    CFG scale and a flow model's fixed shift; refused here, before
     anything runs, what the family cannot do."""
     spec = components.spec
     flux_schnell = components.family == "flux" and not components.guidance_embeds
+    steps, cfg = spec.default_steps, spec.default_cfg
+    if components.is_distilled is False and spec.base_defaults is not None:
+        steps, cfg = spec.base_defaults  # an undistilled base (Flux.2 Klein base): its pipeline's steps and CFG
     update: dict = {
-        "steps": request.steps or (SCHNELL_STEPS if flux_schnell else spec.default_steps),
-        "cfg_scale": spec.default_cfg if request.cfg_scale is None else request.cfg_scale,
+        "steps": request.steps or (SCHNELL_STEPS if flux_schnell else steps),
+        "cfg_scale": cfg if request.cfg_scale is None else request.cfg_scale,
         "sampler": request.sampler or spec.default_sampler,
     }
     if components.guidance_embeds:
         update["distilled_cfg_scale"] = spec.default_distilled_cfg if request.distilled_cfg_scale is None else request.distilled_cfg_scale
     if spec.flow and request.shift is None and not components.scheduler_config.get("use_dynamic_shifting"):
         update["shift"] = components.scheduler_config.get("shift", 1.0)
+    if request.reference_images and not spec.reference_images:
+        takers = ", ".join(f.label for f in FAMILIES.values() if f.reference_images)
+        raise InvalidRequestError("reference_images", f"{spec.label} models take no reference images (only {takers} do); leave it empty")
+    if spec.prompt_images and not request.reference_images:  # its pipeline has nothing to edit (and fails) without one
+        raise InvalidRequestError("reference_images", f"{spec.label} edits the images it is given: give at least one")
     if spec.is_transformer:
         for name, on, why in (("fast", request.fast, "DeepCache reuses U-Net features"), ("tiling", request.tiling, "circular padding is for U-Net convolutions")):
             if on:

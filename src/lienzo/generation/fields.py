@@ -7,13 +7,14 @@ lists fields, defaults or limits of its own. This module imports no torch and no
 CLI and the page can read it before anything heavy.
 """
 
+import hashlib
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lienzo.errors import LienzoError
+from lienzo.errors import InvalidRequestError, LienzoError
 
 Mode = Literal["txt2img", "img2img", "inpaint", "outpaint"]
 MODES: tuple[Mode, ...] = ("txt2img", "img2img", "inpaint", "outpaint")
@@ -222,3 +223,41 @@ def _read_fast(value: str) -> bool:
 
 
 FAST = InfotextKey("Fast", write=_write_fast, read=_read_fast)
+
+
+def image_hash(image) -> str:
+    """A short hash of a picture's content (its RGB pixels and size, whatever file held them), as A1111's
+    short hashes are: the first 10 hex digits of a SHA-256."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:10]
+
+
+def _write_references(images: list) -> str | None:
+    return f"{len(images)}: {', '.join(image_hash(image) for image in images)}" if images else None
+
+
+def _read_references(text: str) -> tuple[str, ...]:
+    """``2: 1a2b3c4d5e, 6f7a8b9c0d`` → the hashes of the reference images a picture was made with. The
+    pictures themselves are not in the infotext: a remake must be given them again (see check_references)."""
+    count, _, hashes = text.partition(":")
+    found = tuple(h.strip() for h in hashes.split(",") if h.strip())
+    if not count.strip().isdigit() or int(count) != len(found) or not all(len(h) == 10 for h in found):
+        raise LienzoError(f"infotext 'Reference images' must be 'COUNT: HASH, HASH, ...' with 10-digit hashes, got {text!r}")
+    return found
+
+
+REFERENCES = InfotextKey("Reference images", write=_write_references, read=_read_references)
+
+
+def check_references(recorded: tuple[str, ...], images: list, flag: str = "reference_images") -> None:
+    """A remake's reference images must be the ones the picture recorded, in order: the infotext keeps only
+    their hashes. ``flag`` is what the door calls the field."""
+    given = tuple(image_hash(image) for image in images)
+    if given == tuple(recorded):
+        return
+    if not images:
+        raise InvalidRequestError(flag, f"the picture was made with {len(recorded)} reference image(s); give them again to remake it")
+    raise InvalidRequestError(
+        flag, f"the reference images given ({', '.join(given)}) are not the {len(recorded)} the picture was made with "
+        f"({', '.join(recorded)}); give the same images, in the same order",
+    )

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
+from lienzo.errors import InvalidRequestError
 from lienzo.generation import canvas
 from lienzo.generation.noise import batch_noise, varied_noise
-from lienzo.generation.plan import BatchPlan
+from lienzo.generation.plan import BatchPlan, References
 from lienzo.generation.samplers import build_scheduler, flux_mu, set_timesteps
-from lienzo.generation.vae_decode import decode_latents, wants_tiling
+from lienzo.generation.vae_decode import decode_latents, latent_space, wants_tiling
+from lienzo.models.components import has_frames
 from lienzo.models.components import Components
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ def denoised_estimate(scheduler, output, sample: torch.Tensor, pred: torch.Tenso
 def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[torch.Generator]) -> ImageSchedulers:
     """Step 3: a scheduler per image with ``plan.steps`` timesteps; img2img keeps the last ``strength`` share."""
     device, config = components.execution_device, components.scheduler_config
+    if config.get("shift_terminal") and plan.steps < 2:
+        # diffusers stretches the levels so the last is shift_terminal: one level cannot be (its timesteps are NaN).
+        raise InvalidRequestError("steps", f"must be 2 or more for {components.spec.label}: its schedule ends at a set noise level")
     if plan.shift is not None:
         config = {**config, "shift": plan.shift, "use_dynamic_shifting": False}
     schedulers = [build_scheduler(plan.sampler, plan.schedule, config, seed=s) for s in plan.seeds]
@@ -110,6 +116,8 @@ def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[
             from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
             mu = compute_empirical_mu(shape[1] * shape[2], plan.steps)
+        elif components.family == "krea2" and components.is_distilled:
+            mu = 1.15  # Krea2Pipeline's fixed shift for its distilled (TDM) model, written in its __call__
         else:
             mu = flux_mu((shape[1] // 2) * (shape[2] // 2), config)
     for s in schedulers:
@@ -206,15 +214,95 @@ def _fill_latents(image_latents, mask, fill: str, generators, latent_shape) -> t
 
 def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.Tensor:
     """Each image samples the posterior with its own generator, before its noise (diffusers' order)."""
-    vae = components.vae
+    vae, frames = components.vae, has_frames(components.vae)
     with torch.no_grad():
-        posterior = vae.encode(pixels).latent_dist
+        posterior = vae.encode(pixels.unsqueeze(2) if frames else pixels).latent_dist
     image_latents = torch.cat([posterior.sample(g) for g in generators])
-    if components.spec.latent_patch > 1:
-        return _patched(vae, image_latents).to(latent_dtype(components))
-    if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs centre their latents first
-        image_latents = image_latents - vae.config.shift_factor
-    return (vae.config.scaling_factor * image_latents).to(latent_dtype(components))
+    if frames:
+        image_latents = image_latents[:, :, 0]
+    return _loop_latents(components, image_latents)
+
+
+def _loop_latents(components: Components, image_latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents as the loop's: Flux.2's in 2x2 patches, then normalized (:func:`latent_space`)."""
+    if components.spec.latent_patch > 1:  # Flux.2 normalizes its latents in 2x2 patches
+        from diffusers import Flux2KleinPipeline  # its patching helper; imported with the model's family
+
+        image_latents = Flux2KleinPipeline._patchify_latents(image_latents)
+    mean, scale = latent_space(components.vae, image_latents.device)
+    return ((image_latents - mean) * scale).to(latent_dtype(components))
+
+
+# Flux2KleinPipeline shrinks a larger reference image to this many pixels, keeping its shape.
+REFERENCE_AREA = 1024 * 1024
+
+
+def _fit_reference(components: Components, image: Image.Image) -> tuple[Image.Image, int, int]:
+    """A reference image as Flux2KleinPipeline reads it: shrunk to at most REFERENCE_AREA pixels, and the size
+    its centre is cropped to, each side cut down to a multiple of a latent patch's side (16 pixels with Flux.2's VAE)."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    shrunk = Flux2ImageProcessor._resize_if_exceeds_area(image, REFERENCE_AREA)
+    side = _pixels_per_latent(components)
+    return shrunk, shrunk.width // side * side, shrunk.height // side * side
+
+
+# QwenImageEditPlusPipeline's output size when none is given: about this many pixels, of its last image's shape
+# (written in its __call__).
+QWEN_EDIT_AREA = 1024 * 1024
+
+
+def reference_size(components: Components, images: list[Image.Image]) -> tuple[int, int]:
+    """The (width, height) of a picture given no size of its own: Flux.2's first reference as it is read;
+    Qwen-Image-Edit's QWEN_EDIT_AREA of the last one's shape, each side a multiple of 32 (as its pipeline's)."""
+    if components.family == "qwenimage_edit":
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+        return calculate_dimensions(QWEN_EDIT_AREA, images[-1].width / images[-1].height)
+    return _fit_reference(components, images[0])[1:]
+
+
+def encode_references(components: Components, images: list[Image.Image]) -> References | None:
+    """Flux.2's reference images, once for the job, as Flux2KleinPipeline encodes them: each fitted, encoded to
+    its latents' mode (no randomness, so no generator is drawn from), patched and normalized as the loop's
+    latents, then packed one after another with their time ids 10, 20, ...; None without references.
+    Qwen-Image-Edit's input images as its pipeline encodes them (:func:`_qwen_edit_references`)."""
+    if not images:
+        return None
+    if components.family == "qwenimage_edit":
+        return _qwen_edit_references(components, images)
+    from diffusers import Flux2KleinPipeline  # its packing helpers; imported with the model's family
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    processor, vae, latents = Flux2ImageProcessor(vae_scale_factor=_pixels_per_latent(components)), components.vae, []
+    for image in images:
+        shrunk, width, height = _fit_reference(components, image)
+        pixels = processor.preprocess(shrunk, height=height, width=width, resize_mode="crop")
+        with torch.no_grad():
+            mode = vae.encode(pixels.to(device=components.execution_device, dtype=vae.dtype)).latent_dist.mode()
+        latents.append(_loop_latents(components, mode))
+    tokens = torch.cat([Flux2KleinPipeline._pack_latents(latent) for latent in latents], dim=1)
+    return References(tokens, Flux2KleinPipeline._prepare_image_ids(latents).to(tokens.device))
+
+
+def _qwen_edit_references(components: Components, images: list[Image.Image]) -> References:
+    """Qwen-Image-Edit's input images, as QwenImageEditPlusPipeline encodes them: each resized to about its
+    VAE_IMAGE_SIZE pixels, keeping its shape (each side a multiple of 32), encoded as one frame to its latents'
+    mode, normalized as the loop's latents, packed in 2x2 patches one image after another, with each one's shape."""
+    from diffusers import QwenImagePipeline  # its packing helper; imported with the model's family
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    processor, vae = VaeImageProcessor(vae_scale_factor=components.vae_scale_factor * 2), components.vae
+    tokens, shapes = [], []
+    for image in images:
+        width, height = edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, image.width / image.height)
+        pixels = processor.preprocess(image, height, width).to(device=components.execution_device, dtype=vae.dtype)
+        with torch.no_grad():
+            latents = _loop_latents(components, vae.encode(pixels.unsqueeze(2)).latent_dist.mode()[:, :, 0])
+        _, channels, h, w = latents.shape
+        tokens.append(QwenImagePipeline._pack_latents(latents, 1, channels, h, w))
+        shapes.append((1, h // 2, w // 2))
+    return References(torch.cat(tokens, dim=1), shapes=tuple(shapes))
 
 
 def decode(components: Components, latents: torch.Tensor, *, seamless: bool = False) -> np.ndarray:
@@ -224,37 +312,18 @@ def decode(components: Components, latents: torch.Tensor, *, seamless: bool = Fa
     ``seamless`` (a tiling job, inside :func:`lienzo.generation.tiling.seamless`) decodes whole whatever
     ``vae_tiling`` says: with circular padding each tile would wrap onto its own edges, not the picture's,
     and show seams at the tile borders; a tiling image is usually of the model's own size anyway."""
+    # In float32: a half-precision VAE that overflows decodes these again in float32 (vae_decode).
+    mean, scale = latent_space(components.vae, latents.device)
+    latents = latents.float() / scale + mean
     if components.spec.latent_patch > 1:
-        latents = _unpatched(components.vae, latents)
+        from diffusers import Flux2KleinPipeline
+
+        latents = Flux2KleinPipeline._unpatchify_latents(latents)
     tiling = "off" if seamless else components.vae_tiling
     if seamless and wants_tiling(components.vae, latents, components.vae_tiling):
         log.info("tiling: decoding %dx%d latents whole, not in VAE tiles (they would not wrap)", latents.shape[-1], latents.shape[-2])
     decoded = decode_latents(components.vae, latents, tiling=tiling)
     return _processor(components).postprocess(decoded, output_type="np")
-
-
-def _batch_norm(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and standard deviation Flux.2's VAE keeps of its patched latents, as ``like``'s."""
-    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
-    return mean, std
-
-
-def _patched(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The VAE's latents as the loop's: 2x2 patches, normalized (``Flux2KleinPipeline._encode_vae_image``)."""
-    from diffusers import Flux2KleinPipeline  # its patching helpers; imported with the model's family
-
-    patched = Flux2KleinPipeline._patchify_latents(latents)
-    mean, std = _batch_norm(vae, patched)
-    return (patched - mean) / std
-
-
-def _unpatched(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The loop's latents back as the VAE's, as ``Flux2KleinPipeline`` decodes them."""
-    from diffusers import Flux2KleinPipeline
-
-    mean, std = _batch_norm(vae, latents)
-    return Flux2KleinPipeline._unpatchify_latents(latents * std + mean)
 
 
 def latent_dtype(components: Components) -> torch.dtype:
@@ -263,7 +332,10 @@ def latent_dtype(components: Components) -> torch.dtype:
 
 
 def _latent_shape(components: Components, plan: BatchPlan) -> tuple[int, int, int]:
-    factor, channels = _pixels_per_latent(components), components.vae.config.latent_channels * components.spec.latent_patch**2
+    vae = components.vae
+    # Wan-style VAEs (Qwen-Image's) call their latent channels z_dim.
+    channels = (vae.config.z_dim if has_frames(vae) else vae.config.latent_channels) * components.spec.latent_patch**2
+    factor = _pixels_per_latent(components)
     return (channels, plan.canvas.height // factor, plan.canvas.width // factor)
 
 

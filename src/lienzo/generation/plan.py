@@ -7,6 +7,7 @@ never the request, so a door-specific field cannot leak into the loop.
 
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
 from lienzo.generation import canvas
@@ -26,6 +27,18 @@ class Canvas:
     original: Image.Image | None = None  # the full-size picture to composite into
     full_mask: Image.Image | None = None  # blurred, at original size
     crop: canvas.OnlyMaskedCrop | None = None
+
+
+@dataclass(frozen=True)
+class References:
+    """Reference images as Flux.2's transformer reads them after the noisy latents, encoded once per job: their
+    packed tokens, one image after another, and their (time, row, column, layer) ids, time 10 for the first image,
+    20 for the second, ... (the noisy latents' is 0). Every row of every batch reads the same. Qwen-Image-Edit's
+    network places them by ``shapes`` instead: each image's (frames, rows, columns) of 2x2 patches, its img_shapes."""
+
+    tokens: torch.Tensor  # 1 x tokens x channels, in the network's dtype
+    ids: torch.Tensor | None = None  # 1 x tokens x 4 (Flux.2's)
+    shapes: tuple[tuple[int, int, int], ...] = ()  # Qwen-Image-Edit's
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class BatchPlan:
     # Dynamic prompts: (prompt, negative) for each image when the batch's images have different texts;
     # empty: every image has ``prompt`` and ``negative``.
     images: tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...] = ()
+    references: References | None = None  # Flux.2's reference images; None: none
 
     def image_prompts(self) -> tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...]:
         """(prompt, negative) of each of the batch's images."""

@@ -8,21 +8,26 @@ Three steps, one function each:
    joins the chunks along the token axis, so a UNet cross-attends to prompts of any length.
 
 Prompt editing and alternation (``[cat:dog:0.5]``, ``[cat|dog]``) come first: :func:`encode_schedules`
-resolves them per step (:mod:`lienzo.generation.prompt_schedule`) and encodes each distinct text once.
+resolves them per step (:mod:`lienzo.generation.prompt_schedule`) and encodes each distinct text once,
+and, with the model's prompt cache (``components.prompt_cache``), once across jobs.
 Before that, a composable prompt (``a cat AND a dog:1.2``) is cut into subprompts, each with its own
 schedule and weight (:class:`ComposedPrompt`).
 """
 
 import re
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lienzo.devices import execution_device
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
+from lienzo.generation.fields import image_hash
 from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index, split_subprompts
 from lienzo.models.components import Components
 from lienzo.models.families import FAMILIES
@@ -207,6 +212,7 @@ def encode_prompt(
     min_chunks: int = 1,
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
+    images: tuple[Image.Image, ...] = (),
 ) -> PromptEmbeddings:
     """Encode one prompt; pad with empty-prompt chunks up to ``min_chunks``.
 
@@ -217,13 +223,13 @@ def encode_prompt(
     Emphasis weights apply to each encoder's output on its own, as A1111 does for SDXL.
     The result is moved to ``device`` (default: it stays where the text encoder is).
     ``cancel`` is checked before every chunk (True: stop with GenerationCancelled), as a long
-    prompt is hundreds of encoder passes.
+    prompt is hundreds of encoder passes. ``images``: the reference images read with the prompt (Qwen-Image-Edit).
     """
     if FAMILIES[components.family].is_transformer:
         # SD 3.x and Flux.1: a fixed-length sequence (CLIP and T5), no chunks to pad.
         from lienzo.generation.text_encoding import encode_transformer_prompt
 
-        return encode_transformer_prompt(components, text, clip_skip=clip_skip, device=device, cancel=cancel)
+        return encode_transformer_prompt(components, text, clip_skip=clip_skip, device=device, cancel=cancel, images=images)
     # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
     encoders = _encoders(components)
     chunk_lists = [tokenize_prompt(tokenizer, text) for _, tokenizer in encoders]
@@ -314,12 +320,18 @@ def encode_schedules(
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
     cache: dict[tuple[str, int], PromptEmbeddings] | None = None,
+    wake: Callable[[], None] | None = None,
+    images: tuple[Image.Image, ...] = (),
 ) -> tuple[PromptSchedule | ComposedPrompt, PromptSchedule]:
     """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
     every distinct text encoded once. All texts are padded to the same number of chunks, as
     guidance batches any step's texts in one UNet call. ``cancel`` as in :func:`encode_prompt`.
     ``cache`` (text, chunks) → embeddings lets several pairs of one job (dynamic prompts: one pair per
-    image) share the texts they have in common; the same embeddings as without it.
+    image) share the texts they have in common; the same embeddings as without it. A text neither there
+    nor in the model's prompt cache (:func:`_encode_kept`) is encoded after ``wake()``, the wake of a
+    job's :func:`text_encoders_on_call`; None: this call is the job's, and the encoders rest once it is done.
+    ``images``: the reference images a family's text encoder reads with every text (Qwen-Image-Edit's), the same
+    for all of them (so ``cache`` may stay keyed by text); none for the others.
 
     A prompt with ``AND`` gives a :class:`ComposedPrompt`, a term per distinct subprompt (a repeated
     one adds its weight to the first's: one U-Net row instead of several equal ones); the negative
@@ -332,18 +344,121 @@ def encode_schedules(
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
     # Transformer families encode every text to one fixed length: there is nothing to pad.
     chunks = 1 if FAMILIES[components.family].is_transformer else max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
+    if wake is None:
+        with text_encoders_on_call(components) as wake:
+            return encode_schedules(
+                components, prompt, negative, steps, clip_skip=clip_skip, device=device, cancel=cancel, cache=cache, wake=wake,
+                images=images,
+            )
     cache = {} if cache is None else cache
     encoded = {}
     for text in texts:
         if (text, chunks) not in cache:
-            cache[text, chunks] = encode_prompt(
-                components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel
+            cache[text, chunks] = _encode_kept(
+                components, text, chunks=chunks, clip_skip=clip_skip, device=device, cancel=cancel, wake=wake, images=images
             )
         encoded[text] = cache[text, chunks]
     *terms, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
     if len(split) == 1:
         return terms[0], neg
     return ComposedPrompt(tuple(zip(terms, subprompts.values(), strict=True))), neg
+
+
+def _encode_kept(
+    components: Components,
+    text: str,
+    *,
+    chunks: int,
+    clip_skip: int,
+    device: torch.device | str | None,
+    cancel: Callable[[], bool] | None,
+    wake: Callable[[], None],
+    images: tuple[Image.Image, ...] = (),
+) -> PromptEmbeddings:
+    """``text``'s embeddings from the model's prompt cache, else encoded (after ``wake()``) and kept there.
+
+    The key is all that changes them besides the model itself (the cache is the Components'): the text, its
+    chunk count, ``clip_skip``, the device they are for (None: where the encoders compute, which is the
+    model's to say), the content hashes of the ``images`` read with it and :func:`_encoder_state`. The cache holds a copy of its own and hands out copies, so
+    whatever a job does to its tensors never reaches the next job; kept entries past ``max_bytes`` go least
+    recently used first, and an entry larger than all of it is not kept."""
+    store = components.prompt_cache
+    device_key = None if device is None else torch.device(device)
+    key = (text, chunks, clip_skip, device_key, tuple(map(image_hash, images)), _encoder_state(components))
+    kept = store.entries.get(key)
+    if kept is not None:
+        store.entries.move_to_end(key)
+        return _copy(kept)
+    wake()
+    embeddings = encode_prompt(components, text, clip_skip=clip_skip, min_chunks=chunks, device=device, cancel=cancel, images=images)
+    size = _nbytes(embeddings)
+    if size <= store.max_bytes:
+        store.entries[key] = _copy(embeddings)
+        store.nbytes += size
+        while store.nbytes > store.max_bytes:
+            _, dropped = store.entries.popitem(last=False)
+            store.nbytes -= _nbytes(dropped)
+    return embeddings
+
+
+def _encoder_state(components: Components) -> tuple:
+    """What of the model changes its embeddings and can change while it stays loaded: which text encoders
+    (a copy of the Components may have another) in which dtype, and the active LoRAs that patch a text
+    encoder, as (file, its size and mtime: a file changed on disk is read again, weight).
+
+    Encoders are held by weak reference, so that the cache keeps no replaced encoder alive, and a new one
+    that happens to get a freed one's id still differs from it: a dead reference equals only itself."""
+    encoders = tuple((weakref.ref(module), module.dtype) for module in _text_encoder_modules(components))
+    adapters = components.loras.adapters
+    loras = tuple(
+        (str(lora.file), adapters[str(lora.file)].stamp, lora.weight)
+        for lora in components.loras.active
+        if lora.weight != 0 and any(part.startswith("text_encoder") for part in adapters[str(lora.file)].parts)
+    )
+    return encoders, loras
+
+
+def _copy(embeddings: PromptEmbeddings) -> PromptEmbeddings:
+    tensors = (embeddings.embeds, embeddings.pooled, embeddings.mask)
+    return PromptEmbeddings(*(None if tensor is None else tensor.clone() for tensor in tensors))
+
+
+def _nbytes(embeddings: PromptEmbeddings) -> int:
+    tensors = (embeddings.embeds, embeddings.pooled, embeddings.mask)
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+
+def _text_encoder_modules(components: Components) -> list[torch.nn.Module]:
+    return [m for m in (components.text_encoder, components.text_encoder_2, components.text_encoder_3) if m is not None]
+
+
+@contextmanager
+def text_encoders_on_call(components: Components) -> Iterator[Callable[[], None]]:
+    """Encode-then-free for one job, with ``components.text_encoder_offload``: the function it gives wakes the
+    text encoders (moves them to the network's execution device) before a text the prompt cache lacks is
+    encoded; on leaving, those it moved go back to the CPU, also when encoding was cancelled or failed. A job
+    whose texts are all cached never wakes them. Without the option it moves nothing.
+
+    Whole modules move, once a job; low_vram's sequential offload (:func:`lienzo.models.speed.enable_sequential_offload`)
+    instead streams every layer at every call, and the encoders it holds (they have accelerate hooks), like
+    those ``text_encoder_device`` placed, are left where they are. No ``torch.cuda.empty_cache()``: the freed
+    blocks stay in torch's allocator, where the network reuses them."""
+    moved: list[torch.nn.Module] = []
+
+    def wake() -> None:
+        if moved or not components.text_encoder_offload or components.text_encoder_device is not None:
+            return
+        target = components.execution_device
+        for module in _text_encoder_modules(components):
+            if getattr(module, "_hf_hook", None) is None and execution_device(module) != target:
+                module.to(target)
+                moved.append(module)
+
+    try:
+        yield wake
+    finally:
+        for module in moved:
+            module.to("cpu")
 
 
 def _encoders(components: Components) -> list[tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTokenizer]]:

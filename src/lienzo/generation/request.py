@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.fields import (
-    FAST, MASKED, OUTPAINT, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of, whole, yes,
+    FAST, MASKED, OUTPAINT, REFERENCES, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of,
+    whole, yes,
 )
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.prompt_schedule import split_subprompts
@@ -34,6 +35,13 @@ MAX_PROMPT_CHARS = 40_000
 # Composable prompts: every AND subprompt adds a U-Net row for every image of a batch, all in one call
 # (16 images x 32 subprompts is 512 rows); prompts in use have a handful.
 MAX_SUBPROMPTS = 32
+# Flux.2 Klein's reference images (its editing): Black Forest Labs give Klein up to 4. Each adds up to 4,096
+# tokens (1024x1024 pixels) to every transformer call, whose attention grows with the square of the sequence.
+MAX_REFERENCE_IMAGES = 4
+# Flux2KleinPipeline's checks of a reference (Flux2ImageProcessor.check_image_input): its shorter side, its shape.
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_RATIO = 8
+REFERENCE_MODES = frozenset(("txt2img", "img2img"))
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
@@ -253,6 +261,13 @@ class GenerationRequest(BaseModel):
     outpaint_right: Annotated[int, _outpaint("right")] = 0
     outpaint_up: Annotated[int, _outpaint("up", "at the top")] = 0
     outpaint_down: Annotated[int, _outpaint("down", "at the bottom")] = 0
+    reference_images: Annotated[list[Image.Image], Spec(
+        "Reference images", f"pictures the model draws from (Flux.2 Klein's and Qwen-Image-Edit's editing: 'make the cat "
+        f"in the first image blue'), at most {MAX_REFERENCE_IMAGES}, each at least {MIN_REFERENCE_SIDE} pixels a side and "
+        f"at most {MAX_REFERENCE_RATIO} times as long as wide; txt2img with no width and height takes the first one's size "
+        f"(Qwen-Image-Edit: about a megapixel of the last one's shape)",
+        modes=REFERENCE_MODES, cli="reference", infotext=REFERENCES,
+    )] = []
     clip_skip: Annotated[int, Spec(
         "Clip skip", "stop the text encoder this many layers before its last (2: what anime models expect)", limits=Limits(1, 12),
         cli="clip-skip", a1111="CLIP_stop_at_last_layers", a1111_body=False, infotext=whole("Clip skip"),
@@ -341,6 +356,19 @@ class GenerationRequest(BaseModel):
             _check_lora_weight(weight, f"the weight in <lora:{name}:{weight:g}>")
         return v
 
+    @field_validator("reference_images")
+    @classmethod
+    def _references(cls, v: list[Image.Image]) -> list[Image.Image]:
+        if len(v) > MAX_REFERENCE_IMAGES:
+            raise ValueError(f"at most {MAX_REFERENCE_IMAGES} reference images are allowed, got {len(v)}")
+        for place, image in enumerate(v, start=1):
+            width, height = image.size
+            if min(width, height) < MIN_REFERENCE_SIDE:
+                raise ValueError(f"image {place} is {width}x{height}; each side must be at least {MIN_REFERENCE_SIDE} pixels")
+            if max(width, height) > MAX_REFERENCE_RATIO * min(width, height):
+                raise ValueError(f"image {place} is {width}x{height}; a side may be at most {MAX_REFERENCE_RATIO} times the other")
+        return v
+
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str | None) -> str | None:
@@ -372,6 +400,8 @@ class GenerationRequest(BaseModel):
             raise ValueError("outpainting needs an init_image to grow")
         if self.is_outpaint and self.mask is not None:
             raise ValueError("outpainting makes its own mask; give either a mask or outpaint amounts, not both")
+        if self.reference_images and self.mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_images are for txt2img and img2img, not {self.mode}")
         return self
 
     def requested_loras(self) -> list[LoraRef]:

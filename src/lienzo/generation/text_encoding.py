@@ -1,9 +1,9 @@
-"""Prompt encoding for the transformer families (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein): CLIP's pooled
-vector and a T5 (Z-Image, Flux.2 Klein: Qwen3) sequence.
+"""Prompt encoding for the transformer families (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein, Qwen-Image, Krea 2):
+CLIP's pooled vector and a T5 (Z-Image, Flux.2 Klein: Qwen3; Qwen-Image: Qwen2.5-VL; Krea 2: Qwen3-VL) sequence.
 
 A plain prompt is encoded exactly as diffusers' ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
-``ChromaPipeline`` / ``ZImagePipeline`` / ``Flux2KleinPipeline`` encode it (the same tokens, layers, padding
-and masks), so a lienzo picture equals theirs. On top, A1111's emphasis
+``ChromaPipeline`` / ``ZImagePipeline`` / ``Flux2KleinPipeline`` / ``QwenImagePipeline`` / ``Krea2Pipeline`` encode it
+(the same tokens, layers, padding and masks), so a lienzo picture equals theirs. On top, A1111's emphasis
 syntax (``(word:1.3)``, ``[word]``) weights T5's and CLIP's token embeddings as Forge does for these
 families: each piece is tokenized on its own, its tokens' embeddings scaled, the whole rescaled to
 its original mean. A prompt longer than CLIP's 77 tokens reaches the network through T5 (256 tokens
@@ -11,8 +11,11 @@ for SD 3.x, 512 for Flux.1); CLIP sees its first 75, as in diffusers.
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from torch import Tensor
 
 from lienzo.errors import GenerationCancelled, InvalidRequestError
@@ -84,11 +87,15 @@ def _masked_t5(encoder, tokenizer, text: str, length: int) -> tuple[Tensor, Tens
     return apply_weights(embeds, weights), mask
 
 
-def _chat_ids(tokenizer, text: str, length: int, *, thinking: bool) -> tuple[list[int], list[float], int]:
-    """``length`` ids of the prompt as a chat's user turn, their weights and how many are not padding. A
-    weighted prompt's pieces are tokenized on their own between the template's tokens."""
+def _chat_ids(
+    tokenizer, text: str, length: int, *, thinking: bool = False, template: str | None = None
+) -> tuple[list[int], list[float], int]:
+    """``length`` ids of the prompt as a chat's user turn (or in a pipeline's own ``template``), their weights and
+    how many are not padding. A weighted prompt's pieces are tokenized on their own between the template's tokens."""
 
     def chat(content: str) -> str:
+        if template is not None:
+            return template.format(content)
         message = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
 
@@ -133,6 +140,97 @@ def _flux2_qwen3(encoder, tokenizer, text: str, length: int) -> Tensor:
     return apply_weights(torch.cat([output.hidden_states[k] for k in _FLUX2_LAYERS], dim=-1), weights)
 
 
+# QwenImagePipeline's prompt_template_encode and prompt_template_encode_start_idx (set in its __init__, so not
+# readable without building one): the template's first 34 tokens (the system turn) are read, then dropped.
+_QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial"
+    " relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+_QWEN_IMAGE_DROP = 34
+_QWEN_IMAGE_TOKENS = 1024  # its tokenizer_max_length: the templated prompt is cut at this many tokens plus the 34
+
+
+def _qwen25vl(encoder, tokenizer, text: str, length: int) -> tuple[Tensor, Tensor]:
+    """Qwen-Image's sequence and mask, as ``QwenImagePipeline`` reads one prompt: the templated prompt unpadded,
+    Qwen2.5-VL's last layer, the template's first tokens dropped, at most ``length`` tokens (1, tokens, dim)."""
+    longest = _QWEN_IMAGE_TOKENS + _QWEN_IMAGE_DROP
+    ids, weights, real = _chat_ids(tokenizer, text, longest, template=_QWEN_IMAGE_TEMPLATE)
+    ids = _ids(ids[:real], encoder)
+    hidden = encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[-1]
+    kept = slice(_QWEN_IMAGE_DROP, _QWEN_IMAGE_DROP + length)
+    embeds = apply_weights(hidden[:, kept], weights[:real][kept])
+    return embeds, embeds.new_ones(embeds.shape[:2])
+
+
+# QwenImageEditPlusPipeline's prompt_template_encode and prompt_template_encode_start_idx (set in its __init__) and
+# the line it puts before the prompt for each image (in its _get_qwen_prompt_embeds): not readable without building one.
+_QWEN_EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, background),"
+    " then explain how the user's text instruction should alter or modify the image. Generate a new image that meets the"
+    " user's requirements while maintaining consistency with the original input where appropriate.<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+_QWEN_EDIT_DROP = 64
+_QWEN_EDIT_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _condition_image(image: Image.Image) -> Image.Image:
+    """An input image as QwenImageEditPlusPipeline gives it to Qwen2.5-VL: resized (Lanczos, its VaeImageProcessor's)
+    to about its CONDITION_IMAGE_SIZE pixels, keeping its shape, each side a multiple of 32."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, image.width / image.height)
+    return VaeImageProcessor().resize(image, height, width)
+
+
+def _qwen25vl_images(encoder, tokenizer, image_processor, text: str, images: tuple[Image.Image, ...]) -> tuple[Tensor, Tensor]:
+    """Qwen-Image-Edit's sequence and mask, as ``QwenImageEditPlusPipeline`` reads one prompt with its images through
+    its Qwen2VLProcessor: a "Picture n:" line per image before the prompt in its template, each image's <|image_pad|>
+    repeated once per token of the image, Qwen2.5-VL's last layer with the images' pixels, the template's first tokens
+    dropped, the whole prompt kept (1, tokens, dim)."""
+    pixels = image_processor(images=[_condition_image(image) for image in images], return_tensors="pt")
+    # Qwen2VLProcessor's replace_image_token (which a processor without torchvision cannot be built to call): an image
+    # has a token per merge_size x merge_size patches.
+    counts = (pixels["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
+    pictures = "".join(
+        _QWEN_EDIT_PICTURE.format(index + 1).replace("<|image_pad|>", "<|image_pad|>" * count) for index, count in enumerate(counts)
+    )
+    template = _QWEN_EDIT_TEMPLATE.format(pictures + "{}")
+    # Uncut, as the pipeline reads it: Qwen's byte-level tokens are a byte or more each, so the bytes bound their count.
+    ids, weights, real = _chat_ids(tokenizer, text, len(template.format(text).encode()), template=template)
+    ids, device = _ids(ids[:real], encoder), execution_device(encoder)
+    hidden = encoder(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"].to(device),
+        image_grid_thw=pixels["image_grid_thw"].to(device), output_hidden_states=True,
+    ).hidden_states[-1]
+    embeds = apply_weights(hidden[:, _QWEN_EDIT_DROP:], weights[_QWEN_EDIT_DROP:real])
+    return embeds, embeds.new_ones(embeds.shape[:2])
+
+
+# Krea2Pipeline's text_encoder_select_layers for a folder that names none (Qwen3-VL-4B's) and the suffix length it
+# sizes its block by (set in its __init__, so not readable without building one). Its template is Qwen-Image's,
+# split at the prompt: the suffix goes after the padding.
+_KREA2_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
+_KREA2_SUFFIX_TOKENS = 5
+
+
+def _krea2(encoder, tokenizer, text: str, length: int, layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Krea 2's sequence and mask, as ``Krea2Pipeline`` reads one prompt: the templated prompt padded to a fixed
+    block and the suffix after the padding, positions counting real tokens only, Qwen3-VL's ``layers`` stacked at
+    every token, the template's first 34 tokens dropped ((1, tokens, layers, dim) and a bool (1, tokens))."""
+    prefix, suffix = _QWEN_IMAGE_TEMPLATE.split("{}")
+    block = length + _QWEN_IMAGE_DROP - _KREA2_SUFFIX_TOKENS
+    ids, weights, real = _chat_ids(tokenizer, text, block, template=prefix + "{}")
+    suffix_ids = tokenizer(suffix).input_ids
+    mask = torch.tensor([[True] * real + [False] * (block - real) + [True] * len(suffix_ids)], device=execution_device(encoder))
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1)  # the same on Qwen3-VL's 3 rotary axes
+    ids = _ids(ids + suffix_ids, encoder)
+    output = encoder(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    hidden = torch.stack([output.hidden_states[k] for k in layers], dim=2)[:, _QWEN_IMAGE_DROP:]
+    weights = weights[_QWEN_IMAGE_DROP:] + [1.0] * len(suffix_ids)
+    return apply_weights(hidden.flatten(2), weights).view_as(hidden), mask[:, _QWEN_IMAGE_DROP:]
+
+
 @torch.no_grad()
 def encode_transformer_prompt(
     components: Components,
@@ -141,13 +239,15 @@ def encode_transformer_prompt(
     clip_skip: int = 1,
     device: torch.device | str | None = None,
     cancel: Callable[[], bool] | None = None,
+    images: tuple[Image.Image, ...] = (),
 ) -> PromptEmbeddings:
-    """One prompt for an SD 3.x, Flux.1, Chroma, Z-Image or Flux.2 Klein model: ``embeds`` is what the transformer
-    attends to (SD 3.x: CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then T5's sequence;
-    Flux.1 and Chroma: T5's sequence; Z-Image: Qwen3's, as long as the prompt; Flux.2 Klein: three of Qwen3's
-    layers) and ``pooled`` the pooled CLIP vector(s) (none for Chroma, which has ``mask``, nor for Z-Image and
-    Flux.2 Klein). SD 3.x without its T5 gets zeros in its
-    place, as diffusers gives it."""
+    """One prompt for an SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein, Qwen-Image or Krea 2 model: ``embeds`` is what the
+    transformer attends to (SD 3.x: CLIP-L and bigG's hidden states side by side, zero-padded to T5's width, then
+    T5's sequence; Flux.1 and Chroma: T5's sequence; Z-Image: Qwen3's, as long as the prompt; Flux.2 Klein: three
+    of Qwen3's layers; Qwen-Image: Qwen2.5-VL's, as long as the prompt; Krea 2: Qwen3-VL's layers stacked) and
+    ``pooled`` the pooled CLIP vector(s) (none for Chroma, Qwen-Image and Krea 2, which have ``mask``, nor for Z-Image
+    and Flux.2 Klein). SD 3.x without its T5 gets zeros in its place, as diffusers gives it. Qwen-Image-Edit reads the
+    prompt with ``images``, the request's reference images (Qwen2.5-VL's whole sequence, with them)."""
     if cancel is not None and cancel():
         raise GenerationCancelled("generation cancelled")
     spec = components.spec
@@ -156,8 +256,13 @@ def encode_transformer_prompt(
         read = _qwen3 if components.family == "zimage" else _flux2_qwen3
         embeds = read(components.text_encoder, components.tokenizer, text, length)
         return PromptEmbeddings(embeds if device is None else embeds.to(device))
-    if components.family == "chroma":
-        embeds, mask = _masked_t5(components.text_encoder, components.tokenizer, text, length)
+    if spec.prompt_images:
+        embeds, mask = _qwen25vl_images(components.text_encoder, components.tokenizer, components.image_processor, text, images)
+        return PromptEmbeddings(embeds, mask=mask) if device is None else PromptEmbeddings(embeds.to(device), mask=mask.to(device))
+    if components.family in ("chroma", "qwenimage", "krea2"):
+        layers = components.text_encoder_layers or _KREA2_LAYERS
+        read = {"chroma": _masked_t5, "qwenimage": _qwen25vl, "krea2": partial(_krea2, layers=layers)}[components.family]
+        embeds, mask = read(components.text_encoder, components.tokenizer, text, length)
         if device is not None:
             embeds, mask = embeds.to(device), mask.to(device)
         return PromptEmbeddings(embeds, mask=mask)

@@ -18,7 +18,7 @@ import logging
 import torch
 from diffusers import AutoencoderKL
 
-from lienzo.models.components import TILING_CHOICES
+from lienzo.models.components import TILING_CHOICES, has_frames, vae_scale_factor
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,25 @@ def wants_tiling(vae: AutoencoderKL, latents: torch.Tensor, tiling: str = "auto"
         raise ValueError(f"vae_tiling: choose one of {', '.join(TILING_CHOICES)}; got {tiling!r}")
     if tiling != "auto":
         return tiling == "on"
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(vae)
     return latents.shape[-2] * latents.shape[-1] * scale * scale > AUTO_TILE_PIXELS
 
 
+def latent_space(vae: AutoencoderKL, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the loop's latents are made of the VAE's (N x C x h x w, Flux.2's in their 2x2 patches): ``(vae - mean) *
+    scale``, undone as ``loop / scale + mean`` (each family's pipeline's arithmetic); float32, one value a channel."""
+    config = vae.config
+    if config.get("latents_mean") is not None:  # Wan-style VAEs (Qwen-Image): per-channel statistics in the config
+        mean, scale = torch.tensor(config.latents_mean), 1.0 / torch.tensor(config.latents_std)
+    elif hasattr(vae, "bn"):  # Flux.2: the batch norm's running statistics of the patched latents
+        mean, scale = vae.bn.running_mean, 1.0 / torch.sqrt(vae.bn.running_var + config.batch_norm_eps)
+    else:  # one scaling factor, after a shift (SD 3.x, Flux.1) or none
+        mean, scale = torch.tensor(config.get("shift_factor") or 0.0), torch.tensor(config.scaling_factor)
+    return tuple(t.reshape(1, -1, 1, 1).to(device, torch.float32) for t in (mean, scale))
+
+
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, tiling: str = "auto") -> torch.Tensor:
-    """Decode the denoiser's ``latents`` (scaled, as the U-Net sees them) to float32 images in [-1, 1], N x 3 x H x W.
+    """Decode the VAE's own ``latents`` (:func:`latent_space` undone) to float32 images in [-1, 1], N x 3 x H x W.
 
     A half-precision VAE whose output has NaN or inf is upcast to fp32 for good and the batch decoded again.
     """
@@ -67,10 +80,8 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor, tiled: bool) -> torch.Ten
     vae.use_tiling = tiled
     try:
         with torch.no_grad():
-            # Flux.2's VAE has no scaling factor: lienzo.generation.latents undoes its batch norm before this.
-            latents = latents.to(vae.dtype) / vae.config.get("scaling_factor", 1.0)
-            if vae.config.get("shift_factor") is not None:  # SD 3.x and Flux.1 VAEs
-                latents = latents + vae.config.shift_factor
-            return vae.decode(latents, return_dict=False)[0]
+            if has_frames(vae):
+                return vae.decode(latents.to(vae.dtype).unsqueeze(2), return_dict=False)[0][:, :, 0]
+            return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     finally:
         vae.use_tiling = before

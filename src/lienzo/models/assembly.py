@@ -1,31 +1,41 @@
-"""ComfyUI's split layout: an SD 3.x, Flux.1, Chroma or Z-Image transformer file, assembled with its text
-encoders and VAE.
+"""ComfyUI's split layout: an SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein or Qwen-Image transformer file,
+assembled with its text encoders and VAE.
 
-Flux.1, Chroma and Z-Image ship as a transformer alone (their makers' or ComfyUI's key names, in bf16, fp8 or
-GGUF), and SD 3.5 as a file that may or may not carry its text encoders and VAE. The other parts come, first
-match wins, from:
+Flux.1, Chroma, Z-Image and Flux.2 Klein ship as a transformer alone (their makers' or ComfyUI's key names, in
+bf16, fp8 or GGUF), and SD 3.5 as a file that may or may not carry its text encoders and VAE. The other parts
+come, first match wins, from:
 
 1. the files the user names: ``--text-encoder PATH`` (repeatable) and ``--vae PATH``;
 2. the model file itself, when it bundles them (SD 3.5's all-in-one files);
 3. the models dir, in ComfyUI's folders: text encoders in ``<models>/text_encoders`` or ``<models>/clip``,
-   VAEs in ``<models>/vae`` (one with 16 latent channels; a name saying the family is preferred:
-   ``ae*``/``flux*`` for Flux.1, Chroma and Z-Image, which decode with Flux's VAE; ``sd3*`` for SD 3.x).
+   VAEs in ``<models>/vae`` (one with the family's latent channels, 16 or Flux.2's 32; a name saying the family
+   is preferred: ``ae*``/``flux*`` for Flux.1, Chroma and Z-Image, which decode with Flux's VAE; ``sd3*`` for
+   SD 3.x; ``flux2*`` for Flux.2 Klein).
    The models dir of a file in ComfyUI's ``<models>/diffusion_models`` or ``<models>/unet`` is looked in
    first, then lienzo's.
 
 Which text encoder a file is, is read from its tensors (:func:`lienzo.models.transformer_files.text_encoder_kind`);
 when they cannot tell (tiny test models), from ComfyUI's file names: ``clip_l*``, ``clip_g*``, ``t5*``, ``*t5xxl*``
 or ``qwen*``.
-Of several files of one kind in the models dir, the most precise is taken: fp16 or bf16, then fp32, scaled fp8,
+Of several Qwen3 files, only those as wide as the transformer reads are candidates (Klein 4B takes Qwen3-4B,
+Klein 9B Qwen3-8B). Of several files of one kind in the models dir, the most precise is taken: fp16 or bf16, then fp32, scaled fp8,
 fp8, then GGUF from the largest file down. A smaller file would save disk only: every text encoder is read
 into the model's dtype (only a GGUF transformer stays quantized in memory). SD 3.x runs without T5 (its slot
 is optional): missing, or left out with ``t5=False`` (``--no-t5``), it is said in the log.
 
-lienzo bundles the CLIP and T5 tokenizers, not Qwen3's (Z-Image's): its ``tokenizer.json`` (with the
-``tokenizer_config.json`` that carries the chat template; a Z-Image diffusers folder's ``tokenizer/`` has
-both) is read from a folder given with ``--text-encoder FOLDER``, else from beside the Qwen3 file (or its
-``tokenizer/`` folder). A Qwen3 given as a transformers folder (a diffusers folder's ``text_encoder/``) brings
-its sibling ``tokenizer/``.
+lienzo bundles the CLIP, T5 and Qwen tokenizers. A Qwen text encoder's own ``tokenizer.json`` (with the
+``tokenizer_config.json`` that carries the chat template; a Z-Image or Klein diffusers folder's ``tokenizer/``
+has both) is still preferred: from a folder given with ``--text-encoder FOLDER``, else from beside the Qwen
+file (or its ``tokenizer/`` folder); without one, the bundled tokenizer reads the prompt. A Qwen3 given as a
+transformers folder (a diffusers folder's ``text_encoder/``) brings its sibling ``tokenizer/``. Klein's Qwen3 is read as the Qwen3ForCausalLM its
+pipeline holds, Z-Image's as a Qwen3Model.
+
+Qwen-Image's transformer file is completed with a Qwen-Image diffusers folder's ``text_encoder/`` (Qwen2.5-VL, its
+``tokenizer/`` beside) and ``vae/``, given with ``--text-encoder`` and ``--vae``: their single files' configs are in
+no tensor, so lienzo does not read them.
+
+Flux.2 Klein comes step-distilled (4 steps, no CFG) or as an undistilled base (50 steps, CFG 4); BFL names
+the base's files ``flux-2-klein-base-*``, so a file whose name has the word ``base`` is read as a base.
 
 Before any tensor is read, what the pieces will take in memory (from their headers) is set against what the
 device has (:func:`plan_memory`): a model that cannot fit fails at once, in one line that says what to do.
@@ -34,6 +44,7 @@ device has (:func:`plan_memory`): a model that cannot fit fails at once, in one 
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +65,7 @@ from lienzo.models.registry import (
     text_encoder_kind_by_name,
     weight_format,
 )
+from lienzo.models.tokenizers import QWEN_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +74,29 @@ VAE_FOLDER = "vae"
 # What a user who lacks a piece is told to put in the models dir: the names ComfyUI's guides use.
 _SUGGESTED_FILES = {
     "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors",
-    "qwen3": "qwen_3_4b.safetensors",
+    "qwen3": "qwen_3_4b.safetensors", "qwen25vl": "a Qwen-Image diffusers folder's text_encoder/",
 }
+# Where a family's encoder comes in sizes, the file for each size of its transformer (Klein 4B and 9B).
+_SUGGESTED_QWEN3 = {2560: "qwen_3_4b.safetensors", 4096: "qwen_3_8b.safetensors"}
 # Chroma and Z-Image decode with Flux.1's VAE.
 _SUGGESTED_VAE = {
     "flux": "ae.safetensors", "sd3": "sd3_vae.safetensors", "chroma": "ae.safetensors", "zimage": "ae.safetensors",
+    "flux2": "flux2-vae.safetensors", "qwenimage": "a Qwen-Image diffusers folder's vae/",
 }
-# VAE file names that say which family a 16-channel VAE was made for (the two are built alike).
+# VAE file names that say which family a VAE was made for (Flux.1's and SD 3's 16-channel VAEs are built alike).
 _VAE_NAMES = {
     "flux": ("ae", "flux"), "sd3": ("sd3", "diffusion_pytorch_model"), "chroma": ("ae", "flux", "chroma"),
-    "zimage": ("ae", "flux", "z_image", "zimage"),
+    "zimage": ("ae", "flux", "z_image", "zimage"), "flux2": ("flux2", "flux-2", "flux_2"), "qwenimage": ("qwen",),
 }
+# The tensor of each Qwen3-reading transformer whose input width says how wide a Qwen3 it reads, and how many of
+# Qwen3's layers it reads side by side (Klein: three). Original and diffusers names.
+_QWEN3_INPUTS = {
+    "zimage": (("cap_embedder.1.weight",), 1),
+    "flux2": (("txt_in.weight", "context_embedder.weight"), 3),
+}
+_QWEN3_WIDTH = ("embed_tokens.weight", "model.embed_tokens.weight", "token_embd.weight")
+# Flux.2 Klein's base models, by BFL's file names (flux-2-klein-base-4b.safetensors).
+_BASE_WORD = re.compile(r"(?:^|[^a-z0-9])base(?:$|[^a-z0-9])")
 # Qwen3's tokenizer: the file that must be there, and where beside a Qwen3 file or folder it is looked for.
 _TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_FOLDER = "tokenizer"
@@ -190,9 +214,10 @@ def _vae_latent_channels(path: Path) -> int | None:
     return None
 
 
-def find_vae(models_dir: Path, spec: Family) -> Path | None:
-    """A VAE in ``<models>/vae`` with the family's latent channels; one whose name says the family first."""
-    fitting = [p for p in _weight_files(models_dir / VAE_FOLDER) if _vae_latent_channels(p) == spec.latent_channels]
+def find_vae(models_dir: Path, spec: Family, latent_channels: int | None = None) -> Path | None:
+    """A VAE in ``<models>/vae`` with ``latent_channels`` (default: the family's); one whose name says the family first."""
+    wanted = latent_channels or spec.latent_channels
+    fitting = [p for p in _weight_files(models_dir / VAE_FOLDER) if _vae_latent_channels(p) == wanted]
     named = [p for p in fitting if p.stem.lower().startswith(_VAE_NAMES.get(spec.name, ()))]
     return (named or fitting or [None])[0]
 
@@ -216,9 +241,10 @@ def plan_assembly(
 
     path = Path(path)
     tensors = header_tensors(path)
-    family = detect_transformer_family({k: shape for k, (shape, _, _) in tensors.items()})
+    shapes = {k: shape for k, (shape, _, _) in tensors.items()}
+    family = detect_transformer_family(shapes)
     if family is None:
-        raise ModelFileError(f"model {path.name} is not an SD 3.x, Flux.1, Chroma or Z-Image transformer")
+        raise ModelFileError(f"model {path.name} is not an SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein or Qwen-Image transformer")
     spec = FAMILIES[family]
     model = f"model {path.name} ({spec.label})"
     # The models dir the file lies in (a ComfyUI tree given by path) first, then the one asked to look in.
@@ -236,6 +262,21 @@ def plan_assembly(
     for folder in searched:
         for kind, paths in find_text_encoders(folder).items():
             found.setdefault(kind, []).extend(paths)
+    width = _qwen3_width_needed(family, shapes)
+    if width is not None and found.get("qwen3"):
+        fitting = [file for file in found["qwen3"] if _qwen3_width(file) in (width, None)]  # None: a pickle, unread
+        if not fitting and "qwen3" not in given:
+            widths = ", ".join(f"{file.name} ({_qwen3_width(file)})" for file in found["qwen3"])
+            raise ModelFileError(
+                f"{model} reads a Qwen3 {width} wide, but the Qwen3 files found are not: {widths}; "
+                f"put {_SUGGESTED_QWEN3.get(width, f'a Qwen3 of width {width}')} there or pass --text-encoder PATH"
+            )
+        found["qwen3"] = fitting
+    if width is not None and "qwen3" in given and _qwen3_width(given["qwen3"]) not in (width, None):
+        raise ModelFileError(
+            f"--text-encoder {given['qwen3'].name}: a Qwen3 {_qwen3_width(given['qwen3'])} wide, but {model} reads one "
+            f"{width} wide ({_SUGGESTED_QWEN3.get(width, 'another size')})"
+        )
     chosen: dict[str, Piece | None] = {}
     missing: list[TextEncoderSlot] = []
     for slot in spec.text_encoders:
@@ -256,48 +297,74 @@ def plan_assembly(
         else:
             missing.append(slot)
     if missing:
-        raise ModelFileError(_missing_text_encoders(model, missing, searched))
+        raise ModelFileError(_missing_text_encoders(model, missing, searched, width))
 
     if vae is not None:
         vae_piece = Piece("vae", Path(vae), _size_of(Path(vae), dtype), "given")
     elif bundled_size(_BUNDLED_VAE):
         vae_piece = Piece("vae", path, bundled_size(_BUNDLED_VAE), "bundled")
     else:
-        found_vae = next((v for v in (find_vae(folder, spec) for folder in searched) if v is not None), None)
+        latents = _vae_latents_needed(spec, shapes)
+        found_vae = next((v for v in (find_vae(folder, spec, latents) for folder in searched) if v is not None), None)
         if found_vae is None:
             folders = " or ".join(str(folder / VAE_FOLDER) for folder in searched)
-            where = f"none with {spec.latent_channels} latent channels in {folders}" if searched else "none given"
+            where = f"none with {latents} latent channels in {folders}" if searched else "none given"
             raise ModelFileError(
                 f"{model} needs a VAE: {where}; put {_SUGGESTED_VAE[spec.name]} there or pass --vae PATH"
             )
         vae_piece = Piece("vae", found_vae, file_size(found_vae), "found")
 
     tokenizer = None
-    if chosen.get("qwen3") is not None:
-        tokenizer = _find_tokenizer(model, chosen["qwen3"].path, tokenizer_folders)
+    qwen = next((chosen[kind] for kind in QWEN_KINDS if chosen.get(kind) is not None), None)
+    if qwen is not None:
+        tokenizer = _find_tokenizer(qwen.path, tokenizer_folders)
     own = {key: t for key, t in tensors.items() if not key.startswith(("text_encoders.", _BUNDLED_VAE))}
     transformer = Piece("transformer", path, loaded_size(own, dtype, quantized=True), "given")
     return Assembly(path=path, spec=spec, transformer=transformer, text_encoders=chosen, vae=vae_piece, tokenizer=tokenizer)
 
 
+def _vae_latents_needed(spec: Family, shapes: dict) -> int:
+    """The latent channels of the VAE a transformer decodes with: the family's, except that Flux.2's network
+    takes them in latent_patch x latent_patch patches, so its input width says them (as for a tiny test model)."""
+    from lienzo.models.transformer_files import PREFIX
+
+    if spec.latent_patch == 1:
+        return spec.latent_channels
+    names = [prefix + name for name in ("img_in.weight", "x_embedder.weight") for prefix in ("", PREFIX)]
+    shape = next((shapes[name] for name in names if name in shapes), None)
+    return spec.latent_channels if shape is None else shape[1] // spec.latent_patch**2
+
+
+def _qwen3_width_needed(family: str, shapes: dict) -> int | None:
+    """How wide a Qwen3 the ``family`` transformer with these tensor shapes reads; None: no Qwen3, or unknown."""
+    from lienzo.models.transformer_files import PREFIX
+
+    names, layers = _QWEN3_INPUTS.get(family, ((), 1))
+    shape = next((shapes[prefix + name] for name in names for prefix in ("", PREFIX) if prefix + name in shapes), None)
+    return None if shape is None else shape[1] // layers
+
+
+def _qwen3_width(path: Path) -> int | None:
+    """A Qwen3 file's (or transformers folder's) hidden width, from its embedding's header or its config."""
+    if path.is_dir():
+        config = path / "config.json"
+        return formats.read_json_file(config).get("hidden_size") if config.is_file() else None
+    tensors = _headers(path)[1]
+    return next((tensors[name][0][1] for name in _QWEN3_WIDTH if name in tensors), None)
+
+
 def _tokenizer_places(folder: Path) -> list[Path]:
-    """Where a given folder may keep Qwen3's tokenizer: in itself, in its ``tokenizer/`` (a Z-Image diffusers
-    folder), or beside it (a diffusers folder's ``text_encoder/``, next to ``tokenizer/``)."""
+    """Where a given folder may keep Qwen3's tokenizer: in itself, in its ``tokenizer/`` (a Z-Image or Klein
+    diffusers folder), or beside it (a diffusers folder's ``text_encoder/``, next to ``tokenizer/``)."""
     return [folder, folder / _TOKENIZER_FOLDER, folder.parent / _TOKENIZER_FOLDER]
 
 
-def _find_tokenizer(model: str, encoder: Path, given: Sequence[Path]) -> Path:
-    """The folder with Qwen3's tokenizer.json: a given folder first, then beside the Qwen3 file or folder."""
+def _find_tokenizer(encoder: Path, given: Sequence[Path]) -> Path | None:
+    """The folder with a Qwen text encoder's own tokenizer.json: a given folder first, then beside the encoder's
+    file or folder; None: there is none, and the bundled one reads the prompts."""
     beside = _tokenizer_places(encoder) if encoder.is_dir() else [encoder.parent, encoder.parent / _TOKENIZER_FOLDER]
     places = [place for folder in given for place in _tokenizer_places(folder)] + beside
-    found = next((place for place in places if (place / _TOKENIZER_FILE).is_file()), None)
-    if found is None:
-        raise ModelFileError(
-            f"{model} needs Qwen3's tokenizer: no {_TOKENIZER_FILE} beside {encoder.name} or in a folder given with "
-            f"--text-encoder; put the Z-Image diffusers folder's tokenizer/ files in {encoder.parent} "
-            "or pass --text-encoder FOLDER"
-        )
-    return found
+    return next((place for place in places if (place / _TOKENIZER_FILE).is_file()), None)
 
 
 def loaded_size(tensors: Tensors, dtype: torch.dtype, *, quantized: bool = False) -> int:
@@ -327,20 +394,21 @@ def _given_text_encoders(paths: Sequence[Path], spec: Family) -> tuple[dict[str,
     """``--text-encoder`` files by the slot each fills, and the folders given (Qwen3's tokenizer, or a Qwen3
     transformers folder: one with config.json); one line for a path that fits no slot of the family."""
     kinds = {slot.kind for slot in spec.text_encoders}
+    qwen = next((kind for kind in QWEN_KINDS if kind in kinds), None)
     given: dict[str, Path] = {}
     folders: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            if "qwen3" not in kinds:
+            if qwen is None:
                 raise ModelFileError(
-                    f"--text-encoder {path.name}: a folder, which lienzo reads only for Z-Image's Qwen3 (its tokenizer); "
-                    f"give {spec.label}'s text encoders as files"
+                    f"--text-encoder {path.name}: a folder, which lienzo reads only for Qwen3 (Z-Image's, Flux.2 Klein's), "
+                    f"Qwen2.5-VL (Qwen-Image's) and their tokenizer; give {spec.label}'s text encoders as files"
                 )
             folders.append(path)
-            if (path / "config.json").is_file():  # a Qwen3 saved by transformers, not only a tokenizer
-                if "qwen3" in given:
-                    raise ModelFileError(f"--text-encoder: {given['qwen3'].name} and {path.name} are both qwen3; give one")
-                given["qwen3"] = path
+            if (path / "config.json").is_file():  # a Qwen saved by transformers, not only a tokenizer
+                if qwen in given:
+                    raise ModelFileError(f"--text-encoder: {given[qwen].name} and {path.name} are both {qwen}; give one")
+                given[qwen] = path
             continue
         formats.sniff(path)  # a clear line for a missing, empty or foreign file
         kind = text_encoder_kind_of(path)
@@ -361,9 +429,11 @@ def _given_text_encoders(paths: Sequence[Path], spec: Family) -> tuple[dict[str,
     return given, folders
 
 
-def _missing_text_encoders(model: str, slots: list[TextEncoderSlot], searched: list[Path]) -> str:
+def _missing_text_encoders(model: str, slots: list[TextEncoderSlot], searched: list[Path], qwen3_width: int | None) -> str:
     needs = " and ".join(f"a {TEXT_ENCODER_LABELS[s.kind]} text encoder ({s.kind})" for s in slots)
-    files = " and ".join(_SUGGESTED_FILES[s.kind] for s in slots)
+    files = " and ".join(
+        _SUGGESTED_QWEN3.get(qwen3_width, _SUGGESTED_FILES[s.kind]) if s.kind == "qwen3" else _SUGGESTED_FILES[s.kind] for s in slots
+    )
     if not searched:
         return f"{model} needs {needs}: none given; pass --text-encoder PATH (for example {files})"
     folders = " or ".join(str(folder) for models_dir in searched for folder in _text_encoder_folders(models_dir))
@@ -443,7 +513,7 @@ def assemble(
     low_vram: bool = False,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
-    """The whole model around the SD 3.x, Flux.1, Chroma or Z-Image transformer file ``path``, every part named
+    """The whole model around the SD 3.x, Flux.1, Chroma, Z-Image or Flux.2 Klein transformer file ``path``, every part named
     as the family's diffusers pipeline names it, with lienzo's bundled tokenizers (Qwen3's: found beside it).
     The other parts are looked for in the models dir the file lies in (the folder above its
     ``diffusion_models``/``unet`` folder), then in ``models_dir``. ``device`` and ``low_vram``: where the
@@ -482,10 +552,16 @@ def load_assembly(
         if piece.origin != "bundled":
             formats.stop_if_cancelled(cancel)
             projection = slot.model_class == "CLIPTextModelWithProjection"
-            parts[slot.component] = load_text_encoder_file(piece.path, slot.kind, dtype=dtype, projection=projection)
+            causal_lm = slot.model_class == "Qwen3ForCausalLM"
+            parts[slot.component] = load_text_encoder_file(
+                piece.path, slot.kind, dtype=dtype, projection=projection, causal_lm=causal_lm
+            )
             files[slot.component] = piece.path.name
         parts[slot.component] = parts[slot.component].eval()
-        parts[slot.tokenizer] = _qwen3_tokenizer(assembly.tokenizer) if slot.kind == "qwen3" else bundled_for(slot.kind)
+        if slot.kind in QWEN_KINDS:
+            parts[slot.tokenizer] = _qwen_tokenizer(assembly.tokenizer, slot.kind, parts[slot.component], files.get(slot.component, ""))
+        else:
+            parts[slot.tokenizer] = bundled_for(slot.kind)
     formats.stop_if_cancelled(cancel)
     vae = _load_vae(assembly.vae, spec, vae_dtype_for({}, dtype, vae_dtype))
     schedule = dict(spec.scheduler)
@@ -497,6 +573,7 @@ def load_assembly(
         vae=vae.eval(),
         scheduler_config=schedule,
         family=spec.name,
+        is_distilled=None if spec.base_defaults is None else _BASE_WORD.search(path.stem.lower()) is None,
         text_encoder_files=files,
         name=path.stem,
         source=path,
@@ -505,18 +582,31 @@ def load_assembly(
     )
 
 
-def _qwen3_tokenizer(folder: Path):
-    """Qwen3's tokenizer from the folder :func:`plan_assembly` found; Z-Image prompts through its chat template."""
+def _qwen_tokenizer(folder: Path | None, kind: str, encoder: torch.nn.Module, name: str):
+    """Qwen's tokenizer from the folder :func:`plan_assembly` found, else lienzo's; Z-Image and Klein prompt Qwen3
+    through its chat template (Qwen-Image's pipeline writes its own)."""
     from transformers import AutoTokenizer
 
+    from lienzo.models.tokenizers import bundled_qwen_tokenizer
+
+    if folder is None:
+        tokenizer = bundled_qwen_tokenizer(kind)
+        rows = encoder.get_input_embeddings().num_embeddings
+        if rows < len(tokenizer):  # not one of Qwen's vocabularies: its ids would index other words, or none
+            raise ModelFileError(
+                f"text encoder {name or kind} embeds {rows:,} tokens, fewer than Qwen's {len(tokenizer):,}: put its own "
+                f"{_TOKENIZER_FILE} beside it or pass --text-encoder FOLDER"
+            )
+        log.info("text encoder %s: no %s beside it; using lienzo's Qwen tokenizer", name or kind, _TOKENIZER_FILE)
+        return tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as err:  # the tokenizers library raises a plain Exception for a file it cannot parse
         raise ModelFileError(f"cannot read Qwen3's tokenizer in {folder}: {first_line(err)}") from None
-    if not getattr(tokenizer, "chat_template", None):
+    if kind == "qwen3" and not getattr(tokenizer, "chat_template", None):
         raise ModelFileError(
             f"Qwen3's tokenizer in {folder} has no chat template; "
-            "add its tokenizer_config.json (the Z-Image diffusers folder's tokenizer/ has one)"
+            "add its tokenizer_config.json (a Z-Image or Klein diffusers folder's tokenizer/ has one)"
         )
     return tokenizer
 
@@ -539,9 +629,8 @@ def _bundled_text_encoders(path: Path, spec: Family, kinds: list[str], dtype: to
 
 
 def _load_vae(piece: Piece, spec: Family, dtype: torch.dtype):
-    from diffusers import AutoencoderKL
-
     from lienzo.models.transformer_files import load_flow_vae
+    from lienzo.models.transformer_loading import diffusers_class
 
     if piece.origin == "bundled":
         from safetensors import safe_open
@@ -550,7 +639,7 @@ def _load_vae(piece: Piece, spec: Family, dtype: torch.dtype):
             state_dict = {key.removeprefix(_BUNDLED_VAE): f.get_tensor(key) for key in f.keys() if key.startswith(_BUNDLED_VAE)}
         return load_flow_vae(state_dict, spec.name, dtype=dtype)
     if piece.path.is_dir():
-        return AutoencoderKL.from_pretrained(piece.path, local_files_only=True, torch_dtype=dtype)
+        return diffusers_class(spec.vae_class).from_pretrained(piece.path, local_files_only=True, torch_dtype=dtype)
     return load_flow_vae(piece.path, spec.name, dtype=dtype)
 
 

@@ -1,5 +1,6 @@
 """The loaded parts of one latent diffusion model, as every loader returns them."""
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ class SpeedState:
 
 
 @dataclass
+class PromptCache:
+    """Prompt embeddings kept across jobs for one model (:mod:`lienzo.generation.prompts` reads and fills it):
+    key -> embeddings, least recently used first, together at most ``max_bytes`` (0: none are kept), counted in
+    ``nbytes``; they sit where they are used (beside the network: its GPU's memory). Components built by hand
+    keep none: their weights may change in place between jobs (a model being trained), which no key would
+    see; :func:`lienzo.studio.load_model` gives a loaded model one."""
+
+    max_bytes: int = 0
+    entries: OrderedDict = field(default_factory=OrderedDict)
+    nbytes: int = 0
+
+
+@dataclass
 class Components:
     """The denoising network (a U-Net or a transformer), VAE, text encoder(s) and tokenizer(s) plus
     the noise schedule they were trained with, named as the family's diffusers pipeline names them.
@@ -80,6 +94,19 @@ class Components:
     # Where the text encoders run when not beside the network: the CPU, to leave a GPU's memory to the
     # network (they run once per prompt, the network every step). None: beside the network.
     text_encoder_device: torch.device | None = None
+    # Step-distilled (Flux.2 Klein: its folder's is_distilled, a file's name) or a base model, for a family with
+    # both (Family.base_defaults); None: the family has one kind.
+    is_distilled: bool | None = None
+    # The text encoder's hidden states the network reads, where its folder's model_index.json says which
+    # (Krea2Pipeline's text_encoder_select_layers); None: the family's own.
+    text_encoder_layers: tuple[int, ...] | None = None
+    # The image processor of the folder's processor/ (Qwen2-VL's), for a family whose prompt is read with its reference
+    # images (Family.prompt_images: Qwen-Image-Edit); None elsewhere.
+    image_processor: Any = None
+    # The text encoders rest in CPU memory and go to the network's device only to encode a text the prompt
+    # cache lacks, and back once the job's prompts are encoded (lienzo.generation.prompts.text_encoders_on_call).
+    text_encoder_offload: bool = False
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
     name: str = ""
     short_hash: str = ""
     sha256: str = ""
@@ -118,7 +145,7 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def execution_device(self) -> torch.device:
@@ -131,12 +158,28 @@ class Components:
         for module in (self.unet, self.transformer, self.vae, *encoders):
             if module is None or getattr(module, "_hf_hook", None) is not None:
                 continue  # offloaded: its hooks decide where it runs
-            target = self.text_encoder_device if self.text_encoder_device is not None and module in encoders else device
+            resting = self.text_encoder_device
+            if resting is None and self.text_encoder_offload:
+                resting = torch.device("cpu")
+            target = resting if resting is not None and module in encoders else device
             # Only move what must move, and name a dtype only when one is asked for: diffusers 0.42 logs
             # "There are modules in ... that should be kept in float32: []" on every .to() given a dtype, None too.
             if module.device != target or (dtype is not None and module.dtype != dtype):
                 module.to(device=target, **({} if dtype is None else {"dtype": dtype}))
         return self
+
+
+def has_frames(vae) -> bool:
+    """Wan-style video VAEs (Qwen-Image's) take and give N x C x frames x H x W (lienzo: one frame)."""
+    return "temperal_downsample" in vae.config
+
+
+def vae_scale_factor(vae) -> int:
+    """The pixels per latent of a VAE's side: Wan-style video VAEs (Qwen-Image's) count their downsampling
+    steps by ``temperal_downsample`` (QwenImagePipeline's formula), the others by their blocks."""
+    if has_frames(vae):
+        return 2 ** len(vae.config.temperal_downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def vae_dtype_for(vae_config: dict, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> torch.dtype:

@@ -20,7 +20,8 @@ class TextEncoderSlot:
     component: str  # "text_encoder", "text_encoder_2", ...
     tokenizer: str  # "tokenizer", "tokenizer_2", ...
     model_class: str  # "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "Qwen3Model", ...
-    kind: str  # "clip_l", "clip_g", "t5xxl" or "qwen3": what the split layout's files are called, and what to ask for
+    # "clip_l", "clip_g", "t5xxl", "qwen3", "qwen25vl" or "qwen3vl": what the split layout's files are called, and what to ask for
+    kind: str
     optional: bool = False  # the model runs without it (SD 3.x without T5: zeros in its place)
 
 
@@ -50,6 +51,16 @@ class Family:
     # The loop's latents are the VAE's in latent_patch x latent_patch patches (their channels side by side),
     # normalized by the VAE's batch-norm statistics in place of a scaling factor (Flux.2); 1: the VAE's own.
     latent_patch: int = 1
+    # (steps, CFG scale) of the family's undistilled base models, where the defaults above are its step-distilled
+    # ones' (Flux.2 Klein base: Flux2KleinPipeline's 50 steps, guidance 4); None: the family has one kind.
+    base_defaults: tuple[int, float] | None = None
+    # CFG rescales the guided prediction to the norm of the conditional one, per 2x2 patch (QwenImagePipeline).
+    cfg_norm_rescale: bool = False
+    # The network reads reference images after the noisy latents, in the same sequence (Flux.2's editing).
+    reference_images: bool = False
+    # The text encoder reads the reference images with the prompt, from the folder's processor/ (Qwen-Image-Edit),
+    # and a picture needs at least one: its pipeline edits the images it is given.
+    prompt_images: bool = False
 
     @property
     def is_transformer(self) -> bool:
@@ -106,12 +117,60 @@ FAMILIES: dict[str, Family] = {
             even_sigmas=True, **_FLOW_DEFAULTS,
         ),
         # Qwen3's chat-templated prompt read at three layers; the distilled Klein's defaults (4 steps, no CFG:
-        # Flux2KleinPipeline ignores its guidance scale for them). Shifted by size and step count (its own mu).
+        # Flux2KleinPipeline ignores its guidance scale for them), the base Klein's as base_defaults. Shifted by
+        # size and step count (its own mu).
         Family(
             "flux2", "Flux.2 Klein", "transformer", "Flux2Transformer2DModel", "Flux2KleinPipeline",
             (TextEncoderSlot("text_encoder", "tokenizer", "Qwen3ForCausalLM", "qwen3"),),
             32, True, {**_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True}, default_steps=4, default_cfg=1.0,
-            max_sequence_length=512, vae_class="AutoencoderKLFlux2", latent_patch=2, **_FLOW_DEFAULTS,
+            max_sequence_length=512, vae_class="AutoencoderKLFlux2", latent_patch=2, base_defaults=(50, 4.0),
+            reference_images=True, **_FLOW_DEFAULTS,
+        ),
+        # Qwen2.5-VL's chat-templated prompt; real CFG with a negative prompt, rescaled to the conditional
+        # prediction's norm (QwenImagePipeline's true_cfg_scale), on the 5-D Wan-style VAE's latents. The
+        # schedule is Qwen/Qwen-Image's scheduler_config.json (a folder's own config wins).
+        Family(
+            "qwenimage", "Qwen-Image", "transformer", "QwenImageTransformer2DModel", "QwenImagePipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "Qwen2_5_VLForConditionalGeneration", "qwen25vl"),),
+            16, True,
+            {
+                **_FLOW_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+                "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+                "time_shift_type": "exponential",
+            },
+            default_steps=50, default_cfg=4.0, max_sequence_length=512, vae_class="AutoencoderKLQwenImage",
+            cfg_norm_rescale=True, **_FLOW_DEFAULTS,
+        ),
+        # Qwen-Image's parts and defaults (QwenImageEditPlusPipeline's 50 steps, true CFG 4): the input images are
+        # read by Qwen2.5-VL with the prompt and, VAE-encoded, by the network after the noisy latents. (The first
+        # Qwen-Image-Edit's QwenImageEditPipeline templates and sizes its one image otherwise: not this row's.)
+        Family(
+            "qwenimage_edit", "Qwen-Image-Edit", "transformer", "QwenImageTransformer2DModel", "QwenImageEditPlusPipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "Qwen2_5_VLForConditionalGeneration", "qwen25vl"),),
+            16, True,
+            {
+                **_FLOW_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+                "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+                "time_shift_type": "exponential",
+            },
+            # No max_sequence_length: QwenImageEditPlusPipeline reads the whole prompt, whatever its argument says.
+            default_steps=50, default_cfg=4.0, vae_class="AutoencoderKLQwenImage",
+            cfg_norm_rescale=True, reference_images=True, prompt_images=True, **_FLOW_DEFAULTS,
+        ),
+        # Qwen3-VL's prompt in Qwen-Image's template, a fixed-length block read at twelve layers; Qwen-Image's VAE.
+        # Krea2Pipeline's guidance_scale g is cond + g * (cond - uncond), CFG scale 1 + g here: the base model's
+        # 28 steps and g 4.5 are CFG 5.5 (base_defaults), the distilled (TDM) one's 8 steps and g 0 are CFG 1.
+        # Shifted by size (Krea's own sequence lengths); the distilled model at a fixed mu (its pipeline's 1.15).
+        Family(
+            "krea2", "Krea 2", "transformer", "Krea2Transformer2DModel", "Krea2Pipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "Qwen3VLModel", "qwen3vl"),),
+            16, True,
+            {
+                **_FLOW_SCHEDULER, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                "base_image_seq_len": 256, "max_image_seq_len": 6400,
+            },
+            default_steps=8, default_cfg=1.0, max_sequence_length=512, vae_class="AutoencoderKLQwenImage",
+            base_defaults=(28, 5.5), **_FLOW_DEFAULTS,
         ),
     )
 }

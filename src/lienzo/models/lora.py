@@ -8,6 +8,11 @@ Chroma: its transformer keeps Flux.1's block names, so every Flux.1 format above
 uses Flux.1's loader); only the transformer takes LoRAs (see :func:`_loadable_parts`).
 Z-Image: diffusers/peft, ComfyUI/ai-toolkit (``diffusion_model.layers.0.attention.to_q…``) and kohya
 (``lora_unet_layers_0_attention_to_q``, a fused ``…_attention_qkv`` split per projection).
+Qwen-Image: diffusers/peft, ComfyUI/ai-toolkit (``diffusion_model.transformer_blocks.…``) and kohya
+(``lora_unet_transformer_blocks_0_attn_to_q``); the transformer only.
+Flux.2 Klein: diffusers/peft, ComfyUI/ai-toolkit (BFL's ``diffusion_model.double_blocks.…`` with ``lora_A``/``lora_B``
+or ``lora_down``/``lora_up``) and kohya (``lora_unet_double_blocks_…``); the transformer only. Its BFL names are
+Flux.1's, so a LoRA naming only shared blocks is told apart by whether its layers fit (Flux.2's MLPs are wider).
 
 diffusers does the reading: each family's loader mixin's ``lora_state_dict`` turns the file's names into
 diffusers ones (SDXL's sgm block names too, Flux's fused qkv split per projection), and
@@ -26,7 +31,10 @@ from pathlib import Path
 
 import torch
 from diffusers.loaders import (
+    Flux2LoraLoaderMixin,
     FluxLoraLoaderMixin,
+    Krea2LoraLoaderMixin,
+    QwenImageLoraLoaderMixin,
     SD3LoraLoaderMixin,
     StableDiffusionLoraLoaderMixin,
     StableDiffusionXLLoraLoaderMixin,
@@ -66,11 +74,19 @@ _MIXINS: dict[str, type[LoraBaseMixin]] = {
     "flux": FluxLoraLoaderMixin,
     "chroma": FluxLoraLoaderMixin,  # as ChromaPipeline does: Chroma's transformer keeps Flux.1's module names
     "zimage": ZImageLoraLoaderMixin,
+    "flux2": Flux2LoraLoaderMixin,
+    "qwenimage": QwenImageLoraLoaderMixin,
+    "qwenimage_edit": QwenImageLoraLoaderMixin,  # as QwenImageEditPlusPipeline's: Qwen-Image's network
+    "krea2": Krea2LoraLoaderMixin,
 }
 # Families whose network is laid out as another's, so that the other's LoRAs fit it where layers agree:
 # Chroma is Flux.1 with its modulation layers replaced by one small network, and people train Chroma
 # LoRAs under Flux.1's block names (kohya's lora_unet_double_blocks_…, ComfyUI's diffusion_model.…).
-_SAME_LAYOUT = {"chroma": "flux"}
+# Qwen-Image-Edit's network is Qwen-Image's.
+_SAME_LAYOUT = {"chroma": "flux", "qwenimage_edit": "qwenimage"}
+# Layouts whose block names a family's own original names share, so that a LoRA naming only those says no
+# family: Flux.2 keeps Flux.1's double_blocks/single_blocks names; its layers' widths tell them apart.
+_SHARED_NAMES = {"flux2": ("flux",)}
 # Which parts a family's LoRAs may change, where not all its mixin's _lora_loadable_modules: Flux.1's
 # loader (which ChromaPipeline uses) names CLIP-L "text_encoder", but Chroma's text_encoder is T5.
 _LOADABLE_PARTS = {"chroma": ("transformer",)}
@@ -79,10 +95,19 @@ _LOADABLE_PARTS = {"chroma": ("transformer",)}
 # the others with "."): a LoRA naming them was trained for that layout. The U-Net families share one
 # layout, and telling them apart is left to whether the layers fit (their names mostly agree).
 _LAYOUT_MARKS = {
+    # Flux.2's modulation shared by each stream, its fused single-block projection and gated MLPs; checked
+    # before Flux.1's, whose block names it shares.
+    "flux2": (
+        "double_stream_modulation", "single_stream_modulation", "to_qkv_mlp_proj", "time_guidance_embed", "ff.linear_in",
+        "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+    ),
     "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
     "sd3": ("joint_blocks",),
     # Z-Image's refiners and its feed_forward (the others call theirs ff or mlp); its main blocks are just "layers".
     "zimage": ("noise_refiner", "context_refiner", "feed_forward"),
+    # Qwen-Image's per-stream modulation and MLPs, named so in all its formats (diffusers' names are its original
+    # ones); after Flux's, whose BFL names have img_mod/img_mlp inside double_blocks.
+    "qwenimage": ("img_mod", "txt_mod", "img_mlp", "txt_mlp"),
     "unet": ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block"),
 }
 
@@ -182,6 +207,8 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
     _refuse_unconvertible(path, tensors, components)
     if components.family in ("flux", "chroma"):
         _name_comfy_pairs_as_kohya(tensors)
+    if components.family == "flux2":
+        _name_comfy_pairs_as_peft(tensors)
     if components.family == "flux":
         _warn_t5_layers(path, tensors)
     _fold_alphas(tensors)
@@ -205,8 +232,9 @@ def _convert(components: Components, tensors: dict[str, torch.Tensor]) -> tuple[
     if mixin is FluxLoraLoaderMixin:
         # Recognises kohya, ComfyUI (diffusion_model.…), XLabs and diffusers names by themselves.
         state_dict, network_alphas = mixin.lora_state_dict(tensors, return_alphas=True)
-    elif components.family in ("sd3", "zimage"):
-        # Z-Image's converter recognises kohya, ComfyUI/ai-toolkit and diffusers names by itself too.
+    elif components.family in ("sd3", "zimage", "flux2", "qwenimage", "qwenimage_edit", "krea2"):
+        # Z-Image's, Flux.2's, Qwen-Image's and Krea 2's converters recognise their other namings (kohya,
+        # ComfyUI/ai-toolkit) and diffusers' by themselves too.
         state_dict, network_alphas = mixin.lora_state_dict(tensors), None
     else:
         # unet_config: kohya names SDXL's UNet blocks the sgm way (input_blocks.4.1); the config maps them.
@@ -253,7 +281,7 @@ def _refuse_other_layouts(path: Path, tensors: dict[str, torch.Tensor], componen
     theirs = _layout(tensors)
     family = components.family
     ours = _SAME_LAYOUT.get(family, family) if components.spec.is_transformer else "unet"
-    if theirs is not None and theirs != ours:
+    if theirs is not None and theirs != ours and theirs not in _SHARED_NAMES.get(family, ()):
         raise ModelFileError(
             f"lora: {path.name} is a LoRA for {_layout_label(theirs)}, "
             f"but this model ({components.name or components.family}) is {components.spec.label}"
@@ -282,6 +310,18 @@ def _name_comfy_pairs_as_kohya(tensors: dict[str, torch.Tensor]) -> None:
     """
     for key in [k for k in tensors if k.startswith(("diffusion_model.", "text_encoders."))]:
         renamed = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        if renamed != key:
+            tensors[renamed] = tensors.pop(key)
+
+
+def _name_comfy_pairs_as_peft(tensors: dict[str, torch.Tensor]) -> None:
+    """Rename ComfyUI/BFL pairs written with kohya's ``lora_down``/``lora_up`` to peft's ``lora_A``/``lora_B``.
+
+    diffusers' Flux.2 loader sends any file with a ``lora_down`` to its kohya converter, which reads only
+    ``lora_unet_…`` names and would drop ComfyUI's ``diffusion_model.…`` ones; its ai-toolkit converter reads
+    those under either matrix name, so only the names change (A = down, B = up)."""
+    for key in [k for k in tensors if k.startswith("diffusion_model.")]:
+        renamed = key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight")
         if renamed != key:
             tensors[renamed] = tensors.pop(key)
 

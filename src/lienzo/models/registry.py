@@ -41,9 +41,9 @@ _FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 _CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
 # ComfyUI's folders for the text encoders of a split model (lienzo.models.assembly reads them).
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
-TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3"}
+TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3", "qwen25vl": "Qwen2.5-VL"}
 # Raised when describe() or weight_format() learn something new: cached descriptions are made again, hashes kept.
-_DESCRIPTION_VERSION = 2
+_DESCRIPTION_VERSION = 3
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
 LORA_FOLDERS = ("lora", "loras")
 LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
@@ -254,7 +254,8 @@ def is_schnell(family: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 
 
 def text_encoder_kind_by_name(name: str) -> str | None:
-    """The text encoder ComfyUI's file names say a file is: ``clip_l*``, ``clip_g*``, ``t5*``, ``*t5xxl*`` or ``qwen*``."""
+    """The text encoder ComfyUI's file names say a file is: ``clip_l*``, ``clip_g*``, ``t5*``, ``*t5xxl*``,
+    ``qwen_2.5_vl*`` (Qwen-Image's) or another ``qwen*``."""
     name = name.lower()
     if name.startswith("clip_l"):
         return "clip_l"
@@ -262,7 +263,9 @@ def text_encoder_kind_by_name(name: str) -> str | None:
         return "clip_g"
     if name.startswith("t5") or "t5xxl" in name:
         return "t5xxl"
-    if name.startswith("qwen"):  # qwen_3_4b.safetensors, Z-Image's
+    if name.startswith(("qwen_2.5_vl", "qwen2.5-vl", "qwen2_5_vl")):  # qwen_2.5_vl_7b.safetensors, Qwen-Image's
+        return "qwen25vl"
+    if name.startswith("qwen"):  # qwen_3_4b.safetensors, Z-Image's and Flux.2 Klein's
         return "qwen3"
     return None
 

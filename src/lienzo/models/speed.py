@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lienzo.errors import LienzoError
-from lienzo.models.components import TILING_CHOICES, Components
+from lienzo.models.components import TILING_CHOICES, Components, has_frames
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def apply_speed(components: Components, options: SpeedOptions, device: torch.dev
 
     channels_last = device.type in CHANNELS_LAST_DEVICES if options.channels_last is None else options.channels_last
     if channels_last:
-        for module in (components.network, components.vae):
+        # NHWC is a layout of 4-D tensors: a video VAE's 5-D convolutions (Qwen-Image's) keep theirs.
+        for module in (components.network, *(() if has_frames(components.vae) else (components.vae,))):
             module.to(memory_format=torch.channels_last)
 
     slicing = options.attention_slicing

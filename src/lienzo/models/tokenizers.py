@@ -32,7 +32,7 @@ def bundled_t5_tokenizer(max_length: int = 512):
     )
 
 
-QWEN_KINDS = ("qwen3", "qwen25vl")  # the text encoder kinds that read prompts with Qwen's vocabulary
+QWEN_KINDS = ("qwen3", "qwen25vl", "qwen3vl")  # the text encoder kinds that read prompts with Qwen's vocabulary
 # Qwen's pre-tokenizer split (its tokenizer.json's; one digit a piece, unlike tiktoken's default of three).
 _QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # The tokens Qwen2.5(-VL)'s tokenizer adds after the 151,643 of the vocabulary, in id order; Qwen3's adds four more.

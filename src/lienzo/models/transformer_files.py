@@ -1,14 +1,16 @@
-"""Single files of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image) as people keep them, read offline.
+"""Single files of the transformer families (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein, Qwen-Image) as people
+keep them, read offline.
 
 The network alone comes in Black Forest Labs' and Stability's original key names, with ComfyUI's
 ``model.diffusion_model.`` prefix, or in diffusers' names; in bf16/fp16/fp32, fp8 (``float8_e4m3fn``),
 ComfyUI's "scaled fp8" or city96's GGUF quantizations. SD 3.5's "all-in-one" files add the VAE
 (``first_stage_model.``) and text encoders (``text_encoders.clip_l.`` ...); ComfyUI's split layout keeps
-each text encoder (``clip_l``, ``clip_g``, ``t5xxl``) and Flux's VAE (``ae.safetensors``) in files of their own.
+each text encoder (``clip_l``, ``clip_g``, ``t5xxl``, ``qwen3``) and the VAE (Flux's ``ae.safetensors``, Flux.2's
+``flux2-vae.safetensors``) in files of their own.
 
 Every config is read from tensor shapes, as :mod:`lienzo.models.single_file_load` does for U-Net models,
 so a tiny test model loads exactly like a real one. Renaming uses diffusers' converters where they fit
-any size (SD 3.x, Z-Image, the VAE, OpenCLIP); diffusers' Flux and Chroma converters assume Flux.1's 3072
+any size (SD 3.x, Z-Image, Flux.2, the VAE, OpenCLIP); diffusers' Flux and Chroma converters assume Flux.1's 3072
 channels, so Flux's (and Chroma's, which are Flux's blocks without their modulation) names are mapped here
 from a table. GGUF tensors stay quantized through diffusers' GGUF quantizer.
 """
@@ -23,12 +25,16 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     ZImageTransformer2DModel,
 )
 from diffusers.loaders.single_file_utils import (
+    convert_flux2_transformer_checkpoint_to_diffusers,
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
     convert_sd3_transformer_checkpoint_to_diffusers,
@@ -40,7 +46,16 @@ from diffusers.quantizers.gguf import GGUFQuantizer
 from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
 from diffusers.quantizers.quantization_config import GGUFQuantizationConfig
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from lienzo.errors import LienzoError, ModelFileError
 from lienzo.models import formats
@@ -60,15 +75,30 @@ log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 PREFIX = formats.UNET_PREFIX  # ComfyUI's (and SD 3.5 all-in-one files') prefix of the network's tensors
-TEXT_ENCODER_KINDS = ("clip_l", "clip_g", "t5xxl", "qwen3")
+TEXT_ENCODER_KINDS = ("clip_l", "clip_g", "t5xxl", "qwen3", "qwen25vl")
 # Where an all-in-one file keeps each text encoder, in transformers' names.
 TEXT_ENCODER_PREFIX = "text_encoders.{kind}.transformer."
 
 # Tensors that name a family, in its original names (BFL's, Stability's) and in diffusers' names,
 # after the ComfyUI prefix is removed. Flux.1's time_in/vector_in tell it from Chroma and Flux.2, which
 # share its block names, and Chroma's distilled_guidance_layer (its modulation approximator) tells Chroma;
-# diffusers' SD 3 has no single-stream blocks and no plain x_embedder.
+# Flux.2's modulation shared by all blocks of a stream tells Flux.2 (diffusers' single-file code detects it so too);
+# diffusers' SD 3 has no single-stream blocks and no plain x_embedder. Qwen-Image's original (ComfyUI's) names
+# are diffusers' (diffusers' single-file loader maps them one to one); its text norm and per-stream modulation tell it.
 _SIGNATURES = {
+    "qwenimage": (
+        ("transformer_blocks.0.img_mod.1.weight", "transformer_blocks.0.attn.to_q.weight", "img_in.weight", "txt_norm.weight"),
+    ) * 2,
+    "flux2": (
+        (
+            "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight",
+            "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight",
+        ),
+        (
+            "transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+            "x_embedder.weight", "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight",
+        ),
+    ),
     "chroma": (
         (
             "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight",
@@ -124,6 +154,20 @@ _CONFIG_NAMES = {
         "approximator_in": ("distilled_guidance_layer.in_proj.weight",) * 2,
         "approximator_layers": ("distilled_guidance_layer.layers.",) * 2,
     },
+    "flux2": {
+        **_FLUX_BLOCKS,
+        "time_in": ("time_in.in_layer.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
+        "guidance_in": ("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"),
+        "mlp_in": ("double_blocks.0.img_mlp.0.weight", "transformer_blocks.0.ff.linear_in.weight"),
+    },
+    "qwenimage": {
+        "x_in": ("img_in.weight",) * 2,
+        "text_in": ("txt_in.weight",) * 2,
+        "q_norm": ("transformer_blocks.0.attn.norm_q.weight",) * 2,
+        "out": ("proj_out.weight",) * 2,
+        "blocks": ("transformer_blocks.",) * 2,
+        "guidance_in": ("time_text_embed.guidance_embedder.linear_1.weight",) * 2,
+    },
     "zimage": {
         "x_in": ("x_embedder.weight", "all_x_embedder.2-1.weight"),
         "text_in": ("cap_embedder.1.weight",) * 2,
@@ -144,7 +188,7 @@ _CONFIG_NAMES = {
 }
 _NETWORKS = {
     "flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "chroma": ChromaTransformer2DModel,
-    "zimage": ZImageTransformer2DModel,
+    "zimage": ZImageTransformer2DModel, "flux2": Flux2Transformer2DModel, "qwenimage": QwenImageTransformer2DModel,
 }
 # SD 3 without QK norm (3.0 Medium) leaves its head width in no tensor; every SD 3.x has 64 per head.
 _SD3_HEAD_DIM = 64
@@ -203,16 +247,21 @@ _CHROMA_LAYER = {"in_layer": "linear_1", "out_layer": "linear_2"}
 # the rotary table covers, so Z-Image's own (which cover 4096 px) serve every size.
 _ZIMAGE_PATCH = 2
 _ZIMAGE_AXES_LENS = (1536, 512, 512)
+# Qwen-Image's network packs 2x2 latent patches (in_channels 64 = 16 latent channels x 4); no tensor says the 2.
+_QWENIMAGE_PATCH = 2
 # Some Z-Image files keep a final norm that the network does not use (diffusers' converter drops it too).
 _ZIMAGE_UNUSED = "norm_final.weight"
 # BFL and SD 3 keep the final modulation as (shift, scale); diffusers as (scale, shift).
 _FLUX_FINAL_MODULATION = "final_layer.adaLN_modulation.1"
 
 # ComfyUI's scaled fp8: a marker tensor, and beside each fp8 weight the factor it was divided by
-# (and one for the activations, which only fp8 matmuls use).
+# (and one for the activations, which only fp8 matmuls use). ComfyUI's newer mixed-precision files and BFL's
+# fp8 releases (flux-2-klein-*-fp8) name them weight_scale / input_scale, ComfyUI's with a comfy_quant entry
+# per layer describing the format.
 _SCALED_FP8_MARKER = "scaled_fp8"
-_SCALE_WEIGHT = ".scale_weight"
-_SCALE_INPUT = ".scale_input"
+_SCALE_WEIGHT = (".scale_weight", ".weight_scale")
+_SCALE_INPUT = (".scale_input", ".input_scale")
+_QUANT_NOTE = ".comfy_quant"
 
 # Text widths of CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, the two CLIPs SD 3.x and Flux.1 use.
 _CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
@@ -228,16 +277,19 @@ _T5_BLOCK = "encoder.block."
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")  # the same (tied) table; files keep either or both
 # llama.cpp's names for T5's encoder, as city96's T5 GGUF files have them.
 _T5_GGUF = ("token_embd.weight", "enc.blk.0.attn_q.weight")
-# Qwen3 (Z-Image's text encoder) in transformers' Qwen3Model names; ComfyUI's qwen_3_4b.safetensors keeps
-# Qwen3ForCausalLM's (under model., beside an lm_head that an encoder does not use). The QK norms tell it
-# from Qwen2 and Llama, which share the other names.
+# Qwen3 (Z-Image's and Flux.2 Klein's text encoder) in transformers' Qwen3Model names; ComfyUI's qwen_3_4b.safetensors
+# keeps Qwen3ForCausalLM's (under model., beside an lm_head that Z-Image's Qwen3Model does not use). Klein's
+# pipeline holds the whole Qwen3ForCausalLM; a file without the lm_head (Qwen3-4B ties it to the embedding) gets
+# the embedding there. The QK norms tell Qwen3 from Qwen2 and Llama, which share the other names.
 _QWEN3_PREFIX = "model."
 _QWEN3_SIGNATURE = ("embed_tokens.weight", "layers.0.self_attn.q_norm.weight")
-_QWEN3_UNUSED = ("lm_head.weight",)
+_QWEN3_HEAD = "lm_head.weight"
 # llama.cpp's names for Qwen3 (GGUF files of qwen_3_4b), mapped back through gguf's own table; its lm_head
-# ("output.weight") is not used. llama.cpp stores Qwen's q and k unpermuted (it permutes Llama's only).
+# ("output.weight") is kept only for a Qwen3ForCausalLM. llama.cpp stores Qwen's q and k unpermuted (it permutes Llama's only).
 _QWEN3_GGUF = ("token_embd.weight", "blk.0.attn_q_norm.weight")
-_QWEN3_GGUF_UNUSED = ("output.weight",)
+_QWEN3_GGUF_HEAD = "output.weight"
+# Qwen2.5-VL (Qwen-Image's text encoder) by its vision tower, under any prefix (transformers' old and new layouts).
+_QWEN25VL_MARK = "visual.patch_embed.proj.weight"
 _QWEN3_LAYER = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
@@ -252,13 +304,19 @@ _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # Chroma and Z-Image decode with Flux.1's VAE (ae.safetensors), so they share its latent scale and shift.
 _VAE_LATENTS = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609), "chroma": (0.3611, 0.1159), "zimage": (0.3611, 0.1159)}
 _VAE_SAMPLE_SIZE = 1024
+# Flux.2's VAE (flux2-vae.safetensors) in BFL's names: ldm's, except that its quant convs sit inside the
+# encoder and decoder, plus the batch norm whose running statistics normalize the patched latents. BFL keeps
+# only the statistics; torch's BatchNorm2d also counts the batches it saw, which nothing reads at inference.
+_FLUX2_VAE_CONVS = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+_FLUX2_VAE_NORM = "bn."
+_FLUX2_VAE_BATCHES = "bn.num_batches_tracked"
 
 
 # --- what a file holds ----------------------------------------------------------------------------
 
 
 def detect_transformer_family(shapes: Mapping[str, Shape]) -> str | None:
-    """"flux", "sd3", "chroma" or "zimage" when the tensor names are those of that family's transformer
+    """"flux", "sd3", "chroma", "zimage", "flux2" or "qwenimage" when the tensor names are those of that family's transformer
     (original, ComfyUI-prefixed or diffusers names), else None. Only names are read; ``shapes`` may be a header's."""
     own = _network_part(shapes)
     for family, layouts in _SIGNATURES.items():
@@ -268,7 +326,7 @@ def detect_transformer_family(shapes: Mapping[str, Shape]) -> str | None:
 
 
 def transformer_config(family: str, shapes: Mapping[str, Shape], *, name: str = "this file") -> dict:
-    """The diffusers config of a ``family`` transformer ("flux", "sd3", "chroma", "zimage"), read from its tensor shapes
+    """The diffusers config of a ``family`` transformer ("flux", "sd3", "chroma", "zimage", "flux2", "qwenimage"), read from its tensor shapes
     (original, ComfyUI-prefixed or diffusers names). ``name`` is the file, for the error message."""
     own = _network_part(shapes)
     diffusers_names = all(key in own for key in _SIGNATURES[family][1])
@@ -316,6 +374,45 @@ def _chroma_config(own: Mapping[str, Shape], names: dict) -> dict:
     }
 
 
+def _flux2_config(own: Mapping[str, Shape], names: dict) -> dict:
+    inner, in_channels = own[names["x_in"]]
+    head_dim = own[names["q_norm"]][0]
+    return {
+        "patch_size": 1,  # Flux.2 packs 2x2 latent patches into channels before the network, as Flux.1 does
+        "in_channels": in_channels,
+        "out_channels": own[names["out"]][0],
+        "num_layers": _count_indices(own, names["double"]),
+        "num_single_layers": _count_indices(own, names["single"]),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": own[names["text_in"]][1],
+        "timestep_guidance_channels": own[names["time_in"]][1],
+        # The feed-forward is gated (SwiGLU): its input projection holds the gate and the value, each inner * ratio.
+        "mlp_ratio": own[names["mlp_in"]][0] / (2 * inner),
+        # Four rotary axes (time, row, column, sequence) split each head evenly: (32, 32, 32, 32) for 128.
+        "axes_dims_rope": (head_dim // 4,) * 4,
+        # Klein takes no guidance strength; Flux.2 dev does.
+        "guidance_embeds": names["guidance_in"] in own,
+    }
+
+
+def _qwenimage_config(own: Mapping[str, Shape], names: dict) -> dict:
+    inner = own[names["x_in"]][0]
+    head_dim = own[names["q_norm"]][0]
+    return {
+        "patch_size": _QWENIMAGE_PATCH,
+        "in_channels": own[names["x_in"]][1],
+        "out_channels": own[names["out"]][0] // _QWENIMAGE_PATCH**2,
+        "num_layers": _count_indices(own, names["blocks"]),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": own[names["text_in"]][1],
+        "guidance_embeds": names["guidance_in"] in own,
+        # The rotary axes (frame, row, column) split each head as 1/8, 7/16, 7/16: (16, 56, 56) for 128.
+        "axes_dims_rope": (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+    }
+
+
 def _zimage_config(own: Mapping[str, Shape], names: dict) -> dict:
     dim, patch_channels = own[names["x_in"]]
     head_dim = own[names["q_norm"]][0]
@@ -360,11 +457,14 @@ def _sd3_config(own: Mapping[str, Shape], names: dict) -> dict:
     }
 
 
-_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "chroma": _chroma_config, "zimage": _zimage_config}
+_CONFIGS = {
+    "flux": _flux_config, "sd3": _sd3_config, "chroma": _chroma_config, "zimage": _zimage_config, "flux2": _flux2_config,
+    "qwenimage": _qwenimage_config,
+}
 
 
 def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
-    """"clip_l", "clip_g", "t5xxl" or "qwen3" for a standalone text-encoder file (ComfyUI's split layout), else None.
+    """"clip_l", "clip_g", "t5xxl", "qwen3" or "qwen25vl" for a standalone text-encoder file (ComfyUI's split layout), else None.
 
     T5 by its encoder blocks and embedding (transformers' or llama.cpp's GGUF names); Qwen3 by its embedding
     and its attention's QK norms (transformers' names, with or without ``model.``). A CLIP (transformers'
@@ -376,6 +476,8 @@ def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
         return "t5xxl"
     if all(key in shapes for key in _T5_GGUF):
         return "t5xxl"
+    if any(key.endswith(_QWEN25VL_MARK) for key in shapes):
+        return "qwen25vl"
     if any(all(prefix + key in shapes for key in _QWEN3_SIGNATURE) for prefix in ("", _QWEN3_PREFIX)):
         return "qwen3"
     if all(key in shapes for key in _QWEN3_GGUF):
@@ -388,8 +490,8 @@ def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
 
 
 def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[str, torch.nn.Module]:
-    """(family, network) from one file holding an SD 3.x, Flux.1, Chroma or Z-Image transformer, alone or in
-    an all-in-one file.
+    """(family, network) from one file holding an SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 or Qwen-Image transformer,
+    alone or in an all-in-one file.
 
     fp8 and scaled-fp8 weights are upcast to ``dtype``; GGUF weights stay quantized (diffusers'
     ``GGUFLinear`` dequantizes each layer's weight as it runs, computing in ``dtype``).
@@ -403,12 +505,15 @@ def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[
     shapes = _header_shapes(path, kind) if state_dict is None else _shapes(state_dict)
     family = detect_transformer_family(shapes)
     if family is None:
-        raise ModelFileError(f"{path.name} is not a transformer lienzo knows (SD 3.x, Flux.1, Chroma, Z-Image): {_what_it_is(shapes)}")
+        raise ModelFileError(
+            f"{path.name} is not a transformer lienzo knows (SD 3.x, Flux.1, Chroma, Z-Image, Flux.2 Klein, Qwen-Image): "
+            f"{_what_it_is(shapes)}"
+        )
     config = transformer_config(family, shapes, name=path.name)
     if state_dict is None:
         # Of an all-in-one file only the network is read, not its VAE and text encoders (T5-XXL alone is 9 GB).
         state_dict = _read_tensors(path, kind, _network_part(shapes, keep_prefix=True))
-    own = _unscale_fp8(_network_part(state_dict))
+    own = _unscale_fp8(_network_part(state_dict), path.name)
     diffusers_names = all(key in own for key in _SIGNATURES[family][1])
     try:
         if diffusers_names:
@@ -418,6 +523,10 @@ def load_transformer_file(path, *, dtype: torch.dtype = torch.float32) -> tuple[
         elif family == "chroma":
             converted = _chroma_approximator(own)
             converted.update(_flux_to_diffusers(own, inner=config["num_attention_heads"] * config["attention_head_dim"]))
+        elif family == "flux2":
+            # diffusers' converter moves every tensor (renamed where it knows the name), so one that fits no
+            # layer is named by the load below.
+            converted = convert_flux2_transformer_checkpoint_to_diffusers(own)
         elif family == "zimage":
             # diffusers' converter renames every tensor, so one that fits no layer is named by the load below.
             own.pop(_ZIMAGE_UNUSED, None)
@@ -514,12 +623,19 @@ def _load_quantized(network: torch.nn.Module, state_dict: dict, name: str, dtype
 
 
 def load_text_encoder_file(
-    source, kind: str, *, dtype: torch.dtype = torch.float32, projection: bool = False, prefix: str = ""
+    source,
+    kind: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    projection: bool = False,
+    causal_lm: bool = False,
+    prefix: str = "",
 ) -> torch.nn.Module:
     """A ``kind`` ("clip_l", "clip_g", "t5xxl" or "qwen3") text encoder from a file, or from the tensors of an
     already read file (a state dict) under ``prefix``: CLIPTextModel, CLIPTextModelWithProjection
-    (``projection``, as SD 3 uses both CLIPs), T5EncoderModel or Qwen3Model, its config read from the tensor
-    shapes. A Qwen3 may also be a transformers folder (a diffusers folder's ``text_encoder``).
+    (``projection``, as SD 3 uses both CLIPs), T5EncoderModel, Qwen3Model or Qwen3ForCausalLM (``causal_lm``,
+    Flux.2 Klein's), its config read from the tensor shapes. A Qwen3 may also be a transformers folder (a
+    diffusers folder's ``text_encoder``) or a GGUF file.
 
     A CLIP's head count is its width / 64 (CLIP-L: 12, bigG: 20). A CLIP asked for with a projection whose
     file has none (Flux's CLIP-L used for SD 3) gets the identity, as ComfyUI gives it.
@@ -531,17 +647,19 @@ def load_text_encoder_file(
     else:
         path = Path(source)
         if kind == "qwen3" and path.is_dir():
-            return _load_qwen3_folder(path, dtype)
+            return _load_qwen3_folder(path, dtype, causal_lm)
+        if kind == "qwen25vl":
+            return _load_qwen25vl_folder(path, dtype)
         name, file_kind = path.name, formats.sniff(path)
         if file_kind == "gguf" and kind == "qwen3":
-            return _load_qwen3_gguf(path, dtype)
+            return _load_qwen3_gguf(path, dtype, causal_lm)
         if file_kind == "gguf":
             return _load_t5_gguf(path, kind, dtype)
         if file_kind == "safetensors":
             state_dict = _read_tensors(path, file_kind, [key for key in formats.read_header(path) if key.startswith(prefix)])
         else:
             state_dict = formats.load_state_dict(path)
-    tensors = _unscale_fp8({key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix)})
+    tensors = _unscale_fp8({key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix)}, name)
     found = text_encoder_kind(_shapes(tensors))
     if found is not None and found != kind:
         raise ModelFileError(f"{name} holds a {found} text encoder, not the {kind} that was asked for")
@@ -550,7 +668,7 @@ def load_text_encoder_file(
             if kind == "t5xxl":
                 return _load_t5(tensors, name, dtype)
             if kind == "qwen3":
-                return _load_qwen3(tensors, name, dtype)
+                return _load_qwen3(tensors, name, dtype, causal_lm)
             return _load_clip(tensors, kind, name, dtype, projection)
     except KeyError as err:  # a tensor the config is read from
         raise ModelFileError(f"{name} is missing the text-encoder tensor {err.args[0]!r}; the file is incomplete") from None
@@ -566,7 +684,10 @@ def load_text_encoders_from_state_dict(
         prefix = TEXT_ENCODER_PREFIX.format(kind=slot.kind)
         if any(key.startswith(prefix) for key in state_dict):
             projection = slot.model_class == "CLIPTextModelWithProjection"
-            encoders[slot.component] = load_text_encoder_file(state_dict, slot.kind, dtype=dtype, projection=projection, prefix=prefix)
+            causal_lm = slot.model_class == "Qwen3ForCausalLM"
+            encoders[slot.component] = load_text_encoder_file(
+                state_dict, slot.kind, dtype=dtype, projection=projection, causal_lm=causal_lm, prefix=prefix
+            )
     return encoders
 
 
@@ -631,12 +752,12 @@ def _load_t5(tensors: dict, name: str, dtype: torch.dtype) -> T5EncoderModel:
     return encoder
 
 
-def _load_qwen3(tensors: dict, name: str, dtype: torch.dtype) -> Qwen3Model:
+def _load_qwen3(tensors: dict, name: str, dtype: torch.dtype, causal_lm: bool = False) -> Qwen3Model | Qwen3ForCausalLM:
     if all(_QWEN3_PREFIX + key in tensors for key in _QWEN3_SIGNATURE):
         tensors = {key.removeprefix(_QWEN3_PREFIX): t for key, t in tensors.items()}
     if not all(key in tensors for key in _QWEN3_SIGNATURE):
         raise ModelFileError(f"{name} holds no Qwen3 encoder (no tensors embed_tokens.weight and layers.*.self_attn.q_norm)")
-    tensors = {key: t for key, t in tensors.items() if key not in _QWEN3_UNUSED}
+    head = tensors.pop(_QWEN3_HEAD, None)
     vocab, hidden = _shapes(tensors)["embed_tokens.weight"]
     attention = "layers.0.self_attn."
     head_dim = tensors[attention + "q_norm.weight"].shape[0]
@@ -649,14 +770,23 @@ def _load_qwen3(tensors: dict, name: str, dtype: torch.dtype) -> Qwen3Model:
         num_attention_heads=rows[attention + "q_proj.weight"] // head_dim,
         num_key_value_heads=rows[attention + "k_proj.weight"] // head_dim,
         head_dim=head_dim,
+        tie_word_embeddings=causal_lm and head is None,
         **_QWEN3_CONSTANTS,
     )
+    if not causal_lm:
+        with init_empty_weights():
+            encoder = Qwen3Model(config)
+        return _assign_weights(encoder, tensors, "Qwen3 encoder", name, dtype)
+    tensors = {_QWEN3_PREFIX + key: t for key, t in tensors.items()}
+    tensors[_QWEN3_HEAD] = tensors[_QWEN3_PREFIX + "embed_tokens.weight"] if head is None else head
     with init_empty_weights():
-        encoder = Qwen3Model(config)
-    return _assign_weights(encoder, tensors, "Qwen3 encoder", name, dtype)
+        encoder = Qwen3ForCausalLM(config)
+    encoder = _assign_weights(encoder, tensors, "Qwen3 encoder", name, dtype)
+    encoder.tie_weights()  # a tied head shares the embedding's memory again (no-op when the file has its own)
+    return encoder
 
 
-def _load_qwen3_gguf(path: Path, dtype: torch.dtype) -> Qwen3Model:
+def _load_qwen3_gguf(path: Path, dtype: torch.dtype, causal_lm: bool = False) -> Qwen3Model | Qwen3ForCausalLM:
     """A Qwen3 in llama.cpp's GGUF names, expanded to ``dtype`` (as a GGUF T5 is) and read like a safetensors
     file: the config from the shapes, the rest Qwen3's own (what the file's metadata says too)."""
     import gguf
@@ -674,20 +804,38 @@ def _load_qwen3_gguf(path: Path, dtype: torch.dtype) -> Qwen3Model:
         if stored in tensors:
             tensor = tensors.pop(stored)
             renamed[name] = dequantize_gguf_tensor(tensor) if isinstance(tensor, GGUFParameter) else tensor
-    unused = sorted(key for key in tensors if key not in _QWEN3_GGUF_UNUSED)
-    if unused:
-        raise ModelFileError(f"{path.name}: {len(unused)} of its tensors fit no Qwen3 layer: {_few(unused)}")
+    head = tensors.pop(_QWEN3_GGUF_HEAD, None)
+    if causal_lm and head is not None:
+        renamed[_QWEN3_HEAD] = dequantize_gguf_tensor(head) if isinstance(head, GGUFParameter) else head
+    if tensors:
+        raise ModelFileError(f"{path.name}: {len(tensors)} of its tensors fit no Qwen3 layer: {_few(sorted(tensors))}")
     with quiet_transformers():
-        return _load_qwen3(renamed, path.name, dtype)
+        return _load_qwen3(renamed, path.name, dtype, causal_lm)
 
 
-def _load_qwen3_folder(folder: Path, dtype: torch.dtype) -> Qwen3Model:
+def _load_qwen3_folder(folder: Path, dtype: torch.dtype, causal_lm: bool = False) -> Qwen3Model | Qwen3ForCausalLM:
     """A Qwen3 saved by transformers (config.json and weights), as a diffusers folder's ``text_encoder`` is."""
+    model_class = Qwen3ForCausalLM if causal_lm else Qwen3Model
     try:
         with quiet_transformers():
-            return Qwen3Model.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+            return model_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
     except (OSError, ValueError, KeyError) as err:
         raise ModelFileError(f"cannot read {folder.name} as a Qwen3 encoder folder: {first_line(err)}") from None
+
+
+def _load_qwen25vl_folder(folder: Path, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen-Image's Qwen2.5-VL saved by transformers (a Qwen-Image diffusers folder's ``text_encoder``). Its single
+    files are not read: their config (head width, vision tower, multimodal rotary sections) is in no tensor."""
+    if not folder.is_dir():
+        raise ModelFileError(
+            f"{folder.name}: lienzo reads a Qwen2.5-VL text encoder only as a transformers folder (a Qwen-Image "
+            "diffusers folder's text_encoder/, with config.json); pass --text-encoder FOLDER"
+        )
+    try:
+        with quiet_transformers():
+            return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"cannot read {folder.name} as a Qwen2.5-VL folder: {first_line(err)}") from None
 
 
 def _load_t5_gguf(path: Path, kind: str, dtype: torch.dtype) -> T5EncoderModel:
@@ -715,15 +863,25 @@ def _load_t5_gguf(path: Path, kind: str, dtype: torch.dtype) -> T5EncoderModel:
 # --- the VAE --------------------------------------------------------------------------------------
 
 
-def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The 16-channel VAE of SD 3.x or Flux.1 ("sd3", "flux"; "chroma" and "zimage" use Flux's): Flux's
-    ``ae.safetensors`` (ldm names without prefix), SD 3's own file, the ``first_stage_model.`` part of an
-    all-in-one file, or a diffusers VAE's tensors. Its config comes from the shapes, its latent scale and shift from the family."""
+def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch.float32) -> AutoencoderKL | AutoencoderKLFlux2:
+    """The VAE of a transformer family: the 16-channel one of SD 3.x or Flux.1 ("sd3", "flux"; "chroma" and
+    "zimage" use Flux's): Flux's ``ae.safetensors`` (ldm names without prefix), SD 3's own file, the
+    ``first_stage_model.`` part of an all-in-one file, or a diffusers VAE's tensors; or Flux.2's ("flux2":
+    see :func:`_load_flux2_vae`). Its config comes from the shapes, its latent scale and shift from the family."""
+    vae_class = FAMILIES[family].vae_class
+    if vae_class not in ("AutoencoderKL", "AutoencoderKLFlux2"):
+        name = "the checkpoint's VAE" if isinstance(state_dict_or_path, Mapping) else Path(state_dict_or_path).name
+        raise ModelFileError(
+            f"{name}: lienzo reads {FAMILIES[family].label}'s VAE only as a diffusers folder (the model folder's vae/); "
+            "pass --vae FOLDER"
+        )
     if isinstance(state_dict_or_path, Mapping):
         name, state_dict = "the checkpoint's VAE", state_dict_or_path
     else:
         path = Path(state_dict_or_path)
         name, state_dict = path.name, formats.load_state_dict(path)
+    if vae_class == "AutoencoderKLFlux2":
+        return _load_flux2_vae(state_dict, family, name, dtype)
     prefix = _VAE_PREFIX if any(key.startswith(_VAE_PREFIX) for key in state_dict) else ""
     tensors = {
         key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix) and key[len(prefix) :].startswith(_VAE_PARTS)
@@ -759,6 +917,48 @@ def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch
     return _assign_weights(vae, converted, "VAE", name, dtype)
 
 
+def _load_flux2_vae(state_dict: Mapping, family: str, name: str, dtype: torch.dtype) -> AutoencoderKLFlux2:
+    """Flux.2's VAE (AutoencoderKLFlux2) in BFL's names (ComfyUI's ``flux2-vae.safetensors``) or diffusers'.
+    diffusers has no single-file loader for it; its names are ldm's but for the quant convs (see _FLUX2_VAE_CONVS),
+    so they are moved and diffusers' ldm converter does the rest. The batch norm passes through unchanged."""
+    tensors = dict(_unscale_fp8(dict(state_dict), name))
+    if "encoder.conv_in.weight" not in tensors:
+        raise ModelFileError(f"{name} holds no VAE (no tensor encoder.conv_in.weight)")
+    norm = {key: tensors.pop(key) for key in [key for key in tensors if key.startswith(_FLUX2_VAE_NORM)]}
+    if not {"bn.running_mean", "bn.running_var"} <= norm.keys():
+        raise ModelFileError(
+            f"{name} is not Flux.2's VAE: it has no batch-norm statistics (bn.running_mean, bn.running_var); "
+            f"{FAMILIES[family].label} needs flux2-vae.safetensors"
+        )
+    norm.setdefault(_FLUX2_VAE_BATCHES, torch.tensor(0))
+    if any(key.startswith("encoder.down_blocks.") for key in tensors):
+        converted = tensors
+    else:
+        for old, new in _FLUX2_VAE_CONVS.items():
+            tensors = {(new + key[len(old) :] if key.startswith(old) else key): t for key, t in tensors.items()}
+        levels = 1 + max((int(key.split(".")[2]) for key in tensors if key.startswith("encoder.down.")), default=0)
+        converted = convert_ldm_vae_checkpoint(tensors, {"down_block_types": [None] * levels, "up_block_types": [None] * levels})
+        if len(converted) != len(tensors):
+            unused = len(tensors) - len(converted)
+            raise ModelFileError(f"{name}: {unused} of its {len(tensors)} VAE tensors fit no VAE layer")
+    try:
+        config = _vae_config(converted, 1.0, _VAE_SAMPLE_SIZE)
+    except KeyError as err:
+        raise ModelFileError(f"{name} is missing the VAE tensor {err.args[0]!r}") from None
+    del config["scaling_factor"]  # the batch norm normalizes Flux.2's latents; its VAE has no scale
+    latents = config["latent_channels"]
+    patch = math.isqrt(norm["bn.running_mean"].shape[0] // latents)  # the norm covers the 2x2-patched latents
+    with init_empty_weights():
+        vae = AutoencoderKLFlux2(
+            **config,
+            patch_size=(patch, patch),
+            use_quant_conv="quant_conv.weight" in converted,
+            use_post_quant_conv="post_quant_conv.weight" in converted,
+            mid_block_add_attention=any(key.startswith("encoder.mid_block.attentions.") for key in converted),
+        )
+    return _assign_weights(vae, {**converted, **norm}, "VAE", name, dtype)
+
+
 # --- shared ---------------------------------------------------------------------------------------
 
 
@@ -771,16 +971,23 @@ def _network_part(tensors: Mapping, *, keep_prefix: bool = False) -> dict:
     return dict(tensors)
 
 
-def _unscale_fp8(tensors: dict) -> dict:
-    """ComfyUI's scaled fp8 made plain: each weight times its ``scale_weight`` (in fp32; the loaders cast
-    to the wanted dtype), the scales and the marker dropped. Other tensors pass unchanged."""
+def _unscale_fp8(tensors: dict, name: str) -> dict:
+    """Scaled fp8 made plain: each weight times its ``scale_weight`` / ``weight_scale`` (in fp32; the loaders cast
+    to the wanted dtype), the scales, markers and format notes dropped. Other tensors pass unchanged. A scale
+    that is not one number per tensor (block-scaled formats such as NVFP4) is refused."""
     if not any(key.endswith(_SCALE_WEIGHT) or key == _SCALED_FP8_MARKER for key in tensors):
         return tensors
     plain = {}
     for key, tensor in tensors.items():
-        if key == _SCALED_FP8_MARKER or key.endswith((_SCALE_WEIGHT, _SCALE_INPUT)):
+        if key == _SCALED_FP8_MARKER or key.endswith((*_SCALE_WEIGHT, *_SCALE_INPUT, _QUANT_NOTE)):
             continue
-        scale = tensors.get(key.removesuffix(".weight") + _SCALE_WEIGHT) if key.endswith(".weight") else None
+        stem = key.removesuffix(".weight")
+        scale = next((tensors[stem + end] for end in _SCALE_WEIGHT if stem + end in tensors), None) if key.endswith(".weight") else None
+        if scale is not None and scale.numel() != 1:
+            raise ModelFileError(
+                f"{name}: tensor {key} has a scale of shape {tuple(scale.shape)}; lienzo reads fp8 with one scale per tensor "
+                "(ComfyUI's scaled fp8, BFL's fp8), not block-scaled formats such as NVFP4: use the bf16, fp8 or GGUF file"
+            )
         plain[key] = tensor if scale is None else tensor.to(torch.float32) * scale.to(torch.float32)
     return plain
 

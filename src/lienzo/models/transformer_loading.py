@@ -67,9 +67,19 @@ def load_transformer_folder(
                 encoder = transformers_class(slot.model_class).from_pretrained(path, subfolder=slot.component, torch_dtype=dtype, **local)
                 parts[slot.component] = encoder.eval()
                 parts[slot.tokenizer] = folder_tokenizer(path / slot.tokenizer, slot, encoder)
+            # The image processor of the Qwen2VLProcessor the pipeline reads the images with (its tokenizer is tokenizer/'s:
+            # the processor itself cannot be built without torchvision, for the video processor it checks for).
+            if spec.prompt_images:
+                if not (path / "processor").is_dir():
+                    raise ModelFileError(f"model {path.name}: the {spec.label} folder has no processor/, which this family needs")
+                parts["image_processor"] = transformers_class("AutoImageProcessor").from_pretrained(path / "processor", **local)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {first_line(err)}") from None
     schedule = dict(spec.scheduler)
+    # Flux2KleinPipeline's and Krea2Pipeline's is_distilled, False when model_index.json leaves it out (their own default).
+    index = formats.read_model_index(path)
+    distilled = bool(index.get("is_distilled", False)) if spec.base_defaults is not None else None
+    layers = index.get("text_encoder_select_layers")  # Krea2Pipeline's; None: its own default
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
         schedule.update({k: v for k, v in formats.read_json_file(scheduler_file).items() if not k.startswith("_")})
@@ -79,6 +89,8 @@ def load_transformer_folder(
         vae=vae.eval(),
         scheduler_config=schedule,
         family=spec.name,
+        is_distilled=distilled,
+        text_encoder_layers=None if layers is None else tuple(layers),
         name=path.name,
         source=path,
         **parts,

@@ -5,6 +5,7 @@ controls). Nothing here lists a field: every door asks the table."""
 import typing
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from lienzo.generation.fields import MODES, Row
@@ -29,7 +30,7 @@ class FieldView(BaseModel):
     name: str
     label: str
     help: str
-    type: Literal["integer", "number", "boolean", "string", "choice", "image", "loras", "list"]
+    type: Literal["integer", "number", "boolean", "string", "choice", "image", "images", "loras", "list"]
     nullable: bool
     choices: list[str] | None
     default: Any
@@ -46,7 +47,7 @@ def _kind(row: Row) -> tuple[str, list[str] | None]:
     if typing.get_origin(inner) is Literal:
         return "choice", [str(c) for c in typing.get_args(inner)]
     if typing.get_origin(inner) is list:
-        return ("loras" if typing.get_args(inner) == (LoraRef,) else "list"), None
+        return {(LoraRef,): "loras", (Image.Image,): "images"}.get(typing.get_args(inner), "list"), None
     kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
     return kinds.get(inner, "image"), None
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.fields import MODES
+from lienzo.generation.fields import MODES, image_hash
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import SAMPLERS, Sampler, resolve_schedule
 from lienzo.images.provenance import describe_training_data
@@ -47,6 +47,8 @@ def _body_model(mode: str) -> type[BaseModel]:
             continue
         if row.name in _IMAGE_HELP:
             fields[row.name] = (str, Field(description=_IMAGE_HELP[row.name]))
+        elif row.name == "reference_images":
+            fields[row.name] = (list[str], Field([], description=f"{row.spec.help}; each base64 (a data: URL prefix is fine)"))
         else:
             fields[row.name] = body_field(row, row.spec.default_for(mode, row.default))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
@@ -62,6 +64,10 @@ def request_from_body(mode: str, body: BaseModel, settings: Settings) -> Generat
         fields["init_image"] = image_from_b64(fields["init_image"], "init_image", settings)
     if "mask" in fields:
         fields["mask"] = mask_from_b64(fields["mask"], fields["init_image"].size, "mask", settings)
+    if "reference_images" in fields:
+        fields["reference_images"] = [
+            image_from_b64(value, f"reference_images.{index}", settings) for index, value in enumerate(fields["reference_images"])
+        ]
     request = build_request(**fields)
     if mode == "outpaint" and not request.is_outpaint:
         raise InvalidRequestError("outpaint_left", "give at least one of outpaint_left, outpaint_right, outpaint_up, outpaint_down")
@@ -109,8 +115,10 @@ class JobView(BaseModel):
 
 
 def parameters(request: GenerationRequest) -> dict:
-    """The request's fields without its images, as JSON-able values."""
-    return request.model_dump(mode="json", exclude={"init_image", "mask"})
+    """The request's fields without its images (the reference images by their hashes), as JSON-able values."""
+    return request.model_dump(mode="json", exclude={"init_image", "mask", "reference_images"}) | {
+        "reference_images": [image_hash(image) for image in request.reference_images]
+    }
 
 
 def job_view(job: Job, queue: JobQueue) -> JobView:
@@ -286,6 +294,7 @@ class FamilyView(BaseModel):
         description="whether the negative prompt has an effect at the default CFG scale (at CFG scale 1 no negative pass runs)"
     )
     samplers: list[SamplerView] = Field(description="the samplers that run on its models, with the schedule types they run there")
+    reference_images: bool = Field(description="whether its models read reference images (reference_images; Flux.2 Klein)")
 
 
 # The registry's architecture column names the family by its label, with what it adds: " inpainting",
@@ -311,6 +320,7 @@ def family_view(architecture: str) -> FamilyView | None:
         sampler=spec.default_sampler, schedule=resolve_schedule(SAMPLERS[spec.default_sampler], "Automatic", config),
         distilled_cfg_scale=distilled, negative_prompt=spec.default_cfg != 1,
         samplers=[sampler_view(s, config) for s in SAMPLERS.values() if not spec.flow or s.flow is not None],
+        reference_images=spec.reference_images,
     )
 
 

@@ -29,6 +29,7 @@ from lienzo.server.dialect import Dialect, ErrorBody
 from lienzo.server.fields import body_field, door_names
 from lienzo.server.job import Job, JobStatus
 from lienzo.server.jobs import JobQueue
+from lienzo.server.routes.native import family_view
 from lienzo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,11 @@ _UploadOptions = _extensions(_ImageOptions, set(WITH_IMAGE))
 
 class EditForm(_UploadOptions):
     image: UploadFile | None = Field(None, description="the image to edit (PNG, JPEG, WebP)")
-    images: list[UploadFile] = Field([], alias="image[]", description="as image, as the openai client sends it; the first is used")
+    images: list[UploadFile] = Field(
+        [], alias="image[]",
+        description="as image, as the openai client sends it; the first is used, or, on a model that reads reference images "
+        "(Flux.2 Klein) and with no mask, all of them as its references",
+    )
     mask: UploadFile | None = Field(None, description="same size as image; its fully transparent pixels are the area to edit")
     prompt: str = Field(description="what the edited image should show", json_schema_extra=schema_limits("prompt"))
     quality: str | None = _ignored()
@@ -164,11 +169,11 @@ class EditForm(_UploadOptions):
     input_fidelity: str | None = _ignored()
     partial_images: int | None = _ignored()
 
-    def first_image(self) -> UploadFile:
-        upload = self.image or next(iter(self.images), None)
-        if upload is None:
+    def uploads(self) -> list[UploadFile]:
+        uploads = [self.image, *self.images] if self.image is not None else self.images
+        if not uploads:
             raise InvalidRequestError("image", "upload the image to edit as the multipart file field 'image'")
-        return upload
+        return uploads
 
 
 class VariationForm(_UploadOptions):
@@ -275,6 +280,25 @@ def edit_request(form: EditForm, source: EditSource) -> GenerationRequest:
         return build_request(**fields)
 
 
+def takes_references(queue: JobQueue, model: str | None) -> bool:
+    """Whether the model an edit runs on reads reference images (its family's, by the registry's architecture)."""
+    path = queue.resolve_model(model) if model else queue.current_model()
+    view = family_view(queue.registry.entry(path).architecture)
+    return view is not None and view.reference_images
+
+
+def reference_request(form: EditForm, images: list[Image.Image]) -> GenerationRequest:
+    """gpt-image's edits without a mask: a new picture that draws from the images (Flux.2 Klein's references);
+    with size auto, of the first one's size."""
+    try:
+        with DIALECT.speaking():
+            return build_request(**_common_fields(form, form.prompt), reference_images=images)
+    except InvalidRequestError as err:
+        if err.field != "reference_images":
+            raise
+        raise InvalidRequestError("image", str(err).removeprefix("reference_images: ")) from None
+
+
 def variation_request(form: VariationForm, image: Image.Image) -> GenerationRequest:
     """img2img without a prompt."""
     with DIALECT.speaking():
@@ -355,9 +379,15 @@ async def create_image(body: GenerationBody, request: Request, queue: Queue) -> 
 async def create_image_edit(
     form: Annotated[EditForm, Form()], request: Request, queue: Queue, settings: AppSettings
 ) -> JSONResponse:
-    """Inpaint the transparent area of ``mask`` (or of the image), or redraw the whole image (img2img)."""
+    """Inpaint the transparent area of ``mask`` (or of the image), or redraw the whole image (img2img); on a model
+    that reads reference images, without a mask, make a new picture from the images (as gpt-image edits)."""
     _warn_ignored(form)
-    image_data = await form.first_image().read()
+    uploads = form.uploads()
+    if form.mask is None and takes_references(queue, lienzo_model(form.model)):
+        most = settings.max_input_pixels
+        images = [decode_image(await upload.read(), field="image", max_pixels=most) for upload in uploads]
+        return await _run(reference_request(form, images), form, request, queue)
+    image_data = await uploads[0].read()
     mask_data = await form.mask.read() if form.mask is not None else None
     return await _run(edit_request(form, edit_source(image_data, mask_data, settings)), form, request, queue)
 

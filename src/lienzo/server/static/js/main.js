@@ -8,7 +8,7 @@ import { imageItems, initViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
-const state = { models: [], samplers: [], family: null, lastSeed: null, job: null, results: [] };
+const state = { models: [], samplers: [], family: null, lastSeed: null, job: null, results: [], references: [] };
 
 // ---- messages -------------------------------------------------------------------------------
 let toastTimer;
@@ -213,6 +213,7 @@ function applyFamily(model) {
   if (choices.some((s) => s.name === chosen)) select.value = chosen;
   else defaults.delete("sampler"); // the user's sampler does not run on this model: the family's replaces it
   document.querySelector('[data-field="distilled_cfg_scale"]').hidden = state.family?.distilled_cfg_scale == null;
+  showReferences();
   applyDefaults(mode());
   fillSchedules(select.value, $("schedule").value);
 }
@@ -267,11 +268,23 @@ function applyMode() {
   // The output takes the input image's size in the image modes; the sliders then do nothing.
   for (const id of ["width", "height"]) $(id).disabled = m !== "txt2img";
   $("native-size").hidden = m !== "txt2img";
+  showReferences();
   applyDefaults(m);
   editor.setMode(m);
   editor.setOutpaint(outpaintAmounts());
 }
 form.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListener("change", applyMode));
+
+// Reference images (Flux.2 Klein's editing): offered for a family that reads them, in the field's modes.
+function showReferences() {
+  const f = field.reference_images;
+  $("reference-box").hidden = !(state.family?.reference_images && f?.modes.includes(mode()));
+}
+$("reference-hint").textContent = field.reference_images?.help ?? "";
+$("reference_images").addEventListener("change", async (e) => {
+  clearErrors();
+  state.references = await Promise.all([...e.target.files].map(blobToDataURL));
+});
 for (const id of ["outpaint_left", "outpaint_right", "outpaint_up", "outpaint_down"]) $(id).addEventListener("input", () => editor.setOutpaint(outpaintAmounts()));
 $("brush").addEventListener("input", (e) => (editor.brush = Number(e.target.value)));
 $("eraser").addEventListener("change", (e) => (editor.eraser = e.target.checked));
@@ -332,6 +345,7 @@ function body() {
     if (serverDecides.has(f.name) && untouched(f, control)) continue;
     if (f.modes.includes(m) && !control.disabled && !control.closest("[hidden]")) request[f.name] = read(f, control);
   }
+  if (state.references.length && !$("reference-box").hidden) request.reference_images = state.references;
   if (m === "txt2img") return request;
   if (!editor.hasImage) throw new ApiError(0, "Drop or choose an image first.", "init_image");
   request.init_image = editor.imageDataURL();
