@@ -277,3 +277,19 @@ def test_free_text_encoders_and_a_text_encoder_device_exclude_each_other(home, t
               "--free-text-encoders", "--text-encoder-device", "cpu"],
     )
     assert result.exit_code != 0 and "free_text_encoders" in result.output + result.stderr
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_without_guidance_the_negative_prompt_is_not_encoded(family):
+    """At CFG scale 1 the unconditional pass is skipped, so encoding the negative prompt would be a text-encoder
+    pass for nothing (Flux.1's T5 is as large as its network): one pass per encoder, and the negative prompt
+    changes nothing; guided, both are encoded."""
+    components, calls = _cached(family, max_bytes=0)
+    encoders = len(_encoders(components))
+    unguided = engine.generate(components, _request(cfg_scale=1.0)).images[0].pixels
+    assert len(calls) == encoders
+    other = engine.generate(components, _request(cfg_scale=1.0, negative_prompt="a much longer negative prompt")).images[0].pixels
+    assert np.array_equal(unguided, other)
+    calls.clear()
+    engine.generate(components, _request(cfg_scale=4.0))
+    assert len(calls) == 2 * encoders

@@ -126,12 +126,12 @@ def test_weighted_prompts_and_the_images_change_the_picture(edit):
 
 def test_the_prompt_cache_keys_by_the_images(edit, monkeypatch):
     """The same texts read with other images are encoded again, not taken from the model's prompt cache; with the same
-    images they are the cache's (the encoder not called). Each job encodes its prompt and its negative prompt."""
+    images they are the cache's (the encoder not called). Guided, each job encodes its prompt and its negative prompt."""
     monkeypatch.setattr(edit, "prompt_cache", PromptCache(max_bytes=1 << 30))
     calls = []
     forward = type(edit.text_encoder).forward
     monkeypatch.setattr(edit.text_encoder, "forward", lambda *a, **k: calls.append(1) or forward(edit.text_encoder, *a, **k))
-    request = _request(reference_images=IMAGES[:1], cfg_scale=1.0)
+    request = _request(reference_images=IMAGES[:1], cfg_scale=4.0)
     first = generate(edit, request).images[0].pixels
     assert len(calls) == 2
     other = generate(edit, request.model_copy(update={"reference_images": IMAGES[1:]})).images[0].pixels

@@ -49,6 +49,11 @@ def prompt_images(components: Components, request: GenerationRequest) -> tuple:
     return tuple(request.reference_images) if components.spec.prompt_images else ()
 
 
+def reads_negative(request: GenerationRequest) -> bool:
+    """Whether the job guides with its negative prompt (CFG scale above 1; not yet known: yes), so it is encoded."""
+    return request.cfg_scale is None or request.cfg_scale > 1
+
+
 def encode_images(
     components: Components, request: GenerationRequest, texts: list[tuple[str, str]], device: torch.device,
     cancel: CancelCheck | None,
@@ -64,7 +69,7 @@ def encode_images(
             if (image_prompt, image_negative) not in pairs:
                 pairs[image_prompt, image_negative] = encode_schedules(
                     components, extract_lora_tags(image_prompt)[0], image_negative, request.steps, clip_skip=request.clip_skip,
-                    device=device, cancel=cancel, cache=cache, wake=wake, images=images,
+                    device=device, cancel=cancel, cache=cache, wake=wake, images=images, guided=reads_negative(request),
                 )
     return [pairs[pair] for pair in texts]
 

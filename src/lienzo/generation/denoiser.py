@@ -380,7 +380,7 @@ def _prompt_call(
     calls: dict[tuple, UNetCall] = {}  # alternation repeats texts: one call (and tensor) per set of them
     stretches = []
     for end in end_steps:
-        pairs = [(tuple(term.at(end) for term, _ in pos.terms), neg.at(end)) for pos, neg in images]
+        pairs = [(tuple(term.at(end) for term, _ in pos.terms), neg.at(end) if plan.guided else None) for pos, neg in images]
         key = tuple((tuple(map(id, conds)), id(neg) if plan.guided else 0) for conds, neg in pairs)
         if key not in calls:
             calls[key] = _call(components, plan, pairs, unet)

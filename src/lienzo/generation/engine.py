@@ -22,6 +22,7 @@ from lienzo.generation.conditioning import (
     encode_images,
     image_texts,
     prompt_images,
+    reads_negative,
     with_image_prompts,
 )
 from lienzo.generation.infotext import image_params, infotext_prompt, with_templates
@@ -202,7 +203,7 @@ def generate(
     if texts is None:
         pos, neg = encode_schedules(
             components, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=device, cancel=cancel,
-            images=prompt_images(components, request),
+            images=prompt_images(components, request), guided=reads_negative(request),
         )
         conditioning = None
     else:

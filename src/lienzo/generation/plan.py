@@ -47,7 +47,7 @@ class BatchPlan:
 
     canvas: Canvas
     prompt: PromptSchedule | ComposedPrompt  # per step: A1111's prompt editing and alternation; AND: composed
-    negative: PromptSchedule
+    negative: PromptSchedule | None  # None unguided (CFG scale 1 or less): never read, so never encoded
     sampler: Sampler
     schedule: str  # resolved: a key of samplers.SCHEDULES
     steps: int

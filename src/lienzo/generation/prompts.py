@@ -322,7 +322,8 @@ def encode_schedules(
     cache: dict[tuple[str, int], PromptEmbeddings] | None = None,
     wake: Callable[[], None] | None = None,
     images: tuple[Image.Image, ...] = (),
-) -> tuple[PromptSchedule | ComposedPrompt, PromptSchedule]:
+    guided: bool = True,
+) -> tuple[PromptSchedule | ComposedPrompt, PromptSchedule | None]:
     """Prompt and negative prompt, each with A1111's editing and alternation resolved over ``steps``,
     every distinct text encoded once. All texts are padded to the same number of chunks, as
     guidance batches any step's texts in one UNet call. ``cancel`` as in :func:`encode_prompt`.
@@ -335,30 +336,36 @@ def encode_schedules(
 
     A prompt with ``AND`` gives a :class:`ComposedPrompt`, a term per distinct subprompt (a repeated
     one adds its weight to the first's: one U-Net row instead of several equal ones); the negative
-    prompt is never cut. Without ``AND``, the prompt's :class:`PromptSchedule`, exactly as before."""
+    prompt is never cut. Without ``AND``, the prompt's :class:`PromptSchedule`, exactly as before.
+
+    Unguided (``guided`` False: CFG scale 1 or less) the negative prompt is never read: it is not encoded (a
+    pass of a text encoder as large as the network, for Flux.1's T5 or Klein's Qwen3) and None stands in for
+    it; its length still counts in the padding, so the prompt's embeddings are what they are guided."""
     subprompts: dict[str, float] = {}
     split = split_subprompts(prompt)
     for text, weight in split:
         subprompts[text] = subprompts.get(text, 0.0) + weight
     schedules = [*(prompt_schedule(text, steps) for text in subprompts), prompt_schedule(negative, steps)]
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    read = texts if guided else list(dict.fromkeys(text for schedule in schedules[:-1] for _, text in schedule))
     # Transformer families encode every text to one fixed length: there is nothing to pad.
     chunks = 1 if FAMILIES[components.family].is_transformer else max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
     if wake is None:
         with text_encoders_on_call(components) as wake:
             return encode_schedules(
                 components, prompt, negative, steps, clip_skip=clip_skip, device=device, cancel=cancel, cache=cache, wake=wake,
-                images=images,
+                images=images, guided=guided,
             )
     cache = {} if cache is None else cache
     encoded = {}
-    for text in texts:
+    for text in read:
         if (text, chunks) not in cache:
             cache[text, chunks] = _encode_kept(
                 components, text, chunks=chunks, clip_skip=clip_skip, device=device, cancel=cancel, wake=wake, images=images
             )
         encoded[text] = cache[text, chunks]
-    *terms, neg = (PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules)
+    terms = [PromptSchedule(tuple((end, encoded[text]) for end, text in schedule)) for schedule in schedules[:-1]]
+    neg = PromptSchedule(tuple((end, encoded[text]) for end, text in schedules[-1])) if guided else None
     if len(split) == 1:
         return terms[0], neg
     return ComposedPrompt(tuple(zip(terms, subprompts.values(), strict=True))), neg
