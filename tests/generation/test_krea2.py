@@ -130,4 +130,4 @@ def test_the_models_dir_lists_it_as_krea_2(tmp_path):
 
     save_diffusers_folder(build_tiny("krea2"), tmp_path / "models" / "tiny-krea2")
     entries = Registry(tmp_path / "models", tmp_path / "cache").checkpoints()
-    assert ("tiny-krea2", "Krea 2 (diffusers)") in [(e.name, e.architecture) for e in entries]
+    assert ("tiny-krea2", "Krea 2 base (diffusers)") in [(e.name, e.architecture) for e in entries]

@@ -74,7 +74,7 @@ def _folder_only(family: str, label: str):
 
 LAYOUTS = {
     "chroma": _chroma, "zimage": _zimage, "flux2": _flux2, "qwenimage": _folder_only("qwenimage", "Qwen-Image"),
-    "krea2": _folder_only("krea2", "Krea 2"),
+    "krea2": _folder_only("krea2", "Krea 2 base"),  # the tiny Krea 2 is the base model (is_distilled false)
 }
 
 

@@ -470,6 +470,18 @@ def test_a_base_klein_file_gets_the_base_defaults(tmp_path, tiny_klein):
     assert (request.steps, request.cfg_scale) == (2, 1.5)
 
 
+def test_lienzo_models_and_the_studio_show_a_base_kleins_defaults(tmp_path, tiny_klein):
+    from lienzo.models.registry import examine
+    from lienzo.server.routes.native import family_view
+
+    distilled, folder = comfyui_tree(tmp_path / "d", tiny_klein)
+    base, _ = comfyui_tree(tmp_path / "b", tiny_klein, stem="flux-2-klein-base-4b")
+    assert examine(distilled)[0] == "Flux.2 Klein" and examine(base)[0] == "Flux.2 Klein base"
+    assert examine(folder)[0] == "Flux.2 Klein (diffusers)"  # saved with is_distilled true, as the released Klein
+    views = {label: family_view(label) for label in ("Flux.2 Klein", "Flux.2 Klein base (diffusers)")}
+    assert [(v.name, v.steps, v.cfg_scale, v.negative_prompt) for v in views.values()] == [("flux2", 4, 1.0, False), ("flux2", 50, 4.0, True)]
+
+
 @pytest.mark.parametrize("is_distilled", [True, False])
 def test_a_klein_folder_says_whether_it_is_distilled(tmp_path, klein, is_distilled):
     from lienzo.generation.engine import family_defaults

@@ -44,7 +44,6 @@ device has (:func:`plan_memory`): a model that cannot fit fails at once, in one 
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ import torch
 from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components, vae_dtype_for
-from lienzo.models.families import FAMILIES, Family, TextEncoderSlot
+from lienzo.models.families import FAMILIES, Family, TextEncoderSlot, is_distilled
 from lienzo.models.quiet import first_line
 from lienzo.models.registry import (
     TEXT_ENCODER_FOLDERS,
@@ -95,8 +94,6 @@ _QWEN3_INPUTS = {
     "flux2": (("txt_in.weight", "context_embedder.weight"), 3),
 }
 _QWEN3_WIDTH = ("embed_tokens.weight", "model.embed_tokens.weight", "token_embd.weight")
-# Flux.2 Klein's base models, by BFL's file names (flux-2-klein-base-4b.safetensors).
-_BASE_WORD = re.compile(r"(?:^|[^a-z0-9])base(?:$|[^a-z0-9])")
 # Qwen3's tokenizer: the file that must be there, and where beside a Qwen3 file or folder it is looked for.
 _TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_FOLDER = "tokenizer"
@@ -573,7 +570,7 @@ def load_assembly(
         vae=vae.eval(),
         scheduler_config=schedule,
         family=spec.name,
-        is_distilled=None if spec.base_defaults is None else _BASE_WORD.search(path.stem.lower()) is None,
+        is_distilled=is_distilled(spec, stem=path.stem),
         text_encoder_files=files,
         name=path.stem,
         source=path,

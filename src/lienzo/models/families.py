@@ -9,6 +9,7 @@ network call and prompt encoding need (:mod:`lienzo.generation.denoiser`, :mod:`
 This module imports nothing heavy, so a request can be checked against a family before torch loads.
 """
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -181,3 +182,18 @@ PIPELINE_FAMILIES = {f.pipeline_class: f.name for f in FAMILIES.values() if f.is
 
 def family(name: str) -> Family:
     return FAMILIES[name]
+
+
+# BFL names Flux.2 Klein's undistilled files by the word "base" (flux-2-klein-base-4b.safetensors).
+_BASE_WORD = re.compile(r"(?:^|[^a-z0-9])base(?:$|[^a-z0-9])")
+
+
+def is_distilled(spec: Family, *, index: dict | None = None, stem: str = "") -> bool | None:
+    """Whether a model of a family with base and step-distilled models (``base_defaults``) is the distilled one:
+    by its diffusers folder's model_index.json (``is_distilled``, False when left out, as Flux2KleinPipeline's
+    and Krea2Pipeline's own default), else by its file's name; None for a family with one kind."""
+    if spec.base_defaults is None:
+        return None
+    if index is not None:
+        return bool(index.get("is_distilled", False))
+    return _BASE_WORD.search(stem.lower()) is None

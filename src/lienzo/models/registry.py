@@ -16,7 +16,7 @@ from pathlib import Path
 from lienzo.errors import ModelFileError
 from lienzo.files import write_atomic
 from lienzo.models import formats
-from lienzo.models.families import FAMILIES
+from lienzo.models.families import FAMILIES, is_distilled
 from lienzo.models.paths import check_model_path
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ _CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3", "qwen25vl": "Qwen2.5-VL"}
 # Raised when describe() or weight_format() learn something new: cached descriptions are made again, hashes kept.
-_DESCRIPTION_VERSION = 3
+_DESCRIPTION_VERSION = 4
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
 LORA_FOLDERS = ("lora", "loras")
 LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
@@ -212,7 +212,8 @@ def _describe_folder(path: Path) -> str:
     config_file = path / "transformer" / "config.json"
     config = formats.read_json_file(config_file) if config_file.is_file() else {}
     schnell = spec.distilled_guidance and config.get("guidance_embeds") is False
-    return f"{spec.label}{' schnell' if schnell else ''} (diffusers)"
+    base = is_distilled(spec, index=index) is False
+    return f"{spec.label}{' schnell' if schnell else ''}{' base' if base else ''} (diffusers)"
 
 
 def _folder_format(path: Path) -> str:
@@ -236,7 +237,8 @@ def _describe_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
 
     family = detect_transformer_family(shapes)
     if family is not None:
-        return FAMILIES[family].label + (" schnell" if is_schnell(family, shapes) else "")
+        base = is_distilled(FAMILIES[family], stem=path.stem) is False
+        return FAMILIES[family].label + (" schnell" if is_schnell(family, shapes) else "") + (" base" if base else "")
     kind = text_encoder_kind(shapes) or (text_encoder_kind_by_name(path.name) if in_text_encoder_folder(path) else None)
     if kind is not None:
         return f"text encoder ({TEXT_ENCODER_LABELS[kind]})"

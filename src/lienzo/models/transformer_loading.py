@@ -14,7 +14,7 @@ import torch
 from lienzo.errors import ModelFileError
 from lienzo.models import formats
 from lienzo.models.components import Components, vae_dtype_for
-from lienzo.models.families import FAMILIES, PIPELINE_FAMILIES, Family
+from lienzo.models.families import FAMILIES, PIPELINE_FAMILIES, Family, is_distilled
 from lienzo.models.quiet import first_line, quiet_transformers
 from lienzo.models.tokenizers import folder_tokenizer
 
@@ -76,9 +76,7 @@ def load_transformer_folder(
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {first_line(err)}") from None
     schedule = dict(spec.scheduler)
-    # Flux2KleinPipeline's and Krea2Pipeline's is_distilled, False when model_index.json leaves it out (their own default).
     index = formats.read_model_index(path)
-    distilled = bool(index.get("is_distilled", False)) if spec.base_defaults is not None else None
     layers = index.get("text_encoder_select_layers")  # Krea2Pipeline's; None: its own default
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
@@ -89,7 +87,7 @@ def load_transformer_folder(
         vae=vae.eval(),
         scheduler_config=schedule,
         family=spec.name,
-        is_distilled=distilled,
+        is_distilled=is_distilled(spec, index=index),
         text_encoder_layers=None if layers is None else tuple(layers),
         name=path.name,
         source=path,

@@ -307,18 +307,19 @@ _FAMILY_LABELS = {f.label: f.name for f in FAMILIES.values()} | {"SD": "sd1"}
 def family_view(architecture: str) -> FamilyView | None:
     """The family of a model by the registry's architecture column; None for one it does not name."""
     label = architecture.removesuffix(" (diffusers)").removesuffix(" inpainting")
-    schnell = label.endswith(" schnell")
-    name = _FAMILY_LABELS.get(label.removesuffix(" schnell"))
+    schnell, base = label.endswith(" schnell"), label.endswith(" base")
+    name = _FAMILY_LABELS.get(label.removesuffix(" schnell").removesuffix(" base"))
     if name is None:
         return None
     spec = FAMILIES[name]
+    steps, cfg_scale = spec.base_defaults if base else (SCHNELL_STEPS if schnell else spec.default_steps, spec.default_cfg)
     distilled = spec.default_distilled_cfg if spec.distilled_guidance and not schnell else None
     # The family's training schedule: its models' own configs differ in numbers, not in kind.
     config = spec.scheduler or None
     return FamilyView(
-        name=name, label=spec.label, flow=spec.flow, steps=SCHNELL_STEPS if schnell else spec.default_steps, cfg_scale=spec.default_cfg,
+        name=name, label=spec.label, flow=spec.flow, steps=steps, cfg_scale=cfg_scale,
         sampler=spec.default_sampler, schedule=resolve_schedule(SAMPLERS[spec.default_sampler], "Automatic", config),
-        distilled_cfg_scale=distilled, negative_prompt=spec.default_cfg != 1,
+        distilled_cfg_scale=distilled, negative_prompt=cfg_scale != 1,
         samplers=[sampler_view(s, config) for s in SAMPLERS.values() if not spec.flow or s.flow is not None],
         reference_images=spec.reference_images,
     )
