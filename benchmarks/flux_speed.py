@@ -36,9 +36,7 @@ quant convs, batch-norm statistics) and Qwen3-4B's language model at full width 
 8 key/value heads of 128, MLP 9728, its 151,936-row tied embedding) with ``--qwen-layers`` layers (Qwen3-4B:
 36). Both programs read the Qwen3 hidden states at three layers (Klein: 9, 18 and 27); with fewer than 27
 layers both read layers L/3, 2L/3 and L instead (lienzo's constant is set for the run). The tokenizer is
-Qwen's byte-level BPE cut down to its 256 byte tokens (no merges) with Qwen3's chat template: the prompt is
-padded to 512 tokens either way, so the encoder's work is the real one; only the tokenizer's own (negligible)
-time differs. 4 steps (Klein's distilled default), CFG 1, no distilled guidance.
+lienzo's bundled Qwen3 tokenizer, the real vocabulary; the prompt is padded to 512 tokens either way. 4 steps (Klein's distilled default), CFG 1, no distilled guidance.
 
 Weights are random: speed does not depend on their values, and the pixel difference compares the
 same computation done by two programs.
@@ -81,11 +79,9 @@ from diffusers import (  # noqa: E402
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModel,
-    Qwen2TokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
     T5Config,
@@ -99,7 +95,7 @@ from lienzo.models.components import Components  # noqa: E402
 from lienzo.models.families import FAMILIES  # noqa: E402
 from lienzo.models.single_file_layout import bundled_tokenizer  # noqa: E402
 from lienzo.models.speed import SpeedOptions, apply_speed  # noqa: E402
-from lienzo.models.tokenizers import bundled_t5_tokenizer  # noqa: E402
+from lienzo.models.tokenizers import bundled_qwen_tokenizer, bundled_t5_tokenizer  # noqa: E402
 from speed import PeakMemory, _sync, psnr  # noqa: E402  (benchmarks/speed.py)
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -182,29 +178,6 @@ def qwen_read_layers(layers: int) -> tuple[int, int, int]:
     return (layers // 3, 2 * layers // 3, layers)
 
 
-# Qwen3's chat template for one user turn, thinking off as Flux2KleinPipeline asks (the real tokenizer's, cut to
-# what one turn needs).
-QWEN_CHAT = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-
-
-def byte_qwen_tokenizer() -> Qwen2TokenizerFast:
-    """Qwen's byte-level BPE reduced to its 256 byte tokens (no merges) and the special tokens the chat template
-    and padding use, padding on the right with <|endoftext|> as Qwen3's does (no tokenizer files needed)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return Qwen2TokenizerFast(
-        tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None, chat_template=QWEN_CHAT,
-        padding_side="right",
-    )
-
-
 def build(args, device: torch.device, dtype: torch.dtype) -> Components:
     """Every module built once, seed 0, directly on ``device`` in ``dtype`` (a full-depth model would not
     fit twice: Flux's 12B parameters are 48 GB in fp32)."""
@@ -226,7 +199,7 @@ def build(args, device: torch.device, dtype: torch.dtype) -> Components:
         torch.set_default_dtype(default)
     if args.family == "flux2":
         return Components(
-            unet=None, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=byte_qwen_tokenizer(),
+            unet=None, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=bundled_qwen_tokenizer("qwen3"),
             scheduler_config=dict(FAMILIES["flux2"].scheduler), family="flux2", name="random Flux.2 Klein 4B",
         )
     return Components(

@@ -242,24 +242,30 @@ def _tiny_flux2() -> tuple[Flux2Transformer2DModel, dict, AutoencoderKLFlux2]:
     return transformer, dict(text_encoder=encoder, tokenizer=tokenizer), vae
 
 
+def _tiny_qwen25vl(tokenizer, positions: int, **token_ids) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL over ``tokenizer``: a language model of 32 channels with multimodal rotary sections, ``positions``
+    long, and a one-block vision tower; ``token_ids`` name its vision tokens (Qwen-Image-Edit's)."""
+    special = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=positions, **special,
+            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vocab_size=len(tokenizer), **special, **token_ids,
+    ))
+
+
 def _tiny_qwenimage() -> tuple[QwenImageTransformer2DModel, dict, AutoencoderKLQwenImage]:
     """Qwen-Image's layout: a Qwen2.5-VL (language model of 32 channels, multimodal rotary sections, a one-block
     vision tower it never uses for text), a 4-channel Wan-style VAE (4x downsampling, a frame axis) whose latent
     statistics are not the identity, and two dual-stream blocks over its 2x2 patches (16 channels)."""
     tokenizer = _tiny_qwen_tokenizer()
-    special = dict(
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=2048, **special,
-            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
-        ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
-        vocab_size=len(tokenizer), **special,
-    ))
+    encoder = _tiny_qwen25vl(tokenizer, 2048)
     statistics = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
     vae = AutoencoderKLQwenImage(
         base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
@@ -286,20 +292,8 @@ def _tiny_qwenimage_edit() -> Components:
     transformer, _, vae = _tiny_qwenimage()
     tokenizer = _tiny_qwen_tokenizer()
     tokenizer.add_tokens(list(_QWEN_VISION_TOKENS.values()), special_tokens=True)
-    special = dict(
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
     vision = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _QWEN_VISION_TOKENS.items()}
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=4096, **special,
-            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
-        ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
-        vocab_size=len(tokenizer), **special, **vision,
-    ))
+    encoder = _tiny_qwen25vl(tokenizer, 4096, **vision)
     return Components(
         unet=None, transformer=transformer.eval(), vae=vae.eval(), text_encoder=encoder.eval(), tokenizer=tokenizer,
         image_processor=Qwen2VLImageProcessorPil(), scheduler_config=dict(FAMILY_TABLE["qwenimage_edit"].scheduler), family="qwenimage_edit",

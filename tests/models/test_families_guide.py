@@ -4,8 +4,6 @@ encoder in text_encoders/, its VAE in vae/) make txt2img and img2img pictures th
 and the studio's API, each remade exactly from its PNG; ``lienzo models`` lists family, quantization and size
 of every file."""
 
-import base64
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -13,6 +11,7 @@ from fastapi.testclient import TestClient
 from gguf import GGMLQuantizationType
 from PIL import Image
 from test_assembly import save_text_encoder, save_vae
+from test_comfyui_guide import b64, cli, remade_exactly, saved
 from test_transformer_files import write_gguf, write_safetensors
 from test_transformer_files_2 import PREFIX, family_original_names, qwen3_like_the_real_one, save_qwen3
 from tiny_models import build_tiny, save_diffusers_folder
@@ -94,27 +93,6 @@ def home(request, tmp_path_factory):
     return root, family, {f"tiny-{family}": (f"{label} (diffusers)", "fp32"), **files}
 
 
-def cli(root, *args) -> str:
-    base = ["--models-dir", str(root / "models"), "--data-dir", str(root / "data"), "--outputs-dir", str(root / "out")]
-    result = CliRunner().invoke(app, [*base, *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (path,) = [line for line in result.stdout.splitlines() if line.endswith(".png")]
-    return path
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def remade_exactly(root, path, mode: str) -> None:
-    """``lienzo generate|img2img [photo] --from PNG`` makes the same picture from its parameters alone."""
-    again = cli(root, "generate", "--from", str(path)) if mode == "txt2img" else cli(root, "img2img", str(root / "photo.png"), "--from", str(path))
-    assert np.array_equal(pixels(again), pixels(path)), mode
-    first, second = (parse_infotext(read_parameters(p)) for p in (path, again))
-    assert first.prompt == second.prompt
-    assert {k: v for k, v in first.params.items() if k != "Safety filter"} == {k: v for k, v in second.params.items() if k != "Safety filter"}
-
-
 def test_cli_makes_and_remakes_txt2img_and_img2img_in_every_layout(home):
     root, _, models = home
     for model in models:
@@ -133,16 +111,6 @@ def client(home):
     settings = Settings(data_dir=root / "data", models_dir=root / "models", outputs_dir=root / "out")
     with TestClient(create_app(settings, model=f"tiny-{family}")) as c:
         yield c
-
-
-def b64(path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def saved(root, name: str, b64_png: str):
-    path = root / name
-    path.write_bytes(base64.b64decode(b64_png))
-    return path
 
 
 def test_a1111_api_makes_pictures_that_remake_exactly(home, client):

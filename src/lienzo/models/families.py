@@ -75,6 +75,11 @@ _SIZE_SHIFTED = {
     **_FLOW_SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
     "base_image_seq_len": 256, "max_image_seq_len": 4096,
 }
+# Qwen/Qwen-Image's scheduler_config.json, which its edit models share (a folder's own config wins).
+_QWEN_IMAGE_SCHEDULER = {
+    **_FLOW_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+}
 _FLOW_DEFAULTS = dict(default_size=1024, default_sampler="Euler", default_schedule="Simple")
 
 FAMILIES: dict[str, Family] = {
@@ -128,17 +133,12 @@ FAMILIES: dict[str, Family] = {
             reference_images=True, **_FLOW_DEFAULTS,
         ),
         # Qwen2.5-VL's chat-templated prompt; real CFG with a negative prompt, rescaled to the conditional
-        # prediction's norm (QwenImagePipeline's true_cfg_scale), on the 5-D Wan-style VAE's latents. The
-        # schedule is Qwen/Qwen-Image's scheduler_config.json (a folder's own config wins).
+        # prediction's norm (QwenImagePipeline's true_cfg_scale), on the 5-D Wan-style VAE's latents.
         Family(
             "qwenimage", "Qwen-Image", "transformer", "QwenImageTransformer2DModel", "QwenImagePipeline",
             (TextEncoderSlot("text_encoder", "tokenizer", "Qwen2_5_VLForConditionalGeneration", "qwen25vl"),),
             16, True,
-            {
-                **_FLOW_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
-                "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
-                "time_shift_type": "exponential",
-            },
+            _QWEN_IMAGE_SCHEDULER,
             default_steps=50, default_cfg=4.0, max_sequence_length=512, vae_class="AutoencoderKLQwenImage",
             cfg_norm_rescale=True, **_FLOW_DEFAULTS,
         ),
@@ -149,11 +149,7 @@ FAMILIES: dict[str, Family] = {
             "qwenimage_edit", "Qwen-Image-Edit", "transformer", "QwenImageTransformer2DModel", "QwenImageEditPlusPipeline",
             (TextEncoderSlot("text_encoder", "tokenizer", "Qwen2_5_VLForConditionalGeneration", "qwen25vl"),),
             16, True,
-            {
-                **_FLOW_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
-                "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
-                "time_shift_type": "exponential",
-            },
+            _QWEN_IMAGE_SCHEDULER,
             # No max_sequence_length: QwenImageEditPlusPipeline reads the whole prompt, whatever its argument says.
             default_steps=50, default_cfg=4.0, vae_class="AutoencoderKLQwenImage",
             cfg_norm_rescale=True, reference_images=True, prompt_images=True, **_FLOW_DEFAULTS,

@@ -338,7 +338,7 @@ def transformer_config(family: str, shapes: Mapping[str, Shape], *, name: str = 
 
 
 def _flux_blocks_config(own: Mapping[str, Shape], names: dict) -> dict:
-    """What Flux.1 and Chroma, which keeps Flux.1's blocks, read alike."""
+    """What Flux.1, Chroma (which keeps Flux.1's blocks) and Flux.2 (which keeps their layout) read alike."""
     inner, in_channels = own[names["x_in"]]
     head_dim = own[names["q_norm"]][0]
     return {
@@ -375,17 +375,10 @@ def _chroma_config(own: Mapping[str, Shape], names: dict) -> dict:
 
 
 def _flux2_config(own: Mapping[str, Shape], names: dict) -> dict:
-    inner, in_channels = own[names["x_in"]]
+    inner = own[names["x_in"]][0]
     head_dim = own[names["q_norm"]][0]
     return {
-        "patch_size": 1,  # Flux.2 packs 2x2 latent patches into channels before the network, as Flux.1 does
-        "in_channels": in_channels,
-        "out_channels": own[names["out"]][0],
-        "num_layers": _count_indices(own, names["double"]),
-        "num_single_layers": _count_indices(own, names["single"]),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": own[names["text_in"]][1],
+        **_flux_blocks_config(own, names),
         "timestep_guidance_channels": own[names["time_in"]][1],
         # The feed-forward is gated (SwiGLU): its input projection holds the gate and the value, each inner * ratio.
         "mlp_ratio": own[names["mlp_in"]][0] / (2 * inner),
