@@ -61,9 +61,21 @@ def _flux2(models):
     return components, {"diffusion_models/flux-2-klein-4b-Q8_0": ("Flux.2 Klein", "GGUF Q8_0")}
 
 
+def _qwenimage(models):
+    """Qwen-Image as ComfyUI's guide has it: the network, qwen_2.5_vl_7b (its tokenizer beside it) and
+    qwen_image_vae in their original names (the tiny model's unstated values patched in by :func:`home`)."""
+    from test_qwen_image_split_files import comfyui_text_encoder, tiny_qwen_image, wan_vae
+
+    components = tiny_qwen_image()
+    write_safetensors(models / "diffusion_models" / "qwen_image_fp32.safetensors", {PREFIX + k: t for k, t in components.transformer.state_dict().items()})
+    write_safetensors(models / "text_encoders" / "qwen_2.5_vl_7b.safetensors", comfyui_text_encoder(components.text_encoder))
+    components.tokenizer.save_pretrained(models / "text_encoders")
+    write_safetensors(models / "vae" / "qwen_image_vae.safetensors", wan_vae(components.vae))
+    return components, {"diffusion_models/qwen_image_fp32": ("Qwen-Image", "fp32")}
+
+
 def _folder_only(family: str, label: str):
-    """A family lienzo reads from its diffusers folder only (the text encoder and VAE files of Qwen-Image and
-    Krea 2 state no config lienzo could read)."""
+    """A family lienzo reads from its diffusers folder only (Krea 2: its single files are not read yet)."""
 
     def layout(models):
         return build_tiny(family), {f"tiny-{family}": (f"{label} (diffusers)", "fp32")}
@@ -72,7 +84,7 @@ def _folder_only(family: str, label: str):
 
 
 LAYOUTS = {
-    "chroma": _chroma, "zimage": _zimage, "flux2": _flux2, "qwenimage": _folder_only("qwenimage", "Qwen-Image"),
+    "chroma": _chroma, "zimage": _zimage, "flux2": _flux2, "qwenimage": _qwenimage,
     "krea2": _folder_only("krea2", "Krea 2 base"),  # the tiny Krea 2 is the base model (is_distilled false)
 }
 
@@ -90,7 +102,12 @@ def home(request, tmp_path_factory):
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "photo.png")
     label = next(iter(files.values()))[0].removesuffix(" (diffusers)")
-    return root, family, {f"tiny-{family}": (f"{label} (diffusers)", "fp32"), **files}
+    with pytest.MonkeyPatch.context() as patches:
+        if family == "qwenimage":
+            from test_qwen_image_split_files import patch_tiny_constants
+
+            patch_tiny_constants(patches, components)
+        yield root, family, {f"tiny-{family}": (f"{label} (diffusers)", "fp32"), **files}
 
 
 def test_cli_makes_and_remakes_txt2img_and_img2img_in_every_layout(home):

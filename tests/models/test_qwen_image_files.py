@@ -194,7 +194,8 @@ def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path, family, name
 
 def test_a_qwen_image_file_with_its_folders_parts_draws_what_the_folder_draws(tmp_path, network):
     """ComfyUI's transformer file completed with a Qwen-Image diffusers folder's text_encoder/ (its tokenizer/ beside)
-    and vae/: the same pixels as the folder. Qwen2.5-VL and Wan-VAE single files are refused in one line."""
+    and vae/: the same pixels as the folder. A Qwen2.5-VL single file of a width whose unstated config lienzo does not
+    know is refused in one line (the split files themselves: test_qwen_image_split_files)."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -220,5 +221,7 @@ def test_a_qwen_image_file_with_its_folders_parts_draws_what_the_folder_draws(tm
     with pytest.raises(ModelFileError) as err:
         load_components(transformer, text_encoders=[folder / "tokenizer"], vae=folder / "vae")
     message = str(err.value)
-    assert message.startswith("qwen_2.5_vl_7b.safetensors: lienzo reads a Qwen2.5-VL text encoder only as a transformers folder")
+    assert message == (
+        "qwen_2.5_vl_7b.safetensors is a Qwen2.5-VL 32 wide; lienzo knows the config of Qwen-Image's (3584 wide, Qwen2.5-VL 7B)"
+    )
     assert "\n" not in message

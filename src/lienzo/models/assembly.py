@@ -30,9 +30,9 @@ file (or its ``tokenizer/`` folder); without one, the bundled tokenizer reads th
 transformers folder (a diffusers folder's ``text_encoder/``) brings its sibling ``tokenizer/``. Klein's Qwen3 is read as the Qwen3ForCausalLM its
 pipeline holds, Z-Image's as a Qwen3Model.
 
-Qwen-Image's transformer file is completed with a Qwen-Image diffusers folder's ``text_encoder/`` (Qwen2.5-VL, its
-``tokenizer/`` beside) and ``vae/``, given with ``--text-encoder`` and ``--vae``: their single files' configs are in
-no tensor, so lienzo does not read them.
+Qwen-Image's transformer file is completed with ComfyUI's ``qwen_2.5_vl_7b*.safetensors`` (Qwen2.5-VL) and
+``qwen_image_vae.safetensors`` (Wan 2.1's VAE), found or given, or with a Qwen-Image diffusers folder's
+``text_encoder/`` (its ``tokenizer/`` beside) and ``vae/`` given with ``--text-encoder`` and ``--vae``.
 
 Flux.2 Klein comes step-distilled (4 steps, no CFG) or as an undistilled base (50 steps, CFG 4); BFL names
 the base's files ``flux-2-klein-base-*``, so a file whose name has the word ``base`` is read as a base.
@@ -73,14 +73,14 @@ VAE_FOLDER = "vae"
 # What a user who lacks a piece is told to put in the models dir: the names ComfyUI's guides use.
 _SUGGESTED_FILES = {
     "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors",
-    "qwen3": "qwen_3_4b.safetensors", "qwen25vl": "a Qwen-Image diffusers folder's text_encoder/",
+    "qwen3": "qwen_3_4b.safetensors", "qwen25vl": "qwen_2.5_vl_7b.safetensors",
 }
 # Where a family's encoder comes in sizes, the file for each size of its transformer (Klein 4B and 9B).
 _SUGGESTED_QWEN3 = {2560: "qwen_3_4b.safetensors", 4096: "qwen_3_8b.safetensors"}
 # Chroma and Z-Image decode with Flux.1's VAE.
 _SUGGESTED_VAE = {
     "flux": "ae.safetensors", "sd3": "sd3_vae.safetensors", "chroma": "ae.safetensors", "zimage": "ae.safetensors",
-    "flux2": "flux2-vae.safetensors", "qwenimage": "a Qwen-Image diffusers folder's vae/",
+    "flux2": "flux2-vae.safetensors", "qwenimage": "qwen_image_vae.safetensors",
 }
 # VAE file names that say which family a VAE was made for (Flux.1's and SD 3's 16-channel VAEs are built alike).
 _VAE_NAMES = {
@@ -199,14 +199,16 @@ def find_text_encoders(models_dir: Path) -> dict[str, list[Path]]:
     return {kind: sorted(paths, key=_precision_rank) for kind, paths in found.items()}
 
 
-def _vae_latent_channels(path: Path) -> int | None:
-    """The latent channels of a VAE file (ldm or diffusers names), from its decoder's first conv."""
+def _vae_latent_channels(path: Path, spec: Family) -> int | None:
+    """The latent channels of a VAE file for ``spec`` (ldm, Wan's or diffusers names), from its decoder's first conv:
+    a 2-d one (4 dimensions), or for Qwen-Image a Wan VAE's 3-d one (5 dimensions)."""
     try:
         shapes = {k: shape for k, (shape, _, _) in _headers(path)[1].items()}
     except ModelFileError:
         return None
-    for key in ("decoder.conv_in.weight", _BUNDLED_VAE + "decoder.conv_in.weight"):
-        if key in shapes and len(shapes[key]) == 4:
+    dimensions = 5 if spec.vae_class == "AutoencoderKLQwenImage" else 4
+    for key in ("decoder.conv_in.weight", _BUNDLED_VAE + "decoder.conv_in.weight", "decoder.conv1.weight"):
+        if key in shapes and len(shapes[key]) == dimensions:
             return shapes[key][1]
     return None
 
@@ -214,7 +216,7 @@ def _vae_latent_channels(path: Path) -> int | None:
 def find_vae(models_dir: Path, spec: Family, latent_channels: int | None = None) -> Path | None:
     """A VAE in ``<models>/vae`` with ``latent_channels`` (default: the family's); one whose name says the family first."""
     wanted = latent_channels or spec.latent_channels
-    fitting = [p for p in _weight_files(models_dir / VAE_FOLDER) if _vae_latent_channels(p) == wanted]
+    fitting = [p for p in _weight_files(models_dir / VAE_FOLDER) if _vae_latent_channels(p, spec) == wanted]
     named = [p for p in fitting if p.stem.lower().startswith(_VAE_NAMES.get(spec.name, ()))]
     return (named or fitting or [None])[0]
 
@@ -322,14 +324,16 @@ def plan_assembly(
 
 def _vae_latents_needed(spec: Family, shapes: dict) -> int:
     """The latent channels of the VAE a transformer decodes with: the family's, except that Flux.2's network
-    takes them in latent_patch x latent_patch patches, so its input width says them (as for a tiny test model)."""
+    takes them in latent_patch x latent_patch patches, and Qwen-Image's in the 2x2 patches its pipeline packs, so
+    their input width says them (as for a tiny test model)."""
     from lienzo.models.transformer_files import PREFIX
 
-    if spec.latent_patch == 1:
+    patch = 2 if spec.vae_class == "AutoencoderKLQwenImage" else spec.latent_patch
+    if patch == 1:
         return spec.latent_channels
     names = [prefix + name for name in ("img_in.weight", "x_embedder.weight") for prefix in ("", PREFIX)]
     shape = next((shapes[name] for name in names if name in shapes), None)
-    return spec.latent_channels if shape is None else shape[1] // spec.latent_patch**2
+    return spec.latent_channels if shape is None else shape[1] // patch**2
 
 
 def _qwen3_width_needed(family: str, shapes: dict) -> int | None:

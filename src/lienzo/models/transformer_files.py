@@ -5,8 +5,8 @@ The network alone comes in Black Forest Labs' and Stability's original key names
 ``model.diffusion_model.`` prefix, or in diffusers' names; in bf16/fp16/fp32, fp8 (``float8_e4m3fn``),
 ComfyUI's "scaled fp8" or city96's GGUF quantizations. SD 3.5's "all-in-one" files add the VAE
 (``first_stage_model.``) and text encoders (``text_encoders.clip_l.`` ...); ComfyUI's split layout keeps
-each text encoder (``clip_l``, ``clip_g``, ``t5xxl``, ``qwen3``) and the VAE (Flux's ``ae.safetensors``, Flux.2's
-``flux2-vae.safetensors``) in files of their own.
+each text encoder (``clip_l``, ``clip_g``, ``t5xxl``, ``qwen3``, Qwen-Image's ``qwen_2.5_vl_7b``) and the VAE (Flux's
+``ae.safetensors``, Flux.2's ``flux2-vae.safetensors``, Qwen-Image's ``qwen_image_vae.safetensors``) in files of their own.
 
 Every config is read from tensor shapes, as :mod:`lienzo.models.single_file_load` does for U-Net models,
 so a tiny test model loads exactly like a real one. Renaming uses diffusers' converters where they fit
@@ -15,6 +15,7 @@ channels, so Flux's (and Chroma's, which are Flux's blocks without their modulat
 from a table. GGUF tensors stay quantized through diffusers' GGUF quantizer.
 """
 
+import inspect
 import logging
 import math
 import re
@@ -26,6 +27,7 @@ from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     ChromaTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
@@ -38,6 +40,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
     convert_sd3_transformer_checkpoint_to_diffusers,
+    convert_wan_vae_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
     swap_scale_shift,
 )
@@ -49,6 +52,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -288,8 +292,32 @@ _QWEN3_HEAD = "lm_head.weight"
 # ("output.weight") is kept only for a Qwen3ForCausalLM. llama.cpp stores Qwen's q and k unpermuted (it permutes Llama's only).
 _QWEN3_GGUF = ("token_embd.weight", "blk.0.attn_q_norm.weight")
 _QWEN3_GGUF_HEAD = "output.weight"
-# Qwen2.5-VL (Qwen-Image's text encoder) by its vision tower, under any prefix (transformers' old and new layouts).
+# Qwen2.5-VL (Qwen-Image's text encoder) by its vision tower, under any prefix (transformers' old and new layouts),
+# or, in a file without the tower, by its language model: Qwen2's names (no QK norms, unlike Qwen3), with the
+# query's bias Qwen2 has and Llama lacks.
 _QWEN25VL_MARK = "visual.patch_embed.proj.weight"
+_QWEN25VL_TEXT_MARK = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias")
+# ComfyUI's qwen_2.5_vl_7b.safetensors keeps transformers' names from before 4.52: the language model under model.,
+# the vision tower under visual., lm_head beside them. transformers 5 nests both under model. (its own
+# checkpoint conversion does this rename in from_pretrained only, which a single file does not go through).
+_QWEN25VL_TEXT = "model.language_model."
+_QWEN25VL_VISION = "model.visual."
+_QWEN25VL_HEAD = "lm_head.weight"
+# What no tensor of a Qwen2.5-VL states, by its text width: Qwen2.5-VL-7B-Instruct's config.json (the 7B is 3584
+# wide). head_dim gives the head counts from the q and k projections.
+_QWEN25VL_CONSTANTS = {
+    3584: {
+        "head_dim": 128,
+        "text": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 128000, "bos_token_id": 151643, "eos_token_id": 151645,
+        },
+        "vision": {"num_heads": 16, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2},
+        "tokens": {
+            "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        },
+    },
+}
 _QWEN3_LAYER = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
@@ -310,6 +338,11 @@ _VAE_SAMPLE_SIZE = 1024
 _FLUX2_VAE_CONVS = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
 _FLUX2_VAE_NORM = "bn."
 _FLUX2_VAE_BATCHES = "bn.num_batches_tracked"
+# Qwen-Image's latent statistics (mean, std per channel) by latent channels: AutoencoderKLQwenImage's defaults in
+# diffusers (diffusers/models/autoencoders/autoencoder_kl_qwenimage.py), which are Qwen-Image's vae/config.json values.
+_QWEN_IMAGE_LATENTS = {
+    16: tuple(inspect.signature(AutoencoderKLQwenImage).parameters[name].default for name in ("latents_mean", "latents_std"))
+}
 
 
 # --- what a file holds ----------------------------------------------------------------------------
@@ -469,7 +502,7 @@ def text_encoder_kind(shapes: Mapping[str, Shape]) -> str | None:
         return "t5xxl"
     if all(key in shapes for key in _T5_GGUF):
         return "t5xxl"
-    if any(key.endswith(_QWEN25VL_MARK) for key in shapes):
+    if any(key.endswith(_QWEN25VL_MARK) for key in shapes) or all(key in shapes for key in _QWEN25VL_TEXT_MARK):
         return "qwen25vl"
     if any(all(prefix + key in shapes for key in _QWEN3_SIGNATURE) for prefix in ("", _QWEN3_PREFIX)):
         return "qwen3"
@@ -624,11 +657,11 @@ def load_text_encoder_file(
     causal_lm: bool = False,
     prefix: str = "",
 ) -> torch.nn.Module:
-    """A ``kind`` ("clip_l", "clip_g", "t5xxl" or "qwen3") text encoder from a file, or from the tensors of an
+    """A ``kind`` ("clip_l", "clip_g", "t5xxl", "qwen3" or "qwen25vl") text encoder from a file, or from the tensors of an
     already read file (a state dict) under ``prefix``: CLIPTextModel, CLIPTextModelWithProjection
     (``projection``, as SD 3 uses both CLIPs), T5EncoderModel, Qwen3Model or Qwen3ForCausalLM (``causal_lm``,
-    Flux.2 Klein's), its config read from the tensor shapes. A Qwen3 may also be a transformers folder (a
-    diffusers folder's ``text_encoder``) or a GGUF file.
+    Flux.2 Klein's) or Qwen2_5_VLForConditionalGeneration (Qwen-Image's), its config read from the tensor shapes.
+    A Qwen3 or Qwen2.5-VL may also be a transformers folder (a diffusers folder's ``text_encoder``), a Qwen3 a GGUF file.
 
     A CLIP's head count is its width / 64 (CLIP-L: 12, bigG: 20). A CLIP asked for with a projection whose
     file has none (Flux's CLIP-L used for SD 3) gets the identity, as ComfyUI gives it.
@@ -641,7 +674,7 @@ def load_text_encoder_file(
         path = Path(source)
         if kind == "qwen3" and path.is_dir():
             return _load_qwen3_folder(path, dtype, causal_lm)
-        if kind == "qwen25vl":
+        if kind == "qwen25vl" and path.is_dir():
             return _load_qwen25vl_folder(path, dtype)
         name, file_kind = path.name, formats.sniff(path)
         if file_kind == "gguf" and kind == "qwen3":
@@ -662,6 +695,8 @@ def load_text_encoder_file(
                 return _load_t5(tensors, name, dtype)
             if kind == "qwen3":
                 return _load_qwen3(tensors, name, dtype, causal_lm)
+            if kind == "qwen25vl":
+                return _load_qwen25vl(tensors, name, dtype)
             return _load_clip(tensors, kind, name, dtype, projection)
     except KeyError as err:  # a tensor the config is read from
         raise ModelFileError(f"{name} is missing the text-encoder tensor {err.args[0]!r}; the file is incomplete") from None
@@ -779,6 +814,61 @@ def _load_qwen3(tensors: dict, name: str, dtype: torch.dtype, causal_lm: bool = 
     return encoder
 
 
+def _load_qwen25vl(tensors: dict, name: str, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL from ComfyUI's ``qwen_2.5_vl_7b*.safetensors`` (see _QWEN25VL_TEXT) or transformers 5's names.
+    Sizes come from the shapes; the rest from _QWEN25VL_CONSTANTS by the text width. A file without the vision
+    tower (some repacks drop ``visual.*``) gets none: its vision tower is removed from the model rather than left
+    random, so text-to-image (Qwen-Image) works, and Qwen-Image-Edit, which reads images through the tower, cannot."""
+    if _QWEN25VL_TEXT + "embed_tokens.weight" not in tensors:
+        renames = (("visual.", _QWEN25VL_VISION), ("model.", _QWEN25VL_TEXT), ("", ""))  # lm_head stays
+        tensors = {
+            next(new + key[len(old) :] for old, new in renames if key.startswith(old)): tensor for key, tensor in tensors.items()
+        }
+    shapes = _shapes(tensors)
+    embedding = _QWEN25VL_TEXT + "embed_tokens.weight"
+    if embedding not in shapes:
+        raise ModelFileError(f"{name} holds no Qwen2.5-VL text encoder (no tensor model.embed_tokens.weight)")
+    vocab, hidden = shapes[embedding]
+    constants = _QWEN25VL_CONSTANTS.get(hidden)
+    if constants is None:
+        known = ", ".join(str(width) for width in _QWEN25VL_CONSTANTS)
+        raise ModelFileError(
+            f"{name} is a Qwen2.5-VL {hidden} wide; lienzo knows the config of Qwen-Image's ({known} wide, Qwen2.5-VL 7B)"
+        )
+    layer, head_dim = _QWEN25VL_TEXT + "layers.0.", constants["head_dim"]
+    text = dict(
+        constants["text"], vocab_size=vocab, hidden_size=hidden,
+        num_hidden_layers=_count_indices(tensors, _QWEN25VL_TEXT + "layers."),
+        num_attention_heads=shapes[layer + "self_attn.q_proj.weight"][0] // head_dim,
+        num_key_value_heads=shapes[layer + "self_attn.k_proj.weight"][0] // head_dim,
+        intermediate_size=shapes[layer + "mlp.gate_proj.weight"][0],
+    )
+    vision = {}
+    has_vision = _QWEN25VL_VISION + "patch_embed.proj.weight" in shapes
+    if has_vision:
+        width, channels, temporal, patch, _ = shapes[_QWEN25VL_VISION + "patch_embed.proj.weight"]
+        merged = shapes[_QWEN25VL_VISION + "merger.mlp.0.weight"][1]  # the merger reads merge x merge patches at once
+        vision = dict(
+            constants["vision"], depth=_count_indices(tensors, _QWEN25VL_VISION + "blocks."), hidden_size=width,
+            in_channels=channels, temporal_patch_size=temporal, patch_size=patch, spatial_merge_size=math.isqrt(merged // width),
+            intermediate_size=shapes[_QWEN25VL_VISION + "blocks.0.mlp.gate_proj.weight"][0],
+            out_hidden_size=shapes[_QWEN25VL_VISION + "merger.mlp.2.weight"][0],
+        )
+    # Without its own lm_head the head shares the embedding (Qwen-Image reads hidden states only, never the head).
+    tied = _QWEN25VL_HEAD not in tensors
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **constants["tokens"])
+    with init_empty_weights():
+        encoder = Qwen2_5_VLForConditionalGeneration(config)
+    if tied:
+        tensors = {**tensors, _QWEN25VL_HEAD: tensors[embedding]}
+    if not has_vision:
+        encoder.model.visual = None
+    encoder = _assign_weights(encoder, tensors, "Qwen2.5-VL encoder", name, dtype)
+    if tied:
+        encoder.tie_weights()
+    return encoder
+
+
 def _load_qwen3_gguf(path: Path, dtype: torch.dtype, causal_lm: bool = False) -> Qwen3Model | Qwen3ForCausalLM:
     """A Qwen3 in llama.cpp's GGUF names, expanded to ``dtype`` (as a GGUF T5 is) and read like a safetensors
     file: the config from the shapes, the rest Qwen3's own (what the file's metadata says too)."""
@@ -817,13 +907,7 @@ def _load_qwen3_folder(folder: Path, dtype: torch.dtype, causal_lm: bool = False
 
 
 def _load_qwen25vl_folder(folder: Path, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
-    """Qwen-Image's Qwen2.5-VL saved by transformers (a Qwen-Image diffusers folder's ``text_encoder``). Its single
-    files are not read: their config (head width, vision tower, multimodal rotary sections) is in no tensor."""
-    if not folder.is_dir():
-        raise ModelFileError(
-            f"{folder.name}: lienzo reads a Qwen2.5-VL text encoder only as a transformers folder (a Qwen-Image "
-            "diffusers folder's text_encoder/, with config.json); pass --text-encoder FOLDER"
-        )
+    """Qwen-Image's Qwen2.5-VL saved by transformers (a Qwen-Image diffusers folder's ``text_encoder``)."""
     try:
         with quiet_transformers():
             return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
@@ -856,18 +940,15 @@ def _load_t5_gguf(path: Path, kind: str, dtype: torch.dtype) -> T5EncoderModel:
 # --- the VAE --------------------------------------------------------------------------------------
 
 
-def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch.float32) -> AutoencoderKL | AutoencoderKLFlux2:
+def load_flow_vae(
+    state_dict_or_path, family: str, *, dtype: torch.dtype = torch.float32
+) -> AutoencoderKL | AutoencoderKLFlux2 | AutoencoderKLQwenImage:
     """The VAE of a transformer family: the 16-channel one of SD 3.x or Flux.1 ("sd3", "flux"; "chroma" and
     "zimage" use Flux's): Flux's ``ae.safetensors`` (ldm names without prefix), SD 3's own file, the
     ``first_stage_model.`` part of an all-in-one file, or a diffusers VAE's tensors; or Flux.2's ("flux2":
-    see :func:`_load_flux2_vae`). Its config comes from the shapes, its latent scale and shift from the family."""
+    see :func:`_load_flux2_vae`) or Qwen-Image's ("qwenimage", also Krea 2's: see :func:`_load_qwen_image_vae`). Its
+    config comes from the shapes, its latent scale and shift from the family."""
     vae_class = FAMILIES[family].vae_class
-    if vae_class not in ("AutoencoderKL", "AutoencoderKLFlux2"):
-        name = "the checkpoint's VAE" if isinstance(state_dict_or_path, Mapping) else Path(state_dict_or_path).name
-        raise ModelFileError(
-            f"{name}: lienzo reads {FAMILIES[family].label}'s VAE only as a diffusers folder (the model folder's vae/); "
-            "pass --vae FOLDER"
-        )
     if isinstance(state_dict_or_path, Mapping):
         name, state_dict = "the checkpoint's VAE", state_dict_or_path
     else:
@@ -875,6 +956,8 @@ def load_flow_vae(state_dict_or_path, family: str, *, dtype: torch.dtype = torch
         name, state_dict = path.name, formats.load_state_dict(path)
     if vae_class == "AutoencoderKLFlux2":
         return _load_flux2_vae(state_dict, family, name, dtype)
+    if vae_class == "AutoencoderKLQwenImage":
+        return _load_qwen_image_vae(state_dict, name, dtype)
     prefix = _VAE_PREFIX if any(key.startswith(_VAE_PREFIX) for key in state_dict) else ""
     tensors = {
         key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix) and key[len(prefix) :].startswith(_VAE_PARTS)
@@ -950,6 +1033,48 @@ def _load_flux2_vae(state_dict: Mapping, family: str, name: str, dtype: torch.dt
             mid_block_add_attention=any(key.startswith("encoder.mid_block.attentions.") for key in converted),
         )
     return _assign_weights(vae, {**converted, **norm}, "VAE", name, dtype)
+
+
+def _load_qwen_image_vae(state_dict: Mapping, name: str, dtype: torch.dtype) -> AutoencoderKLQwenImage:
+    """Qwen-Image's VAE (Wan 2.1's) in Wan's names (ComfyUI's ``qwen_image_vae.safetensors``) or diffusers', renamed
+    by diffusers' Wan converter; its sizes from the shapes, its latent statistics (which no tensor holds) from
+    _QWEN_IMAGE_LATENTS by its latent channels. diffusers' converter knows Wan 2.1's layout only (four levels of two
+    residual blocks), so a VAE laid out otherwise is refused by the load below."""
+    tensors = dict(_unscale_fp8(dict(state_dict), name))
+    if "encoder.conv1.weight" in tensors:
+        tensors = convert_wan_vae_to_diffusers(tensors)
+    if "encoder.conv_in.weight" not in tensors:
+        raise ModelFileError(
+            f"{name} holds no Qwen-Image (Wan 2.1) VAE (no tensor encoder.conv1.weight or encoder.conv_in.weight)"
+        )
+    shapes = _shapes(tensors)
+    # diffusers keeps the encoder flat: each level's residual blocks, then (but for the last level) a resample, whose
+    # time conv, where there is one, also halves the frames. A level's width is its last block's output.
+    downsamplers = sorted(
+        int(key.split(".")[2]) for key in shapes if key.startswith("encoder.down_blocks.") and key.endswith(".resample.1.weight")
+    )
+    if not downsamplers:
+        raise ModelFileError(
+            f"{name} is not a Qwen-Image (Wan 2.1) VAE: its encoder has no downsampling (encoder.down_blocks.*.resample)"
+        )
+    try:
+        base_dim, z_dim = shapes["encoder.conv_in.weight"][0], shapes["post_quant_conv.weight"][0]
+        widths = [shapes[f"encoder.down_blocks.{index - 1}.conv2.weight"][0] for index in downsamplers]
+        widths.append(shapes["encoder.mid_block.resnets.0.conv1.weight"][0])
+    except KeyError as err:
+        raise ModelFileError(f"{name} is missing the VAE tensor {err.args[0]!r}") from None
+    if z_dim not in _QWEN_IMAGE_LATENTS:
+        known = ", ".join(str(channels) for channels in _QWEN_IMAGE_LATENTS)
+        raise ModelFileError(f"{name} is a VAE with {z_dim} latent channels; Qwen-Image's has {known}")
+    mean, std = _QWEN_IMAGE_LATENTS[z_dim]
+    config = dict(
+        base_dim=base_dim, z_dim=z_dim, dim_mult=[width // base_dim for width in widths], num_res_blocks=downsamplers[0],
+        temperal_downsample=[f"encoder.down_blocks.{index}.time_conv.weight" in shapes for index in downsamplers],
+        latents_mean=list(mean), latents_std=list(std),
+    )
+    with init_empty_weights():
+        vae = AutoencoderKLQwenImage(**config)
+    return _assign_weights(vae, tensors, "VAE", name, dtype)
 
 
 # --- shared ---------------------------------------------------------------------------------------
