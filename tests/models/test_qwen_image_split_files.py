@@ -206,8 +206,9 @@ def test_qwen_image_assembled_from_comfyui_files_draws_what_its_folder_draws(tmp
     assert assembled.text_encoder_files == {"text_encoder": "qwen_2.5_vl_7b.safetensors"}
     request = GenerationRequest(**REQUEST)
     got = generate(assembled, request).images[0].pixels
-    # The same weights read two ways: equal to float rounding (one run in ten here differed by ~1e-7, as a
-    # matrix product may sum in another order for weights at other addresses), far below one 8-bit step.
+    # The same weights read two ways: equal to float rounding, far below one 8-bit step (a bit-exact comparison
+    # failed once in eight runs here, not reproduced since: a matrix product may sum in another order for weights
+    # at other addresses).
     assert np.abs(got - generate(load_components(folder), request).images[0].pixels).max() <= 1e-5
 
 
