@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from lienzo.errors import ModelFileError
-from lienzo.models.lora import ActiveLora, apply_loras
-from lienzo.models.registry import lora_hash
-from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _probe, _qkv, _write, assert_tag_remakes
+from lienzo.models.lora import apply_loras
+from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _qkv, _write, assert_tag_remakes
 from test_transformer_lora import FORMATS as FLUX_FORMATS
-from test_transformer_lora_2 import ZIMAGE_NAMES
+from test_transformer_lora_2 import ZIMAGE_NAMES, adds_and_comes_off
 from tiny_models import build_tiny
 
 SINGLE = "single_transformer_blocks.0"
@@ -70,34 +69,7 @@ def _outputs(components) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_adds_weight_times_alpha_over_rank_times_b_a_and_comes_off_exactly(tmp_path, fmt):
     naming, layers = FORMATS[fmt]
-    components = build_tiny("flux2")
-    path = tmp_path / f"{fmt}.safetensors"
-    expected = _write(path, components, layers, naming)
-    probes = _probe(components, expected)
-    original = _outputs(components)
-
-    deltas, outputs = {}, {}
-    for weight in (1.0, 0.5):
-        apply_loras(components, [(path, "style", weight)])
-        outputs[weight] = _outputs(components)
-        for key, (down, up, scale) in expected.items():
-            x, base_weight, bias = probes[key]
-            with torch.no_grad():
-                got = components.transformer.get_submodule(key[1])(x)
-            by_hand = torch.nn.functional.linear(x, base_weight + weight * scale * up @ down, bias)
-            torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key} at {weight}: {m}")
-            deltas[(key, weight)] = got - torch.nn.functional.linear(x, base_weight, bias)
-
-    (entry,) = components.loras.adapters.values()
-    assert entry.parts == ("transformer",)
-    assert components.loras.active == [ActiveLora("style", 0.5, lora_hash(path)[:12])]
-    assert (outputs[1.0] - original).abs().max() > 1e-4
-    assert not torch.allclose(outputs[0.5], outputs[1.0])
-    for key in expected:
-        torch.testing.assert_close(deltas[(key, 0.5)], deltas[(key, 1.0)] / 2, atol=1e-6, rtol=1e-5)
-
-    apply_loras(components, [])
-    assert torch.equal(_outputs(components), original)
+    adds_and_comes_off(tmp_path / f"{fmt}.safetensors", build_tiny("flux2"), naming, layers, _outputs)
 
 
 def test_prompt_tag_generation_writes_lora_hashes_and_changes_the_picture(tmp_path):
