@@ -12,9 +12,9 @@ import torch
 
 from lienzo.errors import ModelFileError
 from lienzo.models.lora import apply_loras
-from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _qkv, _write, assert_tag_remakes
+from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _qkv, _write, adds_and_comes_off, assert_tag_remakes
 from test_transformer_lora import FORMATS as FLUX_FORMATS
-from test_transformer_lora_2 import ZIMAGE_NAMES, adds_and_comes_off
+from test_transformer_lora_2 import ZIMAGE_NAMES
 from tiny_models import build_tiny
 
 SINGLE = "single_transformer_blocks.0"

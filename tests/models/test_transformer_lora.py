@@ -165,15 +165,23 @@ def _probe(components, expected) -> dict:
 def test_each_format_adds_weight_times_alpha_over_rank_times_b_a_and_comes_off_exactly(tmp_path, fmt):
     family, naming, layers = FORMATS[fmt]
     components = build_tiny(family)
-    path = tmp_path / f"{fmt}.safetensors"
+    path, original = adds_and_comes_off(tmp_path / f"{fmt}.safetensors", components, naming, layers, _outputs)
+    apply_loras(components, [(path, "style", 0.0)])
+    assert torch.equal(_outputs(components), original)
+
+
+def adds_and_comes_off(path, components, naming: str, layers, outputs_of) -> tuple:
+    """A LoRA of ``layers`` written to ``path`` in ``naming``: each layer gets W + weight * alpha / rank * B A at
+    weights 1 and 0.5 (the change halving), the network's ``outputs_of`` change, and taken off they are the
+    original's exactly. Returns (path, the original outputs)."""
     expected = _write(path, components, layers, naming)
     probes = _probe(components, expected)
-    original = _outputs(components)
+    original = outputs_of(components)
 
     deltas, outputs = {}, {}
     for weight in (1.0, 0.5):
         apply_loras(components, [(path, "style", weight)])
-        outputs[weight] = _outputs(components)
+        outputs[weight] = outputs_of(components)
         for key, (down, up, scale) in expected.items():
             x, base_weight, bias = probes[key]
             with torch.no_grad():
@@ -192,9 +200,8 @@ def test_each_format_adds_weight_times_alpha_over_rank_times_b_a_and_comes_off_e
         torch.testing.assert_close(deltas[(key, 0.5)], deltas[(key, 1.0)] / 2, atol=1e-6, rtol=1e-5)
 
     apply_loras(components, [])
-    assert torch.equal(_outputs(components), original)
-    apply_loras(components, [(path, "style", 0.0)])
-    assert torch.equal(_outputs(components), original)
+    assert torch.equal(outputs_of(components), original)
+    return path, original
 
 
 def test_several_loras_add_up_and_switching_equals_loading_the_second_alone(tmp_path):

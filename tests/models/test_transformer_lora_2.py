@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from lienzo.errors import ModelFileError
-from lienzo.models.lora import ActiveLora, apply_loras
-from lienzo.models.registry import lora_hash
-from test_transformer_lora import DOUBLE, assert_tag_remakes, SD1_NAMES, Layer, _names_only, _probe, _qkv, _write
+from lienzo.models.lora import apply_loras
+from test_transformer_lora import DOUBLE, assert_tag_remakes, SD1_NAMES, Layer, _names_only, _qkv, _write, adds_and_comes_off
 from tiny_models import build_tiny
 
 SINGLE = "single_transformer_blocks.0"
@@ -88,39 +87,6 @@ def test_each_format_adds_weight_times_alpha_over_rank_times_b_a_and_comes_off_e
     path, original = adds_and_comes_off(tmp_path / f"{fmt}.safetensors", components, naming, layers, _outputs)
     apply_loras(components, [(path, "style", 0.0)])
     assert torch.equal(_outputs(components), original)
-
-
-def adds_and_comes_off(path, components, naming: str, layers, outputs_of) -> tuple:
-    """A LoRA of ``layers`` written to ``path`` in ``naming``: each layer gets W + weight * alpha / rank * B A at
-    weights 1 and 0.5 (the change halving), the network's ``outputs_of`` change, and taken off they are the
-    original's exactly. Returns (path, the original outputs)."""
-    expected = _write(path, components, layers, naming)
-    probes = _probe(components, expected)
-    original = outputs_of(components)
-
-    deltas, outputs = {}, {}
-    for weight in (1.0, 0.5):
-        apply_loras(components, [(path, "style", weight)])
-        outputs[weight] = outputs_of(components)
-        for key, (down, up, scale) in expected.items():
-            x, base_weight, bias = probes[key]
-            with torch.no_grad():
-                got = components.transformer.get_submodule(key[1])(x)
-            by_hand = torch.nn.functional.linear(x, base_weight + weight * scale * up @ down, bias)
-            torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key} at {weight}: {m}")
-            deltas[(key, weight)] = got - torch.nn.functional.linear(x, base_weight, bias)
-
-    (entry,) = components.loras.adapters.values()
-    assert entry.parts == ("transformer",)
-    assert components.loras.active == [ActiveLora("style", 0.5, lora_hash(path)[:12])]
-    assert (outputs[1.0] - original).abs().max() > 1e-4
-    assert not torch.allclose(outputs[0.5], outputs[1.0])
-    for key in expected:
-        torch.testing.assert_close(deltas[(key, 0.5)], deltas[(key, 1.0)] / 2, atol=1e-6, rtol=1e-5)
-
-    apply_loras(components, [])
-    assert torch.equal(outputs_of(components), original)
-    return path, original
 
 
 def test_a_flux_lora_on_chroma_changes_the_layers_chroma_has_and_warns_about_the_rest(tmp_path, caplog):
