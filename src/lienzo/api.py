@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
+from lienzo.control.prepare import prepare_resources
 from lienzo.generation import engine, limits
 from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.models.components import Components
 from lienzo.settings import Settings
 from lienzo.studio import Studio, default_model, load_model, prepare_loras
 
-__all__ = ["default_model", "generate", "load_model", "prepare_loras"]
+__all__ = ["default_model", "generate", "load_model", "prepare_loras", "prepare_resources"]
 
 
 def generate(

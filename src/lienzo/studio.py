@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lienzo import outputs
+from lienzo.control.prepare import prepare_resources
 from lienzo.devices import configure_threads, pick_device, pick_dtype
 from lienzo.errors import InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.store import Gallery
@@ -21,6 +22,7 @@ from lienzo.generation.request import GenerationRequest, build_request
 from lienzo.generation.styles import merge_styles
 from lienzo.models import formats
 from lienzo.models.components import Components, PromptCache
+from lienzo.models.embeddings import EMBEDDINGS_FOLDER, refresh_embeddings
 from lienzo.models.loading import load_components
 from lienzo.models.lora import apply_loras
 from lienzo.models.registry import Registry, embedded_model
@@ -147,6 +149,8 @@ def prepare_loras(
     registry = Registry(settings.models_dir, settings.cache_dir)
     loras = request.requested_loras()
     apply_loras(components, [(registry.resolve_lora(lora.name, allow_paths=allow_paths), lora.name, lora.weight) for lora in loras])
+    # The textual-inversion embeddings its prompts may name: the models dir's, read again when they change.
+    refresh_embeddings(components, settings.models_dir / EMBEDDINGS_FOLDER)
 
 
 def apply_styles(request: GenerationRequest, gallery: Gallery | None) -> GenerationRequest:
@@ -207,10 +211,12 @@ class Studio:
         request = apply_styles(request, self.gallery)
         # 1. LoRAs and embeddings: exactly the request's, on the model it runs on.
         prepare_loras(components, request, self.settings, allow_paths=self.allow_lora_paths)
+        # ControlNet units and the hires fix's model upscaler: loaded from the models dir, the control maps made.
+        request, resources = prepare_resources(components, request, self.settings)
         if not save:
             return engine.generate(
                 components, request, progress=progress, cancel=cancel, on_image=on_image, skip=skip, interrupt=interrupt,
-                dynamic=self.dynamic_prompts(request),
+                dynamic=self.dynamic_prompts(request), resources=resources,
             )
 
         # 2. What every image of this generation says about itself, and where it goes.
@@ -235,6 +241,6 @@ class Studio:
         # 3. Generate; each image is saved and recorded as soon as it is done.
         return engine.generate(
             components, request, progress=progress, cancel=cancel, on_image=save_image, skip=skip, interrupt=interrupt,
-            dynamic=self.dynamic_prompts(request),
+            dynamic=self.dynamic_prompts(request), resources=resources,
         )
 

@@ -167,6 +167,12 @@ def _field_option(row, mode: str):
         return click.option(f"--{spec.cli}/--no-{spec.cli}", row.name, default=default, show_default=default not in (None, ""), help=spec.help)
     if row.name == "loras":
         return click.option(*names, type=_LoraParam(), multiple=True, help=spec.help)
+    if row.name == "controlnets":  # MODULE:IMAGE[:WEIGHT][:KEY=VALUE...], the image read as the command line is
+        return click.option(
+            *names, multiple=True, callback=_read_controls, metavar="MODULE:IMAGE[:WEIGHT][:KEY=VALUE]...",
+            help=f"{spec.help}; e.g. canny:photo.png:0.8 or none:depth.png:model=control_v11f1p_sd15_depth:start=0.1; keys: "
+            f"{', '.join(CONTROL_KEYS)}; without model=, the one ControlNet whose name holds the module's kind (repeatable)",
+        )
     if row.name == "reference_images":  # picture files, read as the command line is
         return click.option(*names, type=click.Path(path_type=Path), multiple=True, callback=_read_images, help=f"{spec.help} (repeatable)")
     if typing.get_origin(kind) is list:  # repeatable: --style a --style b
@@ -174,6 +180,55 @@ def _field_option(row, mode: str):
     if typing.get_origin(kind) is typing.Literal:
         kind = click.Choice([str(c) for c in typing.get_args(kind)])
     return click.option(*names, type=kind, default=default, show_default=default not in (None, ""), help=spec.help)
+
+
+# --control's KEY=VALUE names: the unit's fields, short where the extension's are long.
+CONTROL_KEYS = {
+    "model": "model", "start": "guidance_start", "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode",
+    "res": "processor_res", "a": "threshold_a", "b": "threshold_b", "pixel-perfect": "pixel_perfect",
+}
+_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
+_RESIZE_MODES = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+
+
+def _read_controls(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> list[dict]:
+    """Each ``--control`` as the unit fields it gives explicitly (a remake fills the rest from the picture), its
+    image read and held to the settings' max_input_pixels."""
+    from lienzo.images.io import load_image
+
+    units = []
+    for spec in specs:
+        module, sep, rest = spec.partition(":")
+        parts = rest.split(":") if sep else []
+        if not module or not parts or not parts[0]:
+            raise click.BadParameter(f"expected MODULE:IMAGE[:WEIGHT][:KEY=VALUE]... such as canny:photo.png:0.8, got {spec!r}", ctx, param)
+        unit: dict = {"module": module, "image": load_image(Path(parts[0]), field="--control", max_pixels=_settings(ctx).max_input_pixels)}
+        for part in parts[1:]:
+            key, eq, value = part.partition("=")
+            if not eq:
+                unit["weight"] = _number(part, "the weight", spec, ctx, param)
+                continue
+            if key not in CONTROL_KEYS:
+                raise click.BadParameter(f"unknown key {key!r} in {spec!r}; keys: {', '.join(CONTROL_KEYS)}", ctx, param)
+            field = CONTROL_KEYS[key]
+            if field == "control_mode":
+                value = _CONTROL_MODES.get(value.lower(), value)
+            elif field == "resize_mode":
+                value = _RESIZE_MODES.get(value.lower(), value)
+            elif field == "pixel_perfect":
+                value = value.lower() in ("1", "true", "yes", "on")
+            elif field != "model":
+                value = _number(value, key, spec, ctx, param)
+            unit[field] = value
+        units.append(unit)
+    return units
+
+
+def _number(text: str, what: str, spec: str, ctx, param) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{what} must be a number, got {text!r} in {spec!r}", ctx, param) from None
 
 
 def _read_images(ctx: click.Context, param: click.Parameter, paths: tuple[Path, ...]) -> list:
@@ -188,6 +243,39 @@ def _request_fields(opts: dict) -> dict:
     from lienzo.generation.request import table
 
     return {row.name: opts[row.name] for row in table() if opts.get(row.name) is not None}
+
+
+def control_models_for(units: list[dict], settings: Settings) -> list[dict]:
+    """``units`` with a model for each that names none: the one ControlNet in the models dir whose name holds the
+    module's kind (canny, depth, lineart, ...), as people name them (control_v11p_sd15_canny); refused, listing the
+    candidates, when none or several do."""
+    from lienzo.control.models import control_models
+
+    entries = None
+    for index, unit in enumerate(units):
+        if unit.get("model"):
+            continue
+        kind = _module_kind(unit["module"])
+        entries = entries if entries is not None else control_models(settings.models_dir)
+        found = [e for e in entries if kind and kind in e.name.lower()]
+        if len(found) != 1:
+            listed = ", ".join(e.title for e in (found or entries)) or f"none in {settings.models_dir / 'ControlNet'}"
+            why = f"{len(found)} ControlNets have {kind!r} in their name" if found else f"no ControlNet has {kind!r} in its name"
+            raise LienzoError(f"--control {index + 1}: {why}; name one with model=NAME (available: {listed})")
+        unit["model"] = found[0].title
+    return units
+
+
+# The word a module's ControlNets carry in their names (control_v11p_sd15_canny, t2iadapter_color_sd14v1).
+_MODULE_KINDS = {"tile_resample": "tile", "blur_gaussian": "tile", "scribble_xdog": "scribble", "hed": "softedge",
+                 "lineart_standard": "lineart", "lineart_coarse": "lineart", "inpaint_only": "inpaint", "threshold": "scribble"}
+
+
+def _module_kind(module: str) -> str | None:
+    from lienzo.control.preprocessors import find_preprocessor
+
+    name = find_preprocessor(module, field="--control").name
+    return None if name in ("none", "invert") else _MODULE_KINDS.get(name, name.split("_")[0])
 
 
 def _flag_for(field: str) -> str:

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lienzo.cli.common import (
     _ctrl_c,
     _flag_for,
+    control_models_for,
     _generation_options,
     _model_kwargs,
     _request_fields,
@@ -53,8 +54,18 @@ def _remade(ctx: click.Context, mode: str, prompt: str, from_image: Path | None,
             from lienzo.generation.fields import check_references
 
             check_references(recorded, fields.get("reference_images", []), _flag_for("reference_images"))
+        # ControlNet units too: their settings come from the picture, their images from --control (in order).
+        units = remade.pop("controlnets", [])
+        if units:
+            from lienzo.generation.control_unit import check_control_images
+
+            given = fields.get("controlnets", [])
+            check_control_images(units, [unit.get("image") for unit in given], "--control")
+            remade["controlnets"] = [{**recorded, **unit} for recorded, unit in zip(units, given, strict=True)]
         # Flags given explicitly on the command line win over the image's parameters.
         explicit = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        if units:  # merged with the picture's settings above
+            explicit.pop("controlnets", None)
         fields = {**fields, **remade, **explicit}
         opts["model"] = opts.get("model") or model
         prompt = prompt or remade.get("prompt", "")
@@ -117,6 +128,8 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     # 1. Validate before the heavy imports: torch, diffusers and transformers take 5 s on a busy
     #    2-core machine, and a typo should not wait for them (nor for the model's 20 s).
     settings = _settings(ctx)
+    if fields.get("controlnets"):
+        fields["controlnets"] = control_models_for(fields["controlnets"], settings)
     request = build_request(**{"safety": settings.safety_cli, **fields})
     check_limits(request, settings, name=_flag_for, count_batches=False)
     if request.styles:  # merged now, so that an unknown name is reported before the model loads

@@ -37,6 +37,14 @@ def models(ctx, details):
         for lora in loras:
             table.add_row(lora.name, _size(lora.size_bytes), lora.short_hash)
         Console().print(table)
+    embeddings = registry.embeddings()
+    if embeddings:
+        table = Table(title="textual-inversion embeddings (write the NAME in a prompt: SD 1.x/2.x and SDXL, of their width)")
+        for column in ("name", "size", "hash"):
+            table.add_column(column)
+        for embedding in embeddings:
+            table.add_row(embedding.name, _size(embedding.size_bytes), embedding.short_hash)
+        Console().print(table)
 
 
 def _size(size_bytes: int) -> str:

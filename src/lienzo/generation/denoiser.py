@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.functional import pad
 
+from lienzo.generation.control import ControlStack
 from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
 from lienzo.generation.plan import BatchPlan, References
@@ -52,10 +53,13 @@ class UNetCall:
     unet: Any  # UNet2DConditionModel, or DeepCacheUNet around one: both are called the same way
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] | None = None  # SDXL's pooled text and size ids
+    control: ControlStack | None = None  # ControlNet / T2I-Adapter units: residuals added to the U-Net's blocks
+    uncond_rows: int = 0  # how many of the rows are unconditional (the first ones)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        residuals = {} if self.control is None else self.control.residuals(x, t, step, self.embeds, self.added, self.uncond_rows)
         with torch.no_grad():
-            return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added, return_dict=False)[0]
+            return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added, return_dict=False, **residuals)[0]
 
 
 @dataclass(frozen=True)
@@ -324,13 +328,14 @@ class Composition:
         return combined / torch.tensor(totals, dtype=out.dtype, device=out.device).view(-1, *[1] * (out.ndim - 1))
 
 
-def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | None) -> Denoiser:
-    """The denoiser for one batch: a fresh one each batch, as DeepCache's cache must not outlive it."""
+def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | None, control: ControlStack | None = None) -> Denoiser:
+    """The denoiser for one batch: a fresh one each batch, as DeepCache's cache must not outlive it. ``control``:
+    the batch's ControlNet units at its size."""
     images = plan.image_prompts()
     # The image each conditional row belongs to: one row per image, or per subprompt of a composed prompt.
     owners = tuple(index for index, (pos, _) in enumerate(images) for _ in pos.terms)
     composed = any(isinstance(pos, ComposedPrompt) for pos, _ in images)
-    denoiser = _network_call(components, plan, owners)
+    denoiser = _network_call(components, plan, owners, control)
     if mask is not None and mask.masked_latents is not None:
         extra = torch.cat([mask.mask, mask.masked_latents], dim=1)
         # Guidance (or composition) lays out the rows before this layer sees them: the extra channels follow.
@@ -344,7 +349,7 @@ def build_denoiser(components: Components, plan: BatchPlan, mask: LatentMask | N
     return denoiser
 
 
-def _network_call(components: Components, plan: BatchPlan, owners: tuple[int, ...]) -> Denoiser:
+def _network_call(components: Components, plan: BatchPlan, owners: tuple[int, ...], control: ControlStack | None) -> Denoiser:
     """The innermost layer: the family's network with the batch's conditioning; another architecture
     (a transformer family) brings its own call and conditioning here, and the layers above stay."""
     images = plan.image_prompts()
@@ -353,7 +358,7 @@ def _network_call(components: Components, plan: BatchPlan, owners: tuple[int, ..
     groups: dict[int, list[int]] = {}
     for index, (pos, _) in enumerate(images):
         groups.setdefault(pos.chunks, []).append(index)
-    calls = tuple(_prompt_call(components, plan, [images[i] for i in indices]) for indices in groups.values())
+    calls = tuple(_prompt_call(components, plan, [images[i] for i in indices], control) for indices in groups.values())
     if len(calls) == 1:
         return calls[0]
     n = plan.batch_size
@@ -365,7 +370,8 @@ def _network_call(components: Components, plan: BatchPlan, owners: tuple[int, ..
 
 
 def _prompt_call(
-    components: Components, plan: BatchPlan, images: list[tuple[PromptSchedule | ComposedPrompt, PromptSchedule]]
+    components: Components, plan: BatchPlan, images: list[tuple[PromptSchedule | ComposedPrompt, PromptSchedule]],
+    control: ControlStack | None,
 ) -> Denoiser:
     """The call for images whose conditioning stacks: one :class:`UNetCall` per stretch of steps where
     every image's prompt (every subprompt of a composed one) and, guided, negative prompt stays the same."""
@@ -383,17 +389,17 @@ def _prompt_call(
         pairs = [(tuple(term.at(end) for term, _ in pos.terms), neg.at(end) if plan.guided else None) for pos, neg in images]
         key = tuple((tuple(map(id, conds)), id(neg) if plan.guided else 0) for conds, neg in pairs)
         if key not in calls:
-            calls[key] = _call(components, plan, pairs, unet)
+            calls[key] = _call(components, plan, pairs, unet, control)
         stretches.append(calls[key])
     if len(calls) == 1:
         return stretches[0]
     return PromptSteps(tuple(end_steps), tuple(stretches))
 
 
-def _call(components: Components, plan: BatchPlan, pairs, unet) -> Denoiser:
+def _call(components: Components, plan: BatchPlan, pairs, unet, control: ControlStack | None) -> Denoiser:
     """The family's network with the conditioning of ``pairs`` (one (prompts, negative) pair per image)."""
     if not components.spec.is_transformer:
-        return UNetCall(unet, *_unet_conditioning(components, plan, pairs))
+        return UNetCall(unet, *_unet_conditioning(components, plan, pairs), control, len(pairs) if plan.guided else 0)
     # Every row's conditioning, [uncond..., cond...], in the network's dtype.
     rows = [pos for conds, _ in pairs for pos in conds]
     if plan.guided:

@@ -30,7 +30,7 @@ from lienzo.generation.latents import encode_references, reference_size
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import Variation, random_seed
-from lienzo.generation.plan import BatchPlan, Canvas
+from lienzo.generation.plan import BatchPlan, Canvas, Hires, Resources
 from lienzo.generation.prompts import encode_schedules
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import resolve_sampler, resolve_schedule, runs_as
@@ -161,6 +161,7 @@ def generate(
     skip: CancelCheck | None = None,
     interrupt: CancelCheck | None = None,
     dynamic: DynamicPrompts | None = None,
+    resources: Resources | None = None,
 ) -> GenerationResult:
     """Run a request on loaded components (already on their device) and return the images.
 
@@ -188,6 +189,8 @@ def generate(
     warnings = _size_warnings(components, cv)
     device = components.execution_device
     _check_loras(components, request)
+    resources = resources or Resources()
+    _check_controls(request, resources)
     policy = request.safety or "off"  # None: the front door chose nothing, and the engine does not filter
     safety = _safety_filter(components, policy)
     unchecked = "unavailable" if policy != "off" and safety is None else None
@@ -220,8 +223,10 @@ def generate(
         cfg_scale=request.cfg_scale, denoising_strength=request.denoising_strength,
         inpainting_fill=request.inpainting_fill, fast=request.fast, batch_size=request.batch_size, first_seed=seed,
         tiling=request.tiling, distilled_cfg_scale=request.distilled_cfg_scale or 0.0, shift=request.shift,
-        references=encode_references(components, request.reference_images),
+        references=encode_references(components, request.reference_images), controls=resources.controls,
     )
+    if request.enable_hr and request.mode == "txt2img":
+        plan = replace(plan, hires=_hires(components, request, cv, sampler, schedule, resources, device, cancel))
     images: list[GeneratedImage] = []
     interrupted = False
     subseed = random_seed() if request.subseed == -1 else request.subseed
@@ -299,11 +304,69 @@ def family_defaults(components: Components, request: GenerationRequest) -> Gener
         raise InvalidRequestError("reference_images", f"{spec.label} models take no reference images (only {takers} do); leave it empty")
     if spec.prompt_images and not request.reference_images:  # its pipeline has nothing to edit (and fails) without one
         raise InvalidRequestError("reference_images", f"{spec.label} edits the images it is given: give at least one")
+    if spec.is_transformer and request.controlnets:
+        raise InvalidRequestError("controlnets", f"{spec.label} models take no ControlNet units yet (SD 1.x, 2.x and SDXL do)")
+    if request.fast and request.controlnets:
+        raise InvalidRequestError("fast", "fast mode skips the U-Net blocks ControlNets steer; turn it off to use ControlNet units")
     if spec.is_transformer:
         for name, on, why in (("fast", request.fast, "DeepCache reuses U-Net features"), ("tiling", request.tiling, "circular padding is for U-Net convolutions")):
             if on:
                 raise InvalidRequestError(name, f"{spec.label} models have no {name} mode yet ({why}); turn it off")
     return request.model_copy(update=update)
+
+
+def _check_controls(request: GenerationRequest, resources: Resources) -> None:
+    """The prepared units must be the request's, or the pictures and their infotext would not match."""
+    prepared = [control.unit for control in resources.controls]
+    wanted = [unit.model_copy(update={"image": None}) for unit in request.controlnets]
+    if [unit.model_copy(update={"image": None}) for unit in prepared] != wanted:
+        raise LienzoError(
+            f"controlnets: the request has {len(wanted)} ControlNet unit(s) but {len(prepared)} other unit(s) were prepared; "
+            "prepare them with lienzo.api.prepare_resources(components, request)"
+        )
+
+
+def _hires(components, request: GenerationRequest, cv: Canvas, sampler, schedule: str, resources: Resources, device, cancel) -> Hires:
+    """The hires fix's second pass: its size, steps, sampler, prompts and how it enlarges."""
+    from lienzo.generation.hires import LATENT_MODES
+
+    width, height = request.hires_size(cv.width, cv.height)
+    steps = request.hr_second_pass_steps or request.steps
+    hr_sampler = resolve_sampler(request.hr_sampler) if request.hr_sampler else sampler
+    hr_schedule = resolve_schedule(hr_sampler, request.schedule, components.scheduler_config) if request.hr_sampler else schedule
+    runs_as(hr_sampler, hr_schedule, components.scheduler_config)
+    prompt = negative = None
+    if request.hr_prompt or request.hr_negative_prompt:
+        text, _ = extract_lora_tags(request.hr_prompt or request.prompt)
+        prompt, negative = encode_schedules(
+            components, text, request.hr_negative_prompt or request.negative_prompt, steps, clip_skip=request.clip_skip,
+            device=device, cancel=cancel, guided=reads_negative(request),
+        )
+    upscale = None
+    if request.hr_upscaler not in LATENT_MODES:
+        upscale = _picture_upscaler(request.hr_upscaler, resources)
+    return Hires(
+        width, height, steps, request.hr_denoising_strength, hr_sampler, hr_schedule, LATENT_MODES.get(request.hr_upscaler),
+        upscale, prompt, negative,
+    )
+
+
+def _picture_upscaler(name: str, resources: Resources):
+    """A picture to a size by the built-in or model upscaler ``name`` (a model one prepared by the service)."""
+    from lienzo.upscale.upscalers import BUILTINS, Upscaler, upscale
+
+    if resources.upscaler is not None and resources.upscaler.name == name:
+        upscaler = resources.upscaler
+    elif name in BUILTINS:
+        upscaler = Upscaler(name, None, None)
+    else:
+        raise LienzoError(f"hr_upscaler: {name!r} was not prepared; prepare it with lienzo.api.prepare_resources(components, request)")
+
+    def enlarge(picture: Image.Image, width: int, height: int) -> Image.Image:
+        enlarged = upscale(picture, upscaler, max(width / picture.width, height / picture.height))
+        return enlarged if enlarged.size == (width, height) else enlarged.resize((width, height), Image.LANCZOS)
+
+    return enlarge
 
 
 def _reporter(progress: ProgressCallback | None, components: Components, batch: int, batch_count: int) -> StepReport | None:

@@ -64,6 +64,10 @@ class InfotextKey:
     values in the table's order and ``read`` gives them back as a tuple. ``write`` returning None leaves
     the key out. ``when`` writes it only for requests it holds for; otherwise a key is written in its
     fields' modes when its value is not the default, or always when ``always``.
+
+    A key that stands for several (``ControlNet 0``, ``ControlNet 1``, ...) has ``matches``, which tells its
+    keys: ``write`` returns them as a dict and ``read`` is given every present one. ``implies`` are request
+    fields a key's presence sets (``Hires upscaler`` turns the hires fix on).
     """
 
     key: str
@@ -71,6 +75,8 @@ class InfotextKey:
     read: Callable[[str], Any] = str
     always: bool = False
     when: Callable[[Any], bool] | None = None
+    matches: Callable[[str], bool] | None = None
+    implies: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def whole(key: str, **options) -> InfotextKey:
     return InfotextKey(key, read=_reader(key, int, "a whole number"), **options)
 
 
-def _sizes(key: str) -> Callable[[str], tuple[int, int]]:
+def sizes_reader(key: str) -> Callable[[str], tuple[int, int]]:
     def read(text: str) -> tuple[int, int]:
         width, sep, height = text.partition("x")
         if not (sep and width.isdigit() and height.isdigit()):
@@ -181,9 +187,9 @@ def _sizes(key: str) -> Callable[[str], tuple[int, int]]:
     return read
 
 
-SIZE = InfotextKey("Size", write=lambda w, h: f"{w}x{h}", read=_sizes("Size"), always=True)
+SIZE = InfotextKey("Size", write=lambda w, h: f"{w}x{h}", read=sizes_reader("Size"), always=True)
 # A1111 writes it only when both sides are set (above 0).
-SEED_RESIZE = InfotextKey("Seed resize from", write=lambda w, h: f"{w}x{h}" if w > 0 and h > 0 else None, read=_sizes("Seed resize from"))
+SEED_RESIZE = InfotextKey("Seed resize from", write=lambda w, h: f"{w}x{h}" if w > 0 and h > 0 else None, read=sizes_reader("Seed resize from"))
 _SIDES = ("left", "right", "up", "down")
 
 

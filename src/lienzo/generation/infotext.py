@@ -43,7 +43,9 @@ def request_params(request: GenerationRequest, resolved: dict[str, Any]) -> dict
         if not key.always and given == [row.spec.default_for(mode, row.default) for row in rows]:
             continue
         text = key.write(*given)
-        if text is not None:
+        if isinstance(text, dict):
+            params.update(text)
+        elif text is not None:
             params[key.key] = text
     return params
 
@@ -53,10 +55,14 @@ def fields_from_infotext(info: Infotext, mode: str = "txt2img") -> dict:
     left out. Raises LienzoError for a value that cannot be what its key promises."""
     fields: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
     for key, rows in _keys():
-        text = info.params.get(key.key)
+        if key.matches is not None:
+            text = {k: v for k, v in info.params.items() if key.matches(k)} or None
+        else:
+            text = info.params.get(key.key)
         if text is None or mode not in rows[0].spec.modes:
             continue
         value = key.read(text)
+        fields.update(key.implies)
         fields.update(zip((row.name for row in rows), value if len(rows) > 1 else (value,), strict=True))
     fields["model"] = info.model_hash or info.model
     if fields.get("sampler") and "schedule" not in fields:
@@ -106,6 +112,11 @@ def image_params(components: "Components", req: GenerationRequest, resolved: dic
     hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}" for lora in components.loras.active if lora.short_hash]
     if hashes:
         loaded["Lora hashes"] = ", ".join(hashes)
+    # The textual-inversion embeddings the prompts use (prompts imports torch: only once a model is loaded).
+    from lienzo.generation.prompts import ti_hashes
+
+    if embeddings := ti_hashes(components, [extract_lora_tags(req.prompt)[0], req.negative_prompt]):
+        loaded["TI hashes"] = embeddings
     keys = list(params)
     at = keys.index("Fast") if "Fast" in keys else len(keys)
     ordered = {k: params[k] for k in keys[: keys.index("Size") + 1]} | model

@@ -123,7 +123,7 @@ def prepare_timesteps(components: Components, plan: BatchPlan, generators: list[
     for s in schedulers:
         set_timesteps(s, plan.sampler, plan.schedule, plan.steps, device=device, family=components.family, mu=mu)
     timesteps = schedulers[0].timesteps
-    if plan.canvas.init is not None:
+    if plan.from_image:
         # img2img runs the last ``strength`` share of the schedule, as diffusers and A1111 do.
         t_start = max(plan.steps - min(int(plan.steps * plan.denoising_strength), plan.steps), 0)
         start = t_start * schedulers[0].order
@@ -167,7 +167,9 @@ def prepare_latents(components: Components, plan: BatchPlan, schedulers: ImageSc
     cv, dtype = plan.canvas, latent_dtype(components)
     shape = _latent_shape(components, plan)
     pixels = image_latents = None
-    if cv.init is not None:
+    if plan.init_latents is not None:
+        image_latents = plan.init_latents
+    elif cv.init is not None:
         pixels = _processor(components).preprocess(cv.init, height=cv.height, width=cv.width)
         pixels = pixels.to(device=components.execution_device, dtype=components.vae.dtype)
         image_latents = _encode(components, pixels, generators)
@@ -210,6 +212,16 @@ def _fill_latents(image_latents, mask, fill: str, generators, latent_shape) -> t
     if fill == "latent nothing":
         return image_latents * (1 - mask)
     return image_latents
+
+
+def encode_pictures(components: Components, images: list[Image.Image], generators) -> torch.Tensor:
+    """The loop's latents of one picture per image (the hires fix's enlarged pictures), each sampled with its
+    image's generator as an init image is."""
+    latents = []
+    for image, generator in zip(images, generators, strict=True):
+        pixels = _processor(components).preprocess(image, height=image.height, width=image.width)
+        latents.append(_encode(components, pixels.to(device=components.execution_device, dtype=components.vae.dtype), [generator]))
+    return torch.cat(latents)
 
 
 def _encode(components: Components, pixels: torch.Tensor, generators) -> torch.Tensor:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lienzo.errors import GenerationCancelled
+from lienzo.generation.control import control_stack
 from lienzo.generation.denoiser import Denoiser, build_denoiser
 from lienzo.generation.latents import ImageSchedulers, Start, decode, prepare_latents, prepare_timesteps
 from lienzo.generation.noise import image_generators
@@ -61,18 +62,41 @@ def denoise_batch(components: Components, plan: BatchPlan, stop: Stop, report: S
 
     A tiling plan runs every U-Net and VAE call of the batch (the init image's encode, the steps, the
     decode) with circular padding, put back as it was when the batch ends, however it ends."""
+    with seamless(components, plan.tiling):
+        latents, steps = _one_pass(components, plan, stop, report)
+        if plan.hires is not None and stop.stopped_at is None:
+            # The hires fix: the same steps again on the enlarged result, as img2img (its generators drawn afresh
+            # from the seeds, as A1111 draws the second pass's noise).
+            from lienzo.generation.hires import second_pass
+
+            second = second_pass(components, plan, latents, image_generators(plan.seeds))
+            latents, _ = _one_pass(components, second, stop, _after(report, steps))
+        # 8. Decode (whole, for a tiling plan: a tile would wrap onto itself).
+        return decode(components, latents, seamless=plan.tiling)
+
+
+def _one_pass(components: Components, plan: BatchPlan, stop: Stop, report: StepReport | None) -> tuple[torch.Tensor, int]:
+    """Steps 3-7 of one pass: the latents it ends with, and how many steps it ran."""
     generators = image_generators(plan.seeds)
     # 3. Timesteps: one scheduler per image, so stochastic samplers draw each image's noise from its own seed.
     schedulers = prepare_timesteps(components, plan, generators)
-    with seamless(components, plan.tiling):
-        # 4. Initial latents and, for inpainting, the mask in latent space.
-        start = prepare_latents(components, plan, schedulers, generators)
-        # 5. The denoiser: the network, with the prompt, inpainting channels, guidance and cache as layers.
-        denoiser = build_denoiser(components, plan, start.mask)
-        # 6.-7. Denoising loop.
-        latents = denoising_loop(denoiser, schedulers, start, stop, report)
-        # 8. Decode (whole, for a tiling plan: a tile would wrap onto itself).
-        return decode(components, latents, seamless=plan.tiling)
+    # 4. Initial latents and, for inpainting, the mask in latent space.
+    start = prepare_latents(components, plan, schedulers, generators)
+    # 5. The denoiser: the network, with the prompt, inpainting channels, ControlNets, guidance and cache as layers.
+    control = control_stack(
+        plan.controls, plan.canvas.width, plan.canvas.height, len(schedulers.timesteps), components.execution_device,
+        components.network.dtype,
+    )
+    denoiser = build_denoiser(components, plan, start.mask, control)
+    # 6.-7. Denoising loop.
+    return denoising_loop(denoiser, schedulers, start, stop, report), len(schedulers.timesteps)
+
+
+def _after(report: StepReport | None, done: int) -> StepReport | None:
+    """The second pass's reports, counted on from the first pass's ``done`` steps."""
+    if report is None:
+        return None
+    return lambda step, total, latents, elapsed: report(done + step, done + total, latents, elapsed)
 
 
 def denoising_loop(

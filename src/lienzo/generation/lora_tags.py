@@ -1,5 +1,8 @@
 """AUTOMATIC1111's extra-network syntax for LoRAs in a prompt, ``<lora:NAME>`` or ``<lora:NAME:WEIGHT>``.
 
+``<lyco:NAME:WEIGHT>``, the LyCORIS extension's tag, reads the same: LyCORIS files sit in the Lora folder and load
+as LoRAs do.
+
 Apart from the text encoders (lienzo.generation.prompts) so that validating a request needs no torch.
 """
 
@@ -7,7 +10,7 @@ import re
 
 from lienzo.errors import InvalidRequestError
 
-_LORA_TAG = re.compile(r"<lora:([^>]*)>")
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:

@@ -5,12 +5,14 @@ The engine turns a :class:`~lienzo.generation.request.GenerationRequest` into a 
 never the request, so a door-specific field cannot leak into the loop.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from lienzo.generation import canvas
+from lienzo.generation.control import Control
 from lienzo.generation.noise import Variation
 from lienzo.generation.prompts import ComposedPrompt, PromptSchedule
 from lienzo.generation.samplers import Sampler
@@ -42,6 +44,34 @@ class References:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What a request needs from files, loaded by the service before the engine runs (the engine opens no files):
+    its ControlNet units, prepared in the request's order, and the hires fix's model upscaler (None: a built-in
+    or latent one, or no hires fix)."""
+
+    controls: tuple[Control, ...] = ()
+    upscaler: object | None = None  # lienzo.upscale.upscalers.Upscaler
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix, the job's second stage: the first pass's latents enlarged to ``width`` x ``height``
+    (in latent space for a ``Latent`` mode, else decoded, enlarged by ``upscale`` and encoded again) and
+    repainted as img2img at ``denoising_strength`` over ``steps``, by the same loop."""
+
+    width: int
+    height: int
+    steps: int
+    denoising_strength: float
+    sampler: Sampler
+    schedule: str
+    latent_mode: tuple[str, bool] | None  # torch's interpolation mode and antialias; None: an image upscaler
+    upscale: Callable[[Image.Image, int, int], Image.Image] | None = None  # a picture to width x height
+    prompt: "PromptSchedule | ComposedPrompt | None" = None  # None: the first pass's
+    negative: PromptSchedule | None = None
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     """One batch of ``batch_size`` images: images ``first_seed``, ``first_seed + 1``, ... (one generator each)."""
 
@@ -65,10 +95,18 @@ class BatchPlan:
     # empty: every image has ``prompt`` and ``negative``.
     images: tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...] = ()
     references: References | None = None  # Flux.2's reference images; None: none
+    controls: tuple[Control, ...] = ()  # ControlNet / T2I-Adapter units, prepared
+    hires: Hires | None = None  # A1111's hires fix: a second stage after this plan's pass
+    init_latents: torch.Tensor | None = None  # img2img from latents (the hires fix's second pass), one row per image
 
     def image_prompts(self) -> tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...]:
         """(prompt, negative) of each of the batch's images."""
         return self.images or ((self.prompt, self.negative),) * self.batch_size
+
+    @property
+    def from_image(self) -> bool:
+        """img2img: the pass starts from a picture (or its latents) noised to ``denoising_strength``."""
+        return self.canvas.init is not None or self.init_latents is not None
 
     @property
     def guided(self) -> bool:

@@ -12,6 +12,10 @@ resolves them per step (:mod:`lienzo.generation.prompt_schedule`) and encodes ea
 and, with the model's prompt cache (``components.prompt_cache``), once across jobs.
 Before that, a composable prompt (``a cat AND a dog:1.2``) is cut into subprompts, each with its own
 schedule and weight (:class:`ComposedPrompt`).
+
+Textual-inversion embeddings (:mod:`lienzo.models.embeddings`) are A1111's: a name of one the model loaded, found
+among a piece's tokens, becomes one placeholder token per vector (weighted and counted against the chunk like any
+token), and the text encoder's token-embedding layer hands the vectors out at those places.
 """
 
 import re
@@ -30,6 +34,7 @@ from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
 from lienzo.generation.fields import image_hash
 from lienzo.generation.prompt_schedule import prompt_schedule, schedule_index, split_subprompts
 from lienzo.models.components import Components
+from lienzo.models.embeddings import Embedding, ModelEmbeddings, model_embeddings
 from lienzo.models.families import FAMILIES
 
 # The piece that stands for the BREAK keyword in parse_prompt_attention's output. A1111 uses
@@ -43,6 +48,9 @@ CHUNK_TOKENS = CHUNK_LENGTH - 2
 # A1111's "comma padding backtrack": a chunk that fills up within 20 tokens after a comma is
 # cut just after that comma, so the phrase after it starts the next chunk whole.
 COMMA_BACKTRACK = 20
+# The id an embedding's vectors stand on until the encoder replaces them (A1111's): not a BOS/EOS id, which
+# the encoder's pooling looks for.
+EMBEDDING_PLACEHOLDER = 0
 
 # One lexical unit of the emphasis syntax; group 1 is the number of a "(text:1.3)" close.
 _ATTENTION_TOKEN = re.compile(
@@ -137,18 +145,26 @@ def _merge_equal_weights(pieces: list[_Piece]) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """One encoder input: ``CHUNK_LENGTH`` token ids (BOS, text, EOS, padding) and their weights."""
+    """One encoder input: ``CHUNK_LENGTH`` token ids (BOS, text, EOS, padding) and their weights; ``fixes``
+    are the embeddings in it, each with the position of its first vector (A1111's ``PromptChunkFix``)."""
 
     ids: list[int]
     weights: list[float]
+    fixes: tuple[tuple[int, Embedding], ...] = ()
 
 
-def tokenize_prompt(tokenizer: CLIPTokenizer, text: str) -> list[TokenChunk]:
+# A token on its way into a chunk: its id, weight, and the embedding whose first vector it stands for.
+_Token = tuple[int, float, Embedding | None]
+
+
+def tokenize_prompt(tokenizer: CLIPTokenizer, text: str, embeddings: ModelEmbeddings | None = None) -> list[TokenChunk]:
     """Parse emphasis, tokenize, and cut into chunks of at most 75 prompt tokens (A1111's way).
 
     Each piece is tokenized on its own, as A1111 does. A chunk ends at a BREAK or when full;
     a full chunk whose last comma lies within its final 20 tokens is cut after that comma.
     Chunks are laid out as diffusers' ``padding="max_length"`` does: BOS, tokens, EOS, pad.
+    A loaded embedding's name (``embeddings``) among a piece's tokens takes one token per vector, with
+    the piece's weight; one that does not fit in what is left of a chunk starts the next, as in A1111.
     """
     pieces = parse_prompt_attention(text)
     texts = [piece_text for piece_text, _ in pieces]
@@ -156,34 +172,68 @@ def tokenize_prompt(tokenizer: CLIPTokenizer, text: str) -> list[TokenChunk]:
     token_ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
     comma_id = tokenizer(",", add_special_tokens=False).input_ids[0]
 
-    chunks: list[list[tuple[int, float]]] = []
-    current: list[tuple[int, float]] = []
+    chunks: list[list[_Token]] = []
+    current: list[_Token] = []
     last_comma = -1
     for (piece_text, weight), ids in zip(pieces, token_ids):
         if (piece_text, weight) == BREAK_MARKER:
             chunks.append(current)
             current, last_comma = [], -1
             continue
-        for token_id in ids:
+        position = 0
+        while position < len(ids):
+            token_id = ids[position]
             if len(current) == CHUNK_TOKENS:
                 cut = CHUNK_TOKENS
                 if token_id != comma_id and last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
                     cut = last_comma + 1
+                # An embedding moved on with the tokens after the comma keeps its vectors (A1111 leaves them behind).
                 chunks.append(current[:cut])
                 current, last_comma = current[cut:], -1
-            if token_id == comma_id:
-                last_comma = len(current)
-            current.append((token_id, weight))
+            embedding, length = (None, 0) if embeddings is None else embeddings.trigger_at(tokenizer, ids, position)
+            if embedding is None:
+                if token_id == comma_id:
+                    last_comma = len(current)
+                current.append((token_id, weight, None))
+                position += 1
+                continue
+            if len(current) + embedding.count > CHUNK_TOKENS:
+                chunks.append(current)
+                current, last_comma = [], -1
+            current += [(EMBEDDING_PLACEHOLDER, weight, embedding)] + [(EMBEDDING_PLACEHOLDER, weight, None)] * (embedding.count - 1)
+            position += length
     if current or not chunks:
         chunks.append(current)
     return [_frame(tokenizer, chunk) for chunk in chunks]
 
 
-def _frame(tokenizer: CLIPTokenizer, tokens: list[tuple[int, float]]) -> TokenChunk:
+def _frame(tokenizer: CLIPTokenizer, tokens: list[_Token]) -> TokenChunk:
     padding = CHUNK_TOKENS - len(tokens)
-    ids = [tokenizer.bos_token_id, *(token for token, _ in tokens), tokenizer.eos_token_id]
-    weights = [1.0, *(weight for _, weight in tokens), 1.0]
-    return TokenChunk(ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding)
+    ids = [tokenizer.bos_token_id, *(token for token, _, _ in tokens), tokenizer.eos_token_id]
+    weights = [1.0, *(weight for _, weight, _ in tokens), 1.0]
+    fixes = tuple((at, embedding) for at, (_, _, embedding) in enumerate(tokens, start=1) if embedding is not None)
+    return TokenChunk(ids + [tokenizer.pad_token_id] * padding, weights + [1.0] * padding, fixes)
+
+
+def used_embeddings(components: Components, texts: list[str]) -> list[Embedding]:
+    """The loaded embeddings ``texts`` name, each once, in the order they first appear."""
+    embeddings = model_embeddings(components)
+    if not embeddings.loaded or FAMILIES[components.family].is_transformer:
+        return []
+    used = {
+        id(embedding): embedding
+        for text in texts
+        for chunk in tokenize_prompt(components.tokenizer, text, embeddings)
+        for _, embedding in chunk.fixes
+    }
+    return list(used.values())
+
+
+def ti_hashes(components: Components, texts: list[str]) -> str | None:
+    """The infotext's ``TI hashes`` for the embeddings ``texts`` use: ``name: short hash, ...`` as A1111 writes it
+    (its reader splits on those characters, so names lose them); None when they use none."""
+    hashes = [f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}" for e in used_embeddings(components, texts)]
+    return ", ".join(hashes) or None
 
 
 @dataclass
@@ -232,7 +282,8 @@ def encode_prompt(
         return encode_transformer_prompt(components, text, clip_skip=clip_skip, device=device, cancel=cancel, images=images)
     # 1. Tokenize with every tokenizer the model has, padding to a common chunk count
     encoders = _encoders(components)
-    chunk_lists = [tokenize_prompt(tokenizer, text) for _, tokenizer in encoders]
+    embeddings = model_embeddings(components)
+    chunk_lists = [tokenize_prompt(tokenizer, text, embeddings) for _, tokenizer in encoders]
     if len({len(chunks) for chunks in chunk_lists}) != 1:
         raise LienzoError("this model's two tokenizers split the prompt differently; they must share one vocabulary")
     missing = max(0, min_chunks - len(chunk_lists[0]))
@@ -244,13 +295,13 @@ def encode_prompt(
     is_sdxl = components.family == "sdxl"
     per_encoder: list[Tensor] = []
     pooled = None
-    for (encoder, _), chunks in zip(encoders, chunk_lists):
+    for index, ((encoder, _), chunks) in enumerate(zip(encoders, chunk_lists)):
         _check_clip_skip(encoder, clip_skip, is_sdxl)
         encoded = []
         for chunk in chunks:
             if cancel is not None and cancel():
                 raise GenerationCancelled("generation cancelled")
-            encoded.append(_encode_chunk(encoder, chunk, clip_skip, is_sdxl))
+            encoded.append(_encode_chunk(encoder, chunk, clip_skip, is_sdxl, index))
         per_encoder.append(torch.cat([hidden for hidden, _ in encoded], dim=1))
         pooled = encoded[0][1]
     embeds = torch.cat(per_encoder, dim=-1)
@@ -349,7 +400,11 @@ def encode_schedules(
     texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
     read = texts if guided else list(dict.fromkeys(text for schedule in schedules[:-1] for _, text in schedule))
     # Transformer families encode every text to one fixed length: there is nothing to pad.
-    chunks = 1 if FAMILIES[components.family].is_transformer else max(len(tokenize_prompt(components.tokenizer, text)) for text in texts)
+    if FAMILIES[components.family].is_transformer:
+        chunks = 1
+    else:
+        embeddings = model_embeddings(components)
+        chunks = max(len(tokenize_prompt(components.tokenizer, text, embeddings)) for text in texts)
     if wake is None:
         with text_encoders_on_call(components) as wake:
             return encode_schedules(
@@ -386,12 +441,14 @@ def _encode_kept(
 
     The key is all that changes them besides the model itself (the cache is the Components'): the text, its
     chunk count, ``clip_skip``, the device they are for (None: where the encoders compute, which is the
-    model's to say), the content hashes of the ``images`` read with it and :func:`_encoder_state`. The cache holds a copy of its own and hands out copies, so
+    model's to say), the content hashes of the ``images`` read with it, :func:`_encoder_state` and the embedding files
+    the text uses (a file added, changed or removed makes it another text). The cache holds a copy of its own and hands out copies, so
     whatever a job does to its tensors never reaches the next job; kept entries past ``max_bytes`` go least
     recently used first, and an entry larger than all of it is not kept."""
     store = components.prompt_cache
     device_key = None if device is None else torch.device(device)
-    key = (text, chunks, clip_skip, device_key, tuple(map(image_hash, images)), _encoder_state(components))
+    used = tuple((embedding.file, embedding.sha256) for embedding in used_embeddings(components, [text]))
+    key = (text, chunks, clip_skip, device_key, tuple(map(image_hash, images)), _encoder_state(components), used)
     kept = store.entries.get(key)
     if kept is not None:
         store.entries.move_to_end(key)
@@ -489,13 +546,15 @@ def _encode_chunk(
     chunk: TokenChunk,
     clip_skip: int,
     is_sdxl: bool,
+    index: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
-    """One chunk through one encoder → (hidden states (1, 77, dim), projected pooled embeds).
+    """One chunk through one encoder (the model's ``index``-th) → (hidden states (1, 77, dim), projected pooled embeds).
 
     Only SDXL's second encoder (with projection) has ``text_embeds``; the others give None.
     """
     ids = torch.tensor([chunk.ids], dtype=torch.long, device=execution_device(encoder))
-    output = encoder(ids, output_hidden_states=is_sdxl or clip_skip > 1)
+    with _embeddings_placed(encoder, chunk.fixes, index):
+        output = encoder(ids, output_hidden_states=is_sdxl or clip_skip > 1)
     if is_sdxl:
         hidden = output.hidden_states[-(clip_skip + 1)]
     elif clip_skip == 1:
@@ -503,6 +562,34 @@ def _encode_chunk(
     else:
         hidden = _final_layer_norm(encoder)(output.hidden_states[-clip_skip])
     return apply_weights(hidden, chunk.weights), getattr(output, "text_embeds", None)
+
+
+@contextmanager
+def _embeddings_placed(
+    encoder: CLIPTextModel | CLIPTextModelWithProjection, fixes: tuple[tuple[int, Embedding], ...], index: int
+) -> Iterator[None]:
+    """While it lasts, the encoder's token-embedding layer gives each embedding's vectors (the set for encoder
+    ``index``) at its placeholders, as A1111's ``EmbeddingsWithFixes`` does. By hand, with a forward hook, because
+    transformers' CLIPTextModel takes no ``inputs_embeds`` (it needs the ids to find EOS for pooling), and
+    diffusers' ``load_textual_inversion`` would add tokens to the tokenizer and rows to the encoder: a change to the
+    model every prompt would see (its added tokens match inside words too), where A1111 matches whole token
+    sequences and leaves the model as it is. A chunk without embeddings runs untouched."""
+    if not fixes:
+        yield
+        return
+
+    def place(module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        output = output.clone()
+        for at, embedding in fixes:
+            vectors = embedding.vectors[index]
+            output[0, at : at + len(vectors)] = vectors.to(output.device, output.dtype)
+        return output
+
+    handle = encoder.get_input_embeddings().register_forward_hook(place)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _final_layer_norm(encoder: CLIPTextModel | CLIPTextModelWithProjection) -> torch.nn.LayerNorm:

@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.fields import (
-    FAST, MASKED, OUTPAINT, REFERENCES, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, spec_of,
-    whole, yes,
+    FAST, MASKED, OUTPAINT, REFERENCES, SEED_RESIZE, SIZE, WITH_IMAGE, InfotextKey, Limits, Row, Spec, Widget, number, rows, sizes_reader,
+    spec_of, whole, yes,
 )
+from lienzo.generation.control_unit import CONTROLNETS, MAX_CONTROL_UNITS, ControlUnit
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.prompt_schedule import split_subprompts
 from lienzo.generation.samplers import resolve_sampler, schedule_label
@@ -42,6 +43,15 @@ MAX_REFERENCE_IMAGES = 4
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_RATIO = 8
 REFERENCE_MODES = frozenset(("txt2img", "img2img"))
+TXT2IMG = frozenset({"txt2img"})
+# A1111's hires fix: its slider goes to 4x, and its second pass is an img2img of the whole enlarged picture.
+MAX_HIRES_SCALE = 4.0
+HIRES_UPSCALERS = "Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), " \
+    "Latent (nearest-exact), None, Lanczos, Nearest or a model upscaler (lienzo upscale --list)"
+
+
+def _hires(r) -> bool:
+    return r.enable_hr
 
 Fill = Literal["fill", "original", "latent noise", "latent nothing"]
 
@@ -49,6 +59,12 @@ _SIDE = Limits(MIN_SIDE, MAX_SIDE, multiple=8)
 _GROW = Limits(0, MAX_SIDE, multiple=8)
 _SEED = Limits(-1, MAX_SEED, words=f"-1 (random) or between 0 and {MAX_SEED}")
 _FROM = Limits(-1, MAX_SIDE, words=f"between -1 and {MAX_SIDE} (0 or -1: off)")
+_HIRES_SIDE = Limits(0, MAX_SIDE, multiple=8, words=f"0 (from hr_scale) or a multiple of 8 up to {MAX_SIDE}")
+_HIRES_RESIZE = InfotextKey(
+    "Hires resize", write=lambda on, w, h: f"{w}x{h}" if on and (w or h) else None,
+    read=lambda text: (True, *sizes_reader("Hires resize")(text)),
+)
+
 # What the limits leave out, as the API descriptions say it: rules across fields and the server's settings.
 _UNSAID = {
     "width": "width x height is also held to the server's max_pixels",
@@ -268,12 +284,64 @@ class GenerationRequest(BaseModel):
         f"(Qwen-Image-Edit: about a megapixel of the last one's shape)",
         modes=REFERENCE_MODES, cli="reference", infotext=REFERENCES,
     )] = []
+    enable_hr: Annotated[bool, Spec(
+        "Hires fix", "make the picture at width x height, enlarge it (hr_scale or hr_resize_x/y) and repaint it "
+        "(A1111's hires fix: one job, a second img2img pass at the larger size)", modes=TXT2IMG, cli="hires",
+        a1111="enable_hr", infotext=_HIRES_RESIZE, widget=Widget("check"),
+    )] = False
+    hr_scale: Annotated[float, Spec(
+        "Upscale by", f"how much the hires fix enlarges, 1 to {MAX_HIRES_SCALE:g} (unless hr_resize_x/y are given)",
+        modes=TXT2IMG, limits=Limits(1, MAX_HIRES_SCALE), cli="hires-scale", a1111="hr_scale",
+        infotext=number("Hires upscale", always=True, when=lambda r: r.enable_hr and not (r.hr_resize_x or r.hr_resize_y), implies={"enable_hr": True}),
+        widget=Widget("range", 1, 4, 0.05),
+    )] = 2.0
+    hr_resize_x: Annotated[int, Spec(
+        "Resize width to", "the hires fix's width (0: from hr_scale, or from the height keeping the shape)", modes=TXT2IMG,
+        limits=_HIRES_SIDE, cli="hires-width", a1111="hr_resize_x", infotext=_HIRES_RESIZE, widget=Widget("number", step=64),
+    )] = 0
+    hr_resize_y: Annotated[int, Spec(
+        "Resize height to", "the hires fix's height (0: from hr_scale, or from the width keeping the shape)", modes=TXT2IMG,
+        limits=_HIRES_SIDE, cli="hires-height", a1111="hr_resize_y", infotext=_HIRES_RESIZE, widget=Widget("number", step=64),
+    )] = 0
+    hr_upscaler: Annotated[str, Spec(
+        "Upscaler", f"how the hires fix enlarges: {HIRES_UPSCALERS}", modes=TXT2IMG, cli="hires-upscaler",
+        a1111="hr_upscaler", infotext=InfotextKey("Hires upscaler", always=True, when=_hires, implies={"enable_hr": True}),
+        widget=Widget("select"),
+    )] = "Latent"
+    hr_second_pass_steps: Annotated[int, Spec(
+        "Hires steps", "steps of the second pass (0: the same as steps); it runs denoising strength of them, as img2img",
+        modes=TXT2IMG, limits=Limits(0, MAX_STEPS), cli="hires-steps", a1111="hr_second_pass_steps",
+        infotext=whole("Hires steps", when=_hires), widget=Widget("number"),
+    )] = 0
+    hr_denoising_strength: Annotated[float, Spec(
+        "Denoising strength", "how much of the enlarged picture the hires fix repaints, 0 to 1 (A1111's txt2img "
+        "denoising_strength)", modes=TXT2IMG, limits=Limits(0, 1), cli="hires-strength", a1111="denoising_strength",
+        infotext=number("Denoising strength", always=True, when=_hires), widget=Widget("range", 0, 1, 0.05),
+    )] = 0.7
+    hr_sampler: Annotated[str | None, Spec(
+        "Hires sampler", "the second pass's sampler (None: the first pass's)", modes=TXT2IMG, cli="hires-sampler",
+        a1111="hr_sampler_name", infotext=InfotextKey("Hires sampler", when=_hires), widget=Widget("select"),
+    )] = None
+    hr_prompt: Annotated[str, Spec(
+        "Hires prompt", "the second pass's prompt (empty: the prompt)", modes=TXT2IMG, max_chars=MAX_PROMPT_CHARS,
+        cli="hires-prompt", a1111="hr_prompt", infotext=InfotextKey("Hires prompt", when=_hires), widget=Widget("text"),
+    )] = ""
+    hr_negative_prompt: Annotated[str, Spec(
+        "Hires negative prompt", "the second pass's negative prompt (empty: the negative prompt)", modes=TXT2IMG,
+        max_chars=MAX_PROMPT_CHARS, cli="hires-negative", a1111="hr_negative_prompt",
+        infotext=InfotextKey("Hires negative prompt", when=_hires), widget=Widget("text"),
+    )] = ""
     clip_skip: Annotated[int, Spec(
         "Clip skip", "stop the text encoder this many layers before its last (2: what anime models expect)", limits=Limits(1, 12),
         cli="clip-skip", a1111="CLIP_stop_at_last_layers", a1111_body=False, infotext=whole("Clip skip"),
     )] = 1
     loras: Annotated[list[LoraRef], Spec(
         "LoRAs", "LoRAs from the models dir's Lora folder, with weights; also <lora:NAME:WEIGHT> in the prompt", cli="lora",
+    )] = []
+    controlnets: Annotated[list[ControlUnit], Spec(
+        "ControlNet", f"ControlNet / T2I-Adapter units (sd-webui-controlnet's), at most {MAX_CONTROL_UNITS}: each a picture, "
+        "a preprocessor, a model from the models dir's ControlNet folder, a weight and a start and end",
+        cli="control", infotext=CONTROLNETS,
     )] = []
 
     combinatorial: Annotated[bool, Spec(
@@ -310,14 +378,14 @@ class GenerationRequest(BaseModel):
             spec.limits.check(info.field_name, v)
         return v
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
     @classmethod
     def _length(cls, v: str, info) -> str:
         if len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"{info.field_name} is {len(v):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
         return v
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
     @classmethod
     def _savable(cls, v: str) -> str:
         # Refused here, at every front door, not half-way through the job: the tokenizer, the PNG's
@@ -369,7 +437,14 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"image {place} is {width}x{height}; a side may be at most {MAX_REFERENCE_RATIO} times the other")
         return v
 
-    @field_validator("sampler")
+    @field_validator("controlnets")
+    @classmethod
+    def _units(cls, v: list[ControlUnit]) -> list[ControlUnit]:
+        if len(v) > MAX_CONTROL_UNITS:
+            raise ValueError(f"at most {MAX_CONTROL_UNITS} ControlNet units are allowed, got {len(v)}")
+        return v
+
+    @field_validator("sampler", "hr_sampler")
     @classmethod
     def _sampler(cls, v: str | None) -> str | None:
         if v is None:
@@ -402,7 +477,21 @@ class GenerationRequest(BaseModel):
             raise ValueError("outpainting makes its own mask; give either a mask or outpaint amounts, not both")
         if self.reference_images and self.mode not in REFERENCE_MODES:
             raise ValueError(f"reference_images are for txt2img and img2img, not {self.mode}")
+        if self.init_image is None and any(unit.image is None for unit in self.controlnets):
+            raise ValueError("a ControlNet unit without an image reads the img2img input picture; give it an image in txt2img")
         return self
+
+    def hires_size(self, width: int, height: int) -> tuple[int, int]:
+        """The hires fix's size for a first pass of ``width`` x ``height``, as A1111 works it out: hr_resize_x/y
+        when given (one of them: the other keeps the shape), else hr_scale; rounded down to a multiple of 8."""
+        x, y = self.hr_resize_x, self.hr_resize_y
+        if x and y:
+            return x, y
+        if x or y:
+            scale = x / width if x else y / height
+        else:
+            scale = self.hr_scale
+        return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
 
     def requested_loras(self) -> list[LoraRef]:
         """The LoRAs to apply: the prompt's tags in order, then ``loras`` no tag names (for a name in

@@ -118,6 +118,9 @@ class Components:
     safety_filter: SafetyFilter | None = None
     # When the VAE decodes in tiles: "auto" (large images), "on" or "off" (lienzo.models.speed sets it).
     vae_tiling: str = "auto"
+    # ControlNets and T2I-Adapters loaded for this model's jobs, by file, most recently used last
+    # (lienzo.control.prepare keeps a few: a server's next job usually wants the same ones).
+    control_models: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def spec(self) -> Family:

@@ -1,6 +1,8 @@
 """LoRA files applied to loaded models, in the formats people download.
 
 U-Net families (SD 1.x, 2.x, XL): kohya's format (A1111, ComfyUI, Civitai) and diffusers/peft's.
+They also take LyCORIS files (LoHa, LoKr, (IA)³, full diffs; see :mod:`lienzo.models.lycoris`), whose layers
+join a file's LoRA layers under its one adapter.
 Flux.1: diffusers/peft, kohya (``lora_unet_double_blocks_…``, ``lora_te1_`` for CLIP-L), ComfyUI/BFL
 (``diffusion_model.double_blocks.…``, with ``lora_down``/``lora_up`` or ``lora_A``/``lora_B``) and XLabs.
 SD 3.x: diffusers/peft only (see :func:`_refuse_unconvertible`).
@@ -51,7 +53,7 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lienzo.errors import LienzoError, ModelFileError
-from lienzo.models import formats
+from lienzo.models import formats, lycoris
 from lienzo.models.components import ActiveLora, Components
 from lienzo.models.families import FAMILIES
 from lienzo.models.quiet import first_line, quiet_transformers
@@ -178,8 +180,7 @@ def _load(components: Components, path: Path) -> _Loaded:
         # their names contain the adapter's name, so a short name such as "a" would match every weight.
         used = {entry.adapter for entry in loaded.values()}
         adapter = next(f"lora_{n}" for n in itertools.count() if f"lora_{n}" not in used)
-        state_dict, network_alphas, metadata = _read(path, components)
-        parts = _inject(components, path, state_dict, network_alphas, metadata, adapter)
+        parts = _load_layers(components, path, adapter)
         if not parts:
             _forget(components, adapter)
     if not parts:
@@ -193,9 +194,25 @@ def _load(components: Components, path: Path) -> _Loaded:
     return entry
 
 
-def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict | None]:
-    """The file's tensors in diffusers' layout, kohya alphas folded in, and diffusers' adapter metadata."""
+def _load_layers(components: Components, path: Path, adapter: str) -> tuple[str, ...]:
+    """Read the file into adapter ``adapter``: its LoRA layers with diffusers, then (U-Net families) its LyCORIS
+    layers with lienzo.models.lycoris; returns the parts it changed."""
     tensors = formats.load_state_dict(path)
+    layers = [] if components.spec.is_transformer else lycoris.take_layers(path, tensors)
+    # LoRA layers first: diffusers refuses an adapter name a model already has, peft adds to it.
+    parts = _inject(components, path, *_read(path, tensors, components), adapter) if tensors else ()
+    if layers:
+        try:
+            with quiet_transformers():
+                parts = (*parts, *lycoris.inject(components, path, layers, adapter))
+        except ModelFileError:
+            _forget(components, adapter)
+            raise
+    return tuple(p for p in _PARTS if p in parts)
+
+
+def _read(path: Path, tensors: dict[str, torch.Tensor], components: Components) -> tuple[dict, dict | None, dict | None]:
+    """The file's tensors in diffusers' layout, kohya alphas folded in, and diffusers' adapter metadata."""
     # Alphas are named by module alone in peft-style files ("transformer.x.alpha"); everything else says lora.
     strange = next((k for k in tensors if "lora" not in k and not k.endswith(".alpha")), None)
     if strange is not None:
@@ -217,7 +234,7 @@ def _read(path: Path, components: Components) -> tuple[dict, dict | None, dict |
     except (ValueError, KeyError, AssertionError) as err:
         raise ModelFileError(
             f"lora: {path.name} is in a LoRA format lienzo cannot read ({first_line(err)}); "
-            "kohya and diffusers/peft LoRAs are supported, LyCORIS LoHa/LoKr are not"
+            "kohya and diffusers/peft LoRAs are supported, and LyCORIS files for SD 1.x, 2.x and XL"
         ) from None
     metadata = None
     if formats.sniff(path) == "safetensors":

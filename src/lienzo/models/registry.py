@@ -47,6 +47,9 @@ _DESCRIPTION_VERSION = 4
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
 LORA_FOLDERS = ("lora", "loras")
 LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
+# Textual-inversion embeddings live in <models>/embeddings (lienzo.models.embeddings); never checkpoints either.
+EMBEDDINGS_FOLDER = "embeddings"
+EMBEDDING_SHORT_HASH = 12  # A1111's Embedding.shorthash, what "TI hashes" writes: sha256[0:12]
 
 
 @dataclass
@@ -88,6 +91,14 @@ class LoraEntry:
     path: Path
     size_bytes: int
     short_hash: str
+
+
+@dataclass
+class EmbeddingEntry:
+    name: str  # the file stem: the word a prompt triggers it with
+    path: Path
+    size_bytes: int
+    short_hash: str  # of the whole file
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24, *, offset: int = 0, cancel: Callable[[], bool] | None = None) -> str:
@@ -318,7 +329,7 @@ class Registry:
         if not self.models_dir.is_dir():
             return []
         found = [p.parent for p in self.models_dir.rglob("model_index.json")]
-        skip = [*found, *self._lora_dirs()]
+        skip = [*found, *self._lora_dirs(), self.models_dir / EMBEDDINGS_FOLDER]
         for p in self.models_dir.rglob("*"):
             if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not any(p.is_relative_to(d) for d in skip):
                 found.append(p)
@@ -463,6 +474,28 @@ class Registry:
             cache[key] = cached
             self._save_cache()
         return LoraEntry(path.stem, path, stat.st_size, cached["hash"][:LORA_SHORT_HASH])
+
+    def embeddings(self) -> list[EmbeddingEntry]:
+        """Files in ``<models>/embeddings`` (sub-folders too) that may be textual-inversion embeddings, in name order,
+        with A1111's short hash (of the whole file, cached as a checkpoint's is). Their contents are
+        ``lienzo.models.embeddings``' to read."""
+        from lienzo.models.embeddings import embedding_files  # here: that module imports this one
+
+        files = sorted(embedding_files(self.models_dir / EMBEDDINGS_FOLDER), key=lambda p: (p.stem.lower(), str(p).lower()))
+        return [self._embedding_entry(p) for p in files]
+
+    def _embedding_entry(self, path: Path) -> EmbeddingEntry:
+        path = path.resolve()
+        stat = path.stat()
+        stamp = [[str(path), stat.st_size, stat.st_mtime_ns]]
+        key = f"embedding:{path}"
+        cache = self._load_cache()
+        cached = cache.get(key)
+        if cached is None or cached["stamp"] != stamp:
+            cached = {"stamp": stamp, "hash": sha256_file(path)}
+            cache[key] = cached
+            self._save_cache()
+        return EmbeddingEntry(path.stem, path, stat.st_size, cached["hash"][:EMBEDDING_SHORT_HASH])
 
     def resolve_lora(self, name_or_path: str | Path, *, allow_paths: bool = True, field: str = "lora") -> Path:
         """A LoRA file by stem, file name or path inside the LoRA folder (``styles/film``); errors name ``field``.

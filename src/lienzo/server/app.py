@@ -32,7 +32,7 @@ from lienzo.server import openapi
 from lienzo.server.codec import JSONResponse
 from lienzo.server.job import JobNotFoundError, QueueFullError
 from lienzo.server.jobs import JobQueue, Loader
-from lienzo.server.routes import a1111, dialect_for, gallery, native, openai, plot
+from lienzo.server.routes import a1111, dialect_for, gallery, native, native_control, openai, plot
 from lienzo.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -332,8 +332,10 @@ def create_app(
         return _error(request.url.path, 500, f"internal error: {type(err).__name__}: {err}", None)
 
     app.include_router(native.router)
+    app.include_router(native_control.router)
     app.include_router(plot.router)
     app.include_router(a1111.router)
+    app.include_router(a1111.controlnet.router)  # sd-webui-controlnet's paths, beside A1111's as the extension mounts them
     app.include_router(openai.router)
     app.include_router(gallery.router)
     openapi.install(app, basic=bool(auth and auth.user), bearer=bool(auth and auth.api_key))

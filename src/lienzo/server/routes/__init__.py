@@ -5,7 +5,7 @@ from lienzo.server.routes import a1111, native, openai
 
 # Every family's dialect; a path gets the first whose prefix it starts with, the native one otherwise
 # (the gallery's paths, the studio's, paths that do not exist).
-DIALECTS: tuple[Dialect, ...] = (openai.DIALECT, a1111.DIALECT, native.DIALECT)
+DIALECTS: tuple[Dialect, ...] = (openai.DIALECT, a1111.DIALECT, a1111.controlnet.DIALECT, native.DIALECT)
 
 
 def dialect_for(path: str) -> Dialect:

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
+from lienzo.generation.control_unit import ControlUnit
 from lienzo.generation.fields import MODES, image_hash
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import SAMPLERS, Sampler, resolve_schedule
@@ -39,6 +40,16 @@ _IMAGE_HELP = {
 }
 
 
+# A ControlNet unit as JSON: ControlUnit's fields (their limits and defaults), the picture as base64. Derived
+# from ControlUnit, so that a field added to units is taken here too; its own checks run in build_request.
+ControlUnitBody = create_model(
+    "ControlUnitBody",
+    __config__=ConfigDict(extra="forbid"),
+    image=(str | None, Field(None, description="the input picture, base64 (a data: URL prefix is fine); null: the img2img input image")),
+    **{name: (info.annotation, info) for name, info in ControlUnit.model_fields.items() if name != "image"},
+)
+
+
 def _body_model(mode: str) -> type[BaseModel]:
     """A pydantic body with the table's fields for ``mode`` and their defaults there, images as base64 strings."""
     fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name, or a path inside the models dir; default: the current model"))}
@@ -49,6 +60,8 @@ def _body_model(mode: str) -> type[BaseModel]:
             fields[row.name] = (str, Field(description=_IMAGE_HELP[row.name]))
         elif row.name == "reference_images":
             fields[row.name] = (list[str], Field([], description=f"{row.spec.help}; each base64 (a data: URL prefix is fine)"))
+        elif row.name == "controlnets":
+            fields[row.name] = (list[ControlUnitBody], Field([], description=row.spec.help))
         else:
             fields[row.name] = body_field(row, row.spec.default_for(mode, row.default))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)
@@ -68,10 +81,23 @@ def request_from_body(mode: str, body: BaseModel, settings: Settings) -> Generat
         fields["reference_images"] = [
             image_from_b64(value, f"reference_images.{index}", settings) for index, value in enumerate(fields["reference_images"])
         ]
+    if "controlnets" in fields:
+        fields["controlnets"] = [
+            _unit_from_body(unit, f"controlnets.{index}", "init_image" in fields, settings) for index, unit in enumerate(fields["controlnets"])
+        ]
     request = build_request(**fields)
     if mode == "outpaint" and not request.is_outpaint:
         raise InvalidRequestError("outpaint_left", "give at least one of outpaint_left, outpaint_right, outpaint_up, outpaint_down")
     return request
+
+
+def _unit_from_body(unit: dict, field: str, has_input: bool, settings: Settings) -> dict:
+    """A unit's fields with its picture decoded (errors name ``controlnets.N.image``); None (the input image) only
+    in the modes that have one. The request checks that too, but cannot name the unit."""
+    image = unit["image"]
+    if image is None and not has_input:
+        raise InvalidRequestError(f"{field}.image", "give the unit a picture: only in the modes with an input image does it read that one")
+    return unit | {"image": None if image is None else image_from_b64(image, f"{field}.image", settings)}
 
 
 class ImageView(BaseModel):
@@ -115,10 +141,17 @@ class JobView(BaseModel):
 
 
 def parameters(request: GenerationRequest) -> dict:
-    """The request's fields without its images (the reference images by their hashes), as JSON-able values."""
-    return request.model_dump(mode="json", exclude={"init_image", "mask", "reference_images"}) | {
-        "reference_images": [image_hash(image) for image in request.reference_images]
+    """The request's fields without its images (the reference images and the ControlNet units' pictures by
+    their hashes), as JSON-able values."""
+    return request.model_dump(mode="json", exclude={"init_image", "mask", "reference_images", "controlnets"}) | {
+        "reference_images": [image_hash(image) for image in request.reference_images],
+        "controlnets": [unit_view(unit) for unit in request.controlnets],
     }
+
+
+def unit_view(unit: ControlUnit) -> dict:
+    """A unit's fields as JSON, its picture by its hash (null: it reads the img2img input image)."""
+    return unit.model_dump(mode="json", exclude={"image"}) | {"image": None if unit.image is None else image_hash(unit.image)}
 
 
 def job_view(job: Job, queue: JobQueue) -> JobView:

@@ -12,10 +12,12 @@ client can tell its picture was made without them.
 - ``answers``: a Job as A1111's ``info`` and progress; models and infotexts as A1111 lists them
 - ``options``: the settings clients set through ``/options``, kept in the data dir
 - ``routes``: the paths
+- ``controlnet``: sd-webui-controlnet's units in ``alwayson_scripts`` and its ``/controlnet`` paths
 """
 
+from lienzo.server.routes.a1111 import controlnet
 from lienzo.server.routes.a1111.routes import router
 from lienzo.server.routes.a1111.schemas import PREFIX
 from lienzo.server.routes.a1111.translate import DIALECT
 
-__all__ = ["DIALECT", "PREFIX", "router"]
+__all__ = ["DIALECT", "PREFIX", "controlnet", "router"]

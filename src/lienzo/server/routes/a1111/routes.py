@@ -13,9 +13,13 @@ from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import SAMPLERS, SCHEDULES
 from lienzo.images.io import decode_image
 from lienzo.images.metadata import read_parameters
+from lienzo.models.embeddings import ModelEmbeddings, current_embeddings
 from lienzo.server.codec import JSONResponse, b64decode
 from lienzo.server.deps import AppSettings, Gallery, Queue
+from lienzo.server.job import JobStatus
 from lienzo.server.jobs import JobQueue
+from lienzo.server.routes.a1111 import extras
+from lienzo.server.routes.a1111.controlnet import Units, control_units
 from lienzo.server.routes.a1111.answers import Notes, infotext_parameters, job_response, model_item, progress_view
 from lienzo.server.routes.a1111.options import Options, default_options, is_module, set_options
 from lienzo.server.routes.a1111.schemas import (
@@ -28,7 +32,6 @@ from lienzo.server.routes.a1111.schemas import (
     Img2ImgRequest,
     LoraItem,
     MemoryResponse,
-    NamedItem,
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
@@ -37,15 +40,16 @@ from lienzo.server.routes.a1111.schemas import (
     SamplerItem,
     SchedulerItem,
     ScriptsList,
+    CONTROLNET_TITLE,
     SDModelItem,
     SDVaeItem,
     Txt2ImgRequest,
-    UpscalerItem,
     XYZ_TITLE,
 )
 from lienzo.server.routes.a1111.translate import (
     DIALECT,
     apply_styles,
+    check_hires_checkpoint,
     check_scripts,
     current_title,
     is_xyz,
@@ -62,6 +66,7 @@ from lienzo.settings import Settings
 log = logging.getLogger(__package__)
 
 router = APIRouter(prefix=PREFIX, tags=["AUTOMATIC1111"])
+router.include_router(extras.router)  # the upscaler lists and the extras
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -69,41 +74,58 @@ router = APIRouter(prefix=PREFIX, tags=["AUTOMATIC1111"])
 
 async def generate(
     body: CommonRequest,
-    build: Callable[[CommonRequest], GenerationRequest],
+    build: Callable[[CommonRequest, Units], GenerationRequest],
     request: Request,
     queue: JobQueue,
     presets: list[Preset],
     endpoint: str,
     settings: Settings,
 ) -> GenerationResponse | JSONResponse:
-    """Refuse scripts lienzo lacks, apply styles, note what is ignored, then run the request ``build``
-    makes (or, for the X/Y/Z plot script, one per cell)."""
+    """Refuse scripts lienzo lacks, read the ControlNet units, apply styles, note what is ignored, then run the
+    request ``build`` makes (or, for the X/Y/Z plot script, one per cell)."""
     check_scripts(body)
     plot = parse_script_args(body.script_args, endpoint.strip("/")) if is_xyz(body.script_name) else None
-    notes = Notes(ignored=ignored_fields(body))
+    hires = isinstance(body, Txt2ImgRequest) and bool(body.enable_hr)
+    units = control_units(body.alwayson_scripts, settings, has_init=isinstance(body, Img2ImgRequest), hires=hires)
+    notes = Notes(ignored=ignored_fields(body) + units.ignored)
     if notes.ignored:
         log.warning("%s%s: ignoring what lienzo does not implement: %s", PREFIX, endpoint, ", ".join(notes.ignored))
     styled, notes.warnings = apply_styles(body, presets)
-    gen = build(styled)
+    notes.warnings += units.warnings
+    dialect = units.dialect(DIALECT)
+    with dialect.speaking():
+        gen = build(styled, units)
     model = request_model(body, queue)
+    if isinstance(body, Txt2ImgRequest):
+        check_hires_checkpoint(body, model, queue)
     if plot is not None:
         return await plot_response(body, gen, plot, model, request, queue, settings, notes)
-    with DIALECT.speaking():
+    with dialect.speaking():
         job = queue.submit(gen, model=model, source="a1111")
     await queue.wait(job, request.is_disconnected)
+    if job.status == JobStatus.FAILED and job.error_field is not None and job.error_field.startswith("controlnets"):
+        # A unit's error met while the job ran: named by where the client put the unit.
+        return dialect.field_error(job.error_field, job.error or "the job failed")
     return job_response(job, body, notes)
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
 async def txt2img(body: Txt2ImgRequest, request: Request, queue: Queue, settings: AppSettings, options: Options, gallery: Gallery):
-    """Generate from a prompt; answers when the images are done (or /interrupt stopped it)."""
-    return await generate(body, lambda b: txt2img_request(b, options.values), request, queue, gallery.presets(), "/txt2img", settings)
+    """Generate from a prompt; answers when the images are done (or /interrupt stopped it). ``enable_hr`` adds
+    A1111's hires fix; ``alwayson_scripts.controlnet`` sd-webui-controlnet's units."""
+    return await generate(
+        body, lambda b, units: txt2img_request(b, options.values, units.units), request, queue, gallery.presets(), "/txt2img", settings
+    )
 
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(body: Img2ImgRequest, request: Request, queue: Queue, settings: AppSettings, options: Options, gallery: Gallery):
-    """Repaint ``init_images[0]``; with a ``mask``, only the white part of it (inpainting)."""
-    return await generate(body, lambda b: img2img_request(b, options.values, settings), request, queue, gallery.presets(), "/img2img", settings)
+    """Repaint ``init_images[0]``; with a ``mask``, only the white part of it (inpainting). A ControlNet unit
+    without an image reads ``init_images[0]``."""
+    return await generate(
+        body, lambda b, units: img2img_request(b, options.values, settings, units.units), request, queue, gallery.presets(), "/img2img",
+        settings,
+    )
 
 
 # -- progress and control -------------------------------------------------------------------------
@@ -190,21 +212,11 @@ async def loras(queue: Queue) -> list[LoraItem]:
     return [LoraItem(name=e.name, alias=e.name, path=str(e.path), metadata={}) for e in queue.registry.loras()]
 
 
-@router.get("/upscalers", response_model=list[UpscalerItem])
-async def upscalers() -> list[UpscalerItem]:
-    """None: lienzo has no upscalers (hence no hires fix)."""
-    return []
-
-
 @router.get("/scripts", response_model=ScriptsList)
 async def scripts() -> ScriptsList:
-    """The scripts a request may name: A1111's X/Y/Z plot (over the axes lienzo can vary)."""
-    return ScriptsList(txt2img=[XYZ_TITLE], img2img=[XYZ_TITLE])
-
-
-@router.get("/latent-upscale-modes", response_model=list[NamedItem])
-async def latent_upscale_modes() -> list[NamedItem]:
-    return []
+    """The scripts a request may name, as A1111 lists them (titles in lower case, selectable and always-on
+    together): the X/Y/Z plot (script_name, over the axes lienzo can vary) and ControlNet (alwayson_scripts)."""
+    return ScriptsList(txt2img=[XYZ_TITLE, CONTROLNET_TITLE], img2img=[XYZ_TITLE, CONTROLNET_TITLE])
 
 
 @router.get("/prompt-styles", response_model=list[PromptStyleItem])
@@ -229,8 +241,26 @@ async def hypernetworks() -> list[HypernetworkItem]:
 
 
 @router.get("/embeddings", response_model=EmbeddingsResponse)
-async def embeddings() -> EmbeddingsResponse:
-    return EmbeddingsResponse(loaded={}, skipped={})
+def embeddings() -> EmbeddingsResponse:
+    """The textual-inversion embeddings of the current model (the one the last job ran on; none before the first):
+    those it can use and those skipped for it (another width), each with A1111's fields."""
+    return _embeddings_response(current_embeddings())
+
+
+@router.post("/refresh-embeddings")
+def refresh_embeddings() -> None:
+    """Read the models dir's ``embeddings`` folder again for the current model (jobs also do when it changed);
+    nothing comes back, as from A1111."""
+    current_embeddings(refresh=True)
+
+
+def _embeddings_response(found: ModelEmbeddings | None) -> EmbeddingsResponse:
+    if found is None:
+        return EmbeddingsResponse(loaded={}, skipped={})
+    return EmbeddingsResponse(
+        loaded={name: e.describe() for name, e in found.loaded.items()},
+        skipped={name: e.describe() for name, e in found.skipped.items()},
+    )
 
 
 @router.get("/cmd-flags", response_model=dict[str, Any])
@@ -247,7 +277,7 @@ async def cmd_flags(request: Request, settings: AppSettings, queue: Queue) -> di
         "ckpt": str(queue.current_model_or_none() or ""),
         "lora_dir": str(settings.models_dir / "Lora"),
         "vae_dir": str(settings.models_dir),
-        "embeddings_dir": None,
+        "embeddings_dir": str(settings.models_dir / "embeddings"),
         "hypernetwork_dir": None,
         "device_id": None,
         "use_cpu": [] if settings.device != "cpu" else ["all"],

@@ -35,6 +35,7 @@ class A1111Error(ErrorBody):
 
 IGNORED = "accepted for compatibility; lienzo ignores it"
 XYZ_TITLE = "x/y/z plot"  # the one A1111 script lienzo has, as script_name names it (any case)
+CONTROLNET_TITLE = "controlnet"  # the one always-on script, sd-webui-controlnet's, as alwayson_scripts names it (any case)
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # A1111's resize_mode numbers; generation.canvas.ResizeMode names them.
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
@@ -76,7 +77,11 @@ class _CommonOptions(BaseModel):
     script_name: str | None = Field(
         None, description=f"'{XYZ_TITLE}' (A1111's X/Y/Z plot, with its script_args); another is refused (422), as A1111 refuses one it lacks"
     )
-    alwayson_scripts: dict[str, Any] | None = Field(None, description="lienzo has no always-on scripts: any entry is refused (422), as in A1111")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None,
+        description=f"'{CONTROLNET_TITLE}' (any case) with args: sd-webui-controlnet's units (GET /controlnet/model_list, "
+        "/controlnet/module_list); another script is refused (422), as A1111 refuses one it lacks",
+    )
 
     # Accepted and ignored: lienzo has no such feature yet (a request turning one on is told so in ``info``).
     restore_faces: bool | None = Field(None, description=IGNORED)
@@ -101,13 +106,16 @@ class _CommonOptions(BaseModel):
     infotext: str | None = Field(None, description=IGNORED)
 
 
+# The hires fix's keys: txt2img's only (A1111's img2img has none; its denoising_strength is img2img's own).
+HIRES_KEYS = frozenset(row.spec.a1111 for row in table() if row.spec.a1111 and row.spec.modes == {"txt2img"})
 # What txt2img and img2img share, with A1111's defaults (not lienzo's); lienzo's extensions (fast,
 # tiling, ...) come with the table.
-CommonRequest = create_model("CommonRequest", __base__=_CommonOptions, **table_fields({"txt2img"}))
+CommonRequest = create_model("CommonRequest", __base__=_CommonOptions, **table_fields({"txt2img"}, but=HIRES_KEYS))
 # A1111 names (besides the table's) that lienzo acts on.
 USED = {
     "sampler_name", "sampler_index", "scheduler", "override_settings", "send_images", "save_images", "resize_mode",
     "inpainting_mask_invert", "include_init_images", "styles", "script_name", "alwayson_scripts",
+    "firstphase_width", "firstphase_height", "hr_checkpoint_name", "hr_scheduler",
 }
 
 
@@ -115,21 +123,20 @@ def _numbered(choices: dict[int, str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in choices.items())
 
 
-class Txt2ImgRequest(CommonRequest):
-    enable_hr: bool | None = Field(False, description=IGNORED + " (no hires fix)")
-    denoising_strength: float | None = Field(0.75, description="used by the hires fix only: ignored")
-    firstphase_width: int | None = Field(0, description=IGNORED)
-    firstphase_height: int | None = Field(0, description=IGNORED)
-    hr_scale: float | None = Field(2.0, description=IGNORED)
-    hr_upscaler: str | None = Field(None, description=IGNORED)
-    hr_second_pass_steps: int | None = Field(0, description=IGNORED)
-    hr_resize_x: int | None = Field(0, description=IGNORED)
-    hr_resize_y: int | None = Field(0, description=IGNORED)
-    hr_checkpoint_name: str | None = Field(None, description=IGNORED)
-    hr_sampler_name: str | None = Field(None, description=IGNORED)
-    hr_scheduler: str | None = Field(None, description=IGNORED)
-    hr_prompt: str | None = Field("", description=IGNORED)
-    hr_negative_prompt: str | None = Field("", description=IGNORED)
+class Txt2ImgRequest(create_model("_Txt2ImgFields", __base__=CommonRequest, **table_fields({"txt2img"}, but=set(CommonRequest.model_fields)))):
+    # The hires fix's fields come from the table (enable_hr, hr_scale, hr_upscaler, ...); these are A1111's own.
+    denoising_strength: float | None = Field(
+        0.75, description="the hires fix's denoising strength, 0 to 1 (A1111's default 0.75; unused without enable_hr)",
+        json_schema_extra=schema_limits("hr_denoising_strength"),
+    )
+    firstphase_width: int | None = Field(0, description="older A1111: the first pass's width (then width is the hires size's); 0: width")
+    firstphase_height: int | None = Field(0, description="older A1111: the first pass's height; 0: height")
+    hr_checkpoint_name: str | None = Field(
+        None, description="the second pass's model: empty, 'Use same checkpoint' or the request's own model (lienzo runs one model a job)"
+    )
+    hr_scheduler: str | None = Field(
+        None, description="the second pass's schedule type: empty, 'Use same scheduler', Automatic or the request's scheduler"
+    )
 
 
 class Img2ImgRequest(create_model("_Img2ImgFields", __base__=CommonRequest, **table_fields(set(WITH_IMAGE), but=set(CommonRequest.model_fields)))):
@@ -233,8 +240,8 @@ class ScriptsList(BaseModel):
     img2img: list[str]
 
 
-# What clients read at start-up. Empty lists where lienzo has none of the thing yet (no hires fix,
-# hence no latent upscale modes; no face restorers, Real-ESRGAN, hypernetworks or embeddings).
+# What clients read at start-up. Empty lists where lienzo has none of the thing yet (no face restorers,
+# Real-ESRGAN or hypernetworks).
 
 
 class NamedItem(BaseModel):

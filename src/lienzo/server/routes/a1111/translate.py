@@ -2,8 +2,9 @@
 
 ``build_request`` validates; its errors, and the queue's, are renamed back to the A1111 field the
 client sent (``DIALECT``). A script lienzo does not have is refused (422), as A1111 refuses one it
-lacks. Fields lienzo does not implement yet are accepted; those a request turned on are listed by
-``ignored_fields`` so that the answer can name them.
+lacks; the always-on ControlNet script's units are read by :mod:`.controlnet`. txt2img's hires fix
+fields are the table's, with A1111's names. Fields lienzo does not implement yet are accepted; those a
+request turned on are listed by ``ignored_fields`` so that the answer can name them.
 """
 
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from PIL import ImageOps
 from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.gallery.records import Preset
 from lienzo.generation.canvas import ResizeMode, resize_image
+from lienzo.generation.control_unit import ControlUnit
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import find_schedule, split_folded_schedule
 from lienzo.generation.styles import merge_styles
@@ -22,7 +24,9 @@ from lienzo.server.codec import image_from_b64, mask_from_b64
 from lienzo.server.dialect import Dialect
 from lienzo.server.fields import door_names
 from lienzo.server.jobs import JobQueue
-from lienzo.server.routes.a1111.schemas import FILLS, PREFIX, RESIZE_MODES, USED, XYZ_TITLE, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest
+from lienzo.server.routes.a1111.schemas import (
+    CONTROLNET_TITLE, FILLS, PREFIX, RESIZE_MODES, USED, XYZ_TITLE, A1111Error, CommonRequest, Img2ImgRequest, Txt2ImgRequest,
+)
 from lienzo.settings import Settings
 
 DIALECT = Dialect(prefix=PREFIX, error_model=A1111Error, fields=door_names("a1111"))
@@ -42,12 +46,12 @@ _NEUTRAL: dict[str, tuple] = {
     "initial_noise_multiplier": (1,),
 }
 # Ignored fields that only mean something together with another one (reported through that one).
-_DEPENDENT = {
-    "script_args", "denoising_strength", "image_cfg_scale", "mask_blur_x", "mask_blur_y",
-    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-    "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-}
+_DEPENDENT = {"script_args", "image_cfg_scale", "mask_blur_x", "mask_blur_y"}
 _USED = USED | {row.spec.a1111 for row in table() if row.spec.a1111}
+# txt2img's own keys in an img2img body: A1111's img2img has no hires fix (its denoising_strength is its own).
+_NOT_IMG2IMG = (set(Txt2ImgRequest.model_fields) - set(CommonRequest.model_fields)) - {"denoising_strength"}
+# "The first pass's": what A1111's UI sends for the second pass's own sampler, scheduler and model when none is chosen.
+_SAME_SAMPLER, _SAME_SCHEDULER, _SAME_CHECKPOINT = "use same sampler", "use same scheduler", "use same checkpoint"
 # Options lienzo acts on in override_settings.
 _OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "tiling"}
 
@@ -60,10 +64,11 @@ def _is_neutral(name: str, value: Any) -> bool:
 
 def ignored_fields(body: CommonRequest) -> list[str]:
     """``name=value`` for every field lienzo ignores that the request set to something that matters."""
+    img2img = isinstance(body, Img2ImgRequest)
     ignored = [
         f"{name}={value!r}"
         for name, value in body.model_dump().items()
-        if name not in _USED and name not in _DEPENDENT and not _is_neutral(name, value)
+        if (name not in _USED or (img2img and name in _NOT_IMG2IMG)) and name not in _DEPENDENT and not _is_neutral(name, value)
     ]
     ignored += [f"override_settings.{k}={v!r}" for k, v in (body.override_settings or {}).items() if k not in _OVERRIDES_USED]
     if isinstance(body, Img2ImgRequest) and body.resize_mode == ResizeMode.LATENT_UPSCALE:
@@ -77,11 +82,13 @@ def is_xyz(script_name: str | None) -> bool:
 
 
 def check_scripts(body: CommonRequest) -> None:
-    """A1111 answers 422 for a script it does not have; lienzo has the X/Y/Z plot and no always-on scripts."""
+    """A1111 answers 422 for a script it does not have; lienzo has the X/Y/Z plot and the always-on ControlNet
+    (A1111 matches titles in any case)."""
     if body.script_name and not is_xyz(body.script_name):
         raise InvalidRequestError("script_name", f"script '{body.script_name}' not found; lienzo has '{XYZ_TITLE}' only ({PREFIX}/scripts)")
     for name in body.alwayson_scripts or {}:
-        raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has none ({PREFIX}/scripts)")
+        if name.strip().lower() != CONTROLNET_TITLE:
+            raise InvalidRequestError("alwayson_scripts", f"always on script {name} not found; lienzo has: {CONTROLNET_TITLE} ({PREFIX}/scripts)")
 
 
 # -- styles ---------------------------------------------------------------------------------------
@@ -132,9 +139,61 @@ def common_fields(body: CommonRequest, options: Mapping[str, Any], mode: str = "
     return fields
 
 
-def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any]) -> GenerationRequest:
+def hires_fields(body: Txt2ImgRequest, fields: dict[str, Any]) -> dict[str, Any]:
+    """A1111's hires fix keys as the request's: the second pass's sampler ("Use same sampler" and empty: the
+    first's; an old folded name such as "DPM++ 2M Karras" must fold the first pass's schedule, as lienzo's
+    second pass keeps it), its scheduler (only the first pass's), and the older first-pass size."""
+    hires: dict[str, Any] = {}
+    if body.denoising_strength is None:  # null: A1111's own default, not lienzo's
+        hires["hr_denoising_strength"] = Txt2ImgRequest.model_fields["denoising_strength"].default
+    if body.hr_upscaler is None or body.hr_upscaler == "":
+        hires["hr_upscaler"] = "Latent"
+    sampler = (body.hr_sampler_name or "").strip()
+    hires["hr_sampler"] = None
+    if sampler and sampler.lower() != _SAME_SAMPLER:
+        base, folded = split_folded_schedule(sampler)
+        if folded is not None and folded != fields["schedule"]:
+            raise InvalidRequestError(
+                "hr_sampler_name", f"lienzo's second pass keeps the first pass's schedule ({fields['schedule']}); send {base!r} without {folded!r}"
+            )
+        hires["hr_sampler"] = base
+    scheduler = (body.hr_scheduler or "").strip()
+    if scheduler and scheduler.lower() != _SAME_SCHEDULER and schedule_name(scheduler) not in ("Automatic", fields["schedule"]):
+        raise InvalidRequestError(
+            "hr_scheduler", f"lienzo's second pass keeps the first pass's schedule ({fields['schedule']}); send 'Use same scheduler' or leave it empty"
+        )
+    # A1111 (its StableDiffusionProcessingTxt2Img.__post_init__): a first-pass size makes the first pass that size;
+    # the hires size then comes from it (hr_scale) or from hr_resize_x/y as always.
+    first = (body.firstphase_width or 0, body.firstphase_height or 0)
+    if any(first):
+        if not all(first):
+            name = "firstphase_height" if first[0] else "firstphase_width"
+            raise InvalidRequestError(name, "give both firstphase_width and firstphase_height (the first pass's size), or neither")
+        hires["width"], hires["height"] = first
+    return hires
+
+
+def check_hires_checkpoint(body: Txt2ImgRequest, model: str | None, queue: JobQueue) -> None:
+    """The hires fix runs on the request's model: lienzo loads one model a job. ``model``: the request's
+    (override_settings), None for the current one."""
+    name = (body.hr_checkpoint_name or "").strip()
+    if not name or name.lower() == _SAME_CHECKPOINT or not body.enable_hr:
+        return
+    wanted = resolve_checkpoint(queue, name, "hr_checkpoint_name")
+    used = Path(model) if model is not None else queue.current_model_or_none()
+    if used is None or wanted.resolve() != used.resolve():
+        raise InvalidRequestError(
+            "hr_checkpoint_name", f"{name!r} is not the request's model; lienzo runs the hires fix on the same model: "
+            "send 'Use same checkpoint', leave it empty, or pick the model with override_settings.sd_model_checkpoint",
+        )
+
+
+def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any], controlnets: list[ControlUnit] = ()) -> GenerationRequest:
+    """The request of a txt2img body, with its hires fix and the ControlNet units read from its alwayson_scripts."""
+    fields = common_fields(body, options)
+    fields.update(hires_fields(body, fields))
     with DIALECT.speaking():
-        return build_request(**common_fields(body, options))
+        return build_request(**fields, controlnets=list(controlnets))
 
 
 def _choice(value: int, choices: dict[int, str], field: str) -> str:
@@ -144,8 +203,9 @@ def _choice(value: int, choices: dict[int, str], field: str) -> str:
     return choices[value]
 
 
-def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: Settings) -> GenerationRequest:
-    """Decode, invert and resize the images as A1111 would, then validate everything."""
+def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: Settings, controlnets: list[ControlUnit] = ()) -> GenerationRequest:
+    """Decode, invert and resize the images as A1111 would, then validate everything (with the ControlNet units
+    read from alwayson_scripts; one without an image reads the init image)."""
     if not body.init_images:
         raise InvalidRequestError("init_images", "give one base64 image to start from")
     if len(body.init_images) > 1:
@@ -173,7 +233,7 @@ def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: 
         if mask is not None:
             mask = resize_image(mask, body.width, body.height, mode)
     with DIALECT.speaking():
-        return build_request(**fields, init_image=image, mask=mask)
+        return build_request(**fields, init_image=image, mask=mask, controlnets=list(controlnets))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""ControlNet: the preprocessors that turn a picture into a control map, and what uses those maps."""

@@ -1,0 +1,144 @@
+"""ControlNet and T2I-Adapter as part of the denoiser: what the U-Net call adds to its blocks at each step.
+
+A :class:`Control` is a prepared unit (its network, its control map, the request's unit). For one pass of one
+batch, :func:`control_stack` turns the units into a :class:`ControlStack` at the pass's size; the
+:class:`~lienzo.generation.denoiser.UNetCall` asks it, at every step, for the residuals to add (diffusers'
+``down_block_additional_residuals`` / ``mid_block_additional_residual`` for ControlNets,
+``down_intrablock_additional_residuals`` for T2I-Adapters), so the loop and the layers above it do not change.
+
+The maths is diffusers' networks; what lienzo adds is sd-webui-controlnet's schedule and modes, which its
+API and infotext promise: a unit steers the steps whose share done lies in [guidance_start, guidance_end];
+"My prompt is more important" scales the i-th of the N residuals by ``0.825 ** (12 - i)`` (the soft injection
+of the original ControlNet's guess mode), and "ControlNet is more important" does that and steers only the
+conditional rows (the unconditional ones get none), so guidance pushes toward the control.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lienzo.generation.canvas import ResizeMode, resize_image
+from lienzo.generation.control_unit import ControlUnit
+
+_RESIZE = {"Just Resize": ResizeMode.JUST_RESIZE, "Crop and Resize": ResizeMode.CROP_AND_RESIZE, "Resize and Fill": ResizeMode.RESIZE_AND_FILL}
+# The original ControlNet's guess-mode decay, which the extension applies for its two "more important" modes.
+_SOFT_DECAY = 0.825
+
+
+@dataclass(frozen=True)
+class Control:
+    """One unit, prepared: its loaded network and its control map (the preprocessor's output)."""
+
+    unit: ControlUnit
+    model: Any  # diffusers ControlNetModel or T2IAdapter, on the U-Net's device
+    map: Image.Image
+
+    @property
+    def is_adapter(self) -> bool:
+        return not hasattr(self.model, "controlnet_cond_embedding")
+
+
+def control_image(control: Control, width: int, height: int, device, dtype) -> torch.Tensor:
+    """The unit's map fitted to ``width`` x ``height`` by its resize mode, as a 1 x 3 x H x W tensor in [0, 1]
+    (what diffusers' ControlNet pipelines feed: no normalisation to [-1, 1]). An inpaint map is RGBA, its
+    masked part transparent: there the hint is -1, as the inpaint ControlNet was trained."""
+    mode = "RGBA" if control.map.mode == "RGBA" else "RGB"
+    fitted = resize_image(control.map.convert(mode), width, height, _RESIZE[control.unit.resize_mode])
+    pixels = torch.frombuffer(bytearray(fitted.tobytes()), dtype=torch.uint8).view(height, width, len(mode))
+    hint = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255
+    if mode == "RGBA":
+        hint = torch.where(hint[:, 3:] < 0.5, -1.0, hint[:, :3])
+    return hint.to(device=device, dtype=dtype)
+
+
+def _scales(unit: ControlUnit, count: int) -> list[float]:
+    if unit.control_mode == "Balanced":
+        return [unit.weight] * count
+    return [unit.weight * _SOFT_DECAY ** float(12 - i) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    control: Control
+    image: torch.Tensor | None  # ControlNets: 1 x 3 x H x W
+    features: tuple[torch.Tensor, ...] = ()  # T2I-Adapters: computed once a pass, 1 x C x h x w each
+
+
+@dataclass(frozen=True)
+class ControlStack:
+    """Every unit of one pass, at its size: the residuals they add at a step, summed over the active units."""
+
+    units: tuple[_Prepared, ...]
+    total: int  # the pass's steps: a unit's window is a share of them
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, step: int, embeds: torch.Tensor, added: dict | None, uncond_rows: int) -> dict:
+        """Keyword arguments for the U-Net call: the residuals of the units active at ``step``, for rows laid out as
+        [``uncond_rows`` unconditional rows, then the conditional ones]; {} when none is active."""
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        intra: list[torch.Tensor] | None = None
+        for prepared in self.units:
+            unit = prepared.control.unit
+            if not unit.active(step, self.total):
+                continue
+            # "ControlNet is more important": the unconditional rows get nothing, so they need no pass.
+            skip = uncond_rows if unit.control_mode == "ControlNet is more important" else 0
+            if prepared.control.is_adapter:
+                feats = [f * s for f, s in zip(prepared.features, _scales(unit, len(prepared.features)), strict=True)]
+                feats = [_rows(f.expand(x.shape[0] - skip, -1, -1, -1), skip) for f in feats]
+                intra = feats if intra is None else [a + b for a, b in zip(intra, feats, strict=True)]
+                continue
+            unit_down, unit_mid = self._controlnet(prepared, x[skip:], t, embeds[skip:], _added_rows(added, skip))
+            scales = _scales(unit, len(unit_down) + 1)
+            unit_down = [_rows(d * s, skip) for d, s in zip(unit_down, scales, strict=False)]
+            unit_mid = _rows(unit_mid * scales[-1], skip)
+            down = unit_down if down is None else [a + b for a, b in zip(down, unit_down, strict=True)]
+            mid = unit_mid if mid is None else mid + unit_mid
+        found: dict = {}
+        if down is not None:
+            found |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        if intra is not None:
+            found["down_intrablock_additional_residuals"] = intra
+        return found
+
+    @staticmethod
+    def _controlnet(prepared: _Prepared, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None):
+        model = prepared.control.model
+        # An inpainting U-Net's extra channels are not the ControlNet's (it was trained beside a 4-channel U-Net).
+        sample = x[:, : model.config.in_channels].to(model.dtype)
+        cond = prepared.image.expand(x.shape[0], -1, -1, -1)
+        with torch.no_grad():
+            down, mid = model(
+                sample, t, encoder_hidden_states=embeds.to(model.dtype), controlnet_cond=cond, conditioning_scale=1.0,
+                added_cond_kwargs=added, return_dict=False,
+            )
+        return list(down), mid
+
+
+def _rows(residual: torch.Tensor, skip: int) -> torch.Tensor:
+    """``residual`` after ``skip`` rows of zeros (the unconditional rows a unit leaves alone)."""
+    if not skip:
+        return residual
+    return torch.cat([residual.new_zeros((skip, *residual.shape[1:])), residual])
+
+
+def _added_rows(added: dict | None, skip: int) -> dict | None:
+    return None if added is None or not skip else {k: v[skip:] for k, v in added.items()}
+
+
+def control_stack(controls: tuple[Control, ...], width: int, height: int, total: int, device, dtype) -> ControlStack | None:
+    """The units at one pass's size (``width`` x ``height`` pixels, ``total`` steps); None without units."""
+    if not controls:
+        return None
+    prepared = []
+    for control in controls:
+        image = control_image(control, width, height, device, control.model.dtype if hasattr(control.model, "dtype") else dtype)
+        if control.is_adapter:
+            with torch.no_grad():
+                features = tuple(control.model(image))
+            prepared.append(_Prepared(control, None, features))
+        else:
+            prepared.append(_Prepared(control, image))
+    return ControlStack(tuple(prepared), total)
