@@ -43,6 +43,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     ZImagePipeline,
@@ -74,10 +75,10 @@ from lienzo.models.single_file_layout import bundled_tokenizer, scheduler_config
 from lienzo.models.single_file_save import save_single_file
 from lienzo.models.tokenizers import bundled_t5_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 TRANSFORMER_FAMILIES = ("sd3", "flux", "chroma", "zimage", "flux2", "qwenimage", "krea2", "qwenimage_edit")
 _T5_VOCAB = 32128  # T5 v1.1's embedding rows (its tokenizer has 32,100 tokens)
-_DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
+_DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "sdxl_refiner": "epsilon"}
 # The real CLIP vocabulary, so that the bundled tokenizer's ids fit.
 _VOCAB = 49408
 _TEXT_HIDDEN = 64  # one head of 64 channels
@@ -120,11 +121,26 @@ _UNETS = {
         # pooled text embedding + 6 size/crop numbers x 256 sinusoidal channels
         projection_class_embeddings_input_dim=_SDXL_PROJECTION + 6 * 256,
     ),
+    # SDXL's refiner: cross-attends to bigG alone, no attention at the highest resolution (as the real one), and
+    # 5 size/crop/aesthetic-score numbers beside the pooled text embedding.
+    "sdxl_refiner": dict(
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=_SDXL_PROJECTION + 5 * 256,
+    ),
 }
 
 
 def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | None = None, **options) -> Components:
-    """A tiny random SD 1.x / 2.x / XL model (seed 0); ``inpainting`` gives the 9-channel UNet.
+    """A tiny random SD 1.x / 2.x / XL (or XL refiner) model (seed 0); ``inpainting`` gives the 9-channel UNet.
     ``sd3`` and ``flux`` give the transformer families (see :func:`build_tiny_transformer` for ``options``)."""
     if family in TRANSFORMER_FAMILIES:
         return build_tiny_transformer(family, **options)
@@ -132,6 +148,13 @@ def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | 
         raise ValueError(f"family must be one of {', '.join(FAMILIES + TRANSFORMER_FAMILIES)}, got {family!r}")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=9 if inpainting else 4, out_channels=4, **_UNETS[family])
+    if family == "sdxl_refiner":  # bigG alone, as lienzo holds it: its first (only) text encoder
+        return Components(
+            unet=unet, vae=_tiny_vae(0.13025),
+            text_encoder=CLIPTextModelWithProjection(_text_config("gelu", projection_dim=_SDXL_PROJECTION)),
+            tokenizer=bundled_tokenizer("!"), scheduler_config=scheduler_config_for(prediction_type or "epsilon"),
+            family=family, name=f"tiny-{family}",
+        )
     xl = family == "sdxl"
     open_clip = family == "sd2"  # SD 2.x's only encoder is OpenCLIP (gelu, pads with "!")
     return Components(
@@ -432,6 +455,15 @@ def save_diffusers_folder(components: Components, folder) -> Path:
             **parts,
             text_encoder_2=components.text_encoder_2,
             tokenizer_2=components.tokenizer_2,
+            add_watermarker=False,
+        )
+    elif components.family == "sdxl_refiner":  # as the real refiner's folder: bigG as text_encoder_2, no text_encoder
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            **{**parts, "text_encoder": None, "tokenizer": None},
+            text_encoder_2=components.text_encoder,
+            tokenizer_2=components.tokenizer,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
             add_watermarker=False,
         )
     else:

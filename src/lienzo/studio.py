@@ -9,7 +9,7 @@ previews; the API's return value).
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lienzo import outputs
@@ -187,6 +187,25 @@ class Studio:
         """:func:`load_model` with these settings."""
         return load_model(model, settings=self.settings, **options)
 
+    def _with_refiner(self, components: Components, request: GenerationRequest, resources):
+        """The request's refiner (named by its A1111 title, as the infotext records it), loaded on the model's device
+        and in its dtype and kept beside the model for the next job; none without one."""
+        if request.refiner is None:
+            return request, resources
+        registry = Registry(self.settings.models_dir, self.settings.cache_dir)
+        titled = registry.checkpoint_by_title(request.refiner)  # how the infotext and A1111 clients name it
+        path = titled.path if titled is not None else registry.resolve(request.refiner, allow_paths=self.allow_lora_paths, field="refiner")
+        entry = registry.entry(path)
+        if entry.error or not entry.is_checkpoint:
+            raise InvalidRequestError("refiner", f"{request.refiner!r} is not a model lienzo can load: {entry.error or entry.architecture}")
+        kept = components.refiner
+        if kept is None or kept[0] != (path, entry.sha256):
+            components.refiner = None  # the old one's memory first
+            dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(components.network.dtype), "fp32")
+            loaded = load_model(path, settings=self.settings, device=str(components.execution_device), dtype=dtype)
+            components.refiner = ((path, entry.sha256), loaded)
+        return request.model_copy(update={"refiner": entry.title}), replace(resources, refiner=components.refiner[1])
+
     def run(
         self,
         components: Components,
@@ -213,6 +232,7 @@ class Studio:
         prepare_loras(components, request, self.settings, allow_paths=self.allow_lora_paths)
         # ControlNet units and the hires fix's model upscaler: loaded from the models dir, the control maps made.
         request, resources = prepare_resources(components, request, self.settings)
+        request, resources = self._with_refiner(components, request, resources)
         if not save:
             return engine.generate(
                 components, request, progress=progress, cancel=cancel, on_image=on_image, skip=skip, interrupt=interrupt,

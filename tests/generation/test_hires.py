@@ -10,7 +10,7 @@ from lienzo.generation.request import build_request
 from lienzo.images.metadata import parse_infotext
 from tiny_models import build_tiny
 
-BASE = {"prompt": "a lighthouse", "steps": 4, "sampler": "Euler", "seed": 9, "width": 64, "height": 48, "cfg_scale": 5.0}
+BASE = {"prompt": "a lighthouse", "steps": 4, "sampler": "Euler", "seed": 9, "width": 80, "height": 64, "cfg_scale": 5.0}
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,15 @@ def test_latent_hires_doubles_the_size_and_writes_a1111s_keys(sd1):
     steps = []
     result = engine.generate(sd1, build_request(**BASE, enable_hr=True, hr_denoising_strength=0.5), progress=lambda p: steps.append((p.step, p.total_steps)))
     image = result.images[0]
-    assert image.image.size == (128, 96) and image.pixels.shape == (96, 128, 3)
+    assert image.image.size == (160, 128) and image.pixels.shape == (128, 160, 3)
     params = parse_infotext(image.infotext).params
-    assert params["Size"] == "64x48"
+    assert params["Size"] == "80x64"
     assert params["Hires upscale"] == "2" and params["Hires upscaler"] == "Latent" and params["Denoising strength"] == "0.5"
     assert "Hires steps" not in params and "Hires resize" not in params
     # Both passes report, counted on: 4 steps, then the second pass's 2 (half of 4).
     assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6] and steps[-1][1] == 6
     plain = _make(sd1).images[0]
-    assert plain.image.size == (64, 48)
+    assert plain.image.size == (80, 64)
 
 
 def test_the_infotext_remakes_the_same_picture(sd1):
@@ -46,7 +46,7 @@ def test_the_infotext_remakes_the_same_picture(sd1):
     fields.pop("model")
     assert fields["enable_hr"] is True and fields["hr_scale"] == 1.5
     again = engine.generate(sd1, build_request(**fields)).images[0]
-    assert again.image.size == made.image.size == (96, 72)
+    assert again.image.size == made.image.size == (120, 96)
     assert np.array_equal(np.asarray(again.image), np.asarray(made.image))
 
 
@@ -56,13 +56,13 @@ def test_resize_to_a_size_and_to_one_side(sd1):
     fields = fields_from_infotext(parse_infotext(both.infotext))
     assert (fields["enable_hr"], fields["hr_resize_x"], fields["hr_resize_y"]) == (True, 96, 96)
     width_only = _make(sd1, enable_hr=True, hr_resize_x=128).images[0]
-    assert width_only.image.size == (128, 96)  # the height keeps the 4:3 shape
+    assert width_only.image.size == (128, 96)  # the height keeps the 5:4 shape, cut to a multiple of 8
 
 
 @pytest.mark.parametrize("upscaler", ["Lanczos", "Nearest", "None", "Latent (bicubic antialiased)", "Latent (nearest-exact)"])
 def test_every_built_in_upscaler(sd1, upscaler):
     image = _make(sd1, enable_hr=True, hr_upscaler=upscaler, hr_denoising_strength=0.4).images[0]
-    assert image.image.size == (128, 96)
+    assert image.image.size == (160, 128)
     assert parse_infotext(image.infotext).params["Hires upscaler"] == upscaler
 
 

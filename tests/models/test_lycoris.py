@@ -1,4 +1,4 @@
-"""LyCORIS files (LoHa, LoKr, (IA)³) on the tiny SD 1.x and SDXL models, beside LoRAs.
+"""LyCORIS files (LoHa, LoKr, (IA)³, full diffs, LoCon in CP form) on the tiny SD 1.x, 2.x and XL models, beside LoRAs.
 
 Each test writes a file in kohya naming with random factors, applies it through ``apply_loras`` and checks the
 changed modules against the original weight plus ``weight * delta``, the delta worked by hand from the file with
@@ -15,8 +15,10 @@ from lienzo.errors import ModelFileError
 from lienzo.generation import engine
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.request import build_request
+from lienzo.images.metadata import parse_infotext
 from lienzo.models.lora import apply_loras
 from lienzo.models.lycoris import LycorisDeltaLayer
+from lienzo.models.registry import lora_hash
 from tiny_models import build_tiny
 
 BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
@@ -50,7 +52,8 @@ def _loha(g, weight: torch.Tensor, cp: bool = False) -> tuple[dict, torch.Tensor
     if cp:  # LyCORIS's CP form of a conv: a core per product, w*_a on the output channels, w*_b on the input
         t = {f"hada_t{i}": _randn(g, rank, rank, *weight.shape[2:]) for i in (1, 2)}
         w = {f"hada_w{i}_{s}": _randn(g, rank, out if s == "a" else weight.shape[1]) for i in (1, 2) for s in "ab"}
-        products = [torch.einsum("i j k l, i p, j r -> p r k l", t[f"hada_t{i}"], w[f"hada_w{i}_a"], w[f"hada_w{i}_b"]) for i in (1, 2)]
+        # product[p, q] = sum over i, j of w_a[i, p] core[i, j] w_b[j, q], at each kernel position
+        products = [(w[f"hada_w{i}_a"].T @ t[f"hada_t{i}"].permute(2, 3, 0, 1) @ w[f"hada_w{i}_b"]).permute(2, 3, 0, 1) for i in (1, 2)]
         factors = {**t, **w}
     else:
         factors = {"hada_w1_a": _randn(g, out, rank), "hada_w1_b": _randn(g, rank, rest),
@@ -138,7 +141,8 @@ def _probes(components, keys) -> dict:
     for part, name in keys:
         module = getattr(components, part).get_submodule(name)
         module = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # a file applied before
-        x = torch.randn(2, module.in_channels, 6, 6, generator=g) if isinstance(module, torch.nn.Conv2d) else torch.randn(3, module.in_features, generator=g)
+        shape = (2, module.in_channels, 6, 6) if isinstance(module, torch.nn.Conv2d) else (3, module.in_features)
+        x = torch.randn(*shape, generator=g)
         bias = None if module.bias is None else module.bias.detach().clone()
         probes[(part, name)] = x, module.weight.detach().clone(), bias
     return probes
@@ -325,20 +329,22 @@ def test_a_layer_missing_factors_or_not_fitting_its_module_is_refused_and_nothin
     assert torch.equal(_out(components, ("text_encoder", TEXT[2]), torch.ones(1, 64)), original)
 
 
-def test_generation_with_a_lycoris_file_changes_and_without_it_is_identical(tmp_path):
+def test_generation_with_a_lyco_tag_changes_records_the_hash_and_without_it_is_identical(tmp_path):
     components = build_tiny("sd1")
     path = tmp_path / "style.safetensors"
     _write(path, components, [LINEAR, CONV, TEXT], "lokr-factorised")
 
-    def pixels(**fields):
-        request = build_request(prompt="a fox", steps=2, width=64, height=64, seed=7, sampler="Euler", **fields)
-        return engine.generate(components, request).images[0].pixels
+    def generate(prompt):
+        request = build_request(prompt=prompt, steps=2, width=64, height=64, seed=7, sampler="Euler")
+        return engine.generate(components, request).images[0]
 
-    original = pixels()
-    apply_loras(components, [(path, "style", 1.0)])
-    assert np.abs(pixels(loras=[("style", 1.0)]) - original).max() > 1e-3
+    original = generate("a fox").pixels
+    apply_loras(components, [(path, "style", 0.8)])  # what studio.prepare_loras does for the tag
+    tagged = generate("a fox <lyco:style:0.8>")
+    assert np.abs(tagged.pixels - original).max() > 1e-3
+    assert parse_infotext(tagged.infotext).params["Lora hashes"] == f"style: {lora_hash(path)[:12]}"
     apply_loras(components, [])
-    assert np.array_equal(pixels(), original)
+    assert np.array_equal(generate("a fox").pixels, original)
 
 
 def test_lyco_prompt_tags_read_as_lora_tags():

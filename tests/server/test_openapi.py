@@ -28,7 +28,7 @@ from lienzo.settings import Settings
 from servers import lienzo_server
 from test_ui import ARGS, CHROMIUM, TIMEOUT
 
-FAMILIES = {"/v1/images/": "OpenAIError", "/sdapi/v1/": "A1111Error", "/api/v1/": "NativeError"}
+FAMILIES = {"/v1/images/": "OpenAIError", "/sdapi/v1/": "A1111Error", "/controlnet/": "A1111Error", "/api/v1/": "NativeError"}
 # Small limits keep every job that gets through to a 64x64 picture in 2 steps of the tiny model.
 LIMITS = dict(max_pixels=64 * 64, max_steps=2, max_images=1, max_queue=2, max_input_pixels=64 * 64)
 SMALL = {"prompt": "a red apple", "steps": 2, "seed": 3}

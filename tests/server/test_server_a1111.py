@@ -126,18 +126,18 @@ def test_img2img_translation_invert_and_fill(home):
 
 
 def test_txt2img_images_info_parameters_and_one_warning(client, caplog):
-    ignored = {"restore_faces": True, "enable_hr": True, "hr_scale": 3, "styles": ["cinematic"], "tiling": False, "eta": 1.0}
+    ignored = {"restore_faces": True, "s_min_uncond": 0.5, "s_churn": 0, "styles": ["cinematic"], "tiling": False, "eta": 1.0}
     with caplog.at_level(logging.WARNING, logger="lienzo.server.routes.a1111"):
         body = {**FAST, "batch_size": 2, "sampler_name": "Euler a", **ignored, "my_extension": 5}
         r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "lienzo.server.routes.a1111"]
     assert len(warnings) == 1
-    for word in ("restore_faces=True", "enable_hr=True", "my_extension=5"):
+    for word in ("restore_faces=True", "s_min_uncond=0.5", "my_extension=5"):
         assert word in warnings[0]
         assert word in r.headers["X-Lienzo-Ignored"]  # the client is told too, not only the server log
-    assert "tiling" not in warnings[0] and "hr_scale" not in warnings[0] and "eta" not in warnings[0]
-    assert json.loads(r.json()["info"])["ignored"] == ["restore_faces=True", "enable_hr=True", "my_extension=5"]
+    assert "tiling" not in warnings[0] and "s_churn" not in warnings[0] and "eta" not in warnings[0]
+    assert json.loads(r.json()["info"])["ignored"] == ["restore_faces=True", "s_min_uncond=0.5", "my_extension=5"]
     # styles are lienzo's presets; one that does not exist is a warning to the client
     assert any("'cinematic'" in w for w in json.loads(r.json()["info"])["warnings"])
     assert "cinematic" in r.headers["X-Lienzo-Warnings"]

@@ -294,5 +294,9 @@ def test_webuiapi_controlnet_calls_against_a_real_server(home):
         assert params["ControlNet 0"].startswith(f"Module: canny, Model: {models[0]}, Weight: 0.8, Resize Mode: Resize and Fill")
         assert "Threshold A: 64" in params["ControlNet 0"] and "Control Mode: ControlNet is more important" in params["ControlNet 0"]
         assert params["Hires upscale"] == "2" and params["Hires upscaler"] == "Latent" and params["Denoising strength"] == "0.6"
-        plain = api.txt2img(prompt="a sunflower", width=64, height=64, seed=5, cfg_scale=5, enable_hr=True, hr_scale=2, denoising_strength=0.6)
+        # A fresh alwayson_scripts: webuiapi's default one is a shared dict that its first call left the unit in.
+        plain = api.txt2img(
+            prompt="a sunflower", width=64, height=64, seed=5, cfg_scale=5, enable_hr=True, hr_scale=2, denoising_strength=0.6, alwayson_scripts={}
+        )
+        assert "ControlNet 0" not in plain.info["infotexts"][0]
         assert not np.array_equal(np.asarray(result.image), np.asarray(plain.image))

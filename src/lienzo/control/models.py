@@ -5,7 +5,9 @@ People keep these where their other tool wants them: AUTOMATIC1111's sd-webui-co
 four layouts: a diffusers folder, a single file with diffusers names (``diffusers_xl_canny_full``), a single
 file with the original ldm names (lllyasviel's ``control_v11p_sd15_canny.pth``, keys ``input_blocks.*``,
 ``zero_convs.*``, ``input_hint_block.*``, sometimes under ``control_model.``), or TencentARC's original
-T2I-Adapter layout (``body.*``, ``conv_in.*``).
+T2I-Adapter layout (``body.*``, ``conv_in.*``). IP-Adapters (``image_proj.*`` and ``ip_adapter.*``, kind
+"ip_adapter") are listed and found here too, from ``models/ControlNet`` as the extension has them or ComfyUI's
+``models/ipadapter``; they are loaded by :mod:`lienzo.control.ip_adapter`, as they need a CLIP image encoder.
 
 Single files carry no config. Diffusers' ``from_single_file`` would fetch one from the hub; here the
 structure is read from the tensor shapes, and what weights do not show (head counts, norm settings) is
@@ -25,6 +27,7 @@ from accelerate import init_empty_weights
 from diffusers import ControlNetModel, T2IAdapter
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
+from lienzo.control import ip_adapter
 from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.models import formats
 from lienzo.models.registry import header_tensors, sha256_file
@@ -32,12 +35,12 @@ from lienzo.models.single_file_load import _assign_weights, _count_indices, _few
 
 log = logging.getLogger(__name__)
 
-CONTROL_FOLDERS = ("controlnet", "t2i_adapter", "t2iadapter")
+CONTROL_FOLDERS = ("controlnet", "t2i_adapter", "t2iadapter", "ipadapter")
 CONTROL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 # The diffusers classes lienzo loads from a folder's config.json, and the kind each is.
 _FOLDER_KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter"}
 _FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-_KIND_LABELS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter"}
+_KIND_LABELS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
 # What an A1111 title looks like: "control_v11p_sd15_canny [d14c016b]".
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 
@@ -81,7 +84,7 @@ _XL_ADAPTER_INPUTS = (256, 768)
 class ControlEntry:
     name: str  # file stem or folder name, e.g. "control_v11p_sd15_canny"
     path: Path
-    kind: str  # "controlnet" or "t2i_adapter"
+    kind: str  # "controlnet", "t2i_adapter" or "ip_adapter"
     family: str | None  # "sd1", "sd2" or "sdxl" as far as the file tells; None if it does not
     short_hash: str  # file: A1111's old model hash (see above); folder: the first 8 digits of lienzo's folder hash
 
@@ -103,8 +106,8 @@ _described: dict[tuple, tuple[str, str | None, str] | None] = {}
 
 def control_models(models_dir: Path) -> list[ControlEntry]:
     """Every ControlNet and T2I-Adapter in the models dir's control folders (:data:`CONTROL_FOLDERS`, any
-    case, sub-folders too): weight files and diffusers folders, in name order. A file that is no control
-    model (an IP-Adapter, a damaged download) is left out, with a warning in the log the first time."""
+    case, sub-folders too): weight files and diffusers folders, in name order, IP-Adapters among them. A file
+    that is no control model (a damaged download) is left out, with a warning in the log the first time."""
     entries = []
     for folder in _control_folders(Path(models_dir)):
         for path in _candidates(folder):
@@ -240,21 +243,30 @@ def _describe_folder(path: Path) -> tuple[str, str | None]:
 
 
 def _describe_file(path: Path) -> tuple[str, str | None]:
-    shapes = {key.removeprefix(_LDM_PREFIX): shape for key, (shape, _, _) in header_tensors(path).items()}
+    try:
+        shapes = {key.removeprefix(_LDM_PREFIX): shape for key, (shape, _, _) in header_tensors(path).items()}
+    except ModelFileError:
+        # The original IP-Adapter .bin nests its tensors in two dictionaries, which the shape reader does not open.
+        shapes = ip_adapter.nested_shapes(path)
+        if shapes is None:
+            raise
     kind = _file_kind(shapes, path.name)
     if kind == "t2i_adapter":
         return kind, _adapter_family(shapes)
+    if kind == "ip_adapter":
+        return kind, ip_adapter.describe(path.name, shapes)
     return kind, _shapes_family(shapes)
 
 
 def _file_kind(keys, name: str) -> str:
-    """"controlnet" or "t2i_adapter" by the tensor names of any layout; else a ModelFileError saying what it is."""
+    """"controlnet", "t2i_adapter" or "ip_adapter" by the tensor names of any layout; else a ModelFileError saying
+    what it is."""
     if any(key in keys for key in _CONTROLNET_KEYS):
         return "controlnet"
     if any(key in keys for key in _ADAPTER_KEYS):
         return "t2i_adapter"
     if any(key.startswith(("ip_adapter.", "image_proj.")) for key in keys):
-        raise ModelFileError(f"{name} is an IP-Adapter, not a ControlNet or T2I-Adapter; lienzo does not apply IP-Adapters")
+        return "ip_adapter"
     if any("lllite" in key for key in keys):
         raise ModelFileError(f"{name} is a ControlNet-LLLite, which lienzo does not apply")
     raise ModelFileError(
@@ -333,7 +345,13 @@ def _load_file(path: Path, state_dict: dict, unet, dtype: torch.dtype):
     if any(key.startswith(_LDM_PREFIX) for key in state_dict):
         # A whole ControlLDM checkpoint also holds its SD model; only the control model is wanted.
         state_dict = {key[len(_LDM_PREFIX) :]: t for key, t in state_dict.items() if key.startswith(_LDM_PREFIX)}
-    if _file_kind(state_dict, name) == "t2i_adapter":
+    kind = _file_kind(state_dict, name)
+    if kind == "ip_adapter":
+        raise ModelFileError(
+            f"{name} is an IP-Adapter, not a ControlNet or T2I-Adapter: it is applied with an ip-adapter module and a "
+            "CLIP image encoder (lienzo.control.ip_adapter.load_ip_adapter)"
+        )
+    if kind == "t2i_adapter":
         return _load_adapter(name, state_dict, unet, dtype)
     if "lora_controlnet" in state_dict:
         raise ModelFileError(

@@ -1,11 +1,13 @@
-"""What a request needs from files before the engine runs: its ControlNet units' networks and control maps, and
-the hires fix's model upscaler. Every door goes through :meth:`lienzo.studio.Studio.run`, which calls
+"""What a request needs from files before the engine runs: its ControlNet units' networks and control maps (an
+IP-Adapter unit's: its adapter and the picture's CLIP embeddings), and the hires fix's model upscaler. Every door goes through :meth:`lienzo.studio.Studio.run`, which calls
 :func:`prepare_resources`; the engine itself opens no files."""
 
 import logging
 
+from lienzo.control.ip_adapter import encode_image, encoder_for, find_image_encoder, load_image_encoder, load_ip_adapter
 from lienzo.control.models import find_control_model, load_control_model
-from lienzo.control.preprocessors import find_preprocessor, pixel_perfect_resolution, preprocess
+from lienzo.control.preprocessors import PREPROCESSORS, find_preprocessor, pixel_perfect_resolution, preprocess
+from lienzo.errors import InvalidRequestError
 from lienzo.generation.control import Control
 from lienzo.generation.control_unit import MAX_PROCESSOR_RES, MIN_PROCESSOR_RES
 from lienzo.generation.plan import Resources
@@ -33,8 +35,13 @@ def prepare_resources(components: Components, request: GenerationRequest, settin
     width, height = _target_size(components, request)
     for index, unit in enumerate(request.controlnets):
         entry = find_control_model(unit.model, settings.models_dir, field=f"controlnets.{index}.model")
-        model = _control_model(components, entry)
         picture = unit.image if unit.image is not None else request.init_image
+        if _is_image_prompt(unit, entry, index):
+            unit = unit.model_copy(update={"model": entry.title})
+            units.append(unit)
+            controls.append(_image_prompt(components, unit, entry, picture, settings, index))
+            continue
+        model = _control_model(components, entry)
         resolution = unit.processor_res
         if unit.pixel_perfect:
             resolution = min(max(pixel_perfect_resolution(picture.size, width, height, unit.resize_mode), MIN_PROCESSOR_RES), MAX_PROCESSOR_RES)
@@ -69,15 +76,57 @@ def _target_size(components: Components, request: GenerationRequest) -> tuple[in
     return request.width or side, request.height or side
 
 
-def _control_model(components: Components, entry):
-    """The entry's network on the model's device and in its U-Net's dtype, loaded once and kept (a few)."""
+def _is_image_prompt(unit, entry, index: int) -> bool:
+    """Whether the unit is an IP-Adapter unit: an ip-adapter module with an IP-Adapter model. Either without the
+    other is refused, naming the field to change."""
+    embeds = find_preprocessor(unit.module).embeds
+    if embeds and entry.kind != "ip_adapter":
+        raise InvalidRequestError(
+            f"controlnets.{index}.model", f"{unit.module} makes an image prompt for an IP-Adapter, and {entry.title} is not one"
+        )
+    if entry.kind == "ip_adapter" and not embeds:
+        modules = ", ".join(name for name, p in PREPROCESSORS.items() if p.embeds)
+        raise InvalidRequestError(f"controlnets.{index}.module", f"{entry.title} is an IP-Adapter: use one of the modules {modules}")
+    return embeds
+
+
+def _image_prompt(components: Components, unit, entry, picture, settings: Settings, index: int) -> Control:
+    """An IP-Adapter unit: its adapter and CLIP image encoder (each loaded once and kept) and the picture's embeddings."""
+    adapter = _control_model(components, entry)
+    encoder_name = encoder_for(unit.module, entry.name)
+    path = find_image_encoder(settings.models_dir, encoder_name)
+    encoder = _cached(components, ("clip_vision", str(path)), lambda: load_image_encoder(path, dtype=components.unet.dtype, device=components.execution_device))
+    config = encoder.config
+    gives = config.hidden_size if adapter.reads_hidden_states else config.projection_dim
+    if gives != adapter.embed_width:
+        raise InvalidRequestError(
+            f"controlnets.{index}.module",
+            f"{entry.title} reads {adapter.embed_width}-wide CLIP embeddings; {unit.module} runs the {encoder_name} encoder "
+            f"({path.name}), which gives {gives}: pick the module made for this adapter (or ip-adapter-auto)",
+        )
+    embeds = encode_image(encoder, picture, adapter.reads_hidden_states)
+    return Control(unit, adapter, picture, image_embeds=embeds)
+
+
+def _cached(components: Components, key: tuple, load):
+    """``load()``'s model, kept with the model's other control networks (a few, the least recently used dropped)."""
     cache = components.control_models
-    key = (str(entry.path), entry.short_hash)
     if key not in cache:
-        unet = components.unet
-        cache[key] = load_control_model(entry, unet, dtype=unet.dtype, device=components.execution_device)
-        log.info("loaded %s (%s)", entry.title, entry.kind)
+        cache[key] = load()
         while len(cache) > KEEP_CONTROL_MODELS:
             cache.popitem(last=False)
     cache.move_to_end(key)
     return cache[key]
+
+
+def _control_model(components: Components, entry):
+    """The entry's network on the model's device and in its U-Net's dtype, loaded once and kept (a few)."""
+    unet = components.unet
+    load = load_ip_adapter if entry.kind == "ip_adapter" else load_control_model
+
+    def loaded():
+        model = load(entry.path, unet, dtype=unet.dtype, device=components.execution_device)
+        log.info("loaded %s (%s)", entry.title, entry.kind)
+        return model
+
+    return _cached(components, (str(entry.path), entry.short_hash), loaded)

@@ -75,6 +75,9 @@ class Preprocessor:
     annotator: str | None = None  # the lllyasviel/Annotators file it needs, looked for in <models dir>/annotators
     takes_mask: bool = False  # the inpaint modules: the unit's mask is part of the map
     seeded: bool = False  # random: the same seed gives the same map
+    # The ip-adapter modules: the picture becomes CLIP vision embeddings for an IP-Adapter (lienzo.control.ip_adapter),
+    # not a map, so they have no ``run``.
+    embeds: bool = False
     run: Callable[..., np.ndarray] = dataclass_field(default=None, repr=False, compare=False)
 
     @property
@@ -146,6 +149,10 @@ def preprocess(
     module (``shuffle``) repeatable (None or -1: fresh noise). ``models_dir`` holds the ``annotators``
     folder of the neural modules, which run on ``device`` (auto, cpu, cuda or mps)."""
     preprocessor = find_preprocessor(name, field)
+    if preprocessor.embeds:
+        raise InvalidRequestError(
+            field, f"{preprocessor.alias} encodes the picture for an IP-Adapter (CLIP vision embeddings); it makes no control map to show"
+        )
     res, a, b = preprocessor.slider_values(resolution, threshold_a, threshold_b, field)
     if res is not None:
         _check_map_size(image.size, res, _sibling(field, "processor_res"))
@@ -487,7 +494,7 @@ def _load_network(path: Path, build: Callable, forward: Callable, device: str):
 # --- The table ---------------------------------------------------------------------------------------
 
 
-def _module(name: str, run: Callable, *sliders: Slider, alias: str | None = None, annotator: str | None = None, **needs):
+def _module(name: str, run: Callable | None, *sliders: Slider, alias: str | None = None, annotator: str | None = None, **needs):
     return Preprocessor(name, alias or name, tuple(sliders), annotator is None, annotator, run=run, **needs)
 
 
@@ -509,5 +516,10 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         _module("inpaint_only", _inpaint, takes_mask=True),
         _module("shuffle", _shuffle, seeded=True),
         _module("color", _color_grid, RESOLUTION, alias="t2ia_color_grid"),
+        # The extension's IP-Adapter modules (its newer releases call the first two ip-adapter_clip_h and _g).
+        _module("ip-adapter_clip_sd15", None, alias="ip-adapter_clip_h", embeds=True),
+        _module("ip-adapter_clip_sdxl", None, alias="ip-adapter_clip_g", embeds=True),
+        _module("ip-adapter_clip_sdxl_plus_vith", None, embeds=True),
+        _module("ip-adapter-auto", None, embeds=True),
     )
 }

@@ -11,8 +11,18 @@ API and infotext promise: a unit steers the steps whose share done lies in [guid
 "My prompt is more important" scales the i-th of the N residuals by ``0.825 ** (12 - i)`` (the soft injection
 of the original ControlNet's guess mode), and "ControlNet is more important" does that and steers only the
 conditional rows (the unconditional ones get none), so guidance pushes toward the control.
+
+IP-Adapter units (image prompts) steer through the U-Net's cross-attention instead: for a step where one is
+active, :func:`image_prompts` puts diffusers' IP-Adapter attention processors and image projection into the
+U-Net for that one call, with each unit's weight as its processor scale (0 outside its window), and gives the
+U-Net the picture's CLIP embeddings in ``added_cond_kwargs["image_embeds"]`` (zeros, or the all-zero
+picture's, for the unconditional rows, as diffusers' pipelines). Afterwards the U-Net's own processors go back:
+the loaded U-Net is never left changed, whatever the call raised, and a step with no active image prompt
+runs the plain U-Net.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +42,18 @@ class Control:
     """One unit, prepared: its loaded network and its control map (the preprocessor's output)."""
 
     unit: ControlUnit
-    model: Any  # diffusers ControlNetModel or T2IAdapter, on the U-Net's device
-    map: Image.Image
+    model: Any  # diffusers ControlNetModel or T2IAdapter, or an IP-Adapter (lienzo.control.ip_adapter.IPAdapter)
+    map: Image.Image  # an IP-Adapter unit's: the picture it encoded
+    image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # IP-Adapter: the picture's (cond, uncond) CLIP embeddings
+
+    @property
+    def is_ip_adapter(self) -> bool:
+        return self.image_embeds is not None
 
     @property
     def is_adapter(self) -> bool:
-        return not hasattr(self.model, "controlnet_cond_embedding")
+        """A T2I-Adapter (features added inside the U-Net's encoder)."""
+        return not self.is_ip_adapter and not hasattr(self.model, "controlnet_cond_embedding")
 
 
 def control_image(control: Control, width: int, height: int, device, dtype) -> torch.Tensor:
@@ -67,11 +83,23 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
+class ImagePrompts:
+    """A pass's IP-Adapter units, and the diffusers pieces that apply them all at once: per cross-attention layer
+    one processor holding every unit's key/value projections (those of the loaded adapters, shared, not copied),
+    and the image projection of every unit, in the units' order."""
+
+    controls: tuple[Control, ...]
+    processors: dict[str, Any]
+    projection: Any  # diffusers' MultiIPAdapterImageProjection
+
+
+@dataclass(frozen=True)
 class ControlStack:
     """Every unit of one pass, at its size: the residuals they add at a step, summed over the active units."""
 
     units: tuple[_Prepared, ...]
     total: int  # the pass's steps: a unit's window is a share of them
+    prompts: ImagePrompts | None = None  # the IP-Adapter units (see image_prompts)
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, step: int, embeds: torch.Tensor, added: dict | None, uncond_rows: int) -> dict:
         """Keyword arguments for the U-Net call: the residuals of the units active at ``step``, for rows laid out as
@@ -134,6 +162,8 @@ def control_stack(controls: tuple[Control, ...], width: int, height: int, total:
         return None
     prepared = []
     for control in controls:
+        if control.is_ip_adapter:
+            continue
         image = control_image(control, width, height, device, control.model.dtype if hasattr(control.model, "dtype") else dtype)
         if control.is_adapter:
             with torch.no_grad():
@@ -141,4 +171,57 @@ def control_stack(controls: tuple[Control, ...], width: int, height: int, total:
             prepared.append(_Prepared(control, None, features))
         else:
             prepared.append(_Prepared(control, image))
-    return ControlStack(tuple(prepared), total)
+    return ControlStack(tuple(prepared), total, _image_prompts(tuple(c for c in controls if c.is_ip_adapter)))
+
+
+def _image_prompts(controls: tuple[Control, ...]) -> ImagePrompts | None:
+    """diffusers' IP-Adapter processors for several adapters at once (what ``_load_ip_adapter_weights`` builds
+    from a list of files), made from the loaded adapters' one-adapter processors without loading anything again."""
+    if not controls:
+        return None
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    adapters = [control.model for control in controls]
+    processors = {}
+    for name, first in adapters[0].processors.items():
+        # Made empty (no adapters, so no fresh weights), then given the loaded adapters' projections.
+        combined = type(first)(first.hidden_size, first.cross_attention_dim, num_tokens=[], scale=[])
+        combined.num_tokens = [n for adapter in adapters for n in adapter.processors[name].num_tokens]
+        combined.to_k_ip = torch.nn.ModuleList([adapter.processors[name].to_k_ip[0] for adapter in adapters])
+        combined.to_v_ip = torch.nn.ModuleList([adapter.processors[name].to_v_ip[0] for adapter in adapters])
+        processors[name] = combined
+    return ImagePrompts(controls, processors, MultiIPAdapterImageProjection([adapter.projection for adapter in adapters]))
+
+
+@contextmanager
+def image_prompts(stack: ControlStack | None, unet, step: int, rows: int, uncond_rows: int, added: dict | None) -> Iterator[dict | None]:
+    """Around one U-Net call: ``unet`` (a UNet2DConditionModel) with the stack's IP-Adapter units applied at ``step``,
+    and the ``added_cond_kwargs`` to call it with (``added`` plus the units' ``image_embeds`` for ``rows`` rows, the
+    first ``uncond_rows`` unconditional). Without an active unit the U-Net is left alone and ``added`` comes back."""
+    prompts = stack.prompts if stack is not None else None
+    scales = [] if prompts is None else [c.unit.weight if c.unit.active(step, stack.total) else 0.0 for c in prompts.controls]
+    if not any(scales):
+        yield added
+        return
+    for processor in prompts.processors.values():
+        processor.scale = list(scales)  # diffusers skips an adapter whose scale is 0
+    embeds = [_embed_rows(control.image_embeds, rows, uncond_rows) for control in prompts.controls]
+    saved, saved_projection, saved_type = unet.attn_processors, unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
+    unet.set_attn_processor({**saved, **prompts.processors})
+    unet.encoder_hid_proj = prompts.projection
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    try:
+        yield {**(added or {}), "image_embeds": embeds}
+    finally:
+        # The projection goes first: a plus adapter's resampler has attention layers of its own, which the U-Net
+        # would count among its processors. Deleted, so that None is a plain attribute again, not an empty module slot.
+        del unet.encoder_hid_proj
+        unet.encoder_hid_proj = saved_projection
+        unet.config.encoder_hid_dim_type = saved_type
+        unet.set_attn_processor(dict(saved))  # it pops what it sets from the dict it is given
+
+
+def _embed_rows(embeds: tuple[torch.Tensor, torch.Tensor], rows: int, uncond_rows: int) -> torch.Tensor:
+    """One unit's embeddings for the call's rows, as diffusers lays them out: rows x 1 picture x (tokens x) width."""
+    cond, uncond = (e.unsqueeze(0) for e in embeds)
+    return torch.cat([uncond.expand(uncond_rows, *uncond.shape[1:]), cond.expand(rows - uncond_rows, *cond.shape[1:])])

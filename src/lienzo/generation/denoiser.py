@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.functional import pad
 
-from lienzo.generation.control import ControlStack
+from lienzo.generation.control import ControlStack, image_prompts
 from lienzo.generation.deepcache import DeepCacheUNet
 from lienzo.generation.latents import LatentMask
 from lienzo.generation.plan import BatchPlan, References
@@ -58,8 +58,9 @@ class UNetCall:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         residuals = {} if self.control is None else self.control.residuals(x, t, step, self.embeds, self.added, self.uncond_rows)
-        with torch.no_grad():
-            return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added, return_dict=False, **residuals)[0]
+        # IP-Adapter units: the U-Net with their attention for this call, and their image embeddings.
+        with image_prompts(self.control, self.unet, step, x.shape[0], self.uncond_rows, self.added) as added, torch.no_grad():
+            return self.unet(x, t, encoder_hidden_states=self.embeds, added_cond_kwargs=added, return_dict=False, **residuals)[0]
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,18 @@ class PromptSteps:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         return self.calls[schedule_index(self.end_steps, step)](x, t, step)
+
+
+@dataclass(frozen=True)
+class SwitchAt:
+    """A1111's refiner: ``first`` (the model's denoiser) before step ``at``, ``then`` (the refiner's) from it on."""
+
+    at: int
+    first: Denoiser
+    then: Denoiser
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return (self.first if step < self.at else self.then)(x, t, step)
 
 
 @dataclass(frozen=True)
@@ -436,20 +449,26 @@ def _unet_conditioning(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Prompt embeddings for the images (one (prompts, negative) pair each: a prompt per subprompt),
     [uncond..., cond...] as diffusers orders them, and SDXL's micro-conditioning: pooled text embeddings
-    (of the same step's prompts, as A1111 has them) and (original size, crop, target size) ids."""
+    (of the same step's prompts, as A1111 has them) and (original size, crop, target size) ids; the SDXL
+    refiner's end in an aesthetic score instead of the target size, 6 for the prompt's rows and 2.5 for the
+    negative's (A1111's refiner defaults, StableDiffusionXLImg2ImgPipeline's aesthetic_score and negative_aesthetic_score)."""
     device, dtype, n = components.execution_device, components.unet.dtype, len(pairs)
     embeds = torch.cat([pos.embeds for conds, _ in pairs for pos in conds])
     rows = embeds.shape[0]
     if plan.guided:
         embeds = torch.cat([torch.cat([neg.embeds for _, neg in pairs]), embeds])
     embeds = embeds.to(device=device, dtype=dtype)
-    if components.family != "sdxl":
+    if components.family not in ("sdxl", "sdxl_refiner"):
         return embeds, None
     cv = plan.canvas
-    time_ids = torch.tensor([[cv.height, cv.width, 0, 0, cv.height, cv.width]], dtype=dtype, device=device)
+    size_crop = [cv.height, cv.width, 0, 0]
+    if components.family == "sdxl_refiner":
+        cond, uncond = size_crop + [6.0], size_crop + [2.5]
+    else:
+        cond = uncond = size_crop + [cv.height, cv.width]
     pooled = torch.cat([pos.pooled for conds, _ in pairs for pos in conds])
-    ids = time_ids.repeat(rows, 1)
+    ids = torch.tensor([cond], dtype=dtype, device=device).repeat(rows, 1)
     if plan.guided:
         pooled = torch.cat([torch.cat([neg.pooled for _, neg in pairs]), pooled])
-        ids = torch.cat([time_ids.repeat(n, 1), ids])
+        ids = torch.cat([torch.tensor([uncond], dtype=dtype, device=device).repeat(n, 1), ids])
     return embeds, {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids}

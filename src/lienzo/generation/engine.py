@@ -30,7 +30,7 @@ from lienzo.generation.latents import encode_references, reference_size
 from lienzo.generation.loop import CancelCheck, Interrupted, Skipped, StepReport, Stop, denoise_batch
 from lienzo.generation.lora_tags import extract_lora_tags, lora_tag
 from lienzo.generation.noise import Variation, random_seed
-from lienzo.generation.plan import BatchPlan, Canvas, Hires, Resources
+from lienzo.generation.plan import BatchPlan, Canvas, Hires, Refiner, Resources
 from lienzo.generation.prompts import encode_schedules
 from lienzo.generation.request import GenerationRequest
 from lienzo.generation.samplers import resolve_sampler, resolve_schedule, runs_as
@@ -227,6 +227,8 @@ def generate(
     )
     if request.enable_hr and request.mode == "txt2img":
         plan = replace(plan, hires=_hires(components, request, cv, sampler, schedule, resources, device, cancel))
+    if request.refiner is not None:
+        plan = replace(plan, refiner=_refiner(components, request, resources, texts is not None, cancel))
     images: list[GeneratedImage] = []
     interrupted = False
     subseed = random_seed() if request.subseed == -1 else request.subseed
@@ -259,6 +261,8 @@ def generate(
                 "seed": image_seed, "subseed": variation.subseeds[i], "sampler": sampler.name, "schedule": schedule,
                 "width": cv.width, "height": cv.height,
             }
+            if plan.hires is not None:
+                resolved["hr_schedule"] = plan.hires.schedule
             params = image_params(components, request, resolved, kept.label or unchecked)
             if stop.stopped_at is not None:
                 # Not what the parameters would remake: say so, as the picture is only the estimate at that step.
@@ -333,7 +337,9 @@ def _hires(components, request: GenerationRequest, cv: Canvas, sampler, schedule
     width, height = request.hires_size(cv.width, cv.height)
     steps = request.hr_second_pass_steps or request.steps
     hr_sampler = resolve_sampler(request.hr_sampler) if request.hr_sampler else sampler
-    hr_schedule = resolve_schedule(hr_sampler, request.schedule, components.scheduler_config) if request.hr_sampler else schedule
+    hr_schedule = schedule
+    if request.hr_sampler or request.hr_schedule != "Automatic":
+        hr_schedule = resolve_schedule(hr_sampler, request.hr_schedule, components.scheduler_config)
     runs_as(hr_sampler, hr_schedule, components.scheduler_config)
     prompt = negative = None
     if request.hr_prompt or request.hr_negative_prompt:
@@ -344,15 +350,51 @@ def _hires(components, request: GenerationRequest, cv: Canvas, sampler, schedule
         )
     upscale = None
     if request.hr_upscaler not in LATENT_MODES:
-        upscale = _picture_upscaler(request.hr_upscaler, resources)
+        upscale = _picture_upscaler(request.hr_upscaler, resources, str(device), cancel)
     return Hires(
         width, height, steps, request.hr_denoising_strength, hr_sampler, hr_schedule, LATENT_MODES.get(request.hr_upscaler),
         upscale, prompt, negative,
     )
 
 
-def _picture_upscaler(name: str, resources: Resources):
-    """A picture to a size by the built-in or model upscaler ``name`` (a model one prepared by the service)."""
+def _refiner(components: Components, request: GenerationRequest, resources: Resources, dynamic: bool, cancel) -> Refiner:
+    """The refiner stage: the loaded refiner, checked to work in this model's latents, with the prompts encoded by it."""
+    refiner = resources.refiner
+    if refiner is None:
+        raise LienzoError("refiner: the refiner model was not loaded; prepare it with lienzo.api.prepare_resources(components, request)")
+    if dynamic:
+        raise InvalidRequestError("refiner", "wildcards and {a|b} variants are not read by the refiner yet; write the prompt out")
+    problem = _refiner_mismatch(components, refiner)
+    if problem:
+        raise InvalidRequestError("refiner", f"{refiner.name or 'the refiner'} cannot take over from {components.name or 'this model'}: {problem}")
+    prompt, _ = extract_lora_tags(request.prompt)
+    pos, neg = encode_schedules(
+        refiner, prompt, request.negative_prompt, request.steps, clip_skip=request.clip_skip, device=refiner.execution_device,
+        cancel=cancel, guided=reads_negative(request),
+    )
+    return Refiner(refiner, pos, neg, request.refiner_switch_at)
+
+
+def _refiner_mismatch(components: Components, refiner: Components) -> str | None:
+    """Why ``refiner`` cannot denoise ``components``' latents, or None: the same latent space (VAE), the same kind of
+    prediction, a U-Net, and inpainting channels on both or neither."""
+    if refiner.spec.is_transformer or components.spec.is_transformer:
+        return "the refiner stage is for U-Net models (SD 1.x, 2.x, SDXL)"
+    if (refiner.vae_scale_factor, refiner.vae.config.latent_channels) != (components.vae_scale_factor, components.vae.config.latent_channels):
+        return "their latents differ (another VAE)"
+    if float(refiner.vae.config.scaling_factor) != float(components.vae.config.scaling_factor):
+        return f"their VAEs scale latents differently ({refiner.vae.config.scaling_factor} and {components.vae.config.scaling_factor})"
+    ours, theirs = components.scheduler_config.get("prediction_type"), refiner.scheduler_config.get("prediction_type")
+    if ours != theirs:
+        return f"one predicts {ours}, the other {theirs}"
+    if refiner.is_inpainting != components.is_inpainting:
+        return "one is an inpainting model and the other is not"
+    return None
+
+
+def _picture_upscaler(name: str, resources: Resources, device: str, cancel):
+    """A picture to a size by the built-in or model upscaler ``name`` (a model one prepared by the service), on the
+    model's device."""
     from lienzo.upscale.upscalers import BUILTINS, Upscaler, upscale
 
     if resources.upscaler is not None and resources.upscaler.name == name:
@@ -363,7 +405,7 @@ def _picture_upscaler(name: str, resources: Resources):
         raise LienzoError(f"hr_upscaler: {name!r} was not prepared; prepare it with lienzo.api.prepare_resources(components, request)")
 
     def enlarge(picture: Image.Image, width: int, height: int) -> Image.Image:
-        enlarged = upscale(picture, upscaler, max(width / picture.width, height / picture.height))
+        enlarged = upscale(picture, upscaler, max(width / picture.width, height / picture.height), device=device, cancel=cancel)
         return enlarged if enlarged.size == (width, height) else enlarged.resize((width, height), Image.LANCZOS)
 
     return enlarge

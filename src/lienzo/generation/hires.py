@@ -48,4 +48,6 @@ def second_pass(components: Components, plan: BatchPlan, latents: torch.Tensor, 
         sampler=hires.sampler, schedule=hires.schedule, prompt=hires.prompt or plan.prompt,
         negative=hires.negative if hires.prompt is not None else plan.negative, variation=variation, init_latents=init,
         hires=None, references=plan.references,
+        # The refiner took over during the first pass: the second pass is all its own.
+        refiner=replace(plan.refiner, switch_at=0.0) if plan.refiner is not None else None,
     )

@@ -6,14 +6,14 @@ network runs, with which conditioning, guidance, extra channels or cache, is the
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from lienzo.errors import GenerationCancelled
 from lienzo.generation.control import control_stack
-from lienzo.generation.denoiser import Denoiser, build_denoiser
+from lienzo.generation.denoiser import Denoiser, SwitchAt, build_denoiser
 from lienzo.generation.latents import ImageSchedulers, Start, decode, prepare_latents, prepare_timesteps
 from lienzo.generation.noise import image_generators
 from lienzo.generation.plan import BatchPlan
@@ -88,6 +88,12 @@ def _one_pass(components: Components, plan: BatchPlan, stop: Stop, report: StepR
         components.network.dtype,
     )
     denoiser = build_denoiser(components, plan, start.mask, control)
+    if plan.refiner is not None:
+        # The refiner: its own denoiser (its network and prompts, no ControlNet units) from the switch step on.
+        refiner = plan.refiner
+        its_plan = replace(plan, prompt=refiner.prompt, negative=refiner.negative, controls=(), fast=False, images=())
+        at = int(len(schedulers.timesteps) * refiner.switch_at)
+        denoiser = SwitchAt(at, denoiser, build_denoiser(refiner.components, its_plan, start.mask))
     # 6.-7. Denoising loop.
     return denoising_loop(denoiser, schedulers, start, stop, report), len(schedulers.timesteps)
 

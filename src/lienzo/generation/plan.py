@@ -51,6 +51,18 @@ class Resources:
 
     controls: tuple[Control, ...] = ()
     upscaler: object | None = None  # lienzo.upscale.upscalers.Upscaler
+    refiner: object | None = None  # the refiner model's Components, loaded beside the model
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A1111's refiner: a second model that denoises from ``switch_at`` of a pass's steps on, with the prompts as
+    its own text encoders read them."""
+
+    components: object  # lienzo.models.components.Components
+    prompt: "PromptSchedule | ComposedPrompt"
+    negative: PromptSchedule | None
+    switch_at: float
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ class BatchPlan:
     controls: tuple[Control, ...] = ()  # ControlNet / T2I-Adapter units, prepared
     hires: Hires | None = None  # A1111's hires fix: a second stage after this plan's pass
     init_latents: torch.Tensor | None = None  # img2img from latents (the hires fix's second pass), one row per image
+    refiner: Refiner | None = None  # A1111's refiner: a second model for the last steps
 
     def image_prompts(self) -> tuple[tuple[PromptSchedule | ComposedPrompt, PromptSchedule], ...]:
         """(prompt, negative) of each of the batch's images."""

@@ -240,7 +240,8 @@ def ti_hashes(components: Components, texts: list[str]) -> str | None:
 class PromptEmbeddings:
     """What the UNet cross-attends to: ``embeds`` is (1, 77·chunks, dim).
 
-    ``pooled`` is SDXL's pooled text embedding (1, dim₂) from the first chunk; None for SD 1/2.
+    ``pooled`` is SDXL's pooled text embedding (1, dim₂) from the first chunk (its refiner's: bigG's, its only
+    encoder's); None for SD 1/2.
     ``mask`` is, for Chroma, which of the sequence's tokens its network attends to (1, length).
     """
 
@@ -269,7 +270,8 @@ def encode_prompt(
     ``clip_skip`` counts from the end as A1111 does. SD 1/2: 1 is the encoder's output
     (``last_hidden_state``, bit-identical to diffusers for a plain prompt); n > 1 is the
     n-th last hidden state passed through the final layer norm. SDXL: 1 is the penultimate
-    hidden state of both encoders, unnormalised, as SDXL was trained; n is the (n+1)-th last.
+    hidden state of both encoders, unnormalised, as SDXL was trained; n is the (n+1)-th last. The SDXL
+    refiner reads its one encoder (bigG) so, as A1111 does, with bigG's pooled projection.
     Emphasis weights apply to each encoder's output on its own, as A1111 does for SDXL.
     The result is moved to ``device`` (default: it stays where the text encoder is).
     ``cancel`` is checked before every chunk (True: stop with GenerationCancelled), as a long
@@ -292,7 +294,7 @@ def encode_prompt(
     ]
 
     # 2. Encode every chunk with every encoder; features of SDXL's two encoders are joined
-    is_sdxl = components.family == "sdxl"
+    is_sdxl = components.family in ("sdxl", "sdxl_refiner")
     per_encoder: list[Tensor] = []
     pooled = None
     for index, ((encoder, _), chunks) in enumerate(zip(encoders, chunk_lists)):
@@ -550,7 +552,7 @@ def _encode_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """One chunk through one encoder (the model's ``index``-th) → (hidden states (1, 77, dim), projected pooled embeds).
 
-    Only SDXL's second encoder (with projection) has ``text_embeds``; the others give None.
+    Only SDXL's second encoder and its refiner's one (bigG, with projection) have ``text_embeds``; the others give None.
     """
     ids = torch.tensor([chunk.ids], dtype=torch.long, device=execution_device(encoder))
     with _embeddings_placed(encoder, chunk.fixes, index):

@@ -322,6 +322,12 @@ class GenerationRequest(BaseModel):
         "Hires sampler", "the second pass's sampler (None: the first pass's)", modes=TXT2IMG, cli="hires-sampler",
         a1111="hr_sampler_name", infotext=InfotextKey("Hires sampler", when=_hires), widget=Widget("select"),
     )] = None
+    hr_schedule: Annotated[str, Spec(
+        "Hires schedule type", "the second pass's schedule type (Automatic: the first pass's, or the hires sampler's own)",
+        modes=TXT2IMG, cli="hires-schedule", a1111="hr_scheduler",
+        infotext=InfotextKey("Hires schedule type", always=True, when=lambda r: r.enable_hr and (r.hr_sampler is not None or r.hr_schedule != "Automatic")),
+        widget=Widget("select"),
+    )] = "Automatic"
     hr_prompt: Annotated[str, Spec(
         "Hires prompt", "the second pass's prompt (empty: the prompt)", modes=TXT2IMG, max_chars=MAX_PROMPT_CHARS,
         cli="hires-prompt", a1111="hr_prompt", infotext=InfotextKey("Hires prompt", when=_hires), widget=Widget("text"),
@@ -331,6 +337,16 @@ class GenerationRequest(BaseModel):
         max_chars=MAX_PROMPT_CHARS, cli="hires-negative", a1111="hr_negative_prompt",
         infotext=InfotextKey("Hires negative prompt", when=_hires), widget=Widget("text"),
     )] = ""
+    refiner: Annotated[str | None, Spec(
+        "Refiner", "a second model that takes over for the last steps (A1111's refiner: the SDXL refiner, or any model "
+        "of the same kind): a name or file in the models dir", cli="refiner", a1111="refiner_checkpoint",
+        infotext=InfotextKey("Refiner"), widget=Widget("select"),
+    )] = None
+    refiner_switch_at: Annotated[float, Spec(
+        "Switch at", "the share of the steps after which the refiner takes over, 0.01 to 1 (with the hires fix: of the first "
+        "pass; the second pass is all the refiner's)", limits=Limits(0.01, 1), cli="refiner-switch", a1111="refiner_switch_at",
+        infotext=number("Refiner switch at", always=True, when=lambda r: r.refiner is not None), widget=Widget("range", 0.01, 1, 0.01),
+    )] = 0.8
     clip_skip: Annotated[int, Spec(
         "Clip skip", "stop the text encoder this many layers before its last (2: what anime models expect)", limits=Limits(1, 12),
         cli="clip-skip", a1111="CLIP_stop_at_last_layers", a1111_body=False, infotext=whole("Clip skip"),
@@ -437,6 +453,12 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"image {place} is {width}x{height}; a side may be at most {MAX_REFERENCE_RATIO} times the other")
         return v
 
+    @field_validator("refiner")
+    @classmethod
+    def _refiner(cls, v: str | None) -> str | None:
+        v = None if v is None else v.strip()
+        return None if not v or v.lower() == "none" else v
+
     @field_validator("controlnets")
     @classmethod
     def _units(cls, v: list[ControlUnit]) -> list[ControlUnit]:
@@ -454,7 +476,7 @@ class GenerationRequest(BaseModel):
         except InvalidRequestError as err:
             raise ValueError(str(err).removeprefix("sampler: ")) from None
 
-    @field_validator("schedule")
+    @field_validator("schedule", "hr_schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
         """Any schedule id, label or alias A1111 lists, in any case, as its label; every sampler

@@ -121,6 +121,8 @@ class Components:
     # ControlNets and T2I-Adapters loaded for this model's jobs, by file, most recently used last
     # (lienzo.control.prepare keeps a few: a server's next job usually wants the same ones).
     control_models: OrderedDict = field(default_factory=OrderedDict)
+    # The refiner last used with this model: ((its path, sha256), its Components), kept for the next job.
+    refiner: tuple | None = None
 
     @property
     def spec(self) -> Family:

@@ -92,6 +92,15 @@ FAMILIES: dict[str, Family] = {
             (_CLIP_L, TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g")), 4, False,
             default_size=1024,
         ),
+        # SDXL's refiner: a U-Net over SDXL's latents that reads OpenCLIP bigG alone, and an aesthetic score where
+        # SDXL reads the target size (lienzo.generation.denoiser). Its one encoder is the Components' text_encoder
+        # here, as lienzo's first encoder is the one tokenization and embeddings go by; StableDiffusionXLImg2ImgPipeline's
+        # folder names it text_encoder_2 (with text_encoder null), which lienzo.models.loading reads into that slot.
+        Family(
+            "sdxl_refiner", "SDXL refiner", "unet", "UNet2DConditionModel", "StableDiffusionXLImg2ImgPipeline",
+            (TextEncoderSlot("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip_g"),), 4, False,
+            default_size=1024,
+        ),
         Family(
             "sd3", "SD 3.x", "transformer", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
             (

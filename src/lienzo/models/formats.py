@@ -52,6 +52,8 @@ _SD1_CLIP = "cond_stage_model.transformer.text_model.embeddings.token_embedding.
 _SD2_OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"
 _SDXL_CLIP = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
 _SDXL_OPEN_CLIP = "conditioner.embedders.1.model.token_embedding.weight"
+# SDXL's refiner has bigG alone, so it is SGM's first (only) text embedder.
+_SDXL_REFINER_OPEN_CLIP = "conditioner.embedders.0.model.token_embedding.weight"
 
 Shape = tuple[int, ...]
 
@@ -60,14 +62,14 @@ Shape = tuple[int, ...]
 class Architecture:
     """What a single-file checkpoint holds, read from tensor names and shapes alone."""
 
-    family: str  # "sd1" | "sd2" | "sdxl"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
     inpainting: bool  # UNet input conv takes 9 channels: latents + mask + masked-image latents
     in_channels: int
     context_dim: int  # width of the text embeddings the UNet cross-attends to
 
     @property
     def label(self) -> str:
-        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.family]
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}[self.family]
         return f"{name} inpainting" if self.inpainting else name
 
 
@@ -137,6 +139,12 @@ def read_json_file(path: Path) -> dict:
 def read_model_index(folder: Path) -> dict:
     """A diffusers folder's ``model_index.json``, checked to be a JSON object."""
     return read_json_file(Path(folder) / "model_index.json")
+
+
+def is_refiner_index(index: dict) -> bool:
+    """Whether a U-Net folder's ``model_index.json`` is SDXL's refiner's: a text_encoder_2 and no text_encoder
+    (StableDiffusionXLImg2ImgPipeline writes the missing one as ``[null, null]``)."""
+    return index.get("text_encoder_2") not in (None, [None, None]) and index.get("text_encoder") in (None, [None, None])
 
 
 def read_header(path) -> dict[str, tuple[Shape, str]]:
@@ -212,13 +220,15 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def detect_architecture(shapes: dict[str, Shape], *, name: str = "this file") -> Architecture:
-    """Tell SD 1.x, 2.x and XL (and their inpainting variants) apart from ldm tensor names and shapes."""
+    """Tell SD 1.x, 2.x, XL and the XL refiner (and their inpainting variants) apart from ldm tensor names and shapes."""
     if _UNET_CONV_IN not in shapes or _VAE_CONV_IN not in shapes:
         raise ModelFileError(f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: {_what_it_looks_like(shapes)}")
     in_channels = _width(shapes, _UNET_CONV_IN, name)
     has_label_emb = _UNET_LABEL_EMB in shapes
     if _SDXL_CLIP in shapes and _SDXL_OPEN_CLIP in shapes and has_label_emb:
         family, context_dim = "sdxl", _width(shapes, _SDXL_CLIP, name) + _width(shapes, _SDXL_OPEN_CLIP, name)
+    elif _SDXL_REFINER_OPEN_CLIP in shapes and has_label_emb:
+        family, context_dim = "sdxl_refiner", _width(shapes, _SDXL_REFINER_OPEN_CLIP, name)
     elif _SD2_OPEN_CLIP in shapes and not has_label_emb:
         family, context_dim = "sd2", _width(shapes, _SD2_OPEN_CLIP, name)
     elif _SD1_CLIP in shapes and not has_label_emb:
@@ -226,7 +236,7 @@ def detect_architecture(shapes: dict[str, Shape], *, name: str = "this file") ->
     else:
         raise ModelFileError(
             f"{name} is not a Stable Diffusion 1.x/2.x/XL checkpoint: it has a UNet and VAE but its text encoders "
-            "or class embedding match none of them (SDXL refiner, unCLIP and upscaler models are not supported)"
+            "or class embedding match none of them (unCLIP and upscaler models are not supported)"
         )
     return Architecture(family=family, inpainting=in_channels == 9, in_channels=in_channels, context_dim=context_dim)
 

@@ -56,14 +56,21 @@ def load_diffusers_folder(
         formats.stop_if_cancelled(cancel)
         # quiet: transformers 5 draws a "Loading weights" bar per encoder, lines in the CLI's one-line errors.
         with quiet_transformers():
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
+            refiner = formats.is_refiner_index(index)
+            if refiner:  # bigG alone, in text_encoder_2/: lienzo's first (only) encoder (lienzo.models.families)
+                text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
+            else:
+                text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **local)
             text_encoder_2 = None
-            if "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
+            if not refiner and "text_encoder_2" in index and (path / "text_encoder_2").is_dir():
                 formats.stop_if_cancelled(cancel)
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **local)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelFileError(f"cannot load the diffusers folder {path}: {err}") from None
-    family = "sdxl" if text_encoder_2 is not None else ("sd2" if text_encoder.config.hidden_act == "gelu" else "sd1")
+    if refiner:
+        family = "sdxl_refiner"
+    else:
+        family = "sdxl" if text_encoder_2 is not None else ("sd2" if text_encoder.config.hidden_act == "gelu" else "sd1")
     schedule = scheduler_config_for("epsilon")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
@@ -75,8 +82,10 @@ def load_diffusers_folder(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
-        # OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!"; OpenAI CLIP pads with end-of-text.
-        tokenizer=clip_folder_tokenizer(path / "tokenizer", text_encoder, "!" if family == "sd2" else "<|endoftext|>"),
+        # OpenCLIP encoders (SD 2.x, SDXL's second, the refiner's) pad with "!"; OpenAI CLIP pads with end-of-text.
+        tokenizer=clip_folder_tokenizer(
+            path / ("tokenizer_2" if refiner else "tokenizer"), text_encoder, "!" if family in ("sd2", "sdxl_refiner") else "<|endoftext|>"
+        ),
         scheduler_config=schedule,
         family=family,
         text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,

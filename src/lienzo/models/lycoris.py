@@ -126,7 +126,8 @@ def take_layers(path: Path, tensors: dict[str, torch.Tensor]) -> list[Layer]:
             _refuse(path, name, names)
         for group in _REQUIRED[kind]:
             if not any(required <= names for required in group):
-                raise ModelFileError(f"lora: {path.name}: its {kind} layer {name} lacks {' or '.join('+'.join(sorted(r)) for r in group)}")
+                needed = " or ".join("+".join(sorted(r)) for r in group)
+                raise ModelFileError(f"lora: {path.name}: its {kind} layer {name} lacks {needed}")
         alpha = own.get("alpha")
         for key in own:
             del tensors[f"{name}.{key}"]
@@ -152,7 +153,9 @@ def inject(components: Components, path: Path, layers: list[Layer], adapter: str
     try:
         targets = _targets(components, layers)
     except (ValueError, KeyError, IndexError) as err:
-        raise ModelFileError(f"lora: {path.name} names its layers in a way lienzo cannot map to this model ({first_line(err)})") from None
+        raise ModelFileError(
+            f"lora: {path.name} names its layers in a way lienzo cannot map to this model ({first_line(err)})"
+        ) from None
     changed = []
     for part in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(components, part)
@@ -165,14 +168,19 @@ def inject(components: Components, path: Path, layers: list[Layer], adapter: str
         modules = dict(model.named_modules())
         fitting = [(layer, name) for layer, name in ((layer, _module_name(modules, m)) for layer, m in mine) if name]
         if len(fitting) < len(mine):
-            log.warning("%s: %d of its %d %s layers fit no layer of this model and are ignored", path.name, len(mine) - len(fitting), len(mine), part)
+            log.warning(
+                "%s: %d of its %d %s layers fit no layer of this model and are ignored",
+                path.name, len(mine) - len(fitting), len(mine), part,
+            )
         if fitting:
             try:
                 _inject_part(model, path, fitting, adapter, is_text_encoder=part != "unet")
             except ModelFileError:
                 raise
             except (ValueError, RuntimeError, TypeError) as err:
-                raise ModelFileError(f"lora: {path.name} does not fit this {components.family} model's {part} ({first_line(err)})") from None
+                raise ModelFileError(
+                    f"lora: {path.name} does not fit this {components.family} model's {part} ({first_line(err)})"
+                ) from None
             changed.append(part)
     return tuple(changed)
 

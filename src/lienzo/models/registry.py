@@ -35,7 +35,7 @@ def embedded_model() -> Path | None:
 
 
 WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"}
-_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 # What the architecture column calls a model that can generate: its family's label, with what it adds
 # ("SDXL inpainting", "Flux.1 schnell", "Z-Image (diffusers)"), or "SD (diffusers)" for a U-Net folder.
 _CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
@@ -43,7 +43,7 @@ _CHECKPOINT_PREFIXES = ("SD", *(family.label for family in FAMILIES.values()))
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 TEXT_ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen3": "Qwen3", "qwen25vl": "Qwen2.5-VL"}
 # Raised when describe() or weight_format() learn something new: cached descriptions are made again, hashes kept.
-_DESCRIPTION_VERSION = 4
+_DESCRIPTION_VERSION = 5
 # A1111's layout: LoRAs live in <models>/Lora (some tools say "loras"); they are never checkpoints.
 LORA_FOLDERS = ("lora", "loras")
 LORA_SHORT_HASH = 12  # A1111 writes the first 12 hex digits in "Lora hashes"
@@ -219,6 +219,8 @@ def _describe_folder(path: Path) -> str:
     index = formats.read_model_index(path)
     spec = transformer_family(index)
     if spec is None:
+        if formats.is_refiner_index(index):
+            return "SDXL refiner (diffusers)"
         return "SDXL (diffusers)" if "text_encoder_2" in index else "SD (diffusers)"
     config_file = path / "transformer" / "config.json"
     config = formats.read_json_file(config_file) if config_file.is_file() else {}
@@ -289,7 +291,7 @@ def in_text_encoder_folder(path: Path) -> bool:
 
 
 # The size each family was trained at, which single-file checkpoints don't state (SD 2.x: the 768-v models).
-_NATIVE_SIDES = {"SD 1.x": 512, "SD 2.x": 768, "SDXL": 1024}
+_NATIVE_SIDES = {"SD 1.x": 512, "SD 2.x": 768, "SDXL": 1024, "SDXL refiner": 1024}
 
 
 def native_size(entry: ModelEntry) -> int | None:

@@ -37,6 +37,10 @@ _TEXT_ENCODERS = {
             "conditioner.embedders.1.model.", True, CLIPTextModelWithProjection, "text_encoder_2", "tokenizer_2"
         ),
     ),
+    # The refiner's bigG alone, as lienzo's first encoder (lienzo.models.families says why).
+    "sdxl_refiner": (
+        _TextEncoderSlot("conditioner.embedders.0.model.", True, CLIPTextModelWithProjection, "text_encoder", "tokenizer"),
+    ),
 }
 
 

@@ -52,12 +52,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 _PREDICTION_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 # SD 2.x defaults to v: the SD2 checkpoints people use (2.0-v, 2.1-768) are v models. SD 2.x base
 # (512 px, epsilon) users put a sidecar .yaml next to the file or pass prediction_type="epsilon".
-_FAMILY_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
-_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-_VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+_FAMILY_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "sdxl_refiner": "epsilon"}
+_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
+# The refiner works in SDXL's latent space, with SDXL's VAE.
+_VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
 # Every SD VAE downsamples 8x; the UNet's sample_size is the native image size in latents.
 _VAE_DOWNSCALE = 8
-# SDXL embeds each of its 6 size/crop conditioning numbers with 256 sinusoidal channels.
+# SDXL embeds each of its 6 size/crop conditioning numbers (the refiner: 5, with an aesthetic score) with 256
+# sinusoidal channels.
 _SDXL_TIME_EMBED_DIM = 256
 # OpenCLIP's contrastive temperature; a text encoder on its own never uses it.
 _OPEN_CLIP_UNUSED = {"logit_scale"}
@@ -90,7 +92,7 @@ def load_single_file(
     vae_dtype: torch.dtype | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Components:
-    """Load an SD 1.x / 2.x / XL checkpoint with ldm key names; every config is read from its tensors.
+    """Load an SD 1.x / 2.x / XL (or XL refiner) checkpoint with ldm key names; every config is read from its tensors.
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the file says; otherwise it comes
     from a sidecar ``<stem>.yaml``, then ``modelspec.prediction_type`` metadata, then a ``v_pred``

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.control_unit import ControlUnit
+from lienzo.generation.control_unit import MAX_CONTROL_UNITS, ControlUnit
 from lienzo.generation.fields import MODES, image_hash
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.generation.samplers import SAMPLERS, Sampler, resolve_schedule
@@ -61,7 +61,7 @@ def _body_model(mode: str) -> type[BaseModel]:
         elif row.name == "reference_images":
             fields[row.name] = (list[str], Field([], description=f"{row.spec.help}; each base64 (a data: URL prefix is fine)"))
         elif row.name == "controlnets":
-            fields[row.name] = (list[ControlUnitBody], Field([], description=row.spec.help))
+            fields[row.name] = (list[ControlUnitBody], Field([], max_length=MAX_CONTROL_UNITS, description=row.spec.help))
         else:
             fields[row.name] = body_field(row, row.spec.default_for(mode, row.default))
     return create_model(f"{mode.title()}Body", __config__=ConfigDict(extra="forbid"), **fields)

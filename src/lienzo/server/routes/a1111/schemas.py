@@ -115,7 +115,7 @@ CommonRequest = create_model("CommonRequest", __base__=_CommonOptions, **table_f
 USED = {
     "sampler_name", "sampler_index", "scheduler", "override_settings", "send_images", "save_images", "resize_mode",
     "inpainting_mask_invert", "include_init_images", "styles", "script_name", "alwayson_scripts",
-    "firstphase_width", "firstphase_height", "hr_checkpoint_name", "hr_scheduler",
+    "firstphase_width", "firstphase_height", "hr_checkpoint_name",
 }
 
 
@@ -133,9 +133,6 @@ class Txt2ImgRequest(create_model("_Txt2ImgFields", __base__=CommonRequest, **ta
     firstphase_height: int | None = Field(0, description="older A1111: the first pass's height; 0: height")
     hr_checkpoint_name: str | None = Field(
         None, description="the second pass's model: empty, 'Use same checkpoint' or the request's own model (lienzo runs one model a job)"
-    )
-    hr_scheduler: str | None = Field(
-        None, description="the second pass's schedule type: empty, 'Use same scheduler', Automatic or the request's scheduler"
     )
 
 

@@ -140,28 +140,24 @@ def common_fields(body: CommonRequest, options: Mapping[str, Any], mode: str = "
 
 
 def hires_fields(body: Txt2ImgRequest, fields: dict[str, Any]) -> dict[str, Any]:
-    """A1111's hires fix keys as the request's: the second pass's sampler ("Use same sampler" and empty: the
-    first's; an old folded name such as "DPM++ 2M Karras" must fold the first pass's schedule, as lienzo's
-    second pass keeps it), its scheduler (only the first pass's), and the older first-pass size."""
+    """A1111's hires fix keys as the request's: the second pass's sampler and scheduler ("Use same sampler",
+    "Use same scheduler" and empty: the first pass's; an old folded name such as "DPM++ 2M Karras" carries its
+    schedule), A1111's defaults for null, and the older first-pass size."""
     hires: dict[str, Any] = {}
     if body.denoising_strength is None:  # null: A1111's own default, not lienzo's
         hires["hr_denoising_strength"] = Txt2ImgRequest.model_fields["denoising_strength"].default
-    if body.hr_upscaler is None or body.hr_upscaler == "":
+    if not body.hr_upscaler:
         hires["hr_upscaler"] = "Latent"
     sampler = (body.hr_sampler_name or "").strip()
-    hires["hr_sampler"] = None
+    scheduler = (body.hr_scheduler or "").strip()
+    same_scheduler = not scheduler or scheduler.lower() == _SAME_SCHEDULER
+    hires["hr_sampler"], hires["hr_schedule"] = None, "Automatic" if same_scheduler else schedule_name(scheduler)
     if sampler and sampler.lower() != _SAME_SAMPLER:
         base, folded = split_folded_schedule(sampler)
-        if folded is not None and folded != fields["schedule"]:
-            raise InvalidRequestError(
-                "hr_sampler_name", f"lienzo's second pass keeps the first pass's schedule ({fields['schedule']}); send {base!r} without {folded!r}"
-            )
         hires["hr_sampler"] = base
-    scheduler = (body.hr_scheduler or "").strip()
-    if scheduler and scheduler.lower() != _SAME_SCHEDULER and schedule_name(scheduler) not in ("Automatic", fields["schedule"]):
-        raise InvalidRequestError(
-            "hr_scheduler", f"lienzo's second pass keeps the first pass's schedule ({fields['schedule']}); send 'Use same scheduler' or leave it empty"
-        )
+        if same_scheduler:
+            # A1111 runs another sampler with the first pass's schedule unless the name folds its own.
+            hires["hr_schedule"] = folded or fields["schedule"]
     # A1111 (its StableDiffusionProcessingTxt2Img.__post_init__): a first-pass size makes the first pass that size;
     # the hires size then comes from it (hr_scale) or from hr_resize_x/y as always.
     first = (body.firstphase_width or 0, body.firstphase_height or 0)

@@ -8,7 +8,7 @@ export class ApiError extends Error {
   }
 }
 
-async function request(method, path, body, { form = false } = {}) {
+async function request(method, path, body, { form = false, blob = false } = {}) {
   const init = { method, headers: {} };
   if (body !== undefined) {
     if (form) {
@@ -25,6 +25,7 @@ async function request(method, path, body, { form = false } = {}) {
     throw new ApiError(0, `The server cannot be reached (${err.message}). Is lienzo serve still running?`);
   }
   const type = response.headers.get("Content-Type") || "";
+  if (blob && response.ok) return response.blob();
   const data = type.includes("json") ? await response.json() : null;
   if (!response.ok) {
     const detail = data?.detail ?? `${response.status} ${response.statusText}`;
@@ -40,6 +41,8 @@ export const api = {
   patch: (path, body) => request("PATCH", path, body),
   del: (path) => request("DELETE", path),
   upload: (path, formData) => request("POST", path, formData, { form: true }),
+  // A route that answers an image (a control map, an upscale): the PNG as a Blob.
+  image: (path, body) => request("POST", path, body, { blob: true }),
 };
 
 // Follow a job through its Server-Sent Events until it finishes; ``onUpdate`` gets every state.

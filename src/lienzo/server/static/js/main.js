@@ -1,14 +1,17 @@
 // lienzo studio: create (txt2img, img2img, inpaint, outpaint) and the gallery, on /api/v1.
 import { api, ApiError, blobToDataURL, followJob } from "./api.js";
 import { ImageEditor, loadImage } from "./canvas.js";
+import { initControlNet } from "./control.js";
 import { initExplore } from "./explore.js";
 import { initGallery, tile } from "./gallery.js";
 import { initPromptHelper } from "./prompt.js";
+import { initUpscale } from "./upscale.js";
 import { imageItems, initViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
 const state = { models: [], samplers: [], family: null, lastSeed: null, job: null, results: [], references: [] };
+let controlNet = null; // the ControlNet panel, once its choices have loaded
 
 // ---- messages -------------------------------------------------------------------------------
 let toastTimer;
@@ -26,15 +29,26 @@ function clearErrors() {
   document.querySelectorAll("[data-field] .error, .error[data-field], #form-error").forEach((el) => (el.textContent = ""));
 }
 
+// The element that shows a field's errors: the closest one a name's parts lead to ("controlnets.0.weight":
+// its unit's, "reference_images.1": the field's).
+function fieldHolder(field) {
+  const parts = field?.split(".") ?? [];
+  for (let n = parts.length; n > 0; n--) {
+    const holder = document.querySelector(`[data-field="${parts.slice(0, n).join(".")}"]`);
+    if (holder) return holder;
+  }
+  return null;
+}
+
 // Show a server error next to the field that caused it (the API names it), else under the button.
 function showError(message, field) {
-  const name = field?.split(".")[0];
-  const holder = name && document.querySelector(`[data-field="${name}"]`);
+  const holder = fieldHolder(field);
   const slot = holder && (holder.classList.contains("error") ? holder : holder.querySelector(".error"));
   if (slot) {
     holder.classList.add("invalid");
     slot.textContent = message;
-    if (holder.tagName === "DETAILS") holder.open = true;
+    const details = holder.closest("details");
+    if (details) details.open = true;
     holder.scrollIntoView({ block: "nearest", behavior: "smooth" });
   } else {
     $("form-error").textContent = message;
@@ -81,7 +95,10 @@ function makeControl({ name, widget, choices }) {
   const error = Object.assign(document.createElement("p"), { className: "error" });
   error.setAttribute("role", "alert");
   box.append(error);
-  $("safety-note").before(box);
+  // The hires fix's fields under their heading: the switch first, the rest shown once it is on.
+  if (name === "enable_hr") $("hires-more").before(box);
+  else if (name.startsWith("hr_")) $("hires-more").append(box);
+  else $("safety-note").before(box);
   return control;
 }
 
@@ -112,9 +129,17 @@ function describe(f, control) {
 const controls = fields.filter((f) => f.widget).map((f) => ({ field: f, control: $(f.name) ?? makeControl(f) }));
 for (const { field: f, control } of controls) describe(f, control);
 
-// A control's value as the request wants it.
+// The hires fix's settings show once it is switched on (a reused picture's parameters switch it too).
+const hiresSwitch = $("enable_hr");
+const showHires = () => ($("hires-more").hidden = !hiresSwitch?.checked);
+hiresSwitch?.addEventListener("input", showHires);
+hiresSwitch?.addEventListener("change", showHires);
+
+// A control's value as the request wants it; a nullable field's empty choice is null (the hires sampler's
+// "same as the first pass").
 function read(f, control) {
   if (f.type === "boolean") return control.checked;
+  if (f.nullable && control.tagName === "SELECT" && control.value === "") return null;
   if (f.type === "integer" || f.type === "number") return Number(control.value);
   return control.value;
 }
@@ -184,10 +209,19 @@ function fillSchedules(samplerName, schedule) {
   select.value = sampler.schedules.includes(schedule) ? schedule : "Automatic";
 }
 
+// The hires fix's upscaler: the latent modes, then the picture upscalers (built in and the models dir's files).
+function fillHiresUpscalers(upscalers) {
+  const select = $("hr_upscaler");
+  if (!select) return;
+  select.replaceChildren(...upscalers.map((u) => new Option(u.scale ? `${u.name} (${u.scale}×)` : u.name, u.name)));
+  setValue(select, defaults.get("hr_upscaler") ?? field.hr_upscaler.default);
+}
+
 async function loadChoices() {
-  const [models, samplers] = await Promise.all([api.get("/models"), api.get("/samplers")]);
+  const [models, samplers, upscalers] = await Promise.all([api.get("/models"), api.get("/samplers"), api.get("/upscalers")]);
   state.models = models;
   state.samplers = samplers;
+  fillHiresUpscalers(upscalers);
   const select = $("model");
   // A file that cannot be read is shown with the reason, and cannot be chosen.
   select.replaceChildren(
@@ -212,6 +246,12 @@ function applyFamily(model) {
   select.replaceChildren(...choices.map((s) => new Option(s.name, s.name)));
   if (choices.some((s) => s.name === chosen)) select.value = chosen;
   else defaults.delete("sampler"); // the user's sampler does not run on this model: the family's replaces it
+  const hires = $("hr_sampler");
+  if (hires) {
+    const kept = hires.value;
+    hires.replaceChildren(new Option("Same as the first pass", ""), ...choices.map((s) => new Option(s.name, s.name)));
+    hires.value = choices.some((s) => s.name === kept) ? kept : "";
+  }
   document.querySelector('[data-field="distilled_cfg_scale"]').hidden = state.family?.distilled_cfg_scale == null;
   showReferences();
   applyDefaults(mode());
@@ -252,6 +292,7 @@ const editor = new ImageEditor($("canvas-wrap"), $("image-canvas"), $("mask-canv
 editor.onChange = () => {
   $("canvas-wrap").hidden = !editor.hasImage;
   document.querySelector(".drop-hint").hidden = editor.hasImage;
+  controlNet?.sourceChanged();
 };
 
 function outpaintAmounts() {
@@ -268,6 +309,7 @@ function applyMode() {
   // The output takes the input image's size in the image modes; the sliders then do nothing.
   for (const id of ["width", "height"]) $(id).disabled = m !== "txt2img";
   $("native-size").hidden = m !== "txt2img";
+  $("hires-box").hidden = !field.enable_hr?.modes.includes(m);
   showReferences();
   applyDefaults(m);
   editor.setMode(m);
@@ -321,7 +363,7 @@ drop.addEventListener("drop", (e) => {
 });
 document.addEventListener("paste", (e) => {
   const file = [...(e.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
-  if (file && mode() !== "txt2img") useFile(file);
+  if (file && mode() !== "txt2img" && !$("view-create").hidden) useFile(file);
 });
 
 async function sendTo(url, targetMode, parameters) {
@@ -346,6 +388,8 @@ function body() {
     if (f.modes.includes(m) && !control.disabled && !control.closest("[hidden]")) request[f.name] = read(f, control);
   }
   if (state.references.length && !$("reference-box").hidden) request.reference_images = state.references;
+  const units = controlNet?.units() ?? [];
+  if (units.length) request.controlnets = units;
   if (m === "txt2img") return request;
   if (!editor.hasImage) throw new ApiError(0, "Drop or choose an image first.", "init_image");
   request.init_image = editor.imageDataURL();
@@ -467,14 +511,22 @@ async function reuse(parameters) {
 const gallery = initGallery({ openViewer: (items, i) => viewer.open(items, i), toast });
 const viewer = initViewer({ fields, onReuse: reuse, onSend: sendTo, gallery, toast });
 initPromptHelper({ prompt: $("prompt"), negative: $("negative_prompt"), toast });
+initUpscale({ toast });
+// A unit without its own picture reads the image modes' input picture: its preview too.
+const inputPicture = () => (mode() !== "txt2img" && editor.hasImage ? editor.imageDataURL() : null);
+initControlNet({ source: inputPicture, mode, toast })
+  .then((panel) => (controlNet = panel))
+  .catch((err) => showError(`ControlNet: ${err.message}`, "controlnets"));
 initExplore({ fields, request: () => ({ ...body(), model: $("model").value || null }), clearErrors, showError, openViewer: viewer.open });
 
+const VIEWS = ["create", "upscale", "gallery"];
+
 function route() {
-  const view = location.hash === "#gallery" ? "gallery" : "create";
-  $("view-create").hidden = view !== "create";
-  $("view-gallery").hidden = view !== "gallery";
-  $("tab-create").setAttribute("aria-selected", String(view === "create"));
-  $("tab-gallery").setAttribute("aria-selected", String(view === "gallery"));
+  const view = VIEWS.find((v) => location.hash === `#${v}`) ?? "create";
+  for (const v of VIEWS) {
+    $(`view-${v}`).hidden = view !== v;
+    $(`tab-${v}`).setAttribute("aria-selected", String(view === v));
+  }
   if (view === "gallery") gallery.show();
 }
 window.addEventListener("hashchange", route);

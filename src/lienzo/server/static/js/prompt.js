@@ -91,4 +91,35 @@ export function initPromptHelper({ prompt, negative, toast }) {
   });
 
   refresh();
+  // Read each time the helper opens: a job tells the server which embeddings its model can use.
+  $("helper").addEventListener("toggle", () => $("helper").open && listEmbeddings(prompt, toast));
+}
+
+// Put ``text`` into the textarea where its cursor is (over a selection), spaced from the words beside it.
+export function insertAtCursor(area, text) {
+  const { selectionStart: start, selectionEnd: end, value } = area;
+  const before = start > 0 && !/[\s,(]$/.test(value.slice(0, start)) ? " " : "";
+  const after = end < value.length && !/^[\s,)]/.test(value.slice(end)) ? " " : "";
+  area.setRangeText(`${before}${text}${after}`, start, end, "end");
+  area.focus();
+}
+
+// The textual-inversion embeddings (GET /api/v1/embeddings), as chips that write their name into the prompt.
+async function listEmbeddings(prompt, toast) {
+  let embeddings;
+  try {
+    embeddings = await api.get("/embeddings");
+  } catch (err) {
+    toast(`Embeddings: ${err.message}`, true);
+    return;
+  }
+  const chips = embeddings.map((e) => {
+    const chip = Object.assign(document.createElement("button"), { type: "button", className: "chip", textContent: e.name });
+    chip.title = e.fits === false ? "The current model cannot use it: its text encoders are another width" : `${e.short_hash}: click to add it to the prompt`;
+    chip.classList.toggle("unfit", e.fits === false);
+    chip.addEventListener("click", () => insertAtCursor(prompt, e.name));
+    return chip;
+  });
+  $("embeddings").replaceChildren(...chips);
+  $("embeddings-box").hidden = !chips.length;
 }

@@ -55,7 +55,7 @@ export function initViewer({ fields, onReuse, onSend, gallery, toast }) {
     const keys = [...Object.keys(labels), ...Object.keys(params).filter((k) => !(k in labels))];
     for (const key of keys) {
       const value = params[key];
-      if (HIDDEN.has(key) || value === null || value === undefined || value === "") continue;
+      if (HIDDEN.has(key) || value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) continue;
       rows.push(row(labels[key] ?? key.replaceAll("_", " "), typeof value === "object" ? JSON.stringify(value) : String(value)));
     }
     if (!detail && item.infotext) rows.push(row("Infotext", item.infotext));
