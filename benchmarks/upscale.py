@@ -7,8 +7,8 @@ Each run is a fresh process, so that its peak RSS is its own; runs of the sizes 
 machine's noise falls on all of them alike. The table gives the median (min-max) of each, the windows
 the image was cut into, the seconds per window, and the load average around the runs.
 
-A 2048² input is not run by default (tens of minutes on a small CPU): its time is extrapolated from the
-largest size measured by the number of windows (each window costs the same), and its memory from what
+A 2048² input is not run by default (hours on a small CPU): its time is extrapolated from the largest
+size measured by the input pixels its windows cover (overlaps counted each time), and its memory from what
 the runs measured plus the 4x result's float32 accumulator, which grows with the output's pixels.
 
     python benchmarks/upscale.py                       # 256² and 512², 3 runs each
@@ -64,7 +64,15 @@ def one_run(models_dir: Path, size: int, tile: int) -> dict:
     seconds = time.perf_counter() - start
     assert out.size == (4 * size, 4 * size)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"seconds": seconds, "peak_mib": peak_mib, "windows": len(windows(size, tile)[0]) ** 2}
+    return {"seconds": seconds, "peak_mib": peak_mib, "windows": len(windows(size, tile)[0]) ** 2, "window_pixels": window_pixels(size, tile)}
+
+
+def window_pixels(size: int, tile: int) -> int:
+    """The input pixels the model runs over for a size² image: its windows' area, overlaps counted each time."""
+    from lienzo.upscale.tiles import windows
+
+    starts, side = windows(size, tile)
+    return (len(starts) * side) ** 2
 
 
 def main() -> None:
@@ -110,14 +118,15 @@ def main() -> None:
             f"| {statistics.median(seconds) / count:.2f} | {statistics.median(peaks):.0f} ({min(peaks):.0f}-{max(peaks):.0f}) |"
         )
     largest = max(results)
-    per_window = statistics.median(r["seconds"] for r in results[largest]) / results[largest][0]["windows"]
+    per_pixel = statistics.median(r["seconds"] for r in results[largest]) / results[largest][0]["window_pixels"]
     count = len(windows(2048, args.tile)[0]) ** 2
+    seconds = per_pixel * window_pixels(2048, args.tile)
     # The runs' peak less the largest output's accumulator (3 float32 channels) and results (two uint8 copies),
     # plus those at 8192².
     per_output_pixel = 3 * 4 + 2 * 3
     base = statistics.median(r["peak_mib"] for r in results[largest]) - (4 * largest) ** 2 * per_output_pixel / 2**20
     estimate = base + 8192**2 * per_output_pixel / 2**20
-    print(f"| 2048² (extrapolated) | 8192² | {count} | ~{per_window * count:.0f} | {per_window:.2f} | ~{estimate:.0f} |")
+    print(f"| 2048² (extrapolated) | 8192² | {count} | ~{seconds:.0f} | {seconds / count:.2f} | ~{estimate:.0f} |")
 
 
 if __name__ == "__main__":

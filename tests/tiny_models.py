@@ -152,7 +152,7 @@ def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | 
         return Components(
             unet=unet, vae=_tiny_vae(0.13025),
             text_encoder=CLIPTextModelWithProjection(_text_config("gelu", projection_dim=_SDXL_PROJECTION)),
-            tokenizer=bundled_tokenizer("!"), scheduler_config=scheduler_config_for(prediction_type or "epsilon"),
+            tokenizer=bundled_tokenizer("!"), scheduler_config=scheduler_config_for(prediction_type or _DEFAULT_PREDICTION[family]),
             family=family, name=f"tiny-{family}",
         )
     xl = family == "sdxl"

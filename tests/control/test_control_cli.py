@@ -71,9 +71,9 @@ def test_canny_control_and_hires_fix_are_made_recorded_and_remade(lienzo, home):
 
 def test_a_remake_needs_the_same_control_images(lienzo, home):
     made = _path(lienzo("generate", "a sunflower", *FAST, "--control", f"canny:{home / 'photo.png'}"))
-    missing = lienzo("generate", "--from", made, code=1)
+    missing = lienzo("generate", "--from", made, code=2)
     assert "--control" in missing.stderr and "1 control image" in missing.stderr
-    other = lienzo("generate", "--from", made, "--control", f"canny:{home / 'other.png'}", code=1)
+    other = lienzo("generate", "--from", made, "--control", f"canny:{home / 'other.png'}", code=2)
     assert "not the one the picture was made with" in other.stderr
 
 
@@ -81,7 +81,7 @@ def test_bad_control_specs_are_refused_naming_the_flag(lienzo, home):
     photo = str(home / "photo.png")
     assert "--control" in lienzo("generate", "x", *FAST, "--control", "canny", code=2).stderr
     assert "unknown key 'strength'" in lienzo("generate", "x", *FAST, "--control", f"canny:{photo}:strength=2", code=2).stderr
-    no_model = lienzo("generate", "x", *FAST, "--control", f"lineart_standard:{photo}", code=1)
+    no_model = lienzo("generate", "x", *FAST, "--control", f"lineart_standard:{photo}", code=2)
     assert "no ControlNet has 'lineart'" in no_model.stderr and "control_tiny_canny" in no_model.stderr
-    weight = lienzo("generate", "x", *FAST, "--control", f"canny:{photo}:3", code=1)
+    weight = lienzo("generate", "x", *FAST, "--control", f"canny:{photo}:3", code=2)
     assert "controlnets" in weight.stderr and "2" in weight.stderr

@@ -300,3 +300,33 @@ def test_ip_adapter_modules_are_known_and_make_no_map():
     assert find_preprocessor("ip-adapter-auto").embeds
     with pytest.raises(InvalidRequestError, match="IP-Adapter.*no control map"):
         preprocess("ip-adapter_clip_sdxl", picture())
+
+
+def test_an_sdxl_u_net_call_matches_diffusers_with_the_adapter_loaded(encoder, tmp_path):
+    """SDXL's call carries its pooled text and size ids beside the image embeddings; diffusers' own loading of the
+    same weights (``_load_ip_adapter_weights``) into an identical U-Net is the reference."""
+    from lienzo.control.ip_adapter import encode_image
+    from lienzo.generation.control import Control, control_stack, image_prompts
+
+    xl, reference_unet = build_tiny("sdxl").unet, build_tiny("sdxl").unet
+    parts = plain_adapter(xl, encoder.config.projection_dim, seed=3)
+    save_file(flat(parts), tmp_path / "ip-adapter_sdxl_vit-h.safetensors")
+    reference_unet._load_ip_adapter_weights([parts])
+    for processor in reference_unet.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [0.6]
+    cond, uncond = encode_image(encoder, picture(), hidden_states=False)
+    adapter = load_ip_adapter(tmp_path / "ip-adapter_sdxl_vit-h.safetensors", xl)
+    sdxl_unit = ControlUnit(image=picture(), module="ip-adapter_clip_sdxl_plus_vith", model="ip-adapter_sdxl_vit-h", weight=0.6)
+    stack = control_stack((Control(sdxl_unit, adapter, picture(), image_embeds=(cond, uncond)),), 64, 64, 4, "cpu", torch.float32)
+    torch.manual_seed(0)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, xl.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        with image_prompts(stack, xl, 0, 2, 1, added) as kwargs:
+            ours = xl(x, t, encoder_hidden_states=text, added_cond_kwargs=kwargs).sample
+        image_embeds = [torch.cat([uncond, cond])[:, None]]
+        ref = reference_unet(x, t, encoder_hidden_states=text, added_cond_kwargs={**added, "image_embeds": image_embeds}).sample
+        plain = xl(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3

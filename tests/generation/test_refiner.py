@@ -31,8 +31,9 @@ def models():
     return build_tiny("sd1"), _other(build_tiny("sd1"), 5)
 
 
-def _make(base, refiner=None, **fields):
-    return engine.generate(base, build_request(**{**BASE, **fields}), resources=Resources(refiner=refiner)).images[0]
+def _make(base, loaded=None, **fields):
+    """A picture by ``base``, with ``loaded`` as the refiner the service would have loaded."""
+    return engine.generate(base, build_request(**{**BASE, **fields}), resources=Resources(refiner=loaded)).images[0]
 
 
 def test_the_refiner_takes_over_at_the_switch(models):

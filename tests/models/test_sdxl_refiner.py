@@ -93,6 +93,52 @@ def test_a_folder_whose_index_says_text_encoder_null_loads_as_the_refiner(built,
     assert describe(folder) == "SDXL refiner (diffusers)"
 
 
+# stabilityai/stable-diffusion-xl-refiner-1.0's unet/config.json, and its text_encoder_2's (OpenCLIP bigG).
+_REFINER_UNET = dict(
+    sample_size=128,
+    cross_attention_dim=1280,
+    attention_head_dim=[6, 12, 24, 24],
+    block_out_channels=[384, 768, 1536, 1536],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=2,
+    # The published config says 4: the same layers, as the first level has no attention to give them.
+    transformer_layers_per_block=[1, 4, 4, 4],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,
+)
+_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)
+
+
+def test_the_full_size_refiner_layout_infers_the_published_config():
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lienzo.models import single_file_load, single_file_save
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**_REFINER_UNET)
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig(**_BIG_G, num_attention_heads=20))
+    prefix = "conditioner.embedders.0.model."
+    ldm = single_file_save._with_prefix("model.diffusion_model.", single_file_save._unet_to_ldm(unet))
+    ldm.update(single_file_save._with_prefix(prefix, single_file_save._open_clip_to_ldm(encoder)))
+    ldm[prefix + "logit_scale"] = torch.empty((), device="meta")  # OpenCLIP's, which real files carry
+    ldm["first_stage_model.encoder.conv_in.weight"] = torch.empty(128, 3, 3, 3, device="meta")
+    shapes = {key: tuple(tensor.shape) for key, tensor in ldm.items()}
+    assert (detect_architecture(shapes).family, detect_architecture(shapes).context_dim) == ("sdxl_refiner", 1280)
+
+    loaded = single_file_load._load_unet(ldm, "sdxl_refiner", "full", torch.float16)
+    for key, value in _REFINER_UNET.items():
+        got = loaded.config[key]
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    (slot,) = single_file_load._TEXT_ENCODERS["sdxl_refiner"]
+    text_config = single_file_load._load_text_encoder(ldm, slot, "full", torch.float16).config
+    assert {key: getattr(text_config, key) for key in _BIG_G} == _BIG_G and text_config.num_attention_heads == 20
+
+
 def test_registry_and_lienzo_models_name_it_an_sdxl_refiner(models, tmp_path):
     assert describe(models / "sd_xl_refiner_1.0.safetensors") == "SDXL refiner"
     assert describe(models / "stable-diffusion-xl-refiner-1.0") == "SDXL refiner (diffusers)"

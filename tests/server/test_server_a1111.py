@@ -487,11 +487,11 @@ def test_lists(client):
     assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["tiny-a", "tiny-b"]
     assert client.get("/sdapi/v1/sd-vae").json() == []
     assert client.get("/sdapi/v1/loras").json() == []
-    assert client.get("/sdapi/v1/upscalers").json() == []
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]  # the built-ins; no model files
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot", "controlnet"], "img2img": ["x/y/z plot", "controlnet"]}
     assert client.post("/sdapi/v1/interrupt").json() == {}  # nothing running: nothing to do
     assert client.post("/sdapi/v1/skip").status_code == 200
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"} <= set(client.get("/openapi.json").json()["paths"])

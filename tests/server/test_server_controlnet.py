@@ -17,7 +17,7 @@ from lienzo.control.preprocessors import PREPROCESSORS, preprocess
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.control_unit import MAX_CONTROL_UNITS
 from lienzo.images.metadata import parse_infotext
-from lienzo.server.app import create_app
+from lienzo.server.app import Auth, create_app
 from lienzo.server.routes.a1111.controlnet import control_units
 from servers import b64_png, home_settings, lienzo_server
 
@@ -179,6 +179,19 @@ def test_the_extensions_spellings_are_read(home, title):
     assert len(found.warnings) == 3 and all("threshold_a=300" in w and "Low Threshold (1 to 255)" in w for w in found.warnings)
 
 
+def test_a_units_own_mask_is_named_ignored_or_refused(home, title):
+    """The extension's mask shapes; lienzo's units carry no mask of their own: a module that needs one reads the request's."""
+    picture, mask = b64_png(photo()), b64_png(Image.new("L", (64, 64), 255))
+    shapes = [{"image": {"image": picture, "mask": mask}}, {"image": [picture, mask]}, {"input_image": picture, "mask_image": mask}]
+    found = control_units({"controlnet": {"args": [{**shape, "module": "canny", "model": title} for shape in shapes]}},
+                          settings_for(home), has_init=False, hires=False)
+    assert len(found.units) == 3 and found.units[0].image.size == (64, 64)
+    assert found.ignored == [f"alwayson_scripts.controlnet.args[{i}].mask" for i in range(3)]
+    with pytest.raises(InvalidRequestError, match="reads the request's own mask") as caught:
+        control_units({"controlnet": {"args": [{**shapes[0], "module": "inpaint_only", "model": title}]}}, settings_for(home), has_init=True, hires=False)
+    assert caught.value.field == "alwayson_scripts.controlnet.args[0].mask"
+
+
 def test_a_unit_lienzo_cannot_do_is_refused_not_dropped(home, title):
     unit = {"image": b64_png(photo()), "module": "canny", "model": title}
     with pytest.raises(InvalidRequestError, match="steer both passes"):
@@ -268,6 +281,16 @@ def test_detect_holds_to_the_input_pixel_limit(home):
     assert r.status_code == 422 and r.json()["field"] == "controlnet_input_images[0]"
 
 
+def test_the_controlnet_paths_need_credentials_like_every_other(home):
+    with TestClient(create_app(settings_for(home), auth=Auth(user="ana", password="s3cret"))) as c:
+        assert c.get("/controlnet/model_list").status_code == 401
+        body = {"controlnet_module": "canny", "controlnet_input_images": [b64_png(photo())]}
+        assert c.post("/controlnet/detect", json=body).status_code == 401
+        assert c.post("/controlnet/detect", json=body, auth=("ana", "s3cret")).status_code == 200
+        evil = {"Origin": "http://evil.example"}
+        assert c.post("/controlnet/detect", json=body, auth=("ana", "s3cret"), headers=evil).status_code == 403
+
+
 # -- a real client -------------------------------------------------------------------------------
 
 
@@ -288,13 +311,13 @@ def test_webuiapi_controlnet_calls_against_a_real_server(home):
         result = api.txt2img(
             prompt="a sunflower", width=64, height=64, seed=5, cfg_scale=5, controlnet_units=[unit],
             enable_hr=True, hr_scale=2, hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.6,
+            alwayson_scripts={},  # webuiapi's default is one dict shared by every call: it would keep the unit for later tests
         )
         assert result.image.size == (128, 128)
         params = parse_infotext(result.info["infotexts"][0]).params
         assert params["ControlNet 0"].startswith(f"Module: canny, Model: {models[0]}, Weight: 0.8, Resize Mode: Resize and Fill")
         assert "Threshold A: 64" in params["ControlNet 0"] and "Control Mode: ControlNet is more important" in params["ControlNet 0"]
         assert params["Hires upscale"] == "2" and params["Hires upscaler"] == "Latent" and params["Denoising strength"] == "0.6"
-        # A fresh alwayson_scripts: webuiapi's default one is a shared dict that its first call left the unit in.
         plain = api.txt2img(
             prompt="a sunflower", width=64, height=64, seed=5, cfg_scale=5, enable_hr=True, hr_scale=2, denoising_strength=0.6, alwayson_scripts={}
         )

@@ -51,6 +51,7 @@ def test_enable_hr_with_a1111_defaults_doubles_the_picture(client):
     assert params["Hires upscale"] == "2" and params["Hires upscaler"] == "Latent" and params["Denoising strength"] == "0.75"
     info = json.loads(r.json()["info"])
     assert info["ignored"] == [] and "X-Lienzo-Ignored" not in r.headers
+    assert info["denoising_strength"] == 0.75 and info["width"] == 64  # A1111's info: the request's size, the second pass's strength
     # null is A1111's default too, not lienzo's (0.7)
     again = client.post("/sdapi/v1/txt2img", json={**FAST, "enable_hr": True, "denoising_strength": None, "hr_upscaler": None, "hr_scale": None})
     assert params_of(again)["Denoising strength"] == "0.75" and params_of(again)["Hires upscaler"] == "Latent"

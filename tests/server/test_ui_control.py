@@ -110,7 +110,13 @@ def test_hires_fix_section_only_for_txt2img(page, server):
     # The hires upscalers: the latent modes, then the picture upscalers; its sampler may follow the first pass's.
     upscalers = page.eval_on_selector_all("#hr_upscaler option", "os => os.map(o => o.value)")
     assert upscalers[0] == "Latent" and "Lanczos" in upscalers and page.input_value("#hr_upscaler") == "Latent"
-    assert page.input_value("#hr_sampler") == ""
+    assert page.input_value("#hr_sampler") == "" and page.input_value("#hr_schedule") == "Automatic"
+    # Its schedule types are its sampler's: the first pass's until it has one of its own.
+    values = "os => os.map(o => o.value)"
+    assert page.eval_on_selector_all("#hr_schedule option", values) == page.eval_on_selector_all("#schedule option", values)
+    page.select_option("#hr_sampler", "DPM++ 2M")
+    assert "Karras" in page.eval_on_selector_all("#hr_schedule option", values)
+    page.select_option("#hr_sampler", "")
     side = int(page.get_attribute("#width", "min"))
     page.fill("#prompt", "a lighthouse, larger")
     small_settings(page, side=side)
@@ -119,7 +125,7 @@ def test_hires_fix_section_only_for_txt2img(page, server):
     with page.expect_response(re.compile(r"/api/v1/txt2img$")) as answer:
         page.click("#generate")
     sent = answer.value.request.post_data_json
-    assert (sent["enable_hr"], sent["hr_scale"], sent["hr_upscaler"], sent["hr_sampler"]) == (True, 1.5, "Lanczos", None)
+    assert (sent["enable_hr"], sent["hr_scale"], sent["hr_upscaler"], sent["hr_sampler"], sent["hr_schedule"]) == (True, 1.5, "Lanczos", None, "Automatic")
     # Two passes, the second at the larger size: more time than one picture takes.
     page.wait_for_function("document.querySelectorAll('#results .tile img').length >= 1", timeout=3 * TIMEOUT)
     wait_for_results(page, 1)

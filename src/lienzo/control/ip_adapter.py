@@ -185,13 +185,16 @@ def load_ip_adapter(path: Path, unet, *, dtype=None, device=None) -> IPAdapter:
     if unet.encoder_hid_proj is not None:
         raise ModelFileError(f"{path.name}: the loaded model's U-Net already projects its text input, which an IP-Adapter would replace")
     _check_fit(path.name, parts["ip_adapter"], unet)
-    projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"])
-    # diffusers builds a processor for every attention layer; only the cross-attention ones hold the adapter.
-    processors = {
-        name: processor.to(device=device, dtype=dtype)
-        for name, processor in unet._convert_ip_adapter_attn_to_diffusers([parts]).items()
-        if hasattr(processor, "to_k_ip")
-    }
+    try:
+        projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"])
+        # diffusers builds a processor for every attention layer; only the cross-attention ones hold the adapter.
+        processors = {
+            name: processor.to(device=device, dtype=dtype)
+            for name, processor in unet._convert_ip_adapter_attn_to_diffusers([parts]).items()
+            if hasattr(processor, "to_k_ip")
+        }
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ModelFileError(f"{path.name}: its tensors do not fit diffusers' IP-Adapter layers ({err})") from None
     proj = parts["image_proj"]
     width = {"plain": proj.get("proj.weight"), "plus": proj.get("proj_in.weight"), "full": proj.get("proj.0.weight")}[layout]
     embed_width = width.shape[0] if layout == "full" else width.shape[1]
@@ -204,7 +207,8 @@ def _check_fit(name: str, layers: dict, unet) -> None:
     pairs = sorted({int(m[1]) for key in layers if (m := _IP_KEY.fullmatch(key))})
     wanted_cross = unet.config.cross_attention_dim
     got_cross = layers[f"{pairs[0]}.to_k_ip.weight"].shape[1]
-    if len(pairs) != len(cross) or got_cross != wanted_cross:
+    # The original numbering: 1, 3, 5, ... over the attention layers (the even numbers were the self-attention's).
+    if pairs != list(range(1, 2 * len(cross), 2)) or got_cross != wanted_cross:
         family = _CROSS_FAMILIES.get(got_cross)
         what = {"sd1": "an SD 1.x", "sd2": "an SD 2.x", "sdxl": "an SDXL"}.get(family, "an")
         raise ModelFileError(
@@ -228,18 +232,21 @@ def encoder_for(module: str, model_name: str) -> str:
 def find_image_encoder(models_dir: Path, encoder: str) -> Path:
     """The file (or transformers folder) of ``encoder`` in ``<models dir>/clip_vision``, by its known names in any
     case, else a folder whose config is that encoder's width. Missing: a ModelFileError naming the files."""
-    folder = next((d for d in Path(models_dir).iterdir() if d.is_dir() and d.name.lower() == CLIP_VISION_FOLDER), None) if Path(models_dir).is_dir() else None
+    models_dir = Path(models_dir)
+    folders = sorted(d for d in models_dir.iterdir() if d.is_dir() and d.name.lower() == CLIP_VISION_FOLDER) if models_dir.is_dir() else []
+    folder = folders[0] if folders else None
     if folder is not None:
         present = {p.name.lower(): p for p in folder.iterdir()}
         for known in ENCODER_FILES[encoder]:
-            found = present.get(known.lower())
+            # The file, or a transformers folder of that name without the extension.
+            found = present.get(known.lower()) or present.get(Path(known).stem.lower())
             if found is not None:
                 return found
         for config in sorted(folder.glob("*/config.json")):
             settings = formats.read_json_file(config)
             if _WIDTH_ENCODERS.get(settings.get("hidden_size", settings.get("vision_config", {}).get("hidden_size"))) == encoder:
                 return config.parent
-    where = folder or Path(models_dir) / CLIP_VISION_FOLDER
+    where = folder or models_dir / CLIP_VISION_FOLDER
     raise ModelFileError(
         f"the IP-Adapter needs the CLIP {encoder} image encoder: put {' or '.join(ENCODER_FILES[encoder])} in {where}; "
         "lienzo never downloads it"

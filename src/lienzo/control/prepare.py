@@ -6,7 +6,7 @@ import logging
 
 from lienzo.control.ip_adapter import encode_image, encoder_for, find_image_encoder, load_image_encoder, load_ip_adapter
 from lienzo.control.models import find_control_model, load_control_model
-from lienzo.control.preprocessors import PREPROCESSORS, find_preprocessor, pixel_perfect_resolution, preprocess
+from lienzo.control.preprocessors import IP_ADAPTER_MODULES, find_preprocessor, pixel_perfect_resolution, preprocess
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.control import Control
 from lienzo.generation.control_unit import MAX_PROCESSOR_RES, MIN_PROCESSOR_RES
@@ -24,8 +24,8 @@ KEEP_CONTROL_MODELS = 3
 def prepare_resources(components: Components, request: GenerationRequest, settings: Settings) -> tuple[GenerationRequest, Resources]:
     """``request`` with each unit's model named by its title (``name [hash]``, as the extension's infotext and
     model list name it), and its resources: each unit's network (loaded once per model and kept) and control map
-    (the preprocessor run on the unit's picture, or on the img2img input when it has none), and the hires
-    fix's model upscaler. Errors name the field at fault (``controlnets.0.model``, ``hr_upscaler``)."""
+    (the preprocessor run on the unit's picture, or on the img2img input when it has none; an IP-Adapter unit's
+    picture is encoded by its CLIP vision encoder instead), and the hires fix's model upscaler. Errors name the field at fault (``controlnets.0.model``, ``hr_upscaler``)."""
     controls, units = [], []
     if request.controlnets and request.seed == -1:
         # Drawn here rather than by the engine: a seeded preprocessor (shuffle) must get the seed the infotext records.
@@ -85,7 +85,7 @@ def _is_image_prompt(unit, entry, index: int) -> bool:
             f"controlnets.{index}.model", f"{unit.module} makes an image prompt for an IP-Adapter, and {entry.title} is not one"
         )
     if entry.kind == "ip_adapter" and not embeds:
-        modules = ", ".join(name for name, p in PREPROCESSORS.items() if p.embeds)
+        modules = ", ".join(IP_ADAPTER_MODULES)
         raise InvalidRequestError(f"controlnets.{index}.module", f"{entry.title} is an IP-Adapter: use one of the modules {modules}")
     return embeds
 

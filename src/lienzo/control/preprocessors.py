@@ -118,12 +118,13 @@ class Preprocessor:
 def find_preprocessor(name: str, field: str = "module") -> Preprocessor:
     """The module called ``name`` or aliased so, in any case; an unknown one is an error listing them all."""
     key = str(name).strip().lower()
-    for preprocessor in PREPROCESSORS.values():
+    modules = {**PREPROCESSORS, **IP_ADAPTER_MODULES}
+    for preprocessor in modules.values():
         if key in (preprocessor.name.lower(), preprocessor.alias.lower()):
             return preprocessor
-    aliases = [f"{p.alias} = {p.name}" for p in PREPROCESSORS.values() if p.alias != p.name]
+    aliases = [f"{p.alias} = {p.name}" for p in modules.values() if p.alias != p.name]
     raise InvalidRequestError(
-        field, f"unknown preprocessor {name!r}; available: {', '.join(PREPROCESSORS)} (aliases: {'; '.join(aliases)})"
+        field, f"unknown preprocessor {name!r}; available: {', '.join(modules)} (aliases: {'; '.join(aliases)})"
     )
 
 
@@ -516,7 +517,14 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         _module("inpaint_only", _inpaint, takes_mask=True),
         _module("shuffle", _shuffle, seeded=True),
         _module("color", _color_grid, RESOLUTION, alias="t2ia_color_grid"),
-        # The extension's IP-Adapter modules (its newer releases call the first two ip-adapter_clip_h and _g).
+    )
+}
+# The extension's IP-Adapter modules (its newer releases call the first two ip-adapter_clip_h and _g). Units and
+# find_preprocessor take them; they are kept apart from PREPROCESSORS, the modules that make a map (and so what
+# the detect command and the module lists offer), because they make none.
+IP_ADAPTER_MODULES: dict[str, Preprocessor] = {
+    p.name: p
+    for p in (
         _module("ip-adapter_clip_sd15", None, alias="ip-adapter_clip_h", embeds=True),
         _module("ip-adapter_clip_sdxl", None, alias="ip-adapter_clip_g", embeds=True),
         _module("ip-adapter_clip_sdxl_plus_vith", None, embeds=True),

@@ -206,19 +206,24 @@ def image_prompts(stack: ControlStack | None, unet, step: int, rows: int, uncond
     for processor in prompts.processors.values():
         processor.scale = list(scales)  # diffusers skips an adapter whose scale is 0
     embeds = [_embed_rows(control.image_embeds, rows, uncond_rows) for control in prompts.controls]
-    saved, saved_projection, saved_type = unet.attn_processors, unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    unet.set_attn_processor({**saved, **prompts.processors})
-    unet.encoder_hid_proj = prompts.projection
-    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    # Only the cross-attention layers change, each found by its path: the U-Net's set_attn_processor walks every
+    # module, and twice a call cost SDXL 28 ms a step on a busy CPU where these 70 layers cost 2.4 ms.
+    layers = [(unet.get_submodule(name.removesuffix(".processor")), processor) for name, processor in prompts.processors.items()]
+    saved = [layer.processor for layer, _ in layers]
+    saved_projection, saved_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
     try:
+        for layer, processor in layers:
+            layer.set_processor(processor)
+        unet.encoder_hid_proj = prompts.projection
+        unet.config.encoder_hid_dim_type = "ip_image_proj"
         yield {**(added or {}), "image_embeds": embeds}
     finally:
-        # The projection goes first: a plus adapter's resampler has attention layers of its own, which the U-Net
-        # would count among its processors. Deleted, so that None is a plain attribute again, not an empty module slot.
+        # Deleted first, so that None is a plain attribute again rather than an empty module slot.
         del unet.encoder_hid_proj
         unet.encoder_hid_proj = saved_projection
         unet.config.encoder_hid_dim_type = saved_type
-        unet.set_attn_processor(dict(saved))  # it pops what it sets from the dict it is given
+        for (layer, _), processor in zip(layers, saved, strict=True):
+            layer.set_processor(processor)
 
 
 def _embed_rows(embeds: tuple[torch.Tensor, torch.Tensor], rows: int, uncond_rows: int) -> torch.Tensor:

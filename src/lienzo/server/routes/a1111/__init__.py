@@ -3,7 +3,7 @@
 Routes only translate: an A1111 body becomes GenerationRequest fields (``build_request`` validates
 them, and its errors are renamed back to the A1111 field by ``DIALECT``), a finished Job becomes
 A1111's answer. A script lienzo does not have is refused (422), as A1111 refuses one it lacks. Fields
-lienzo does not implement yet (hires fix, face restoration, ...) are accepted; those a request
+lienzo does not implement yet (face restoration, ...) are accepted; those a request
 turned on are named in the answer's ``info`` (``ignored``) and its ``X-Lienzo-Ignored`` header, so a
 client can tell its picture was made without them.
 

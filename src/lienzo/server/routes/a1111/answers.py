@@ -77,7 +77,8 @@ def job_info(job: Job, body: CommonRequest, notes: Notes | None = None) -> dict[
         "sd_vae_hash": None,
         "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": req.denoising_strength if req.init_image is not None else None,
+        # img2img's, or the hires fix's second pass's (A1111's txt2img denoising_strength).
+        "denoising_strength": req.denoising_strength if req.init_image is not None else (req.hr_denoising_strength if req.enable_hr else None),
         "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": [saved.infotext for saved in job.images],

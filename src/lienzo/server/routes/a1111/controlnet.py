@@ -166,10 +166,11 @@ def _unit(args: UnitArgs, path: str, settings: Settings, found: Units, *, has_in
     except ModelFileError as err:
         raise InvalidRequestError(f"{path}.module", str(err)) from None
     model = _model(args.model, path, settings)
-    image = _image(args.image, path, settings)
+    image, has_mask = _image(args.image, path, settings)
+    has_mask = has_mask or bool(args.mask)
     if image is None and not has_init:
         raise InvalidRequestError(f"{path}.image", "the unit is enabled but has no image; in txt2img each unit needs one")
-    if args.mask and module.takes_mask:
+    if has_mask and module.takes_mask:
         raise InvalidRequestError(f"{path}.mask", f"lienzo's {module.alias} reads the request's own mask (img2img mask); send it there")
     if hires and args.hr_option != _SAME_HIRES:
         raise InvalidRequestError(
@@ -179,7 +180,7 @@ def _unit(args: UnitArgs, path: str, settings: Settings, found: Units, *, has_in
     res, a, b = slider_values(module, (args.processor_res, args.threshold_a, args.threshold_b), names, found.warnings)
     found.ignored += [
         f"{path}.{name}" for name, on in (
-            ("mask", bool(args.mask)), ("advanced_weighting", bool(args.advanced_weighting)),
+            ("mask", has_mask), ("advanced_weighting", bool(args.advanced_weighting)),
             ("effective_region_mask", bool(args.effective_region_mask)),
         ) if on
     ]
@@ -205,12 +206,14 @@ def _model(name: str, path: str, settings: Settings) -> ControlEntry:
     return find_control_model(name, settings.models_dir, field=f"{path}.model")
 
 
-def _image(value: Any, path: str, settings: Settings) -> Image.Image | None:
+def _image(value: Any, path: str, settings: Settings) -> tuple[Image.Image | None, bool]:
     """The unit's picture from the extension's shapes: base64, ``{"image": ..., "mask": ...}``, ``[image, mask]``
-    or a one-item list of those (several pictures are for the IP-Adapter modules lienzo lacks)."""
+    or a one-item list of those (several pictures are for the IP-Adapter modules lienzo lacks); and whether a
+    mask came with it."""
+    mask = None
     if isinstance(value, list):
         if len(value) == 2 and all(isinstance(v, str) or v is None for v in value):
-            value = value[0]
+            value, mask = value
         elif len(value) == 1:
             value = value[0]
         elif value:
@@ -218,12 +221,12 @@ def _image(value: Any, path: str, settings: Settings) -> Image.Image | None:
         else:
             value = None
     if isinstance(value, dict):
-        value = value.get("image")
+        value, mask = value.get("image"), value.get("mask")
     if not value:
-        return None
+        return None, False
     if not isinstance(value, str):
         raise InvalidRequestError(f"{path}.image", "must be a base64 image, {'image': b64, 'mask': b64} or [image, mask]")
-    return image_from_b64(value, f"{path}.image", settings)
+    return image_from_b64(value, f"{path}.image", settings), bool(mask)
 
 
 def _resize_mode(value: int | str, path: str) -> str:

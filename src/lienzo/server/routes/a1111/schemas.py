@@ -124,13 +124,17 @@ def _numbered(choices: dict[int, str]) -> str:
 
 
 class Txt2ImgRequest(create_model("_Txt2ImgFields", __base__=CommonRequest, **table_fields({"txt2img"}, but=set(CommonRequest.model_fields)))):
-    # The hires fix's fields come from the table (enable_hr, hr_scale, hr_upscaler, ...); these are A1111's own.
+    """txt2img's body: the shared fields, the hires fix's from the table (enable_hr, hr_scale, hr_upscaler, hr_scheduler,
+    ...) and A1111's own below."""
+
     denoising_strength: float | None = Field(
         0.75, description="the hires fix's denoising strength, 0 to 1 (A1111's default 0.75; unused without enable_hr)",
         json_schema_extra=schema_limits("hr_denoising_strength"),
     )
-    firstphase_width: int | None = Field(0, description="older A1111: the first pass's width (then width is the hires size's); 0: width")
-    firstphase_height: int | None = Field(0, description="older A1111: the first pass's height; 0: height")
+    firstphase_width: int | None = Field(
+        0, description="older A1111: with firstphase_height, the first pass's size (width and height are then unused); 0: width"
+    )
+    firstphase_height: int | None = Field(0, description="older A1111: with firstphase_width, the first pass's size; 0: height")
     hr_checkpoint_name: str | None = Field(
         None, description="the second pass's model: empty, 'Use same checkpoint' or the request's own model (lienzo runs one model a job)"
     )

@@ -7,7 +7,7 @@ fields are the table's, with A1111's names. Fields lienzo does not implement yet
 request turned on are listed by ``ignored_fields`` so that the answer can name them.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ def check_hires_checkpoint(body: Txt2ImgRequest, model: str | None, queue: JobQu
         )
 
 
-def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any], controlnets: list[ControlUnit] = ()) -> GenerationRequest:
+def txt2img_request(body: Txt2ImgRequest, options: Mapping[str, Any], controlnets: Sequence[ControlUnit] = ()) -> GenerationRequest:
     """The request of a txt2img body, with its hires fix and the ControlNet units read from its alwayson_scripts."""
     fields = common_fields(body, options)
     fields.update(hires_fields(body, fields))
@@ -199,7 +199,7 @@ def _choice(value: int, choices: dict[int, str], field: str) -> str:
     return choices[value]
 
 
-def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: Settings, controlnets: list[ControlUnit] = ()) -> GenerationRequest:
+def img2img_request(body: Img2ImgRequest, options: Mapping[str, Any], settings: Settings, controlnets: Sequence[ControlUnit] = ()) -> GenerationRequest:
     """Decode, invert and resize the images as A1111 would, then validate everything (with the ControlNet units
     read from alwayson_scripts; one without an image reads the init image)."""
     if not body.init_images:

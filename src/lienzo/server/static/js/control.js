@@ -71,7 +71,7 @@ export async function initControlNet({ source, mode, toast }) {
     const sliders = element("div", { className: "cn-sliders" });
 
     const file = element("input", { type: "file", accept: "image/*", hidden: true, className: "cn-file" });
-    const picture = element("img", { className: "cn-image", alt: "The unit's picture", hidden: true });
+    const picture = element("img", { className: "cn-image", alt: "The unit's picture", title: "Click to choose another picture", hidden: true });
     const hint = element("p", { className: "drop-hint" }, "Drop a picture here or ");
     hint.append(element("label", { className: "link" }, "choose a file", file));
     const drop = element("div", { className: "drop cn-drop", tabIndex: 0 }, hint, picture);
@@ -162,6 +162,7 @@ export async function initControlNet({ source, mode, toast }) {
     }
 
     file.addEventListener("change", () => usePicture(file.files[0]));
+    picture.addEventListener("click", () => file.click()); // another picture
     drop.addEventListener("dragover", (e) => {
       e.preventDefault();
       drop.classList.add("over");

@@ -98,7 +98,7 @@ function makeControl({ name, widget, choices }) {
   // The hires fix's fields under their heading: the switch first, the rest shown once it is on.
   if (name === "enable_hr") $("hires-more").before(box);
   else if (name.startsWith("hr_")) $("hires-more").append(box);
-  else $("safety-note").before(box);
+  else $("hires-box").before(box);
   return control;
 }
 
@@ -217,6 +217,19 @@ function fillHiresUpscalers(upscalers) {
   setValue(select, defaults.get("hr_upscaler") ?? field.hr_upscaler.default);
 }
 
+// The hires fix's schedule types: those of its sampler (the first pass's when it has none of its own).
+function fillHiresSchedules() {
+  const select = $("hr_schedule");
+  if (!select) return;
+  const choices = samplerChoices();
+  const name = $("hr_sampler")?.value || $("sampler").value;
+  const sampler = choices.find((s) => s.name === name) ?? choices[0];
+  if (!sampler) return;
+  const kept = select.value || field.hr_schedule.default;
+  select.replaceChildren(...sampler.schedules.map((s) => new Option(s, s)));
+  select.value = sampler.schedules.includes(kept) ? kept : "Automatic";
+}
+
 async function loadChoices() {
   const [models, samplers, upscalers] = await Promise.all([api.get("/models"), api.get("/samplers"), api.get("/upscalers")]);
   state.models = models;
@@ -256,6 +269,7 @@ function applyFamily(model) {
   showReferences();
   applyDefaults(mode());
   fillSchedules(select.value, $("schedule").value);
+  fillHiresSchedules(); // after the family's sampler is in place
 }
 
 // At CFG scale 1 no negative pass runs: the negative prompt would change nothing.
@@ -278,7 +292,11 @@ async function chooseModel() {
   }
 }
 
-$("sampler").addEventListener("change", () => fillSchedules($("sampler").value));
+$("sampler").addEventListener("change", () => {
+  fillSchedules($("sampler").value);
+  fillHiresSchedules();
+});
+$("hr_sampler")?.addEventListener("change", fillHiresSchedules);
 $("model").addEventListener("change", chooseModel);
 
 $("seed-random").addEventListener("click", () => ($("seed").value = -1));
@@ -385,6 +403,7 @@ function body() {
   // txt2img (the output takes the input image's size), the mask tools hidden outside inpaint.
   for (const { field: f, control } of controls) {
     if (serverDecides.has(f.name) && untouched(f, control)) continue;
+    if (control.tagName === "SELECT" && !control.options.length) continue; // choices not loaded: the server's default
     if (f.modes.includes(m) && !control.disabled && !control.closest("[hidden]")) request[f.name] = read(f, control);
   }
   if (state.references.length && !$("reference-box").hidden) request.reference_images = state.references;
@@ -503,6 +522,10 @@ async function reuse(parameters) {
   }
   if (parameters.negative_prompt) $("negative-box").open = true;
   if (state.samplers.length) fillSchedules($("sampler").value, parameters.schedule ?? $("schedule").value);
+  if ($("hr_schedule")) {
+    fillHiresSchedules(); // for the hires sampler just set
+    setValue($("hr_schedule"), parameters.hr_schedule);
+  }
   toast("Parameters loaded: generate to remake the image.");
   $("prompt").focus();
 }

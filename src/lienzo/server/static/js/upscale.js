@@ -69,6 +69,7 @@ export function initUpscale({ toast }) {
 
   const drop = $("up-drop");
   $("up-file").addEventListener("change", (e) => useFile(e.target.files[0]));
+  $("up-source").addEventListener("click", () => $("up-file").click()); // another picture
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
     drop.classList.add("over");
