@@ -70,7 +70,7 @@ class Progress:
     elapsed: float
 
     def preview(self) -> list[Image.Image]:
-        factors = _PREVIEW_RGB["sdxl" if self.family == "sdxl" else "sd"]
+        factors = _PREVIEW_RGB["sdxl" if self.family in ("sdxl", "sdxl_refiner") else "sd"]
         if self.latents.shape[1] != factors.shape[0]:
             return []
         rgb = torch.einsum("bchw,cr->bhwr", self.latents.float().cpu(), factors)
@@ -308,6 +308,8 @@ def family_defaults(components: Components, request: GenerationRequest) -> Gener
         raise InvalidRequestError("reference_images", f"{spec.label} models take no reference images (only {takers} do); leave it empty")
     if spec.prompt_images and not request.reference_images:  # its pipeline has nothing to edit (and fails) without one
         raise InvalidRequestError("reference_images", f"{spec.label} edits the images it is given: give at least one")
+    if request.controlnets and components.family == "sdxl_refiner":
+        raise InvalidRequestError("controlnets", "the SDXL refiner takes no ControlNet units (they are made for SDXL's base U-Net)")
     if spec.is_transformer and request.controlnets:
         raise InvalidRequestError("controlnets", f"{spec.label} models take no ControlNet units yet (SD 1.x, 2.x and SDXL do)")
     if request.fast and request.controlnets:

@@ -244,7 +244,7 @@ def _align_your_steps(steps: int, sigma_min: float, sigma_max: float, family: st
     from diffusers.schedulers import AysSchedules  # diffusers' copy of NVIDIA's tables; imported with diffusers
 
     # diffusers ends each table with 0 where A1111 ends it with sigma_min and then appends 0.
-    table = AysSchedules["StableDiffusionXLSigmas" if family == "sdxl" else "StableDiffusionSigmas"][:-1] + [sigma_min]
+    table = AysSchedules["StableDiffusionXLSigmas" if family in ("sdxl", "sdxl_refiner") else "StableDiffusionSigmas"][:-1] + [sigma_min]
     positions = np.linspace(0, len(table) - 1, steps)
     return [*np.exp(np.interp(positions, np.arange(len(table)), np.log(table))).tolist(), 0.0]
 

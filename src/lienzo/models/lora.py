@@ -245,6 +245,8 @@ def _read(path: Path, tensors: dict[str, torch.Tensor], components: Components) 
 
 def _convert(components: Components, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
     """diffusers' names for the file's tensors, and the alphas diffusers kept apart (None: none)."""
+    if components.family not in _MIXINS:
+        raise ModelFileError(f"lora: LoRAs on {components.spec.label} models are not supported yet")
     mixin = _MIXINS[components.family]
     if mixin is FluxLoraLoaderMixin:
         # Recognises kohya, ComfyUI (diffusion_model.…), XLabs and diffusers names by themselves.
