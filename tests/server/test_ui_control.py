@@ -125,7 +125,8 @@ def test_hires_fix_section_only_for_txt2img(page, server):
     with page.expect_response(re.compile(r"/api/v1/txt2img$")) as answer:
         page.click("#generate")
     sent = answer.value.request.post_data_json
-    assert (sent["enable_hr"], sent["hr_scale"], sent["hr_upscaler"], sent["hr_sampler"], sent["hr_schedule"]) == (True, 1.5, "Lanczos", None, "Automatic")
+    hires = tuple(sent[name] for name in ("enable_hr", "hr_scale", "hr_upscaler", "hr_sampler", "hr_schedule"))
+    assert hires == (True, 1.5, "Lanczos", None, "Automatic")
     # Two passes, the second at the larger size: more time than one picture takes.
     page.wait_for_function("document.querySelectorAll('#results .tile img').length >= 1", timeout=3 * TIMEOUT)
     wait_for_results(page, 1)

@@ -56,7 +56,7 @@ def prepare_resources(components: Components, request: GenerationRequest, settin
         controls.append(Control(unit, model, control_map))
     upscaler = None
     if request.enable_hr and request.mode == "txt2img":
-        from lienzo.generation.hires import LATENT_MODES
+        from lienzo.upscale.upscalers import LATENT_MODES
         from lienzo.upscale.upscalers import BUILTINS, find_upscaler
 
         if request.hr_upscaler not in LATENT_MODES and request.hr_upscaler not in BUILTINS:

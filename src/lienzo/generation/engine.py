@@ -334,7 +334,7 @@ def _check_controls(request: GenerationRequest, resources: Resources) -> None:
 
 def _hires(components, request: GenerationRequest, cv: Canvas, sampler, schedule: str, resources: Resources, device, cancel) -> Hires:
     """The hires fix's second pass: its size, steps, sampler, prompts and how it enlarges."""
-    from lienzo.generation.hires import LATENT_MODES
+    from lienzo.upscale.upscalers import LATENT_MODES
 
     width, height = request.hires_size(cv.width, cv.height)
     steps = request.hr_second_pass_steps or request.steps

@@ -16,16 +16,6 @@ from lienzo.generation.noise import Variation
 from lienzo.generation.plan import BatchPlan, Canvas
 from lienzo.models.components import Components
 
-# A1111's latent upscale modes (its shared.latent_upscale_modes): name -> torch's interpolation mode, antialias.
-LATENT_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-
 
 def second_pass(components: Components, plan: BatchPlan, latents: torch.Tensor, generators) -> BatchPlan:
     """The img2img plan that repaints ``plan``'s enlarged result (``latents``, one row per image)."""

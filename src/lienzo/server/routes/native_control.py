@@ -142,7 +142,8 @@ def detect(body: DetectBody, settings: AppSettings) -> PNGResponse:
     preprocessor.slider_values(body.processor_res, body.threshold_a, body.threshold_b)
     preprocessor.annotator_path(settings.models_dir)
     image = image_from_b64(body.image, "image", settings)
-    _check_output(_map_size(preprocessor, image.size, body.processor_res), settings, "processor_res", f"the {image.width}x{image.height} picture's map")
+    size = _map_size(preprocessor, image.size, body.processor_res)
+    _check_output(size, settings, "processor_res", f"the {image.width}x{image.height} picture's map")
     mask = mask_from_b64(body.mask, image.size, "mask", settings) if body.mask is not None else None
     control_map = preprocess(
         preprocessor.name, image, body.processor_res, body.threshold_a, body.threshold_b, mask=mask, seed=body.seed,
