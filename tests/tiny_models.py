@@ -29,6 +29,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    ControlNetModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
@@ -173,6 +174,18 @@ def build_tiny(family: str, *, inpainting: bool = False, prediction_type: str | 
 # Flux's rotary position axes split each head's channels as (1/8, 7/16, 7/16): (16, 56, 56) for 128.
 FLUX_HEAD_DIM = 32
 FLUX_ROPE = (4, 14, 14)
+
+
+def tiny_controlnet(unet, seed: int = 3) -> ControlNetModel:
+    """A ControlNet copied from a tiny U-Net (its encoder, as ``ControlNetModel.from_unet`` copies it) whose zero
+    convolutions and hint embedding's last layer are made non-zero, so that it steers (a trained one's are not zero)."""
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
+                param.normal_(0, 0.3)
+    return net.eval()
 
 
 def build_tiny_transformer(family: str, *, t5: bool = True, guidance: bool = True) -> Components:

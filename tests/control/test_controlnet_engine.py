@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
 from diffusers import MultiControlNetModel
 from PIL import Image, ImageDraw
 
@@ -13,7 +13,7 @@ from lienzo.generation.control import Control, ControlStack, _Prepared, control_
 from lienzo.generation.control_unit import ControlUnit
 from lienzo.generation.plan import Resources
 from lienzo.generation.request import build_request
-from tiny_models import build_tiny
+from tiny_models import build_tiny, tiny_controlnet
 
 PROMPT = "a fox in a forest"
 
@@ -23,20 +23,9 @@ def sd1():
     return build_tiny("sd1")
 
 
-def _controlnet(unet, seed: int) -> ControlNetModel:
-    """A ControlNet copied from ``unet`` whose zero convolutions are not zero (a trained one's are not)."""
-    torch.manual_seed(seed)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
-                param.normal_(0, 0.3)
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def nets(sd1):
-    return _controlnet(sd1.unet, 1), _controlnet(sd1.unet, 2)
+    return tiny_controlnet(sd1.unet, 1), tiny_controlnet(sd1.unet, 2)
 
 
 def _map(seed: int, size: int = 64) -> Image.Image:
@@ -51,7 +40,8 @@ def _unit(**fields) -> ControlUnit:
     return ControlUnit(image=_map(0), model="tiny", **fields)
 
 
-def _run(sd1, controls: list[tuple[ControlUnit, ControlNetModel, Image.Image]], **fields):
+def _run(sd1, controls: list[tuple], **fields):
+    """A picture with ``controls``: (unit, network, control map) triples, prepared as the service would."""
     units = [unit for unit, _, _ in controls]
     request = build_request(prompt=PROMPT, negative_prompt="blurry", steps=4, cfg_scale=6.0, sampler="Euler", schedule="DDIM", seed=21, width=64, height=64,
                             controlnets=units, **fields)

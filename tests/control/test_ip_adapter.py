@@ -273,8 +273,7 @@ def test_a_missing_encoder_names_the_files_to_put_in_clip_vision(sd1, tmp_path, 
 def test_module_and_model_must_go_together(sd1, settings):
     with pytest.raises(InvalidRequestError, match=r"controlnets\.0\.module.*is an IP-Adapter.*ip-adapter_clip_sd15"):
         prepare_resources(sd1, build_request(prompt=PROMPT, controlnets=[unit(module="canny")], **RUN), settings)
-    # The plus adapter reads the encoder's 64-wide hidden states; the plain one its 48-wide embedding. Both run
-    # ViT-H, so a mismatch shows only with an encoder of other widths: here, the tiny one for a bigG adapter.
+    # ip-adapter-auto picks the encoder by the model's name, as the extension's presets.
     assert ip_module.encoder_for("ip-adapter-auto", "ip-adapter-plus_sdxl_vit-h") == "ViT-H"
     assert ip_module.encoder_for("ip-adapter_clip_sdxl", "anything") == "ViT-bigG"
 
@@ -330,3 +329,24 @@ def test_an_sdxl_u_net_call_matches_diffusers_with_the_adapter_loaded(encoder, t
         plain = xl(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     assert (ours - plain).abs().max() > 1e-3
+
+
+def test_encoders_are_found_as_transformers_folders_and_their_widths_checked(sd1, encoder, models_dir, tmp_path):
+    from lienzo.control.ip_adapter import find_image_encoder
+
+    (tmp_path / "ipadapter").mkdir()
+    (tmp_path / "ipadapter" / "ip-adapter_sd15.safetensors").write_bytes((models_dir / "ipadapter" / "ip-adapter_sd15.safetensors").read_bytes())
+    # A transformers folder named as ComfyUI names the file, holding config.json and model.safetensors.
+    encoder.save_pretrained(tmp_path / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    found = find_image_encoder(tmp_path, "ViT-H")
+    assert found == tmp_path / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_image_encoder(found)(pixels).image_embeds, encoder(pixels).image_embeds)
+    # An encoder under bigG's name whose embedding is 40 wide cannot feed an adapter that reads 48.
+    narrow = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**encoder.config.to_dict(), "projection_dim": 40}))
+    save_file({k: t.contiguous() for k, t in narrow.state_dict().items()}, tmp_path / "clip_vision" / "clip_vision_g.safetensors")
+    settings = Settings(models_dir=tmp_path, data_dir=tmp_path / "data")
+    request = build_request(prompt=PROMPT, controlnets=[unit(module="ip-adapter_clip_sdxl")], **RUN)
+    with pytest.raises(InvalidRequestError, match=r"controlnets\.0\.module.*reads 48-wide CLIP embeddings.*ViT-bigG.*gives 40"):
+        prepare_resources(sd1, request, settings)

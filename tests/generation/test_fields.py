@@ -11,7 +11,7 @@ from lienzo.generation.fields import MODES, SAME
 from lienzo.generation.infotext import fields_from_infotext, request_params
 from lienzo.generation.request import GenerationRequest, build_request, table
 from lienzo.images.metadata import format_infotext, parse_infotext
-from lienzo.server.routes.a1111.schemas import CommonRequest, Img2ImgRequest
+from lienzo.server.routes.a1111.schemas import CommonRequest, Img2ImgRequest, Txt2ImgRequest
 from lienzo.server.routes.a1111.translate import DIALECT as A1111
 from lienzo.server.routes.native import BODIES
 from lienzo.server.routes.openai import DIALECT as OPENAI
@@ -99,7 +99,8 @@ def test_a1111_and_openai_bodies_and_error_names_come_from_the_table():
     for row in table():
         spec = row.spec
         if spec.a1111 and spec.a1111_body:
-            body = CommonRequest if "txt2img" in spec.modes else Img2ImgRequest
+            # The hires fix's fields are txt2img's alone; what both modes take is in the common body.
+            body = Txt2ImgRequest if spec.modes == {"txt2img"} else CommonRequest if "txt2img" in spec.modes else Img2ImgRequest
             default = row.default if spec.a1111_default is SAME else spec.a1111_default
             assert body.model_fields[spec.a1111].default == default, row.name
         if spec.a1111 and spec.a1111 != row.name:

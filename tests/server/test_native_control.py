@@ -4,11 +4,11 @@ and preprocessors, a preprocessor run alone (detect), the upscalers and one pict
 
 import base64
 import io
+import time
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -22,21 +22,10 @@ from servers import b64_png, home_settings
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 
 
-def tiny_controlnet(unet) -> ControlNetModel:
-    """A ControlNet copied from the tiny U-Net, its zero convolutions made non-zero so that it steers."""
-    torch.manual_seed(3)
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
-                param.normal_(0, 0.3)
-    return net
-
-
 def control_home(root):
     """``root/models``: a tiny SD 1.x checkpoint (tiny-sd15) and a tiny ControlNet folder (ControlNet/tiny-canny)."""
     from lienzo.models.single_file_save import save_single_file
-    from tiny_models import build_tiny
+    from tiny_models import build_tiny, tiny_controlnet
 
     tiny = build_tiny("sd1")
     (root / "models" / "ControlNet").mkdir(parents=True)
@@ -229,3 +218,17 @@ def test_embeddings_are_listed_with_whether_the_model_can_use_them(home, client)
     assert list(listed) == ["narrow", "shiny"]
     assert (listed["shiny"]["fits"], listed["narrow"]["fits"]) == (True, False)
     assert listed["shiny"]["size_bytes"] == (folder / "shiny.pt").stat().st_size and len(listed["shiny"]["short_hash"]) == 12
+
+
+def test_a_plot_takes_controlnet_units(client):
+    unit = {"image": b64_png(drawing()), "module": "canny", "model": "tiny-canny", "processor_res": 64}
+    plot = client.post("/api/v1/plot", json={**FAST, "controlnets": [unit], "x": "weight=0.5,1"})
+    assert plot.status_code == 422 and "weight" in plot.text  # weight is the unit's, not an axis of the request
+    plot = client.post("/api/v1/plot", json={**FAST, "controlnets": [unit], "x": "steps=1,2"})
+    assert plot.status_code == 202, plot.text
+    for cell in plot.json()["cells"]:
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/api/v1/jobs/{cell['job']}").json())["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job["status"] == "done", job
+        assert parse_infotext(job["images"][0]["infotext"]).params["ControlNet 0"].startswith("Module: canny")

@@ -7,9 +7,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import webuiapi
-from diffusers import ControlNetModel
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
@@ -29,18 +27,12 @@ def home(tmp_path_factory):
     """A tiny SD 1.x checkpoint and a ControlNet made from its U-Net (its zero convolutions made non-zero, so
     that it steers), saved as a diffusers folder in the models dir's ControlNet folder."""
     from lienzo.models.single_file_save import save_single_file
-    from tiny_models import build_tiny
+    from tiny_models import build_tiny, tiny_controlnet
 
     root = tmp_path_factory.mktemp("controlnet-home")
     components = build_tiny("sd1")
     save_single_file(components, root / "models" / "tiny-a.safetensors")
-    torch.manual_seed(3)
-    net = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
-                param.normal_(0, 0.3)
-    net.save_pretrained(root / "models" / "ControlNet" / "control_tiny_canny")
+    tiny_controlnet(components.unet).save_pretrained(root / "models" / "ControlNet" / "control_tiny_canny")
     return root
 
 

@@ -2,9 +2,7 @@
 to twice its size, a 2x ESRGAN upscale, and all of it remade from the files' parameters (on tiny models)."""
 
 import numpy as np
-import torch
 from click.testing import CliRunner
-from diffusers import ControlNetModel
 from PIL import Image, ImageDraw
 from tiny_upscalers import esrgan, save_pth
 
@@ -14,18 +12,12 @@ from lienzo.images.metadata import parse_infotext, read_parameters
 
 def test_photo_canny_hires_upscale_and_remake(tmp_path):
     from lienzo.models.single_file_save import save_single_file
-    from tiny_models import build_tiny
+    from tiny_models import build_tiny, tiny_controlnet
 
     models = tmp_path / "models"
     components = build_tiny("sd1")
     save_single_file(components, models / "tiny-sd15.safetensors")
-    torch.manual_seed(4)
-    net = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
-                param.normal_(0, 0.3)
-    net.save_pretrained(models / "ControlNet" / "control_tiny_canny")
+    tiny_controlnet(components.unet, seed=4).save_pretrained(models / "ControlNet" / "control_tiny_canny")
     save_pth(esrgan(2), models / "ESRGAN" / "2x-tiny.pth")
     photo = Image.new("RGB", (128, 128), (30, 80, 40))
     ImageDraw.Draw(photo).polygon([(20, 100), (64, 20), (108, 100)], fill=(220, 220, 200))

@@ -29,22 +29,20 @@ def models(ctx, details):
     if details:
         for entry in entries:
             click.echo(f"{entry.name}\n  sha256: {entry.sha256}\n  training data: {describe_training_data(training_data_for(entry.path))}")
-    loras = registry.loras()
-    if loras:
-        table = Table(title="LoRAs (use as <lora:NAME:WEIGHT> or --lora NAME:WEIGHT)")
-        for column in ("name", "size", "hash"):
-            table.add_column(column)
-        for lora in loras:
-            table.add_row(lora.name, _size(lora.size_bytes), lora.short_hash)
-        Console().print(table)
-    embeddings = registry.embeddings()
-    if embeddings:
-        table = Table(title="textual-inversion embeddings (write the NAME in a prompt: SD 1.x/2.x and SDXL, of their width)")
-        for column in ("name", "size", "hash"):
-            table.add_column(column)
-        for embedding in embeddings:
-            table.add_row(embedding.name, _size(embedding.size_bytes), embedding.short_hash)
-        Console().print(table)
+    _files_table("LoRAs (use as <lora:NAME:WEIGHT> or --lora NAME:WEIGHT)", registry.loras())
+    _files_table("textual-inversion embeddings (write the NAME in a prompt: SD 1.x/2.x and SDXL, of their width)", registry.embeddings())
+
+
+def _files_table(title: str, entries) -> None:
+    """Name, size and short hash of each file (LoRAs, embeddings), under ``title``; nothing when there are none."""
+    if not entries:
+        return
+    table = Table(title=title)
+    for column in ("name", "size", "hash"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.name, _size(entry.size_bytes), entry.short_hash)
+    Console().print(table)
 
 
 def _size(size_bytes: int) -> str:

@@ -16,9 +16,7 @@ change the U-Net, so a later job without an image prompt gets the U-Net exactly 
 """
 
 import math
-import pickle
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,18 +93,7 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def _flat_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A pickled adapter's tensors, with the nested dictionaries of the original .bin flattened to dotted keys.
     :func:`lienzo.models.formats.load_state_dict` keeps only top-level tensors, which such a .bin has none of."""
-    try:
-        with path.open("rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelFileError(
-            f"lienzo refuses to load {path.name}: it holds Python objects or code besides tensors (or is damaged), "
-            "and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
-        ) from err
-    except (RuntimeError, OSError, EOFError, ValueError, IndexError, struct.error) as err:
-        raise ModelFileError(f"cannot read {path.name}: damaged or not a PyTorch checkpoint ({err})") from err
-    if not isinstance(loaded, dict):
-        raise ModelFileError(f"{path.name} holds a {type(loaded).__name__}, not a dictionary of tensors")
+    loaded = formats.load_pickle_dict(path)
     flat = {}
     for key, value in loaded.items():
         if isinstance(value, torch.Tensor):

@@ -315,7 +315,8 @@ class GenerationRequest(BaseModel):
     )] = 0
     hr_denoising_strength: Annotated[float, Spec(
         "Denoising strength", "how much of the enlarged picture the hires fix repaints, 0 to 1 (A1111's txt2img "
-        "denoising_strength)", modes=TXT2IMG, limits=Limits(0, 1), cli="hires-strength", a1111="denoising_strength",
+        "denoising_strength, whose default there is 0.75)", modes=TXT2IMG, limits=Limits(0, 1), cli="hires-strength",
+        a1111="denoising_strength", a1111_default=0.75,
         infotext=number("Denoising strength", always=True, when=_hires), widget=Widget("range", 0, 1, 0.05),
     )] = 0.7
     hr_sampler: Annotated[str | None, Spec(

@@ -24,8 +24,6 @@ import base64
 import binascii
 import json
 import logging
-import pickle
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lienzo.errors import ModelFileError
+from lienzo.models import formats
 from lienzo.models.components import Components
 from lienzo.models.families import FAMILIES
 from lienzo.models.registry import EMBEDDING_SHORT_HASH, EMBEDDINGS_FOLDER, sha256_file
@@ -118,20 +117,7 @@ def read_embedding(path: Path) -> Embedding | None:
 
 
 def _load_pickle(path: Path) -> dict:
-    try:
-        # An open file: torch >= 2.13 sends a path ending in .safetensors to safetensors by its name.
-        with path.open("rb") as f:
-            data = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelFileError(
-            f"embedding {path.name}: lienzo refuses to load it: it holds Python objects or code besides tensors (or is "
-            "damaged), and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
-        ) from err
-    except (RuntimeError, OSError, EOFError, ValueError, IndexError, struct.error) as err:
-        raise ModelFileError(f"embedding {path.name}: damaged or not a PyTorch file ({err})") from err
-    if not isinstance(data, dict):
-        raise ModelFileError(f"embedding {path.name} holds a {type(data).__name__}, not a dictionary of tensors")
-    return data
+    return formats.load_pickle_dict(path, "embedding")
 
 
 def _png_data(path: Path) -> dict | None:

@@ -180,6 +180,30 @@ def read_metadata(path) -> dict[str, str]:
     return dict(_safetensors_header(Path(path)).get("__metadata__") or {})
 
 
+def load_pickle_dict(path: Path, what: str = "") -> dict:
+    """A PyTorch file's top-level dictionary, read weights-only: lienzo never runs code from a model file. Every
+    reader of .pth/.pt/.bin/.ckpt files comes here, so all refuse the same way; ``what`` (``upscaler``, ...) leads
+    the errors."""
+    lead = f"{what}: " if what else ""
+    try:
+        # An open file, not the path: torch >= 2.13 routes any path ending in .safetensors to
+        # safetensors by its name, and a torch file renamed so would fail there.
+        with path.open("rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch raises this both for forbidden globals (code) and for damaged pickle streams.
+        raise ModelFileError(
+            f"{lead}lienzo refuses to load {path.name}: it holds Python objects or code besides tensors (or is damaged), "
+            "and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
+        ) from err
+    # A damaged pickle stream fails in whichever reader meets the damage first (struct: a cut-off record).
+    except (RuntimeError, OSError, EOFError, ValueError, IndexError, struct.error) as err:
+        raise ModelFileError(f"{lead}cannot read {path.name}: damaged or not a PyTorch checkpoint ({err})") from err
+    if not isinstance(loaded, dict):
+        raise ModelFileError(f"{lead}{path.name} holds a {type(loaded).__name__}, not a dictionary of tensors")
+    return loaded
+
+
 def load_state_dict(path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint, on CPU. Pickles are read weights-only, never executed."""
     path = Path(path)
@@ -194,25 +218,10 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError) as err:
             raise ModelFileError(f"cannot read {path.name}: {err}") from err
-    try:
-        # An open file, not the path: torch >= 2.13 routes any path ending in .safetensors to
-        # safetensors by its name, and a torch file renamed so would fail there.
-        with path.open("rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch raises this both for forbidden globals (code) and for damaged pickle streams.
-        raise ModelFileError(
-            f"lienzo refuses to load {path.name}: it holds Python objects or code besides tensors (or is damaged), "
-            "and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
-        ) from err
-    # A damaged pickle stream fails in whichever reader meets the damage first (struct: a cut-off record).
-    except (RuntimeError, OSError, EOFError, ValueError, IndexError, struct.error) as err:
-        raise ModelFileError(f"cannot read {path.name}: damaged or not a PyTorch checkpoint ({err})") from err
+    loaded = load_pickle_dict(path)
     # Lightning-era .ckpt files wrap the weights next to epoch counters and optimizer state.
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+    if isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise ModelFileError(f"{path.name} holds a {type(loaded).__name__}, not a dictionary of tensors")
     tensors = {key: value for key, value in loaded.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
     if not tensors:
         raise ModelFileError(f"{path.name} holds no tensors")

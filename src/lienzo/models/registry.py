@@ -464,18 +464,23 @@ class Registry:
         return [self._lora_entry(p) for _, p in self._lora_files()]
 
     def _lora_entry(self, path: Path) -> LoraEntry:
+        # Its own cache key: a LoRA's hash is the "addnet" hash, not the checkpoints' whole-file sha256.
+        path, size, digest = self._hashed(path, "lora", lora_hash)
+        return LoraEntry(path.stem, path, size, digest[:LORA_SHORT_HASH])
+
+    def _hashed(self, path: Path, kind: str, hasher: Callable[[Path], str]) -> tuple[Path, int, str]:
+        """The resolved path, size and ``hasher``'s hash of a file, the hash cached under ``kind`` until the file changes."""
         path = path.resolve()
         stat = path.stat()
         stamp = [[str(path), stat.st_size, stat.st_mtime_ns]]
-        # Its own cache key: a LoRA's hash is the "addnet" hash, not the checkpoints' whole-file sha256.
-        key = f"lora:{path}"
+        key = f"{kind}:{path}"
         cache = self._load_cache()
         cached = cache.get(key)
         if cached is None or cached["stamp"] != stamp:
-            cached = {"stamp": stamp, "hash": lora_hash(path)}
+            cached = {"stamp": stamp, "hash": hasher(path)}
             cache[key] = cached
             self._save_cache()
-        return LoraEntry(path.stem, path, stat.st_size, cached["hash"][:LORA_SHORT_HASH])
+        return path, stat.st_size, cached["hash"]
 
     def embeddings(self) -> list[EmbeddingEntry]:
         """Files in ``<models>/embeddings`` (sub-folders too) that may be textual-inversion embeddings, in name order,
@@ -487,17 +492,8 @@ class Registry:
         return [self._embedding_entry(p) for p in files]
 
     def _embedding_entry(self, path: Path) -> EmbeddingEntry:
-        path = path.resolve()
-        stat = path.stat()
-        stamp = [[str(path), stat.st_size, stat.st_mtime_ns]]
-        key = f"embedding:{path}"
-        cache = self._load_cache()
-        cached = cache.get(key)
-        if cached is None or cached["stamp"] != stamp:
-            cached = {"stamp": stamp, "hash": sha256_file(path)}
-            cache[key] = cached
-            self._save_cache()
-        return EmbeddingEntry(path.stem, path, stat.st_size, cached["hash"][:EMBEDDING_SHORT_HASH])
+        path, size, digest = self._hashed(path, "embedding", sha256_file)
+        return EmbeddingEntry(path.stem, path, size, digest[:EMBEDDING_SHORT_HASH])
 
     def resolve_lora(self, name_or_path: str | Path, *, allow_paths: bool = True, field: str = "lora") -> Path:
         """A LoRA file by stem, file name or path inside the LoRA folder (``styles/film``); errors name ``field``.

@@ -190,13 +190,9 @@ def _load(path: Path, device: str):
 def _read_weights(path: Path) -> dict:
     """The tensors in a model file, judged by its content; pickles are read weights-only, never run.
     Upscaler files often nest them (``params_ema``, ``state_dict``); spandrel unwraps those."""
-    import pickle
+    from lienzo.models import formats
 
-    import torch
-
-    from lienzo.models.formats import sniff
-
-    kind = sniff(path)
+    kind = formats.sniff(path)
     if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -207,19 +203,7 @@ def _read_weights(path: Path) -> dict:
             raise ModelFileError(f"upscaler: cannot read {path.name}: {err}") from None
     if kind not in ("pickle", "torch-zip"):
         raise ModelFileError(f"upscaler: {path.name} is a {kind}, not an upscaler model file (.pth, .pt, .safetensors)")
-    try:
-        with path.open("rb") as f:  # a file, not the path: torch >= 2.13 routes a path ending in .safetensors by its name
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelFileError(
-            f"upscaler: lienzo refuses to load {path.name}: it holds Python objects or code besides tensors (or is damaged), "
-            "and lienzo never runs code from model files; convert it to .safetensors with a tool you trust"
-        ) from err
-    except (RuntimeError, OSError, EOFError, ValueError, IndexError) as err:
-        raise ModelFileError(f"upscaler: cannot read {path.name}: damaged or not a PyTorch checkpoint ({err})") from None
-    if not isinstance(loaded, dict):
-        raise ModelFileError(f"upscaler: {path.name} holds a {type(loaded).__name__}, not a dictionary of tensors")
-    return loaded
+    return formats.load_pickle_dict(path, "upscaler")
 
 
 def _run_model(model, image: Image.Image, device: str, tile: int, cancel: Callable[[], bool] | None) -> Image.Image:

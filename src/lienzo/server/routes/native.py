@@ -72,7 +72,15 @@ BODIES = {mode: _body_model(mode) for mode in MODES}
 
 def request_from_body(mode: str, body: BaseModel, settings: Settings) -> GenerationRequest:
     """Decode the body's images and validate everything into the engine's request."""
-    fields = body.model_dump(exclude={"model"})
+    request = build_request(**fields_from_body(body, settings))
+    if mode == "outpaint" and not request.is_outpaint:
+        raise InvalidRequestError("outpaint_left", "give at least one of outpaint_left, outpaint_right, outpaint_up, outpaint_down")
+    return request
+
+
+def fields_from_body(body: BaseModel, settings: Settings, exclude: frozenset[str] = frozenset()) -> dict:
+    """The body's request fields with its pictures decoded (errors name the field: ``controlnets.0.image``)."""
+    fields = body.model_dump(exclude={"model", *exclude})
     if "init_image" in fields:
         fields["init_image"] = image_from_b64(fields["init_image"], "init_image", settings)
     if "mask" in fields:
@@ -85,10 +93,7 @@ def request_from_body(mode: str, body: BaseModel, settings: Settings) -> Generat
         fields["controlnets"] = [
             _unit_from_body(unit, f"controlnets.{index}", "init_image" in fields, settings) for index, unit in enumerate(fields["controlnets"])
         ]
-    request = build_request(**fields)
-    if mode == "outpaint" and not request.is_outpaint:
-        raise InvalidRequestError("outpaint_left", "give at least one of outpaint_left, outpaint_right, outpaint_up, outpaint_down")
-    return request
+    return fields
 
 
 def _unit_from_body(unit: dict, field: str, has_input: bool, settings: Settings) -> dict:

@@ -11,7 +11,7 @@ from lienzo.generation.noise import random_seed
 from lienzo.generation.xyz import Axis, parse_axis, plot_cells
 from lienzo.server.deps import AppSettings, Queue
 from lienzo.server.jobs import QueueFullError
-from lienzo.server.routes.native import BODIES, PREFIX
+from lienzo.server.routes.native import BODIES, PREFIX, fields_from_body
 
 router = APIRouter(prefix=PREFIX, tags=["lienzo"])
 
@@ -57,7 +57,7 @@ def _view(axis: Axis | None) -> AxisView | None:
 def plot(body: PlotBody, queue: Queue, settings: AppSettings) -> PlotView:  # type: ignore[valid-type]
     """Queue an X/Y/Z plot: every cell a txt2img job with one image, all checked before any is queued."""
     axes = [parse_axis(text, name) if text else None for text, name in ((body.x, "x"), (body.y, "y"), (body.z, "z"))]
-    fields: dict[str, Any] = body.model_dump(exclude={"model", "x", "y", "z"})
+    fields: dict[str, Any] = fields_from_body(body, settings, frozenset({"x", "y", "z"}))
     if fields["seed"] == -1:
         fields["seed"] = random_seed()
     cells = plot_cells(fields, *axes)

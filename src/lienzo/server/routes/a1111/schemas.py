@@ -127,10 +127,6 @@ class Txt2ImgRequest(create_model("_Txt2ImgFields", __base__=CommonRequest, **ta
     """txt2img's body: the shared fields, the hires fix's from the table (enable_hr, hr_scale, hr_upscaler, hr_scheduler,
     ...) and A1111's own below."""
 
-    denoising_strength: float | None = Field(
-        0.75, description="the hires fix's denoising strength, 0 to 1 (A1111's default 0.75; unused without enable_hr)",
-        json_schema_extra=schema_limits("hr_denoising_strength"),
-    )
     firstphase_width: int | None = Field(
         0, description="older A1111: with firstphase_height, the first pass's size (width and height are then unused); 0: width"
     )

@@ -89,3 +89,17 @@ export async function blobToDataURL(blob) {
     reader.readAsDataURL(blob);
   });
 }
+
+// A drop zone: a file dragged onto ``element`` goes to ``onFile``, the zone marked while it hovers.
+export function dropTarget(element, onFile) {
+  element.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    element.classList.add("over");
+  });
+  element.addEventListener("dragleave", () => element.classList.remove("over"));
+  element.addEventListener("drop", (e) => {
+    e.preventDefault();
+    element.classList.remove("over");
+    onFile(e.dataTransfer.files[0]);
+  });
+}

@@ -2,7 +2,7 @@
 // model, a weight, a start and end, a control mode, a resize mode, pixel perfect), each with a live preview
 // of its control map (POST /api/v1/controlnet/detect), sent with the job as ``controlnets``.
 // The choices and limits come from the API: GET /controlnet/preprocessors, /controlnet/models, /controlnet/unit.
-import { api, ApiError, blobToDataURL } from "./api.js";
+import { api, ApiError, blobToDataURL, dropTarget } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const PREVIEW_DELAY = 350; // ms after the last change: a slider dragged asks for one map, not fifty
@@ -163,16 +163,7 @@ export async function initControlNet({ source, mode, toast }) {
 
     file.addEventListener("change", () => usePicture(file.files[0]));
     picture.addEventListener("click", () => file.click()); // another picture
-    drop.addEventListener("dragover", (e) => {
-      e.preventDefault();
-      drop.classList.add("over");
-    });
-    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-    drop.addEventListener("drop", (e) => {
-      e.preventDefault();
-      drop.classList.remove("over");
-      usePicture(e.dataTransfer.files[0]);
-    });
+    dropTarget(drop, usePicture);
     moduleSelect.addEventListener("change", () => {
       showSliders();
       schedulePreview();

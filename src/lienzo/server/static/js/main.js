@@ -1,5 +1,5 @@
 // lienzo studio: create (txt2img, img2img, inpaint, outpaint) and the gallery, on /api/v1.
-import { api, ApiError, blobToDataURL, followJob } from "./api.js";
+import { api, ApiError, blobToDataURL, dropTarget, followJob } from "./api.js";
 import { ImageEditor, loadImage } from "./canvas.js";
 import { initControlNet } from "./control.js";
 import { initExplore } from "./explore.js";
@@ -369,16 +369,7 @@ async function useFile(file) {
 
 const drop = $("drop");
 $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
-drop.addEventListener("dragover", (e) => {
-  e.preventDefault();
-  drop.classList.add("over");
-});
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => {
-  e.preventDefault();
-  drop.classList.remove("over");
-  useFile(e.dataTransfer.files[0]);
-});
+dropTarget(drop, useFile);
 document.addEventListener("paste", (e) => {
   const file = [...(e.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
   if (file && mode() !== "txt2img" && !$("view-create").hidden) useFile(file);

@@ -1,6 +1,6 @@
 // The Upscale tab: one picture enlarged by an upscaler (POST /api/v1/upscale, A1111's extras), shown, then
 // downloaded or saved to the gallery (POST /api/v1/gallery/import keeps its text: its parameters and the step).
-import { api, blobToDataURL } from "./api.js";
+import { api, blobToDataURL, dropTarget } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -70,16 +70,7 @@ export function initUpscale({ toast }) {
   const drop = $("up-drop");
   $("up-file").addEventListener("change", (e) => useFile(e.target.files[0]));
   $("up-source").addEventListener("click", () => $("up-file").click()); // another picture
-  drop.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    useFile(e.dataTransfer.files[0]);
-  });
+  dropTarget(drop, useFile);
   document.addEventListener("paste", (e) => {
     const file = [...(e.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
     if (file && !$("view-upscale").hidden) useFile(file);
