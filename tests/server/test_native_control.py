@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from lienzo.control.preprocessors import PREPROCESSORS
+from lienzo.control.preprocessors import IP_ADAPTER_MODULES, PREPROCESSORS
 from lienzo.generation.fields import image_hash
 from lienzo.images.metadata import parse_infotext
 from lienzo.server.app import create_app
@@ -123,7 +123,8 @@ def test_controlnet_models_preprocessors_and_unit_schema(client):
     assert len(models) == 1 and models[0]["name"] == "tiny-canny" and models[0]["kind"] == "controlnet"
     assert models[0]["title"].startswith("tiny-canny [") and models[0]["family"] == "sd1"
     modules = {p["name"]: p for p in client.get("/api/v1/controlnet/preprocessors").json()}
-    assert list(modules) == list(PREPROCESSORS)
+    assert list(modules) == [*PREPROCESSORS, *IP_ADAPTER_MODULES]
+    assert modules["ip-adapter_clip_sd15"]["image_prompt"] and not modules["canny"]["image_prompt"]
     canny = modules["canny"]
     assert canny["resolution"] and canny["model_free"] and [s["name"] for s in canny["sliders"]] == ["Resolution", "Low Threshold", "High Threshold"]
     assert (canny["sliders"][1]["value"], canny["sliders"][1]["max"]) == (100, 255)

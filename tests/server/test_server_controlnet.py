@@ -11,7 +11,7 @@ import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from lienzo.control.preprocessors import PREPROCESSORS, preprocess
+from lienzo.control.preprocessors import IP_ADAPTER_MODULES, PREPROCESSORS, preprocess
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.control_unit import MAX_CONTROL_UNITS
 from lienzo.images.metadata import parse_infotext
@@ -209,7 +209,7 @@ def test_version_models_modules_types_and_settings(client, title):
     assert client.get("/controlnet/model_list?update=true").json() == {"model_list": [title]}
     assert title.startswith("control_tiny_canny [") and len(title.split("[")[1]) == 9
     modules = client.get("/controlnet/module_list").json()
-    assert modules["module_list"] == list(PREPROCESSORS)
+    assert modules["module_list"] == [*PREPROCESSORS, *IP_ADAPTER_MODULES]
     canny = modules["module_detail"]["canny"]
     assert canny["model_free"] is False
     assert [s["name"] for s in canny["sliders"]] == ["Resolution", "Low Threshold", "High Threshold"]
@@ -224,6 +224,7 @@ def test_version_models_modules_types_and_settings(client, title):
                               "default_option": "canny", "default_model": title}
     assert "Depth" not in types and types["All"]["model_list"] == ["None", title]  # only the kinds lienzo's modules make
     assert types["SoftEdge"]["default_model"] == "None"
+    assert types["IP-Adapter"]["module_list"][:2] == ["none", "ip-adapter_clip_h"] and types["IP-Adapter"]["model_list"] == ["None"]
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": MAX_CONTROL_UNITS}
 
 

@@ -14,6 +14,13 @@ structure is read from the tensor shapes, and what weights do not show (head cou
 copied from the loaded U-Net, whose encoder a ControlNet is a copy of. So nothing is downloaded, and a tiny
 test ControlNet loads exactly like a real one. Files are read weights-only through
 :mod:`lienzo.models.formats`, with the same content sniffing and error messages as checkpoints.
+
+Flux.1 ControlNets (InstantX's, Shakker-Labs' Union) are diffusers' ``FluxControlNetModel``: a folder whose
+config.json says so, or a single file with its names (``controlnet_x_embedder.*``), its config read from the
+shapes and, for the attention heads the weights do not show, from the loaded Flux.1 transformer. XLabs'
+ControlNets are refused: their original layout (``double_blocks.*`` beside ``input_hint_block.*``) has no
+diffusers converter, and their design (a pixel hint encoder, ``input_hint_block``, whose blocks repeat down the
+transformer) is not one lienzo drives, in whatever names.
 """
 
 import hashlib
@@ -24,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import ControlNetModel, T2IAdapter
+from diffusers import ControlNetModel, FluxControlNetModel, T2IAdapter
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
 from lienzo.control import ip_adapter
@@ -38,8 +45,8 @@ log = logging.getLogger(__name__)
 CONTROL_FOLDERS = ("controlnet", "t2i_adapter", "t2iadapter", "ipadapter")
 CONTROL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 # The diffusers classes lienzo loads from a folder's config.json, and the kind each is.
-_FOLDER_KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter"}
-_FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+_FOLDER_KINDS = {"ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter", "FluxControlNetModel": "controlnet"}
+_FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "Flux.1"}
 _KIND_LABELS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
 # What an A1111 title looks like: "control_v11p_sd15_canny [d14c016b]".
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
@@ -51,8 +58,16 @@ _LEGACY_HASH_OFFSET = 0x100000
 _LEGACY_HASH_BYTES = 0x10000
 _SHORT_HASH = 8
 
-# Tensors only a ControlNet has: its hint encoder in diffusers and ldm names, and a Control-LoRA's marker.
-_CONTROLNET_KEYS = ("controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight", "lora_controlnet")
+# Tensors only a ControlNet has: its hint encoder in diffusers and ldm names, a Control-LoRA's marker, and a Flux.1
+# ControlNet's input projection of the control latents (diffusers' names).
+_CONTROLNET_KEYS = (
+    "controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight", "lora_controlnet", "controlnet_x_embedder.weight",
+)
+# A diffusers-named Flux.1 ControlNet's marker, and XLabs' original Flux.1 ControlNet's double blocks.
+_FLUX_KEY = "controlnet_x_embedder.weight"
+_XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
+# FluxControlNetModel config entries the weights do not show, copied from the transformer it must fit.
+_FROM_TRANSFORMER = ("attention_head_dim", "axes_dims_rope", "patch_size")
 # A T2I-Adapter's first layers: diffusers names (full, light), TencentARC's (full, light), the style adapter's.
 _ADAPTER_KEYS = (
     "adapter.conv_in.weight", "adapter.body.0.in_conv.weight", "body.0.block1.weight", "body.0.in_conv.weight",
@@ -137,17 +152,20 @@ def find_control_model(name: str, models_dir: Path, field: str = "model") -> Con
 
 def load_control_model(
     entry: "ControlEntry | Path", unet, *, dtype=None, device=None
-) -> "ControlNetModel | T2IAdapter":
-    """A ControlNet or T2I-Adapter that fits ``unet`` (the base model's UNet2DConditionModel), in eval mode.
+) -> "ControlNetModel | T2IAdapter | FluxControlNetModel":
+    """A ControlNet or T2I-Adapter that fits ``unet`` (the base model's UNet2DConditionModel, or a Flux.1
+    model's FluxTransformer2DModel, which takes Flux.1 ControlNets), in eval mode.
 
-    ``dtype`` and ``device`` default to the U-Net's. A single file's config is read from its tensor shapes,
-    with ``unet``'s config for what the weights do not show. A model made for another family (an SDXL
-    ControlNet on SD 1.5) is refused with a ModelFileError naming the file, what it is for and what the
-    loaded model is.
+    ``dtype`` and ``device`` default to the network's. A single file's config is read from its tensor shapes,
+    with the network's config for what the weights do not show. A model made for another family (an SDXL
+    ControlNet on SD 1.5, a Flux.1 ControlNet on SDXL) is refused with a ModelFileError naming the file, what it
+    is for and what the loaded model is.
     """
     path = Path(entry.path if isinstance(entry, ControlEntry) else entry)
     dtype = dtype or unet.dtype
     device = device or unet.device
+    if _is_flux(unet):
+        return _load_flux(path, unet, dtype).to(device).eval()
     if path.is_dir():
         model = _load_folder(path, unet, dtype)
     else:
@@ -237,6 +255,8 @@ def _aliases(entry: ControlEntry, models_dir: Path) -> set[str]:
 def _describe_folder(path: Path) -> tuple[str, str | None]:
     config = formats.read_json_file(path / "config.json")
     kind = _FOLDER_KINDS[config.get("_class_name")]
+    if config.get("_class_name") == "FluxControlNetModel":
+        return kind, "flux"
     if kind == "t2i_adapter":
         return kind, "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd1"
     return kind, _config_family(config)
@@ -255,6 +275,8 @@ def _describe_file(path: Path) -> tuple[str, str | None]:
         return kind, _adapter_family(shapes)
     if kind == "ip_adapter":
         return kind, ip_adapter.describe(path.name, shapes)
+    if _FLUX_KEY in shapes or _XLABS_KEY in shapes:
+        return kind, "flux"
     return kind, _shapes_family(shapes)
 
 
@@ -319,6 +341,8 @@ def _load_folder(path: Path, unet, dtype: torch.dtype):
         raise ModelFileError(
             f"{path.name} holds a {config.get('_class_name')!r}; lienzo loads ControlNetModel and T2IAdapter folders"
         )
+    if config.get("_class_name") == "FluxControlNetModel":
+        raise ModelFileError(f"{path.name} is {_what('flux', 'controlnet')} and does not fit the loaded {_model_label(unet.config)} model")
     model_class = ControlNetModel if kind == "controlnet" else T2IAdapter
     # Checked on the config, with the class's defaults filled in, before gigabytes of weights are read.
     init_config = model_class.extract_init_dict(config)[0]
@@ -346,6 +370,8 @@ def _load_file(path: Path, state_dict: dict, unet, dtype: torch.dtype):
         # A whole ControlLDM checkpoint also holds its SD model; only the control model is wanted.
         state_dict = {key[len(_LDM_PREFIX) :]: t for key, t in state_dict.items() if key.startswith(_LDM_PREFIX)}
     kind = _file_kind(state_dict, name)
+    if _FLUX_KEY in state_dict or _XLABS_KEY in state_dict:
+        raise ModelFileError(f"{name} is {_what('flux', 'controlnet')} and does not fit the loaded {_model_label(unet.config)} model")
     if kind == "ip_adapter":
         raise ModelFileError(
             f"{name} is an IP-Adapter, not a ControlNet or T2I-Adapter: it is applied with an ip-adapter module and a "
@@ -553,7 +579,8 @@ def _check_adapter_fit(name: str, config: dict, unet_config) -> None:
 def _what(family: str | None, kind: str) -> str:
     if family is None:
         return f"a {_KIND_LABELS[kind]} for an unknown model"
-    return f"an {_FAMILY_LABELS[family]} {_KIND_LABELS[kind]}"  # "an S...": every label starts with SD
+    article = "a" if family == "flux" else "an"  # "an SD...", "a Flux.1..."
+    return f"{article} {_FAMILY_LABELS[family]} {_KIND_LABELS[kind]}"
 
 
 def _model_label(unet_config) -> str:
@@ -562,3 +589,93 @@ def _model_label(unet_config) -> str:
 
 def _channels(channels: list[int]) -> str:
     return "/".join(str(c) for c in channels)
+
+
+# --- Flux.1 ControlNets ------------------------------------------------------------------------
+
+
+def _is_flux(network) -> bool:
+    """Whether the loaded network is Flux.1's transformer (whose ControlNets are FluxControlNetModel)."""
+    return type(network).__name__ == "FluxTransformer2DModel"
+
+
+def _load_flux(path: Path, transformer, dtype: torch.dtype) -> FluxControlNetModel:
+    """A FluxControlNetModel from a diffusers folder or diffusers-named file that fits ``transformer``; anything
+    else (a U-Net ControlNet, an adapter, XLabs' layout) refused, naming what it is."""
+    if path.is_dir():
+        config = formats.read_json_file(path / "config.json") if (path / "config.json").is_file() else {}
+        if config.get("_class_name") != "FluxControlNetModel":
+            family = _describe_folder(path)[1] if config.get("_class_name") in _FOLDER_KINDS else None
+            kind = _FOLDER_KINDS.get(config.get("_class_name"), "controlnet")
+            raise ModelFileError(f"{path.name} is {_what(family, kind)} and does not fit the loaded Flux.1 model (it takes Flux.1 ControlNets)")
+        init_config = FluxControlNetModel.extract_init_dict(config)[0]
+        _check_flux_fit(path.name, init_config, transformer.config)
+        _check_no_hint_encoder(path.name, init_config)
+        try:
+            return FluxControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype, variant=_variant(path))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise ModelFileError(f"cannot load the Flux.1 ControlNet folder {path}: {err}") from None
+    state_dict = formats.load_state_dict(path)
+    if _XLABS_KEY in state_dict:
+        raise ModelFileError(
+            f"{path.name} is an XLabs Flux.1 ControlNet in its original layout, which diffusers cannot read; "
+            "use a diffusers-format Flux.1 ControlNet (InstantX, Shakker-Labs)"
+        )
+    if _FLUX_KEY not in state_dict:
+        kind, family = _describe_file(path)
+        raise ModelFileError(f"{path.name} is {_what(family, kind)} and does not fit the loaded Flux.1 model (it takes Flux.1 ControlNets)")
+    try:
+        config = _flux_config(state_dict, transformer.config)
+    except KeyError as err:
+        raise ModelFileError(f"{path.name} is missing the tensor {err.args[0]!r}; the file is incomplete") from err
+    _check_flux_fit(path.name, config, transformer.config)
+    _check_no_hint_encoder(path.name, config)
+    with init_empty_weights():
+        model = FluxControlNetModel(**config)
+    return _assign_weights(model, state_dict, "Flux.1 ControlNet", path.name, dtype)
+
+
+def _flux_config(sd: dict, transformer_config) -> dict:
+    """FluxControlNetModel arguments from diffusers-named tensors: block counts, widths, guidance and union
+    embeddings; the head width, rotary axes and patch size (which leave no trace) from the transformer."""
+    config = {key: transformer_config[key] for key in _FROM_TRANSFORMER if key in transformer_config}
+    inner, in_channels = sd["x_embedder.weight"].shape
+    config.update(
+        in_channels=in_channels,
+        num_layers=_count_indices(sd, "transformer_blocks."),
+        num_single_layers=_count_indices(sd, "single_transformer_blocks."),
+        num_attention_heads=inner // config["attention_head_dim"],
+        joint_attention_dim=sd["context_embedder.weight"].shape[1],
+        pooled_projection_dim=sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in sd,
+    )
+    if "controlnet_mode_embedder.weight" in sd:
+        config["num_mode"] = sd["controlnet_mode_embedder.weight"].shape[0]
+    if "input_hint_block.conv_out.weight" in sd:
+        config["conditioning_embedding_channels"] = sd["input_hint_block.conv_out.weight"].shape[0]
+    return config
+
+
+def _check_no_hint_encoder(name: str, config: dict) -> None:
+    if config.get("conditioning_embedding_channels") is not None:
+        raise ModelFileError(
+            f"{name} is an XLabs-style Flux.1 ControlNet (a pixel hint encoder, input_hint_block), which lienzo does not drive; "
+            "use an InstantX-style one (it reads the map's VAE latents)"
+        )
+
+
+def _check_flux_fit(name: str, config: dict, transformer_config) -> None:
+    """A Flux.1 ControlNet's samples are added to the transformer's hidden states and it reads the same packed
+    latents, text and pooled vector: all those widths must be the transformer's."""
+    def width(c) -> int:
+        return c["num_attention_heads"] * c["attention_head_dim"]
+
+    differences = [
+        f"{what} {config[key]}, the model's {transformer_config[key]}"
+        for what, key in (("input channels", "in_channels"), ("text width", "joint_attention_dim"), ("pooled width", "pooled_projection_dim"))
+        if config[key] != transformer_config[key]
+    ]
+    if width(config) != width(transformer_config):
+        differences.insert(0, f"hidden width {width(config)}, the model's {width(transformer_config)}")
+    if differences:
+        raise ModelFileError(f"{name} is {_what('flux', 'controlnet')} and does not fit the loaded Flux.1 model: {'; '.join(differences)}")

@@ -8,7 +8,7 @@ from lienzo.control.ip_adapter import encode_image, encoder_for, find_image_enco
 from lienzo.control.models import find_control_model, load_control_model
 from lienzo.control.preprocessors import IP_ADAPTER_MODULES, find_preprocessor, pixel_perfect_resolution, preprocess
 from lienzo.errors import InvalidRequestError
-from lienzo.generation.control import Control
+from lienzo.generation.control import UNION_MODES, Control
 from lienzo.generation.control_unit import MAX_PROCESSOR_RES, MIN_PROCESSOR_RES
 from lienzo.generation.plan import Resources
 from lienzo.generation.request import GenerationRequest
@@ -27,6 +27,11 @@ def prepare_resources(components: Components, request: GenerationRequest, settin
     (the preprocessor run on the unit's picture, or on the img2img input when it has none; an IP-Adapter unit's
     picture is encoded by its CLIP vision encoder instead), and the hires fix's model upscaler. Errors name the field at fault (``controlnets.0.model``, ``hr_upscaler``)."""
     controls, units = [], []
+    if request.controlnets:
+        from lienzo.generation.engine import family_defaults
+
+        # The engine's refusals (a family that takes no units, a control mode it cannot do) before any file is read.
+        family_defaults(components, request)
     if request.controlnets and request.seed == -1:
         # Drawn here rather than by the engine: a seeded preprocessor (shuffle) must get the seed the infotext records.
         from lienzo.generation.noise import random_seed
@@ -37,11 +42,19 @@ def prepare_resources(components: Components, request: GenerationRequest, settin
         entry = find_control_model(unit.model, settings.models_dir, field=f"controlnets.{index}.model")
         picture = unit.image if unit.image is not None else request.init_image
         if _is_image_prompt(unit, entry, index):
+            if components.spec.is_transformer:
+                raise InvalidRequestError(f"controlnets.{index}.model", f"{entry.title} is an IP-Adapter for SD models; {components.spec.label} takes none")
             unit = unit.model_copy(update={"model": entry.title})
             units.append(unit)
             controls.append(_image_prompt(components, unit, entry, picture, settings, index))
             continue
         model = _control_model(components, entry)
+        if getattr(model, "union", False) and unit.module not in UNION_MODES:
+            # A Union ControlNet reads which kind of map it is given; lienzo tells it by the preprocessor.
+            raise InvalidRequestError(
+                f"controlnets.{index}.module",
+                f"{entry.title} is a Union ControlNet: it must know the kind of map, so pick one of the modules {', '.join(UNION_MODES)}",
+            )
         resolution = unit.processor_res
         if unit.pixel_perfect:
             resolution = min(max(pixel_perfect_resolution(picture.size, width, height, unit.resize_mode), MIN_PROCESSOR_RES), MAX_PROCESSOR_RES)
@@ -120,12 +133,13 @@ def _cached(components: Components, key: tuple, load):
 
 
 def _control_model(components: Components, entry):
-    """The entry's network on the model's device and in its U-Net's dtype, loaded once and kept (a few)."""
-    unet = components.unet
+    """The entry's network on the model's device and in its U-Net's (Flux.1: transformer's) dtype, loaded once and
+    kept (a few)."""
+    network = components.network
     load = load_ip_adapter if entry.kind == "ip_adapter" else load_control_model
 
     def loaded():
-        model = load(entry.path, unet, dtype=unet.dtype, device=components.execution_device)
+        model = load(entry.path, network, dtype=network.dtype, device=components.execution_device)
         log.info("loaded %s (%s)", entry.title, entry.kind)
         return model
 

@@ -19,8 +19,15 @@ U-Net the picture's CLIP embeddings in ``added_cond_kwargs["image_embeds"]`` (ze
 picture's, for the unconditional rows, as diffusers' pipelines). Afterwards the U-Net's own processors go back:
 the loaded U-Net is never left changed, whatever the call raised, and a step with no active image prompt
 runs the plain U-Net.
+
+Flux.1 ControlNets (diffusers' ``FluxControlNetModel``) are a row of the same stack: :meth:`ControlStack.encoded`
+gives each its map as ``FluxControlNetPipeline`` does (normalised to [-1, 1], VAE-encoded, shifted and scaled,
+packed into 2x2 patches), and :meth:`ControlStack.flux_samples` runs, at each step, every active unit on the
+transformer's own inputs and sums their block samples, each times its weight, as ``FluxMultiControlNetModel``
+does. A Union ControlNet is told which kind of map it reads (``controlnet_mode``) from the unit's preprocessor.
 """
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +42,15 @@ from lienzo.generation.control_unit import ControlUnit
 _RESIZE = {"Just Resize": ResizeMode.JUST_RESIZE, "Crop and Resize": ResizeMode.CROP_AND_RESIZE, "Resize and Fill": ResizeMode.RESIZE_AND_FILL}
 # The original ControlNet's guess-mode decay, which the extension applies for its two "more important" modes.
 _SOFT_DECAY = 0.825
+# The control types InstantX's Flux.1 Union ControlNet (and Shakker-Labs' Union Pro) were trained with: 0 canny,
+# 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality. lienzo's edge modules draw canny-like line maps.
+UNION_MODES = {
+    "canny": 0, "hed": 0, "lineart": 0, "lineart_coarse": 0, "lineart_standard": 0, "scribble_xdog": 0, "threshold": 0,
+    "invert": 0, "tile_resample": 1, "blur_gaussian": 3,
+}
+# FluxControlNetPipeline's default guidance_scale: what a guidance-embedding ControlNet reads beside a model
+# (schnell) that takes none.
+_PIPELINE_GUIDANCE = 3.5
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,14 @@ class Control:
         return self.image_embeds is not None
 
     @property
+    def is_flux(self) -> bool:
+        """A Flux.1 ControlNet (FluxControlNetModel: block samples added to Flux.1's transformer blocks)."""
+        return hasattr(self.model, "controlnet_x_embedder")
+
+    @property
     def is_adapter(self) -> bool:
         """A T2I-Adapter (features added inside the U-Net's encoder)."""
-        return not self.is_ip_adapter and not hasattr(self.model, "controlnet_cond_embedding")
+        return not self.is_ip_adapter and not self.is_flux and not hasattr(self.model, "controlnet_cond_embedding")
 
 
 def control_image(control: Control, width: int, height: int, device, dtype) -> torch.Tensor:
@@ -80,6 +101,7 @@ class _Prepared:
     control: Control
     image: torch.Tensor | None  # ControlNets: 1 x 3 x H x W
     features: tuple[torch.Tensor, ...] = ()  # T2I-Adapters: computed once a pass, 1 x C x h x w each
+    cond: torch.Tensor | None = None  # Flux.1 ControlNets: the packed map latents (1 x tokens x C), see encoded
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,45 @@ class ControlStack:
             found["down_intrablock_additional_residuals"] = intra
         return found
 
+    def encoded(self, vae) -> "ControlStack":
+        """The stack with each Flux.1 unit's map as FluxControlNetPipeline feeds it: [-1, 1] pixels, VAE-encoded (the
+        posterior's mean: the map is a condition, not noise to draw), shifted, scaled and packed. (ControlNets with
+        their own hint encoder, XLabs' design, read pixels instead; the loader refuses them.)"""
+        from diffusers import FluxPipeline  # its packing helper
+
+        units = []
+        for prepared in self.units:
+            if not prepared.control.is_flux:
+                units.append(prepared)
+                continue
+            with torch.no_grad():
+                latents = vae.encode(prepared.image.to(vae.dtype) * 2 - 1).latent_dist.mode()
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+            n, channels, h, w = latents.shape
+            units.append(_Prepared(prepared.control, prepared.image, cond=FluxPipeline._pack_latents(latents, n, channels, h, w)))
+        return ControlStack(tuple(units), self.total, self.prompts)
+
+    def flux_samples(self, packed: torch.Tensor, step: int, uncond_rows: int, depth: tuple[int, int], **inputs) -> dict:
+        """Keyword arguments for Flux.1's transformer at ``step``: every active unit's block samples (each run on the
+        transformer's ``packed`` latents and ``inputs``: timestep, text, pooled vector, ids, guidance), times its
+        weight, summed; {} when none is active. ``depth``: the transformer's (double, single) block counts; each
+        unit's samples are spread over them as the transformer would spread its own (so units of different depths
+        add up), and "ControlNet is more important" leaves the first ``uncond_rows`` rows without."""
+        sums: list[list[torch.Tensor] | None] = [None, None]
+        for prepared in self.units:
+            unit = prepared.control.unit
+            if not prepared.control.is_flux or not unit.active(step, self.total):
+                continue
+            skip = uncond_rows if unit.control_mode == "ControlNet is more important" else 0
+            for index, samples in enumerate(_flux_controlnet(prepared, packed[skip:], skip, inputs)):
+                if samples is None:
+                    continue
+                spread = [_rows(sample, skip) for sample in _spread(samples, depth[index])]
+                sums[index] = spread if sums[index] is None else [a + b for a, b in zip(sums[index], spread, strict=True)]
+        if sums == [None, None]:
+            return {}
+        return {"controlnet_block_samples": sums[0], "controlnet_single_block_samples": sums[1]}
+
     @staticmethod
     def _controlnet(prepared: _Prepared, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None):
         model = prepared.control.model
@@ -143,6 +204,36 @@ class ControlStack:
                 added_cond_kwargs=added, return_dict=False,
             )
         return list(down), mid
+
+
+def _flux_controlnet(prepared: _Prepared, packed: torch.Tensor, skip: int, inputs: dict):
+    """One Flux.1 unit's (double, single) block samples for the rows after the first ``skip``, times its weight."""
+    model, unit = prepared.control.model, prepared.control.unit
+    rows = packed.shape[0]
+    guidance = inputs["guidance"]
+    if not model.config.guidance_embeds:
+        guidance = None
+    elif guidance is None:
+        guidance = torch.full((rows,), _PIPELINE_GUIDANCE, device=packed.device)
+    else:
+        guidance = guidance[skip:]
+    mode = None
+    if model.union:
+        mode = torch.full((rows, 1), UNION_MODES[unit.module], dtype=torch.long, device=packed.device)
+    with torch.no_grad():
+        return model(
+            hidden_states=packed.to(model.dtype), controlnet_cond=prepared.cond.to(model.dtype).expand(rows, *prepared.cond.shape[1:]),
+            controlnet_mode=mode, conditioning_scale=unit.weight, timestep=inputs["timestep"][skip:], guidance=guidance,
+            pooled_projections=inputs["pooled_projections"][skip:], encoder_hidden_states=inputs["encoder_hidden_states"][skip:],
+            txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], return_dict=False,
+        )
+
+
+def _spread(samples: list[torch.Tensor], blocks: int) -> list[torch.Tensor]:
+    """One sample per transformer block, chosen as FluxTransformer2DModel chooses among fewer: block i takes sample
+    i // ceil(blocks / count)."""
+    interval = math.ceil(blocks / len(samples))
+    return [samples[i // interval] for i in range(blocks)]
 
 
 def _rows(residual: torch.Tensor, skip: int) -> torch.Tensor:

@@ -80,20 +80,25 @@ class SD3Call:
             )[0]
 
 
-def _packed_call(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, **inputs) -> torch.Tensor:
+def _packed_call(
+    transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, control: ControlStack | None = None, step: int = 0,
+    uncond_rows: int = 0, **inputs,
+) -> torch.Tensor:
     """A Flux.1-layout transformer (Flux.1, Chroma) on N x C x h x w latents, as their pipelines call it:
-    the latents packed into 2x2 patches with their position ids, the timestep on the 0-1 scale."""
+    the latents packed into 2x2 patches with their position ids, the timestep on the 0-1 scale. ``control``: Flux.1
+    ControlNet units, run on the same inputs at ``step``, their block samples added to the transformer's blocks."""
     from diffusers import FluxPipeline  # its packing helpers; imported with the model's family
 
     n, channels, h, w = x.shape
     packed = FluxPipeline._pack_latents(x, n, channels, h, w)
     image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype)
     text_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+    inputs |= {"timestep": t.expand(n).to(x.dtype) / 1000, "encoder_hidden_states": embeds, "txt_ids": text_ids, "img_ids": image_ids}
+    if control is not None:
+        depth = (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
+        inputs |= control.flux_samples(packed, step, uncond_rows, depth, **inputs)
     with torch.no_grad():
-        out = transformer(
-            hidden_states=packed, timestep=t.expand(n).to(x.dtype) / 1000, encoder_hidden_states=embeds,
-            txt_ids=text_ids, img_ids=image_ids, return_dict=False, **inputs,
-        )[0]
+        out = transformer(hidden_states=packed, return_dict=False, **inputs)[0]
     # _unpack_latents takes the pixel size: a latent pixel is one VAE factor (here 1) of it.
     return FluxPipeline._unpack_latents(out, h, w, 1)
 
@@ -102,15 +107,19 @@ def _packed_call(transformer: Any, x: torch.Tensor, t: torch.Tensor, embeds: tor
 class FluxCall:
     """Flux.1's transformer, called as ``FluxPipeline`` calls it: packed latents, the pooled CLIP vector
     and, for the guidance-distilled dev models, the distilled guidance strength (``guidance``: one value
-    per row; None for schnell)."""
+    per row; None for schnell). ``control``: its ControlNet units, their maps encoded (ControlStack.encoded)."""
 
     transformer: Any
     embeds: torch.Tensor
     pooled: torch.Tensor
     guidance: torch.Tensor | None
+    control: ControlStack | None = None
+    uncond_rows: int = 0  # how many of the rows are unconditional (the first ones)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        return _packed_call(self.transformer, x, t, self.embeds, guidance=self.guidance, pooled_projections=self.pooled)
+        return _packed_call(
+            self.transformer, x, t, self.embeds, self.control, step, self.uncond_rows, guidance=self.guidance, pooled_projections=self.pooled,
+        )
 
 
 @dataclass(frozen=True)
@@ -441,7 +450,9 @@ def _call(components: Components, plan: BatchPlan, pairs, unet, control: Control
     guidance = None
     if components.guidance_embeds:
         guidance = torch.full((len(rows),), plan.distilled_cfg_scale, dtype=torch.float32, device=device)
-    return FluxCall(components.transformer, stacked("embeds"), stacked("pooled"), guidance)
+    if control is not None:  # the maps VAE-encoded once for this call's steps
+        control = control.encoded(components.vae)
+    return FluxCall(components.transformer, stacked("embeds"), stacked("pooled"), guidance, control, len(pairs) if plan.guided else 0)
 
 
 def _unet_conditioning(

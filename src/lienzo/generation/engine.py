@@ -310,8 +310,11 @@ def family_defaults(components: Components, request: GenerationRequest) -> Gener
         raise InvalidRequestError("reference_images", f"{spec.label} edits the images it is given: give at least one")
     if request.controlnets and components.family == "sdxl_refiner":
         raise InvalidRequestError("controlnets", "the SDXL refiner takes no ControlNet units (they are made for SDXL's base U-Net)")
-    if spec.is_transformer and request.controlnets:
-        raise InvalidRequestError("controlnets", f"{spec.label} models take no ControlNet units yet (SD 1.x, 2.x and SDXL do)")
+    if spec.is_transformer and request.controlnets and components.family != "flux":
+        raise InvalidRequestError("controlnets", f"{spec.label} models take no ControlNet units yet (SD 1.x, 2.x, SDXL and Flux.1 do)")
+    for index, unit in enumerate(request.controlnets if components.family == "flux" else ()):
+        if unit.control_mode == "My prompt is more important":  # its decay is per U-Net level: Flux.1 has none
+            raise InvalidRequestError(f"controlnets.{index}.control_mode", "Flux.1 units take Balanced or ControlNet is more important")
     if request.fast and request.controlnets:
         raise InvalidRequestError("fast", "fast mode skips the U-Net blocks ControlNets steer; turn it off to use ControlNet units")
     if spec.is_transformer:

@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from lienzo.control.models import control_models
-from lienzo.control.preprocessors import PREPROCESSORS, RESOLUTION, Preprocessor, find_preprocessor, preprocess
+from lienzo.control.preprocessors import IP_ADAPTER_MODULES, PREPROCESSORS, RESOLUTION, Preprocessor, find_preprocessor, preprocess
 from lienzo.errors import InvalidRequestError
 from lienzo.generation.control_unit import MAX_PROCESSOR_RES, MIN_PROCESSOR_RES
 from lienzo.images.io import decode_image
@@ -91,19 +91,20 @@ class PreprocessorView(BaseModel):
     model_free: bool = Field(description="it needs no annotator file")
     annotator: str | None = Field(description="the lllyasviel/Annotators file it needs in the models dir's annotators folder")
     takes_mask: bool = Field(description="an inpaint module: the map includes the mask")
+    image_prompt: bool = Field(description="an IP-Adapter module: it makes no map, the IP-Adapter reads the picture itself")
 
 
 def preprocessor_view(p: Preprocessor) -> PreprocessorView:
     return PreprocessorView(
         name=p.name, alias=p.alias, sliders=[SliderView(**vars(s)) for s in p.sliders], resolution=p.has_resolution,
-        model_free=p.model_free, annotator=p.annotator, takes_mask=p.takes_mask,
+        model_free=p.model_free, annotator=p.annotator, takes_mask=p.takes_mask, image_prompt=p.embeds,
     )
 
 
 @router.get("/controlnet/preprocessors", response_model=list[PreprocessorView])
 async def list_preprocessors() -> list[PreprocessorView]:
-    """Every preprocessor (module) a unit may name, with its sliders."""
-    return [preprocessor_view(p) for p in PREPROCESSORS.values()]
+    """Every preprocessor (module) a unit may name, with its sliders: those that make a map, then the IP-Adapter ones."""
+    return [preprocessor_view(p) for p in (*PREPROCESSORS.values(), *IP_ADAPTER_MODULES.values())]
 
 
 @router.get("/controlnet/unit")

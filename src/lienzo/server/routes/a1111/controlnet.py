@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lienzo.control.models import ControlEntry, control_models, find_control_model
-from lienzo.control.preprocessors import PREPROCESSORS, RESOLUTION, Preprocessor, Slider, find_preprocessor, preprocess
+from lienzo.control.preprocessors import IP_ADAPTER_MODULES, PREPROCESSORS, RESOLUTION, Preprocessor, Slider, find_preprocessor, preprocess
 from lienzo.errors import InvalidRequestError, ModelFileError
 from lienzo.generation.control_unit import CONTROL_MODES, MAX_CONTROL_UNITS, RESIZE_MODES, ControlUnit
 from lienzo.server.codec import b64encode, image_from_b64, mask_from_b64
@@ -352,10 +352,14 @@ def model_list(settings: AppSettings, update: bool = Query(True, description="ac
     return ModelListResponse(model_list=[e.title for e in control_models(settings.models_dir)])
 
 
+# Every module a unit may name: those that make a control map, then the IP-Adapter ones (they read the picture itself).
+_MODULES = {**PREPROCESSORS, **IP_ADAPTER_MODULES}
+
+
 @router.get("/module_list", response_model=ModuleListResponse)
 async def module_list(alias_names: bool = Query(False, description="the UI's names (softedge_hed) instead of the modules' (hed)")) -> ModuleListResponse:
-    names = [p.alias if alias_names else p.name for p in PREPROCESSORS.values()]
-    return ModuleListResponse(module_list=names, module_detail={n: _detail(p) for n, p in zip(names, PREPROCESSORS.values())})
+    names = [p.alias if alias_names else p.name for p in _MODULES.values()]
+    return ModuleListResponse(module_list=names, module_detail={n: _detail(p) for n, p in zip(names, _MODULES.values())})
 
 
 def _detail(module: Preprocessor) -> dict[str, Any]:
@@ -378,6 +382,7 @@ _CONTROL_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
     "Inpaint": (("inpaint", "inpaint_only"), "inpaint"),
     "Shuffle": (("shuffle",), "shuffle"),
     "T2I-Adapter": (("color",), "t2i"),
+    "IP-Adapter": (tuple(IP_ADAPTER_MODULES), "ip-adapter"),
 }
 
 
@@ -386,9 +391,9 @@ def control_types(settings: AppSettings) -> ControlTypesResponse:
     """"All", then a type per kind of map lienzo's modules make, with the models whose names say that kind; each
     list starts with the extension's "none" / "None"."""
     titles = [e.title for e in control_models(settings.models_dir)]
-    types = {"All": ControlType(module_list=[p.alias for p in PREPROCESSORS.values()], model_list=["None", *titles], default_option="none", default_model="None")}
+    types = {"All": ControlType(module_list=[p.alias for p in _MODULES.values()], model_list=["None", *titles], default_option="none", default_model="None")}
     for name, (modules, word) in _CONTROL_TYPES.items():
-        aliases = [PREPROCESSORS[m].alias for m in modules]
+        aliases = [_MODULES[m].alias for m in modules]
         models = [t for t in titles if word in t.lower()]
         types[name] = ControlType(
             module_list=["none", *aliases], model_list=["None", *models], default_option=aliases[0], default_model=models[0] if models else "None"

@@ -135,6 +135,7 @@ export async function initControlNet({ source, mode, toast }) {
       map.hidden = true;
       if (!image) return (mapNote.textContent = "The map shows here once the unit has a picture.");
       if (p.takes_mask) return (mapNote.textContent = `${p.alias} reads the inpaint mask: its map is made with the job.`);
+      if (p.image_prompt) return (mapNote.textContent = `${p.alias}: the IP-Adapter reads the picture itself (an image prompt), no map.`);
       mapNote.textContent = "Making the map…";
       const body = { image, module: p.name };
       for (const slider of sliders.querySelectorAll("input")) body[slider.dataset.name] = Number(slider.value);

@@ -217,6 +217,14 @@ function fillHiresUpscalers(upscalers) {
   setValue(select, defaults.get("hr_upscaler") ?? field.hr_upscaler.default);
 }
 
+// The refiner: none, or any model that loads (the server checks that it fits the chosen one).
+function fillRefiners(models) {
+  const select = $("refiner");
+  if (!select) return;
+  select.replaceChildren(new Option("None", ""), ...models.filter((m) => !m.error).map((m) => new Option(m.name, m.name)));
+  select.value = "";
+}
+
 // The hires fix's schedule types: those of its sampler (the first pass's when it has none of its own).
 function fillHiresSchedules() {
   const select = $("hr_schedule");
@@ -242,6 +250,7 @@ async function loadChoices() {
       Object.assign(new Option(`${m.name}${m.architecture ? ` · ${m.architecture}` : ""}`, m.name), { disabled: Boolean(m.error), title: m.error ?? "" }),
     ),
   );
+  fillRefiners(models);
   const current = models.find((m) => m.current) ?? models.find((m) => !m.error);
   if (current) select.value = current.name;
   if (!current) showError("No model found: put a checkpoint in the models folder, or reinstall lienzo for its built-in model.", "model");
