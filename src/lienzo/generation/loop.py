@@ -14,6 +14,7 @@ import torch
 from lienzo.errors import GenerationCancelled
 from lienzo.generation.control import control_stack
 from lienzo.generation.denoiser import Denoiser, SwitchAt, build_denoiser
+from lienzo.generation.hires import second_pass
 from lienzo.generation.latents import ImageSchedulers, Start, decode, prepare_latents, prepare_timesteps
 from lienzo.generation.noise import image_generators
 from lienzo.generation.plan import BatchPlan
@@ -67,8 +68,6 @@ def denoise_batch(components: Components, plan: BatchPlan, stop: Stop, report: S
         if plan.hires is not None and stop.stopped_at is None:
             # The hires fix: the same steps again on the enlarged result, as img2img (its generators drawn afresh
             # from the seeds, as A1111 draws the second pass's noise).
-            from lienzo.generation.hires import second_pass
-
             second = second_pass(components, plan, latents, image_generators(plan.seeds))
             latents, _ = _one_pass(components, second, stop, _after(report, steps))
         # 8. Decode (whole, for a tiling plan: a tile would wrap onto itself).
