@@ -63,7 +63,7 @@ class ControlModelView(BaseModel):
     title: str = Field(description="'name [hash]', as sd-webui-controlnet names it; a unit's model may be this or the name")
     name: str
     kind: str = Field(description="controlnet or t2i_adapter")
-    family: str | None = Field(description="the models it fits: sd1, sd2 or sdxl; null: the file does not tell")
+    family: str | None = Field(description="the models it fits: sd1, sd2, sdxl or flux; null: the file does not tell")
 
 
 # Plain ``def``: listing reads the files' headers (a .pth whole).
