@@ -1,9 +1,9 @@
-"""Small captioned pictures for training tests, written into a folder with a CC0 LICENSE."""
+"""Small pictures for tests: captioned ones for training, written into a folder with a CC0 LICENSE, and control maps."""
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def captioned_blobs(root: Path, *, noise: float = 30, varied: bool = False, caption: str = "a blob, picture {i}") -> Path:
@@ -22,3 +22,12 @@ def captioned_blobs(root: Path, *, noise: float = 30, varied: bool = False, capt
         (root / f"{i}.txt").write_text(caption.format(i=i))
     (root / "LICENSE").write_text("CC0 1.0\n")
     return root
+
+
+def control_map(seed: int, size: int = 64) -> Image.Image:
+    """A white-on-black line drawing, as a ControlNet reads an edge map; ``seed`` moves its shapes."""
+    image = Image.new("RGB", (size, size), "black")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((8 + seed * 4, 10, 40, 50), outline="white", width=3)
+    draw.ellipse((30, 5 + seed * 3, 60, 35), outline="white", width=2)
+    return image

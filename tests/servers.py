@@ -3,6 +3,7 @@
 import base64
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -12,6 +13,11 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# Debian's chromium, which the studio's browser tests drive through Playwright. Its own background traffic
+# (updates, sync, metrics) fails on an offline machine; ARGS keep it off.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def free_port() -> int:

@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from lienzo.cli import app
 from lienzo.images.metadata import parse_infotext, read_parameters
 
 FAST = ["--steps", "3", "--width", "64", "--height", "64", "--seed", "11", "--sampler", "Euler"]
@@ -17,7 +15,7 @@ def home(tmp_path_factory):
     from lienzo.models.single_file_save import save_single_file
     from tiny_models import build_tiny, tiny_controlnet
 
-    root = tmp_path_factory.mktemp("control-home")
+    root = tmp_path_factory.mktemp("control-home")  # conftest's ``lienzo`` runs the CLI on it
     components = build_tiny("sd1")
     save_single_file(components, root / "models" / "tiny-sd15.safetensors")
     tiny_controlnet(components.unet).save_pretrained(root / "models" / "ControlNet" / "control_tiny_canny")
@@ -26,17 +24,6 @@ def home(tmp_path_factory):
     photo.save(root / "photo.png")
     Image.new("RGB", (96, 96), "white").save(root / "other.png")
     return root
-
-
-@pytest.fixture
-def lienzo(home, tmp_path):
-    def run(*args, code=0):
-        base = ["--models-dir", str(home / "models"), "--data-dir", str(home / "data"), "--outputs-dir", str(tmp_path / "out")]
-        result = CliRunner().invoke(app, [*base, *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output + result.stderr
-        return result
-
-    return run
 
 
 def _path(result) -> str:

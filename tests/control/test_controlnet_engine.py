@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
 from diffusers import MultiControlNetModel
-from PIL import Image, ImageDraw
 
 from lienzo.errors import InvalidRequestError, LienzoError
 from lienzo.generation import engine
@@ -13,6 +12,7 @@ from lienzo.generation.control import Control, ControlStack, _Prepared, control_
 from lienzo.generation.control_unit import ControlUnit
 from lienzo.generation.plan import Resources
 from lienzo.generation.request import build_request
+from pictures import control_map as _map
 from tiny_models import build_tiny, tiny_controlnet
 
 PROMPT = "a fox in a forest"
@@ -26,14 +26,6 @@ def sd1():
 @pytest.fixture(scope="module")
 def nets(sd1):
     return tiny_controlnet(sd1.unet, 1), tiny_controlnet(sd1.unet, 2)
-
-
-def _map(seed: int, size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), "black")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((8 + seed * 4, 10, 40, 50), outline="white", width=3)
-    draw.ellipse((30, 5 + seed * 3, 60, 35), outline="white", width=2)
-    return image
 
 
 def _unit(**fields) -> ControlUnit:

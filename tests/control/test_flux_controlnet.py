@@ -9,7 +9,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
 from diffusers.pipelines.flux import pipeline_flux_controlnet
-from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from lienzo.control.models import control_models, load_control_model
@@ -19,6 +18,7 @@ from lienzo.generation.control import Control, ControlStack, _Prepared
 from lienzo.generation.control_unit import ControlUnit
 from lienzo.generation.plan import Resources
 from lienzo.generation.request import GenerationRequest
+from pictures import control_map as _map
 from tiny_models import FLUX_HEAD_DIM, build_tiny, tiny_controlnet
 
 PROMPT = "a red apple on a table"
@@ -46,14 +46,6 @@ def tiny_flux_controlnet(transformer, seed: int, num_mode: int | None = None, si
 @pytest.fixture(scope="module")
 def nets(flux):
     return tiny_flux_controlnet(flux.transformer, 1), tiny_flux_controlnet(flux.transformer, 2, num_mode=10)
-
-
-def _map(seed: int) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE), "black")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((8 + seed * 4, 10, 40, 50), outline="white", width=3)
-    draw.ellipse((30, 5 + seed * 3, 60, 35), outline="white", width=2)
-    return image
 
 
 def _unit(**fields) -> ControlUnit:

@@ -176,7 +176,8 @@ def test_the_studio_offers_a_picker_for_a_model_that_reads_them(home):
     from playwright import sync_api as playwright
 
     from servers import lienzo_server
-    from test_ui import ARGS, CHROMIUM, studio, wait_for_results
+    from servers import ARGS, CHROMIUM
+    from test_ui import studio, wait_for_results
 
     with lienzo_server(home, env={"LIENZO_DEFAULT_MODEL": "tiny-flux2"}) as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -25,8 +25,8 @@ from schemathesis.python.asgi import shutdown_lifespans
 from lienzo.generation.request import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, build_request, json_limits
 from lienzo.server.app import Auth, create_app
 from lienzo.settings import Settings
-from servers import lienzo_server
-from test_ui import ARGS, CHROMIUM, TIMEOUT
+from servers import ARGS, CHROMIUM, lienzo_server
+from test_ui import TIMEOUT
 
 FAMILIES = {"/v1/images/": "OpenAIError", "/sdapi/v1/": "A1111Error", "/controlnet/": "A1111Error", "/api/v1/": "NativeError"}
 # Small limits keep every job that gets through to a 64x64 picture in 2 steps of the tiny model.

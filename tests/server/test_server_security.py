@@ -20,8 +20,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from lienzo.server.app import Auth, create_app
 from lienzo.settings import Settings
-from servers import free_port, home_settings, lienzo_server, png_bytes, two_model_home
-from test_ui import ARGS, CHROMIUM, TIMEOUT
+from servers import ARGS, CHROMIUM, free_port, home_settings, lienzo_server, png_bytes, two_model_home
+from test_ui import TIMEOUT
 
 PNG = png_bytes(Image.new("RGB", (64, 64), (200, 60, 40)))
 LIENZO = "http://localhost:7860"  # where the in-process server pretends to listen

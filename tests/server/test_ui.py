@@ -4,22 +4,17 @@ Screenshots of the main screens go to ``screenshots/`` (ignored) for a person to
 """
 
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
-from playwright import sync_api as playwright
 
 from lienzo.generation.samplers import flow_samplers
 from lienzo.images.metadata import parse_infotext
 from servers import lienzo_server
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "screenshots"
-# Chromium's own background traffic (updates, sync, metrics) fails on an offline machine; keep it off.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT = 60_000  # ms: a tiny model on a busy 2-core CPU
 
 
@@ -27,16 +22,6 @@ TIMEOUT = 60_000  # ms: a tiny model on a busy 2-core CPU
 def server(home):
     with lienzo_server(home, env={"LIENZO_PREVIEW_EVERY": "1", "LIENZO_DEFAULT_MODEL": "tiny-sd15"}) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("the browser tests need Debian's chromium: apt-get install chromium (.ci/run installs it)")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @contextmanager

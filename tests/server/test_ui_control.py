@@ -2,18 +2,16 @@
 against a real ``lienzo serve`` whose models dir holds a tiny SD 1.x checkpoint, a tiny ControlNet and an embedding."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from playwright import sync_api as playwright
 
 from lienzo.generation.fields import image_hash
 from lienzo.images.metadata import parse_infotext
 from servers import lienzo_server
 from test_native_control import control_home, drawing
-from test_ui import ARGS, CHROMIUM, TIMEOUT, shot, small_settings, studio, wait_for_results
+from test_ui import TIMEOUT, shot, small_settings, studio, wait_for_results
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +21,6 @@ def server(tmp_path_factory):
     torch.save({"string_to_param": {"*": torch.randn(1, 64)}, "name": "glimmer"}, home / "models" / "embeddings" / "glimmer.pt")
     with lienzo_server(home, env={"LIENZO_DEFAULT_MODEL": "tiny-sd15"}) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("the browser tests need Debian's chromium: apt-get install chromium (.ci/run installs it)")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
