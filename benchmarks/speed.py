@@ -12,8 +12,9 @@ and seed, alternating runs after one warm-up each. It prints, per size:
 - agreement with the fp32 reference (diffusers in fp32 on the CPU, lienzo in fp32 on a GPU): PSNR in
   dB over 8-bit pixels and the largest absolute pixel difference (0-255);
 - under each table, the FLOP floor: one CFG step's floating-point operations (torch's FLOP counter over
-  the U-Net at batch 2) divided by the rate of a large matmul in the baseline's dtype on this device,
-  and the share of that floor each row's steps reach (floor s/step x it/s).
+  the U-Net at batch 2) divided by the rate of a large matmul in each dtype the rows run in on this device,
+  and the share of its own dtype's floor each row's steps reach (floor s/step x it/s): a bf16 row against
+  the bf16 floor, not the fp32 one.
 
 Weights are random: speed does not depend on their values, and PSNR compares the same computation in
 other number formats. A compiled row also reports the first run (compilation included) on its own.
@@ -146,6 +147,7 @@ class Row:
     first: float = 0.0
     pixels: np.ndarray | None = None
     note: str = ""
+    dtype: torch.dtype = torch.float32  # what its matmuls run in: its FLOP floor is that dtype's
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -160,12 +162,13 @@ def _sync(device: torch.device) -> None:
 
 
 def lienzo_row(name: str, components: Components, device: torch.device, request, note: str = "") -> Row:
+    """lienzo's engine on ``components``; its floor is the U-Net's dtype's."""
     def run():
         stamps = []
         result = engine.generate(components, request, progress=lambda p: (_sync(device), stamps.append(time.perf_counter())))
         return result.images[0].pixels, stamps
 
-    return Row(name, run, note=note)
+    return Row(name, run, note=note, dtype=components.unet.dtype)
 
 
 def diffusers_row(name: str, components: Components, device: torch.device, size: int, steps: int, sampler) -> Row:
@@ -191,7 +194,7 @@ def diffusers_row(name: str, components: Components, device: torch.device, size:
         ).images[0]
         return image, stamps
 
-    return Row(name, run)
+    return Row(name, run, dtype=components.unet.dtype)
 
 
 def measure(rows: list[Row], repeats: int, device: torch.device) -> None:
@@ -257,13 +260,20 @@ def step_flops(components: Components, size: int, device: torch.device) -> float
     return float(counter.get_total_flops())
 
 
-def floor_line(rows: list[Row], flops: float, rate: float, dtype: torch.dtype) -> str:
-    floor = flops / rate
-    shares = ", ".join(f"{row.name} {100 * floor * statistics.median(row.rates):.0f}%" for row in rows if row.rates)
-    return (
-        f"FLOP floor: one CFG step is {flops / 1e12:.2f} TFLOP; a {str(dtype).removeprefix('torch.')} matmul runs at "
-        f"{rate / 1e9:.0f} GFLOP/s here, so a step takes at least {floor:.2f} s. Share of it reached: {shares}"
+def floor_line(rows: list[Row], flops: float, rates: dict[torch.dtype, float]) -> str:
+    """The FLOP floor of one step in each dtype the rows run in (``rates``: that dtype's matmul FLOP/s here), and the
+    share of its own dtype's floor each row reaches. Fast mode skips U-Net blocks, so it can pass 100%; int8 layers
+    run faster than the floor of the dtype around them too."""
+    floors = {dtype: flops / rate for dtype, rate in rates.items()}
+    each = "; ".join(f"{_dtype(d)} {rates[d] / 1e9:.0f} GFLOP/s, at least {floors[d]:.2f} s a step" for d in floors)
+    shares = ", ".join(
+        f"{row.name} {100 * floors[row.dtype] * statistics.median(row.rates):.0f}% ({_dtype(row.dtype)})" for row in rows if row.rates
     )
+    return f"FLOP floor: one CFG step is {flops / 1e12:.2f} TFLOP; matmuls here: {each}. Share of its dtype's floor reached: {shares}"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def main() -> None:
@@ -329,7 +339,8 @@ def main() -> None:
             print(f"## {fp32.name}, {size}x{size}\n")
             print(table(rows, reference, baseline))
             print()
-            print(floor_line(rows, step_flops(fp32, size, device), matmul_rate(device, base_dtype, 8192 if gpu else 2048), base_dtype))
+            rates = {row.dtype: matmul_rate(device, row.dtype, 8192 if gpu else 2048) for row in rows}
+            print(floor_line(rows, step_flops(fp32, size, device), rates))
             print()
             if args.fast_png:
                 side = np.concatenate([normal.pixels, fast.pixels], axis=1)
