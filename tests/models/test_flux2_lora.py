@@ -12,7 +12,7 @@ import torch
 
 from lienzo.errors import ModelFileError
 from lienzo.models.lora import apply_loras
-from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _names_only, _qkv, _write, adds_and_comes_off, assert_tag_remakes
+from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _qkv, _write, adds_and_comes_off, assert_tag_remakes, refused_in_one_line
 from test_transformer_lora import FORMATS as FLUX_FORMATS
 from test_transformer_lora_2 import ZIMAGE_NAMES
 from tiny_models import build_tiny
@@ -91,13 +91,7 @@ def test_prompt_tag_generation_writes_lora_hashes_and_changes_the_picture(tmp_pa
     ids=["sd1-on-flux2", "zimage-on-flux2", "sd3-on-flux2", "flux2-on-flux", "flux2-on-chroma"],
 )
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path, family, names, theirs, ours):
-    components = build_tiny(family)
-    path = tmp_path / "other.safetensors"
-    _names_only(path, names)
-    with pytest.raises(ModelFileError) as err:
-        apply_loras(components, [(path, "x", 1.0)])
-    assert str(err.value) == f"lora: other.safetensors is a LoRA for {theirs}, but this model (tiny-{family}) is {ours}"
-    assert not components.loras.adapters and not getattr(components.network, "peft_config", {})
+    refused_in_one_line(tmp_path, family, names, theirs, ours)
 
 
 @pytest.mark.parametrize("fmt", ["flux-kohya", "flux-diffusers"])

@@ -23,7 +23,7 @@ from test_transformer_files import (
     write_gguf,
     write_safetensors,
 )
-from test_transformer_lora import SD1_NAMES, Layer, _names_only, _probe, _write
+from test_transformer_lora import SD1_NAMES, Layer, _probe, _write, refused_in_one_line
 from tiny_models import build_tiny
 
 from lienzo.errors import ModelFileError
@@ -181,12 +181,7 @@ def test_qwen_image_loras_add_weight_times_alpha_over_rank_times_b_a(tmp_path, f
     ids=["sd1-on-qwen", "flux-on-qwen", "qwen-on-flux", "qwen-on-flux2"],
 )
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path, family, names, theirs, ours):
-    components = build_tiny(family)
-    path = tmp_path / "other.safetensors"
-    _names_only(path, names)
-    with pytest.raises(ModelFileError) as err:
-        apply_loras(components, [(path, "x", 1.0)])
-    assert str(err.value) == f"lora: other.safetensors is a LoRA for {theirs}, but this model (tiny-{family}) is {ours}"
+    refused_in_one_line(tmp_path, family, names, theirs, ours)
 
 
 # --- assembled ------------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ are checked, not only that something changed.
 import pytest
 import torch
 
-from lienzo.errors import ModelFileError
 from lienzo.models.lora import apply_loras
-from test_transformer_lora import DOUBLE, assert_tag_remakes, SD1_NAMES, Layer, _names_only, _qkv, _write, adds_and_comes_off
+from test_transformer_lora import DOUBLE, SD1_NAMES, Layer, _qkv, _write, adds_and_comes_off, assert_tag_remakes, refused_in_one_line
 from tiny_models import build_tiny
 
 SINGLE = "single_transformer_blocks.0"
@@ -140,10 +139,4 @@ ZIMAGE_NAMES = [layer.name for layer in FORMATS["zimage-kohya"][2]]
          "zimage-on-sd1"],
 )
 def test_a_lora_for_another_family_is_refused_in_one_line(tmp_path, family, names, theirs, ours):
-    components = build_tiny(family)
-    path = tmp_path / "other.safetensors"
-    _names_only(path, names)
-    with pytest.raises(ModelFileError) as err:
-        apply_loras(components, [(path, "x", 1.0)])
-    assert str(err.value) == f"lora: other.safetensors is a LoRA for {theirs}, but this model (tiny-{family}) is {ours}"
-    assert not components.loras.adapters and not getattr(components.network, "peft_config", {})
+    refused_in_one_line(tmp_path, family, names, theirs, ours)
