@@ -33,6 +33,15 @@ def lienzo_server(home: Path, *serve_args: str, env: dict[str, str] | None = Non
     ``env`` adds environment variables (``LIENZO_MAX_QUEUE``, ...). The server log is written to
     ``home/server-<port>.log`` and shown when it fails to start.
     """
+    with lienzo_process(home, *serve_args, env=env, timeout=timeout) as (url, _process):
+        yield url
+
+
+@contextmanager
+def lienzo_process(
+    home: Path, *serve_args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As :func:`lienzo_server`, yielding the process too (to kill it)."""
     port = free_port()
     log_path = home / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -54,7 +63,7 @@ def lienzo_server(home: Path, *serve_args: str, env: dict[str, str] | None = Non
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"lienzo serve did not start in {timeout} s:\n{log_path.read_text()}") from None
                     time.sleep(0.2)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", process
         finally:
             process.terminate()
             try:

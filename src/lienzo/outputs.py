@@ -58,11 +58,12 @@ def save_generated(
     gallery: Gallery | None = None,
     source: str = "cli",
     mode: str | None = None,
+    owner: str | None = None,
 ) -> SavedOutput:
     """Write one generated image, atomically, as the next free numbered PNG in ``out_dir`` (never over
     another's, even one saved at the same moment by another process), watermarked
     when ``watermark`` is on and the image can hold the mark, with its infotext and provenance; then
-    add it to ``gallery`` (if given) as made by ``source`` in ``mode``."""
+    add it to ``gallery`` (if given) as made by ``source`` in ``mode`` for ``owner`` (a named API key; None: none)."""
     # 1. Watermark the pixels first: the mark lives in them, and the record must say whether it is there.
     if watermark:
         marked = mark(image.image)
@@ -84,7 +85,7 @@ def save_generated(
     gallery_id = None
     if gallery is not None:
         try:
-            gallery_id = gallery.add(path, meta_from_infotext(parse_infotext(image.infotext), pixels.size, image.infotext), source=source, mode=mode)
+            gallery_id = gallery.add(path, meta_from_infotext(parse_infotext(image.infotext), pixels.size, image.infotext), source=source, mode=mode, owner=owner)
         except (GalleryError, sqlite3.Error) as err:
             log.warning("%s was saved but not added to the gallery (%s); `lienzo gallery reconcile` adds it", path, err)
     return SavedOutput(path, record, gallery_id)

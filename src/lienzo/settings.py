@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an input image or mask (uploaded or a file), checked before it is decoded
     max_queue: int = Field(64, ge=1)  # jobs waiting, not counting the running one
     preview_every: int = Field(2, ge=1)  # denoising steps between live previews
-    keep_jobs: int = Field(500, ge=1)  # finished jobs the server remembers
+    keep_jobs: int = Field(500, ge=1)  # finished jobs the server keeps in memory; the job history (jobs.db) keeps all
+    models_per_worker: int = Field(1, ge=1)  # loaded models each server worker keeps (LRU); SDXL alone is ~7 GB
 
     # Who may use lienzo serve from a browser (README "Serve it"). Host names it answers to besides
     # localhost, IP addresses and this machine's name; LIENZO_ALLOWED_HOSTS is comma-separated.
@@ -130,3 +131,13 @@ class Settings(BaseSettings):
     def gallery_db(self) -> Path:
         """The gallery's SQLite database (the CLI and the server share it)."""
         return self.data_dir / "gallery.db"
+
+    @property
+    def jobs_db(self) -> Path:
+        """The server's job queue and history (SQLite): what survives a restart."""
+        return self.data_dir / "jobs.db"
+
+    @property
+    def keys_db(self) -> Path:
+        """The server's named API keys (SQLite), stored hashed: ``lienzo keys``."""
+        return self.data_dir / "keys.db"

@@ -58,19 +58,27 @@ MIGRATIONS: list[tuple[str, ...]] = [
             created REAL NOT NULL
         )""",
     ),
+    (
+        # The named API key whose request made or imported the image (lienzo.server.keys); NULL: made
+        # without one (the CLI, a server without named keys, or before there were any).
+        "ALTER TABLE images ADD COLUMN owner TEXT",
+        "CREATE INDEX images_owner ON images (owner COLLATE NOCASE, created DESC, id DESC)",
+    ),
 ]
 
 
-def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery") -> None:
+def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery", migrations: list[tuple[str, ...]] | None = None) -> None:
     """Bring the database to the newest schema, applying the migrations it lacks in one transaction;
-    GalleryError for a database written by a newer lienzo."""
-    latest = len(MIGRATIONS)
-    if _user_version(conn, what) == latest:
+    GalleryError for a database written by a newer lienzo. ``migrations``: another database's list
+    (the server's job queue keeps its own file); default the gallery's."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    latest = len(migrations)
+    if _user_version(conn, what, latest) == latest:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = _user_version(conn, what)  # again, under the lock: another process may have migrated it
-        for statements in MIGRATIONS[version:]:
+        version = _user_version(conn, what, latest)  # again, under the lock: another process may have migrated it
+        for statements in migrations[version:]:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {latest}")
@@ -80,7 +88,7 @@ def migrate(conn: sqlite3.Connection, what: Path | str = "the gallery") -> None:
             conn.execute("ROLLBACK")
         raise
     if version < latest:
-        log.info("%s: gallery schema migrated from version %d to %d", what, version, latest)
+        log.info("%s: schema migrated from version %d to %d", what, version, latest)
 
 
 class Damaged(Exception):
@@ -105,11 +113,11 @@ def check_pages(conn: sqlite3.Connection) -> None:
         raise Damaged("; ".join(problems[:3]))
 
 
-def _user_version(conn: sqlite3.Connection, what: Path | str) -> int:
+def _user_version(conn: sqlite3.Connection, what: Path | str, latest: int) -> int:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
+    if version > latest:
         raise GalleryError(
-            f"gallery: {what} has schema version {version}, newer than this lienzo's {len(MIGRATIONS)}; "
+            f"{what} has schema version {version}, newer than this lienzo's {latest}; "
             "upgrade lienzo, or point LIENZO_DATA_DIR elsewhere"
         )
     return version

@@ -158,11 +158,16 @@ class Gallery:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def add(self, path: str | Path, meta: ImageMeta, *, source: str, mode: str | None = None, created: float | None = None) -> int:
+    def add(
+        self, path: str | Path, meta: ImageMeta, *, source: str, mode: str | None = None, created: float | None = None, owner: str | None = None
+    ) -> int:
         """Index the image file at ``path``, already written whole, and return its id. ``source`` is one
-        of :data:`SOURCES`. A path already in the gallery keeps its id and favourite; the rest is replaced."""
+        of :data:`SOURCES`; ``owner`` the named API key that made it (None: none). A path already in the
+        gallery keeps its id and favourite; the rest is replaced."""
         with self._write() as conn:
-            return insert_row(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
+            image_id = insert_row(conn, Path(path).resolve(), meta, source, mode or meta.mode, created or time.time(), replace=True)
+            conn.execute("UPDATE images SET owner = ? WHERE id = ?", (owner, image_id))
+            return image_id
 
     def get(self, image_id: int) -> GalleryItem:
         rows = self._read(f"{SELECT} WHERE id = ?", (known_id(image_id),))
@@ -170,10 +175,18 @@ class Gallery:
             raise no_image(image_id)
         return GalleryItem.from_row(rows[0])
 
+    def owner(self, image_id: int) -> str | None:
+        """The named API key that made or imported the image; None: made without one."""
+        rows = self._read("SELECT owner FROM images WHERE id = ?", (known_id(image_id),))
+        if not rows:
+            raise no_image(image_id)
+        return rows[0]["owner"]
+
     def search(
         self,
         q: str = "",
         *,
+        owner: str | None = None,
         model: str | None = None,
         since: float | None = None,
         until: float | None = None,
@@ -182,18 +195,24 @@ class Gallery:
         limit: int = 50,
     ) -> Page:
         """Images newest first, ``limit`` at a time: those whose prompt or negative prompt holds every
-        word of ``q`` (the last as a prefix), made with ``model``, created at or after ``since`` and
-        before ``until`` (epoch seconds), (not) favourites. ``cursor`` is a previous page's ``next``."""
+        word of ``q`` (the last as a prefix), made by ``owner`` (a named API key, ignoring case; None:
+        anyone's), made with ``model``, created at or after ``since`` and before ``until`` (epoch seconds),
+        (not) favourites. ``cursor`` is a previous page's ``next``."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequestError("limit", f"must be 1 to {MAX_PAGE}, got {limit}")
         savable("q", q)
         if model is not None:
             savable("model", model)
+        if owner is not None:
+            savable("owner", owner)
         where, params = [], []
         match = fts_query(q)
         if match is not None:
             where.append("id IN (SELECT rowid FROM images_fts WHERE images_fts MATCH ?)")
             params.append(match)
+        if owner is not None:
+            where.append("owner = ? COLLATE NOCASE")  # the collation images_owner is indexed by
+            params.append(owner)
         if model is not None:
             where.append("model = ?")
             params.append(model)
@@ -240,11 +259,12 @@ class Gallery:
         drop_thumbnails(self.thumbs_dir, image_id)
         return item
 
-    def import_image(self, data: bytes, filename: str, *, max_pixels: int) -> GalleryItem:
+    def import_image(self, data: bytes, filename: str, *, max_pixels: int, owner: str | None = None) -> GalleryItem:
         """Add an image given as bytes (a PNG, JPEG or WebP dropped into the gallery): its bytes are copied
         as they are, metadata and all, into ``<outputs>/imported/<date>/``, and its parameters read
         from lienzo's, A1111's, InvokeAI's, ComfyUI's or NovelAI's metadata. Nothing is written for a
-        file that is not a whole image within ``max_pixels`` (ImageFileError naming ``files``)."""
+        file that is not a whole image within ``max_pixels`` (ImageFileError naming ``files``). ``owner``:
+        the named API key that gave it (None: none)."""
         # 1. Validate: every pixel decodes, within the limit, in a format the gallery shows.
         decode_image(data, field="files", max_pixels=max_pixels)
         with Image.open(io.BytesIO(data)) as image:
@@ -256,7 +276,7 @@ class Gallery:
         # 2. Write the bytes verbatim, atomically, under a free name (the lock keeps two imports apart).
         with self._lock:
             path = write_atomic(self._import_path(filename, suffix), lambda file: file.write(data))
-            image_id = self.add(path, meta, source="import")
+            image_id = self.add(path, meta, source="import", owner=owner)
         return self.get(image_id)
 
     def _import_path(self, filename: str, suffix: str) -> Path:

@@ -28,10 +28,12 @@ from lienzo import __version__
 from lienzo.errors import ImageFileError, InvalidRequestError, LienzoError, ModelFileError
 from lienzo.gallery.records import NotFoundError
 from lienzo.gallery.store import Gallery
-from lienzo.server import openapi
+from lienzo.server import metrics, openapi
 from lienzo.server.codec import JSONResponse
-from lienzo.server.job import JobNotFoundError, QueueFullError
-from lienzo.server.jobs import JobQueue, Loader
+from lienzo.server.job import ANONYMOUS, Identity, JobNotFoundError, QueueFullError
+from lienzo.server.jobs import ForbiddenError, JobQueue, Loader
+from lienzo.server.workers import WorkerPool
+from lienzo.server.keys import ADMIN, KeyStore
 from lienzo.server.routes import a1111, dialect_for, gallery, native, native_control, openai, plot
 from lienzo.settings import Settings
 
@@ -40,9 +42,13 @@ STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
 
 
+ADMIN_IDENTITY = Identity(owner=ADMIN, admin=True)
+
+
 @dataclass(frozen=True)
 class Auth:
-    """HTTP Basic ``user``/``password`` and/or a Bearer ``api_key``; either one lets a client in."""
+    """The admin's credentials: HTTP Basic ``user``/``password`` and/or a Bearer ``api_key``; either one
+    lets a client in as the admin (named keys, lienzo.server.keys, let in everyone else)."""
 
     user: str | None = None
     password: str | None = None
@@ -67,16 +73,21 @@ class Auth:
 
 
 class _AuthMiddleware:
-    """Every HTTP request and websocket, docs and static files included, must carry valid credentials."""
+    """Once the server has credentials, the admin's (``auth``) or named keys (``keys``, which the CLI may
+    add while it runs), every HTTP request and websocket, docs and static files included, must carry
+    valid ones. Who sent it goes into the scope's state, where routes read it (lienzo.server.deps.identity):
+    the admin, a key's owner, or ANONYMOUS on a server without credentials."""
 
-    def __init__(self, app: ASGIApp, auth: Auth):
-        self.app, self.auth = app, auth
+    def __init__(self, app: ASGIApp, auth: Auth, keys: KeyStore | None):
+        self.app, self.auth, self.keys = app, auth, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
+        identity = self._identify(headers.get(b"authorization", b"").decode("latin-1"))
+        if identity is not None:
+            scope.setdefault("state", {})["identity"] = identity
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
@@ -84,6 +95,19 @@ class _AuthMiddleware:
         response = _error(scope["path"], 401, "authentication required: send HTTP Basic credentials or a Bearer API key", None)
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)
+
+    def _identify(self, header: str) -> Identity | None:
+        """Who ``header`` (Authorization) says sent the request; None: nobody the server lets in. The key
+        store is asked here, on the event loop: it answers from memory, after one stat of its file."""
+        if self.auth.allows(header):
+            return ADMIN_IDENTITY
+        named = self.keys is not None and self.keys.has_keys()
+        if not named and not self.auth.enabled:
+            return ANONYMOUS  # nothing to check against: open, as a server without credentials is
+        scheme, _, secret = header.partition(" ")
+        if named and scheme.lower() == "bearer":
+            return self.keys.identify(secret.strip())
+        return None
 
 
 def _too_large(limit_mb: float) -> str:
@@ -250,6 +274,8 @@ def _status(err: LienzoError) -> int:
         return 404
     if isinstance(err, QueueFullError):
         return 429
+    if isinstance(err, ForbiddenError):
+        return 403
     return 422  # InvalidRequestError, ImageFileError, ModelFileError (unknown model name), ...
 
 
@@ -277,12 +303,21 @@ def create_app(
     model: str | None = None,
     auth: Auth | None = None,
     loader: Loader | None = None,
+    keys: KeyStore | None = None,
+    devices: list[str] | None = None,
+    pool: WorkerPool | None = None,
 ) -> FastAPI:
-    """The server, not yet started: its queue's worker starts with the app (lifespan) and stops with it.
-    ``model`` is the model jobs use when they name none; ``loader(path, cancel)`` replaces ``lienzo.studio.load_model``."""
+    """The server, not yet started: its queue's workers start with the app (lifespan) and stop with it.
+    ``model`` is the model jobs use when they name none; ``loader(path, cancel)`` replaces ``lienzo.studio.load_model``.
+    ``devices``: one worker each (default: every GPU, else the CPU); ``pool``: the workers instead (a Ray cluster's).
+    ``auth``: the admin's credentials; ``keys``: the named keys (default: the settings' keys.db, if there is one)."""
     settings = settings or Settings()
+    if keys is None and settings.keys_db.exists():
+        keys = KeyStore(settings.keys_db)
     store = Gallery.for_settings(settings)
-    queue = JobQueue(settings, model=model, loader=loader, gallery=store)
+    queue = JobQueue(settings, model=model, loader=loader, gallery=store, devices=devices, pool=pool)
+    app_metrics = metrics.Metrics(queue)
+    queue.on_finished = app_metrics.record_job  # each finished job's state and speed, for /metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -295,6 +330,8 @@ def create_app(
         finally:
             queue.stop()
             store.close()
+            if keys is not None:
+                keys.close()
 
     # /docs and /redoc are openapi.install's: FastAPI's own would load their scripts from a CDN.
     app = FastAPI(
@@ -302,6 +339,7 @@ def create_app(
         dependencies=[Depends(_json_only)], default_response_class=JSONResponse,
     )
     app.state.queue, app.state.settings, app.state.gallery = queue, settings, store
+    app.state.metrics, app.state.metrics_registry = app_metrics, app_metrics.registry
 
     @app.exception_handler(LienzoError)
     async def lienzo_error(request: Request, err: LienzoError) -> JSONResponse:
@@ -338,7 +376,8 @@ def create_app(
     app.include_router(a1111.controlnet.router)  # sd-webui-controlnet's paths, beside A1111's as the extension mounts them
     app.include_router(openai.router)
     app.include_router(gallery.router)
-    openapi.install(app, basic=bool(auth and auth.user), bearer=bool(auth and auth.api_key))
+    app.include_router(metrics.router)  # /metrics, for Prometheus
+    openapi.install(app, basic=bool(auth and auth.user), bearer=bool(auth and auth.api_key) or bool(keys and keys.has_keys()))
 
     # The studio: static files, no build step and nothing from a CDN; a client of /api/v1 like any other.
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -348,8 +387,8 @@ def create_app(
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(_BodyLimitMiddleware, limit_mb=settings.max_body_mb)
-    if auth is not None and auth.enabled:
-        app.add_middleware(_AuthMiddleware, auth=auth)
+    if (auth is not None and auth.enabled) or keys is not None:
+        app.add_middleware(_AuthMiddleware, auth=auth or Auth(), keys=keys)
     # Outermost: a request from a page elsewhere is refused before anything reads it.
     app.add_middleware(_BrowserGuard, settings=settings)
     return app

@@ -29,6 +29,20 @@ class JobStatus(str, Enum):
 FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.INTERRUPTED)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request: an owner's jobs and gallery are theirs, and their limits apply. A server without
+    named keys has one anonymous admin (``owner`` None); ``--auth``/``--api-key`` credentials are the admin."""
+
+    owner: str | None = None
+    admin: bool = True  # may see and control everyone's jobs and the queue itself
+    max_queued: int | None = None  # jobs this owner may have waiting; None: only the server's max_queue
+    max_pixels: int | None = None  # width x height of one image; None: only the server's max_pixels
+
+
+ANONYMOUS = Identity()
+
+
 class QueueFullError(LienzoError):
     """The queue holds ``max_queue`` waiting jobs; the client should retry later."""
 
@@ -69,6 +83,11 @@ class Job:
     request: GenerationRequest
     model: str | None  # None: the queue's current model
     source: str  # which API submitted it: native, a1111, openai
+    owner: str | None = None  # the named API key that submitted it; None: no accounts
+    priority: int = 0  # higher runs first; equal priorities take turns between owners
+    seq: int = 0  # order among equal priorities and the same owner: moving a job to the front or back changes it
+    attempts: int = 0  # times a worker started it; a job that was running when its worker died runs once more
+    worker: str | None = None  # the worker running or that ran it
     created: float = field(default_factory=time.time)
     status: JobStatus = JobStatus.QUEUED
     started: float | None = None
@@ -89,7 +108,6 @@ class Job:
     version: int = 0  # bumped on every change; progress streams send each version once
     skipped_batch: int | None = None  # the batch Skip dropped (A1111's progress reports it until the next)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    _skip: threading.Event = field(default_factory=threading.Event, repr=False)
     _interrupt: threading.Event = field(default_factory=threading.Event, repr=False)
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
@@ -152,20 +170,3 @@ def let_go(job: Job) -> None:
         if image is not None:
             image.close()
     job.preview = None
-
-
-def fit_to_native(job: Job, native: int) -> None:
-    """Make a txt2img request over twice the model's side at about the model's area (same aspect, sides
-    multiples of 8), to be answered resized to the size asked for."""
-    width, height = job.request.width, job.request.height
-    if job.request.init_image is not None or not width or not height or max(width, height) <= 2 * native:
-        return
-    scale = native / (width * height) ** 0.5
-    fitted = (max(64, round(width * scale / 8) * 8), max(64, round(height * scale / 8) * 8))
-    job.request = job.request.model_copy(update={"width": fitted[0], "height": fitted[1]})
-    job.resize_to = (width, height)
-    job.warnings.append(
-        f"{width}x{height} is more than twice this model's side ({native}); made at {fitted[0]}x{fitted[1]} "
-        f"and resized to {width}x{height}"
-    )
-

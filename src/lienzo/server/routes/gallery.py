@@ -2,6 +2,9 @@
 first; search, filters, favourites, delete, download, import; and saved style presets, ``/api/v1/presets``.
 
 Errors have the native shape, ``{"detail", "field"}``; an unknown id is a 404 naming ``id``.
+With named API keys (lienzo.server.keys) each key's images are its own: a key lists only its own unless
+it asks for others' (``?owner=``), and may change (favourite, delete) only its own; the admin sees and
+changes all.
 Routes are plain ``def`` (run in the thread pool): SQLite and thumbnails are blocking work.
 """
 
@@ -10,7 +13,7 @@ import json
 import mimetypes
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Path, Query, Response, UploadFile
+from fastapi import APIRouter, File, HTTPException, Path, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -20,7 +23,9 @@ from lienzo.gallery.records import GalleryItem, Preset, file_gone
 from lienzo.gallery.rows import MAX_PAGE
 from lienzo.images.metadata import replace_lone_surrogates
 from lienzo.images.provenance import read_provenance
-from lienzo.server.deps import AppSettings, Gallery
+from lienzo.server.deps import AppSettings, Caller, Gallery
+from lienzo.server.job import Identity
+from lienzo.server.keys import ADMIN
 
 PREFIX = "/api/v1"
 router = APIRouter(prefix=PREFIX, tags=["gallery"])
@@ -84,9 +89,40 @@ def detail_view(item: GalleryItem) -> DetailView:
     return DetailView(**fields, **_urls(item), file=str(item.path), provenance=provenance)
 
 
+ANY_OWNER = "*"
+
+
+def _owner_filter(caller: Identity, owner: str | None) -> str | None:
+    """The owner whose images a listing shows (None: everyone's): what ``?owner=`` asks for, and when
+    it asks for nothing, the caller's own for a named key, everyone's for the admin."""
+    if owner == ANY_OWNER:
+        return None
+    if owner:
+        return owner
+    return None if caller.admin else caller.owner
+
+
+def _check_owner(caller: Identity, image_id: int, gallery: Gallery) -> None:
+    """A named key may change only its own images: 403 naming the image otherwise."""
+    if caller.admin:
+        return
+    owner = gallery.owner(image_id)
+    if owner is None or owner.lower() != (caller.owner or "").lower():
+        whose = f"{owner}'s" if owner else "made without a key"
+        raise HTTPException(403, f"id: image {image_id} is {whose}; the key {caller.owner!r} may change only its own images")
+
+
 @router.get("/gallery", response_model=PageView)
 def list_images(
     gallery: Gallery,
+    caller: Caller,
+    owner: Annotated[
+        str | None,
+        Query(
+            description=f"only this named API key's images ({ADMIN!r}: the admin's); {ANY_OWNER!r}: everyone's. "
+            "Default: a named key's own, everyone's for the admin"
+        ),
+    ] = None,
     q: Annotated[str, Query(description="words the prompt or negative prompt holds (the last may be the start of a word)")] = "",
     model: Annotated[str | None, Query(description="only images made with this model (see /gallery/models)")] = None,
     since: Annotated[float | None, Query(description="created at or after, epoch seconds")] = None,
@@ -96,7 +132,7 @@ def list_images(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> PageView:
     """Images newest first, a page at a time."""
-    page = gallery.search(q, model=model, since=since, until=until, favourite=favourite, cursor=cursor, limit=limit)
+    page = gallery.search(q, owner=_owner_filter(caller, owner), model=model, since=since, until=until, favourite=favourite, cursor=cursor, limit=limit)
     return PageView(items=[item_view(item) for item in page.items], next=page.next)
 
 
@@ -118,16 +154,16 @@ class ImportView(BaseModel):
 
 @router.post("/gallery/import", response_model=ImportView)
 async def import_images(
-    gallery: Gallery, settings: AppSettings, files: Annotated[list[UploadFile], File(description="PNG, JPEG or WebP images, one or many")]
+    gallery: Gallery, settings: AppSettings, caller: Caller, files: Annotated[list[UploadFile], File(description="PNG, JPEG or WebP images, one or many")]
 ) -> ImportView:
     """Add images to the gallery, their bytes (and metadata) kept as they are; their parameters are read
-    from lienzo's, AUTOMATIC1111's, InvokeAI's, ComfyUI's or NovelAI's metadata."""
+    from lienzo's, AUTOMATIC1111's, InvokeAI's, ComfyUI's or NovelAI's metadata. They are the caller's."""
     imported, errors = [], []
     for upload in files:
         name = upload.filename or "image"
         data = await upload.read()
         try:
-            item = await run_in_threadpool(gallery.import_image, data, name, max_pixels=settings.max_input_pixels)
+            item = await run_in_threadpool(gallery.import_image, data, name, max_pixels=settings.max_input_pixels, owner=caller.owner)
         except LienzoError as err:
             errors.append(ImportErrorView(file=name, detail=str(err)))
         else:
@@ -148,14 +184,16 @@ class FavouriteBody(BaseModel):
 
 
 @router.patch("/gallery/{id}", response_model=DetailView)
-def update_image(image_id: ImageId, body: FavouriteBody, gallery: Gallery) -> DetailView:
+def update_image(image_id: ImageId, body: FavouriteBody, gallery: Gallery, caller: Caller) -> DetailView:
     """Mark or unmark an image as a favourite."""
+    _check_owner(caller, image_id, gallery)
     return detail_view(gallery.set_favourite(image_id, body.favourite))
 
 
 @router.delete("/gallery/{id}", status_code=204)
-def delete_image(image_id: ImageId, gallery: Gallery) -> Response:
+def delete_image(image_id: ImageId, gallery: Gallery, caller: Caller) -> Response:
     """Delete the image: its file, its row and its thumbnails."""
+    _check_owner(caller, image_id, gallery)
     gallery.delete(image_id)
     return Response(status_code=204)
 

@@ -8,7 +8,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from functools import cache
-from typing import Annotated, Any, Self
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -24,7 +25,7 @@ from lienzo.models.families import FAMILIES, SCHNELL_STEPS
 from lienzo.models.registry import ModelEntry, native_size
 from lienzo.origins import training_data_for
 from lienzo.server.codec import JSONResponse, image_from_b64, mask_from_b64
-from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.deps import AppSettings, Caller, Queue, identity
 from lienzo.server.dialect import Dialect, ErrorBody
 from lienzo.server.fields import FieldView, body_field, field_views
 from lienzo.server.job import Job, JobStatus
@@ -52,7 +53,11 @@ ControlUnitBody = create_model(
 
 def _body_model(mode: str) -> type[BaseModel]:
     """A pydantic body with the table's fields for ``mode`` and their defaults there, images as base64 strings."""
-    fields: dict[str, Any] = {"model": (str | None, Field(None, description="model name, or a path inside the models dir; default: the current model"))}
+    fields: dict[str, Any] = {
+        "model": (str | None, Field(None, description="model name, or a path inside the models dir; default: the current model")),
+        # The job's, not the picture's: not a request field.
+        "priority": (int, Field(0, ge=-100, le=100, description="higher runs first; a named key may not go above 0")),
+    }
     for row in table():
         if mode not in row.spec.modes:
             continue
@@ -80,7 +85,7 @@ def request_from_body(mode: str, body: BaseModel, settings: Settings) -> Generat
 
 def fields_from_body(body: BaseModel, settings: Settings, exclude: frozenset[str] = frozenset()) -> dict:
     """The body's request fields with its pictures decoded (errors name the field: ``controlnets.0.image``)."""
-    fields = body.model_dump(exclude={"model", *exclude})
+    fields = body.model_dump(exclude={"model", "priority", *exclude})
     if "init_image" in fields:
         fields["init_image"] = image_from_b64(fields["init_image"], "init_image", settings)
     if "mask" in fields:
@@ -132,6 +137,10 @@ class JobView(BaseModel):
     status: JobStatus
     mode: str
     source: str
+    owner: str | None = Field(description="the named API key that queued it; null on a server without named keys")
+    priority: int = Field(description="higher runs first; equal priorities take turns between owners")
+    attempts: int = Field(description="times a worker started it (a job cut short by a dying worker runs once more)")
+    worker: str | None = Field(description="the worker (device) running it or that ran it")
     model: str | None
     position: int | None = Field(description="0 = next to run; null when not waiting")
     created: float
@@ -166,6 +175,10 @@ def job_view(job: Job, queue: JobQueue) -> JobView:
         status=job.status,
         mode=job.request.mode,
         source=job.source,
+        owner=job.owner,
+        priority=job.priority,
+        attempts=job.attempts,
+        worker=job.worker,
         model=job.model_name or job.model,
         position=queue.position(job),
         created=job.created,
@@ -210,7 +223,8 @@ DIALECT = Dialect(prefix=PREFIX, error_model=NativeError)
 
 
 async def _submit(mode: str, body: BaseModel, request: Request, queue: JobQueue, settings: Settings, wait: bool) -> JSONResponse:
-    job = queue.submit(request_from_body(mode, body, settings), model=body.model, source="native")
+    caller = identity(request)
+    job = queue.submit(request_from_body(mode, body, settings), model=body.model, source="native", caller=caller, priority=body.priority)
     if wait:
         await queue.wait(job, request.is_disconnected)
     return JSONResponse(job_view(job, queue).model_dump(mode="json"), status_code=200 if wait else 202)
@@ -235,9 +249,34 @@ for _mode in MODES:
 
 
 @router.get("/jobs", response_model=list[JobView])
-async def list_jobs(queue: Queue, status: JobStatus | None = None) -> list[JobView]:
-    """Remembered jobs, newest first."""
-    return [job_view(job, queue) for job in queue.jobs() if status is None or job.status == status]
+def list_jobs(
+    queue: Queue,
+    caller: Caller,
+    response: Response,
+    state: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+    status: Annotated[JobStatus | None, Query(include_in_schema=False)] = None,  # its name before the history
+    owner: Annotated[str | None, Query(description="only this owner's jobs ('*': everyone's); a named key sees its own by default")] = None,
+    cursor: Annotated[str | None, Query(description="the X-Next-Cursor header of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> list[JobView]:
+    """The job history, newest first, from the job store (it survives restarts); the next page's cursor is
+    in the ``X-Next-Cursor`` header, absent on the last page."""
+    state = state or status
+    owner = _owner_filter(owner, caller)
+    jobs, after = queue.history(state=state.value if state else None, owner=owner, cursor=cursor, limit=limit)
+    if after is not None:
+        response.headers["X-Next-Cursor"] = after
+    return [job_view(job, queue) for job in jobs]
+
+
+def _owner_filter(owner: str | None, caller) -> str | None:
+    """Whose jobs a list shows: everyone's for the admin unless asked, the caller's own for a named key
+    unless it asks for another owner's or everyone's ('*')."""
+    if owner == "*":
+        return None
+    if owner is None and not caller.admin:
+        return caller.owner
+    return owner
 
 
 @router.get("/jobs/{job_id}", response_model=JobView)
@@ -260,15 +299,37 @@ async def job_events(job_id: str, queue: Queue) -> StreamingResponse:
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
-async def cancel_job(job_id: str, queue: Queue) -> JobView:
+async def cancel_job(job_id: str, queue: Queue, caller: Caller) -> JobView:
     """Cancel a waiting job, or stop a running one after its current step (finished images are kept)."""
-    return job_view(queue.cancel(job_id), queue)
+    return job_view(queue.cancel(job_id, caller), queue)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView)
-async def delete_job(job_id: str, queue: Queue) -> JobView:
+async def delete_job(job_id: str, queue: Queue, caller: Caller) -> JobView:
     """The same as cancel."""
-    return job_view(queue.cancel(job_id), queue)
+    return job_view(queue.cancel(job_id, caller), queue)
+
+
+class Move(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: Literal["front", "back"] = Field(description="front: it runs next (among several owners: its owner's turn comes next); back: after its owner's other jobs")
+
+
+@router.post("/jobs/{job_id}/move", response_model=JobView)
+async def move_job(job_id: str, move: Move, queue: Queue, caller: Caller) -> JobView:
+    """Move a waiting job to the front or the back of the queue."""
+    return job_view(queue.move(job_id, move.to, caller), queue)
+
+
+class Priority(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    priority: int = Field(ge=-100, le=100, description="higher runs first; a named key may not go above 0")
+
+
+@router.post("/jobs/{job_id}/priority", response_model=JobView)
+async def set_job_priority(job_id: str, body: Priority, queue: Queue, caller: Caller) -> JobView:
+    """Change a waiting job's priority."""
+    return job_view(queue.set_priority(job_id, body.priority, caller), queue)
 
 
 # Plain ``def`` (run in the thread pool): it reads the file, and may resize it.
@@ -441,13 +502,69 @@ def list_loras(queue: Queue) -> list[LoraView]:
     return [LoraView(name=e.name, size_bytes=e.size_bytes, short_hash=e.short_hash) for e in queue.registry.loras()]
 
 
+class WorkerView(BaseModel):
+    name: str
+    device: str
+    busy: bool
+    job: str | None
+    models: list[str]
+    pid: int | None = Field(description="its process, on the machine it runs on")
+
+
 class QueueView(BaseModel):
-    running: str | None
+    running: str | None = Field(description="the job started last of those running")
     waiting: int
     max_queue: int
+    paused: bool
+    jobs: list[JobView] = Field(description="running jobs, then the waiting ones in the order they will run")
+    workers: list[WorkerView]
+
+
+def queue_view(queue: JobQueue, settings: Settings, caller) -> QueueView:
+    running = queue.running
+    jobs = [*queue.running_jobs(), *queue.waiting_jobs()]
+    return QueueView(
+        running=running.id if running else None,
+        waiting=queue.waiting,
+        max_queue=settings.max_queue,
+        paused=queue.paused,
+        jobs=[job_view(job, queue) for job in jobs],
+        workers=[
+            WorkerView(name=w.name, device=w.device, busy=w.busy, job=w.job, models=[Path(m).name for m in w.models], pid=w.pid)
+            for w in queue.workers
+        ],
+    )
 
 
 @router.get("/queue", response_model=QueueView)
-async def queue_state(queue: Queue, settings: AppSettings) -> QueueView:
-    running = queue.running
-    return QueueView(running=running.id if running else None, waiting=queue.waiting, max_queue=settings.max_queue)
+async def queue_state(queue: Queue, settings: AppSettings, caller: Caller) -> QueueView:
+    """The queue: whether it is paused, its jobs in order, its workers."""
+    return queue_view(queue, settings, caller)
+
+
+@router.post("/queue/pause", response_model=QueueView)
+async def pause_queue(queue: Queue, settings: AppSettings, caller: Caller) -> QueueView:
+    """Start no new job until resumed (running ones go on); it stays paused across restarts. Admin only."""
+    queue.pause(True, caller)
+    return queue_view(queue, settings, caller)
+
+
+@router.post("/queue/resume", response_model=QueueView)
+async def resume_queue(queue: Queue, settings: AppSettings, caller: Caller) -> QueueView:
+    queue.pause(False, caller)
+    return queue_view(queue, settings, caller)
+
+
+class CancelOwner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    owner: str | None = Field(None, description="whose jobs; null: the caller's own")
+
+
+class Cancelled(BaseModel):
+    cancelled: int
+
+
+@router.post("/queue/cancel", response_model=Cancelled)
+async def cancel_owner(body: CancelOwner, queue: Queue, caller: Caller) -> Cancelled:
+    """Cancel every waiting and running job of one owner (a named key: only its own)."""
+    return Cancelled(cancelled=queue.cancel_owner(body.owner if body.owner is not None else caller.owner, caller))

@@ -24,7 +24,7 @@ from lienzo.generation.fields import WITH_IMAGE
 from lienzo.generation.request import MAX_SIDE, MIN_SIDE, GenerationRequest, build_request, schema_limits, table
 from lienzo.images.io import decode_image, decode_mask
 from lienzo.server.codec import JSONResponse, b64encode
-from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.deps import AppSettings, Queue, identity
 from lienzo.server.dialect import Dialect, ErrorBody
 from lienzo.server.fields import body_field, door_names
 from lienzo.server.job import Job, JobStatus
@@ -360,7 +360,7 @@ def _warn_ignored(body: _ImageOptions) -> None:
 async def _run(generation: GenerationRequest, body: _ImageOptions, request: Request, queue: JobQueue) -> JSONResponse:
     fixed = (generation.width, generation.height) in OPENAI_SIZES
     with DIALECT.speaking():
-        job = queue.submit(generation, model=lienzo_model(body.model), source="openai", fit_to_model=fixed)
+        job = queue.submit(generation, model=lienzo_model(body.model), source="openai", fit_to_model=fixed, caller=identity(request))
     await queue.wait(job, request.is_disconnected)
     failure = job_failure(job)
     if failure is not None:

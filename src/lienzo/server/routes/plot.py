@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lienzo.generation.noise import random_seed
 from lienzo.generation.xyz import Axis, parse_axis, plot_cells
-from lienzo.server.deps import AppSettings, Queue
+from lienzo.server.deps import AppSettings, Caller, Queue
 from lienzo.server.jobs import QueueFullError
 from lienzo.server.routes.native import BODIES, PREFIX, fields_from_body
 
@@ -54,7 +54,7 @@ def _view(axis: Axis | None) -> AxisView | None:
 
 
 @router.post("/plot", response_model=PlotView, status_code=202)
-def plot(body: PlotBody, queue: Queue, settings: AppSettings) -> PlotView:  # type: ignore[valid-type]
+def plot(body: PlotBody, queue: Queue, settings: AppSettings, caller: Caller) -> PlotView:  # type: ignore[valid-type]
     """Queue an X/Y/Z plot: every cell a txt2img job with one image, all checked before any is queued."""
     axes = [parse_axis(text, name) if text else None for text, name in ((body.x, "x"), (body.y, "y"), (body.z, "z"))]
     fields: dict[str, Any] = fields_from_body(body, settings, frozenset({"x", "y", "z"}))
@@ -62,12 +62,12 @@ def plot(body: PlotBody, queue: Queue, settings: AppSettings) -> PlotView:  # ty
         fields["seed"] = random_seed()
     cells = plot_cells(fields, *axes)
     for cell in cells:
-        queue.check_limits(cell.request)
+        queue.check_limits(cell.request, caller)
     if queue.waiting + len(cells) > settings.max_queue:
         raise QueueFullError(f"queue: the plot's {len(cells)} jobs do not fit beside the {queue.waiting} waiting (max_queue {settings.max_queue})")
     if body.model is not None:
         queue.resolve_model(body.model)
-    jobs = [queue.submit(cell.request, model=body.model, source="native") for cell in cells]
+    jobs = [queue.submit(cell.request, model=body.model, source="native", caller=caller, priority=body.priority) for cell in cells]
     return PlotView(
         x=_view(axes[0]), y=_view(axes[1]), z=_view(axes[2]), seed=fields["seed"],
         cells=[CellView(z=c.z, y=c.y, x=c.x, job=job.id) for c, job in zip(cells, jobs, strict=True)],

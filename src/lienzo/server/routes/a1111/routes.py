@@ -15,7 +15,7 @@ from lienzo.images.io import decode_image
 from lienzo.images.metadata import read_parameters
 from lienzo.models.embeddings import ModelEmbeddings, current_embeddings
 from lienzo.server.codec import JSONResponse, b64decode
-from lienzo.server.deps import AppSettings, Gallery, Queue
+from lienzo.server.deps import AppSettings, Caller, Gallery, Queue, identity
 from lienzo.server.job import JobStatus
 from lienzo.server.jobs import JobQueue
 from lienzo.server.routes.a1111 import extras
@@ -101,7 +101,7 @@ async def generate(
     if plot is not None:
         return await plot_response(body, gen, plot, model, request, queue, settings, notes)
     with dialect.speaking():
-        job = queue.submit(gen, model=model, source="a1111")
+        job = queue.submit(gen, model=model, source="a1111", caller=identity(request))
     await queue.wait(job, request.is_disconnected)
     if job.status == JobStatus.FAILED and job.error_field is not None and job.error_field.startswith("controlnets"):
         # A unit's error met while the job ran: named by where the client put the unit.
@@ -138,16 +138,16 @@ async def progress(queue: Queue, skip_current_image: Annotated[bool, Query()] = 
 
 
 @router.post("/interrupt")
-async def interrupt(queue: Queue) -> dict:
+async def interrupt(queue: Queue, caller: Caller) -> dict:
     """Stop the running job after its current step; its request answers with the images made so far."""
-    queue.interrupt()
+    queue.interrupt(caller)
     return {}
 
 
 @router.post("/skip")
-async def skip(queue: Queue) -> None:
+async def skip(queue: Queue, caller: Caller) -> None:
     """Drop the running job's current batch and go on with its next."""
-    queue.skip()
+    queue.skip(caller)
 
 
 # -- options --------------------------------------------------------------------------------------

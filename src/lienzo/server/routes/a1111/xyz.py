@@ -22,6 +22,7 @@ from lienzo.images.grid import labelled_grid
 from lienzo.images.io import save_png_numbered
 from lienzo.images.metadata import pnginfo
 from lienzo.server.codec import JSONResponse, b64encode
+from lienzo.server.deps import identity
 from lienzo.server.job import Job, JobStatus
 from lienzo.server.jobs import JobQueue
 from lienzo.server.routes.a1111.answers import Notes, echoed_parameters, job_info, job_response
@@ -109,7 +110,7 @@ async def plot_response(
         cells = plot_cells(fields, *plot.axes)
         if len(cells) > settings.max_queue:
             raise InvalidRequestError("script_args", f"the plot has {len(cells)} cells; at most max_queue ({settings.max_queue}) are queued")
-        jobs = [queue.submit(cell.request, model=model, source="a1111") for cell in cells]
+        jobs = [queue.submit(cell.request, model=model, source="a1111", caller=identity(request)) for cell in cells]
     for job in jobs:
         await queue.wait(job, request.is_disconnected)
     failed = next((job for job in jobs if job.status == JobStatus.FAILED), None)

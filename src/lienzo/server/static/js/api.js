@@ -8,7 +8,7 @@ export class ApiError extends Error {
   }
 }
 
-async function request(method, path, body, { form = false, blob = false } = {}) {
+async function request(method, path, body, { form = false, blob = false, page = false } = {}) {
   const init = { method, headers: {} };
   if (body !== undefined) {
     if (form) {
@@ -31,6 +31,8 @@ async function request(method, path, body, { form = false, blob = false } = {}) 
     const detail = data?.detail ?? `${response.status} ${response.statusText}`;
     throw new ApiError(response.status, typeof detail === "string" ? detail : JSON.stringify(detail), data?.field);
   }
+  // A paged list names its next page's cursor in a header, so that the body stays the plain list.
+  if (page) return { items: data, next: response.headers.get("X-Next-Cursor") };
   return data;
 }
 
@@ -43,6 +45,22 @@ export const api = {
   upload: (path, formData) => request("POST", path, formData, { form: true }),
   // A route that answers an image (a control map, an upscale): the PNG as a Blob.
   image: (path, body) => request("POST", path, body, { blob: true }),
+  // A paged GET: ``{items, next}``, ``next`` the cursor for the page after (null on the last).
+  page: (path) => request("GET", path, undefined, { page: true }),
+};
+
+// The queue's controls (the Queue tab); each answers what the server says the job or queue is now.
+const jobPath = (id) => `/jobs/${encodeURIComponent(id)}`;
+export const queueApi = {
+  state: () => api.get("/queue"),
+  pause: () => api.post("/queue/pause"),
+  resume: () => api.post("/queue/resume"),
+  move: (id, to) => api.post(`${jobPath(id)}/move`, { to }),
+  priority: (id, priority) => api.post(`${jobPath(id)}/priority`, { priority }),
+  cancel: (id) => api.post(`${jobPath(id)}/cancel`),
+  // ``owner`` null: the caller's own jobs.
+  cancelAll: (owner = null) => api.post("/queue/cancel", { owner }),
+  history: (params) => api.page(`/jobs?${params}`),
 };
 
 // Follow a job through its Server-Sent Events until it finishes; ``onUpdate`` gets every state.

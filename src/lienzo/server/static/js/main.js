@@ -5,6 +5,7 @@ import { initControlNet } from "./control.js";
 import { initExplore } from "./explore.js";
 import { initGallery, tile } from "./gallery.js";
 import { initPromptHelper } from "./prompt.js";
+import { initQueue } from "./queue.js";
 import { initUpscale } from "./upscale.js";
 import { imageItems, initViewer } from "./viewer.js";
 
@@ -541,8 +542,9 @@ initControlNet({ source: inputPicture, mode, toast })
   .then((panel) => (controlNet = panel))
   .catch((err) => showError(`ControlNet: ${err.message}`, "controlnets"));
 initExplore({ fields, request: () => ({ ...body(), model: $("model").value || null }), clearErrors, showError, openViewer: viewer.open });
+const queue = initQueue({ openViewer: viewer.open, toast });
 
-const VIEWS = ["create", "upscale", "gallery"];
+const VIEWS = ["create", "upscale", "gallery", "queue"];
 
 function route() {
   const view = VIEWS.find((v) => location.hash === `#${v}`) ?? "create";
@@ -551,6 +553,9 @@ function route() {
     $(`tab-${v}`).setAttribute("aria-selected", String(view === v));
   }
   if (view === "gallery") gallery.show();
+  // The queue is read only while its tab is shown.
+  if (view === "queue") queue.show();
+  else queue.hide();
 }
 window.addEventListener("hashchange", route);
 

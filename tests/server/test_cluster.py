@@ -1,0 +1,198 @@
+"""The Ray cluster backend against a real two-node Ray cluster on loopback, CPU processes standing in for GPUs.
+
+Both nodes are ``ray start --block`` processes of this test (ended by their pids, which stops what they
+started); the second node is told to copy models from the server (LIENZO_CLUSTER_SHIP_MODELS), since on one
+machine it sees the server's files at the same path. Every image is compared, pixel for pixel, with the one
+a ThreadWorker makes in this process from the same task.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install 'lienzo[cluster]'")
+
+from lienzo.errors import GenerationCancelled, ModelFileError  # noqa: E402
+from lienzo.generation.request import build_request  # noqa: E402
+from lienzo.server.cluster import SHIP_MODELS_ENV, RayPool  # noqa: E402
+from lienzo.server.runtime import Finished, Loaded, Made, Step, Task  # noqa: E402
+from lienzo.server.workers import ThreadWorker, WorkerLost  # noqa: E402
+from lienzo.settings import Settings  # noqa: E402
+
+OBJECT_STORE = 200 * 2**20  # the machine running tests is small; events and model chunks fit easily
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node(temp: str, env: dict, *args: str) -> subprocess.Popen:
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+        "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *args,
+    ]
+    log = open(Path(temp) / f"node-{len(os.listdir(temp))}.log", "wb")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(check, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the test cluster did not come up: {what}")
+        time.sleep(0.5)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def settings(home, tmp_path_factory):
+    data = tmp_path_factory.mktemp("cluster-data")
+    # fp32 on one thread in every process: the actors' images must equal this process's to the pixel.
+    return Settings(data_dir=data, models_dir=home / "models", outputs_dir=data / "out", dtype="fp32", threads=1)
+
+
+@pytest.fixture(scope="module")
+def pool(settings):
+    """A head node and a second node on 127.0.0.1, a RayPool on them; every Ray process ended afterwards."""
+    temp = tempfile.mkdtemp(prefix="lzray")  # short: Ray's socket paths under it must fit 107 characters
+    env = {**os.environ, "RAY_TMPDIR": temp, "HOME": temp, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    nodes = [_node(temp, env, "--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp)]
+    try:
+        _wait(lambda: _port_open(port), "the head's port")
+        nodes.append(_node(temp, {**env, SHIP_MODELS_ENV: "1"}, "--address", f"127.0.0.1:{port}"))
+        ray.init(address=f"127.0.0.1:{port}", _temp_dir=temp, logging_level="WARNING")
+        _wait(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, "two nodes")
+        pool = RayPool(settings, address=f"127.0.0.1:{port}")
+        pool.start()
+        yield pool
+        pool.stop()
+    finally:
+        ray.shutdown()
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(10)
+
+
+@pytest.fixture(scope="module")
+def task(home):
+    request = build_request(prompt="a lighthouse at dusk", steps=2, width=64, height=64, seed=1)
+    return Task("job-1", request, str(home / "models" / "tiny-sd15.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def expected(settings, task):
+    """The pixels a ThreadWorker makes in this process from ``task``."""
+    events = []
+    ThreadWorker(settings, "cpu").run(task, events.append)
+    return _pixels(events)
+
+
+def _pixels(events) -> list[np.ndarray]:
+    return [np.asarray(e.image.image) for e in events if isinstance(e, Made)]
+
+
+def _run(worker, task, on_event=None) -> list:
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    worker.run(task, emit)
+    return events
+
+
+def _shipping(pool):
+    """The worker on the node that copies models from the server."""
+    (worker,) = [w for w in pool.workers if w.ships_models]
+    return worker
+
+
+def test_a_worker_on_each_node_makes_the_same_image_as_the_server(pool, task, expected):
+    assert len(pool.workers) == 2
+    first, second = pool.workers
+    assert first.node != second.node and first.name != second.name
+    assert all(w.name.startswith("ray:127.0.0.1/cpu") and w.device == "cpu" for w in pool.workers), [w.name for w in pool.workers]
+    for worker in pool.workers:
+        events = _run(worker, task)
+        kinds = [type(e) for e in events]
+        assert kinds[0] is Loaded and kinds[-1] is Finished and kinds.count(Made) == 1
+        assert [e.step for e in events if isinstance(e, Step)] == [1, 2]
+        assert events[0].name == "tiny-sd15.safetensors" or events[0].name == "tiny-sd15"
+        assert len(expected) == 1 and np.array_equal(_pixels(events)[0], expected[0])
+        assert worker.models == [task.model]  # by the server's path, wherever the node loaded it from
+        assert worker.memory()["rss"] > 50 * 2**20
+
+
+def test_a_node_without_the_model_gets_it_from_the_server(pool, settings, task, expected):
+    worker = _shipping(pool)
+    cache = settings.cache_dir / "cluster-models"
+    for copy in cache.glob("*/tiny-sd15.safetensors"):
+        copy.unlink()  # an earlier test's job may have shipped it already
+    events = _run(worker, task)
+    (copy,) = cache.glob("*/tiny-sd15.safetensors")
+    assert copy.read_bytes() == Path(task.model).read_bytes()
+    assert not list(cache.glob("*/.*.part"))
+    assert np.array_equal(_pixels(events)[0], expected[0])
+    assert worker.models == [task.model]
+    # The files actor serves the models dir and nothing else.
+    with pytest.raises(ModelFileError, match="not in the server's models dir"):
+        ray.get(pool.files.read.remote("/etc/hostname", 0, 10))
+    with pytest.raises(ModelFileError, match="not in the server's models dir"):
+        ray.get(pool.files.manifest.remote(str(settings.models_dir / ".." / "escape")))
+
+
+def test_cancel_stops_the_job(pool, task):
+    worker = pool.workers[0]
+    long = Task("job-2", task.request.model_copy(update={"steps": 30}), task.model)
+    steps = []
+
+    def on_event(event):
+        if isinstance(event, Step):
+            steps.append(event.step)
+            if event.step == 1:
+                worker.signal("cancel")
+
+    with pytest.raises(GenerationCancelled):
+        _run(worker, long, on_event)
+    assert steps and max(steps) < 30
+    assert len(_pixels(_run(worker, task))) == 1  # the next job runs as usual
+
+
+def test_a_killed_worker_is_lost_and_replaced(pool, task, expected):
+    worker = pool.workers[1]
+    index, node = pool.workers.index(worker), worker.node
+    long = Task("job-3", task.request.model_copy(update={"steps": 30}), task.model)
+
+    def on_event(event):
+        if isinstance(event, Step) and event.step == 1:
+            os.kill(worker.pid, signal.SIGKILL)
+
+    with pytest.raises(WorkerLost, match=f"worker {worker.name} died while running job job-3"):
+        _run(worker, long, on_event)
+    fresh = pool.replace(worker)
+    assert fresh is not None and pool.workers[index] is fresh and fresh.pid != worker.pid
+    assert fresh.node == node  # the only node with a free CPU
+    events = _run(fresh, task)
+    assert np.array_equal(_pixels(events)[0], expected[0])
