@@ -19,7 +19,7 @@ from servers import bomb_png, home_settings, png_bytes
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 ITEM_KEYS = {
     "id", "url", "thumb_url", "created", "source", "mode", "prompt", "negative_prompt", "model", "seed", "width", "height",
-    "steps", "cfg_scale", "sampler", "schedule", "favourite",
+    "steps", "cfg_scale", "sampler", "schedule", "favourite", "owner",
 }
 
 

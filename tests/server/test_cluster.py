@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install 'lienzo[cluster]'")
 
-from lienzo.errors import GenerationCancelled, ModelFileError  # noqa: E402
+from lienzo.errors import GenerationCancelled, LienzoError, ModelFileError  # noqa: E402
 from lienzo.generation.request import build_request  # noqa: E402
 from lienzo.server.cluster import SHIP_MODELS_ENV, RayPool  # noqa: E402
 from lienzo.server.runtime import Finished, Loaded, Made, Step, Task  # noqa: E402
@@ -36,9 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node(temp: str, env: dict, *args: str) -> subprocess.Popen:
+def _node(temp: str, env: dict, cpus: int, *args: str) -> subprocess.Popen:
     command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
         "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *args,
     ]
     log = open(Path(temp) / f"node-{len(os.listdir(temp))}.log", "wb")
@@ -60,21 +61,32 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def settings(home, tmp_path_factory):
+    from tiny_models import build_tiny, save_diffusers_folder
+
+    save_diffusers_folder(build_tiny("sd1"), home / "models" / "tiny-folder")  # shipped file by file
     data = tmp_path_factory.mktemp("cluster-data")
     # fp32 on one thread in every process: the actors' images must equal this process's to the pixel.
     return Settings(data_dir=data, models_dir=home / "models", outputs_dir=data / "out", dtype="fp32", threads=1)
 
 
 @pytest.fixture(scope="module")
-def pool(settings):
-    """A head node and a second node on 127.0.0.1, a RayPool on them; every Ray process ended afterwards."""
+def client_port() -> int:
+    """The head's Ray Client port (ray://)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def pool(settings, client_port):
+    """A head node (two CPUs: one is left for a Ray Client's worker) and a second node (one CPU) on
+    127.0.0.1, a RayPool on them; every Ray process ended afterwards."""
     temp = tempfile.mkdtemp(prefix="lzray")  # short: Ray's socket paths under it must fit 107 characters
     env = {**os.environ, "RAY_TMPDIR": temp, "HOME": temp, "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
-    nodes = [_node(temp, env, "--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp)]
+    head = ["--head", "--port", str(port), "--ray-client-server-port", str(client_port), "--include-dashboard", "false", "--temp-dir", temp]
+    nodes = [_node(temp, env, 2, *head)]
     try:
         _wait(lambda: _port_open(port), "the head's port")
-        nodes.append(_node(temp, {**env, SHIP_MODELS_ENV: "1"}, "--address", f"127.0.0.1:{port}"))
+        nodes.append(_node(temp, {**env, SHIP_MODELS_ENV: "1"}, 1, "--address", f"127.0.0.1:{port}"))
         ray.init(address=f"127.0.0.1:{port}", _temp_dir=temp, logging_level="WARNING")
         _wait(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, "two nodes")
         pool = RayPool(settings, address=f"127.0.0.1:{port}")
@@ -91,6 +103,7 @@ def pool(settings):
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +113,15 @@ def task(home):
 
 
 @pytest.fixture(scope="module")
-def expected(settings, task):
+def server_side(settings):
+    """The server's own worker, which every cluster worker's images must equal."""
+    return ThreadWorker(settings, "cpu")
+
+
+@pytest.fixture(scope="module")
+def expected(server_side, task):
     """The pixels a ThreadWorker makes in this process from ``task``."""
-    events = []
-    ThreadWorker(settings, "cpu").run(task, events.append)
-    return _pixels(events)
+    return _pixels(_run(server_side, task))
 
 
 def _pixels(events) -> list[np.ndarray]:
@@ -133,19 +150,23 @@ def test_a_worker_on_each_node_makes_the_same_image_as_the_server(pool, task, ex
     assert len(pool.workers) == 2
     first, second = pool.workers
     assert first.node != second.node and first.name != second.name
-    assert all(w.name.startswith("ray:127.0.0.1/cpu") and w.device == "cpu" for w in pool.workers), [w.name for w in pool.workers]
+    # Named after the node's ip (Ray's choice for the machine, even for a node started on 127.0.0.1), numbered
+    # since both nodes share it.
+    (ip,) = {node["NodeManagerAddress"] for node in ray.nodes()}
+    assert sorted(w.name for w in pool.workers) == [f"ray:{ip}/cpu.0", f"ray:{ip}/cpu.1"]
+    assert all(w.device == "cpu" for w in pool.workers)
     for worker in pool.workers:
         events = _run(worker, task)
         kinds = [type(e) for e in events]
         assert kinds[0] is Loaded and kinds[-1] is Finished and kinds.count(Made) == 1
         assert [e.step for e in events if isinstance(e, Step)] == [1, 2]
-        assert events[0].name == "tiny-sd15.safetensors" or events[0].name == "tiny-sd15"
+        assert events[0].name == "tiny-sd15"
         assert len(expected) == 1 and np.array_equal(_pixels(events)[0], expected[0])
         assert worker.models == [task.model]  # by the server's path, wherever the node loaded it from
         assert worker.memory()["rss"] > 50 * 2**20
 
 
-def test_a_node_without_the_model_gets_it_from_the_server(pool, settings, task, expected):
+def test_a_node_without_the_model_gets_it_from_the_server(pool, settings, server_side, task, expected):
     worker = _shipping(pool)
     cache = settings.cache_dir / "cluster-models"
     for copy in cache.glob("*/tiny-sd15.safetensors"):
@@ -153,9 +174,18 @@ def test_a_node_without_the_model_gets_it_from_the_server(pool, settings, task, 
     events = _run(worker, task)
     (copy,) = cache.glob("*/tiny-sd15.safetensors")
     assert copy.read_bytes() == Path(task.model).read_bytes()
-    assert not list(cache.glob("*/.*.part"))
+    assert not list(cache.glob("**/.*.part"))
     assert np.array_equal(_pixels(events)[0], expected[0])
     assert worker.models == [task.model]
+
+    folder = Task("job-5", task.request, str(settings.models_dir / "tiny-folder"))
+    events = _run(worker, folder)
+    (copy,) = cache.glob("*/tiny-folder")
+    sent = sorted(p.relative_to(folder.model) for p in Path(folder.model).rglob("*") if p.is_file())
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == sent
+    assert all((copy / name).read_bytes() == (Path(folder.model) / name).read_bytes() for name in sent)
+    assert np.array_equal(_pixels(events)[0], _pixels(_run(server_side, folder))[0])
+    assert worker.models == [folder.model]  # models_per_worker 1: the file's model made room
     # The files actor serves the models dir and nothing else.
     with pytest.raises(ModelFileError, match="not in the server's models dir"):
         ray.get(pool.files.read.remote("/etc/hostname", 0, 10))
@@ -182,7 +212,7 @@ def test_cancel_stops_the_job(pool, task):
 
 def test_a_killed_worker_is_lost_and_replaced(pool, task, expected):
     worker = pool.workers[1]
-    index, node = pool.workers.index(worker), worker.node
+    index = pool.workers.index(worker)
     long = Task("job-3", task.request.model_copy(update={"steps": 30}), task.model)
 
     def on_event(event):
@@ -193,6 +223,43 @@ def test_a_killed_worker_is_lost_and_replaced(pool, task, expected):
         _run(worker, long, on_event)
     fresh = pool.replace(worker)
     assert fresh is not None and pool.workers[index] is fresh and fresh.pid != worker.pid
-    assert fresh.node == node  # the only node with a free CPU
     events = _run(fresh, task)
     assert np.array_equal(_pixels(events)[0], expected[0])
+
+
+# A server off the cluster connects through Ray Client, which carries no streaming actor methods: the
+# workers' events are pulled. A process of its own, as a process has one Ray connection.
+CLIENT = """
+import json, sys
+import numpy as np
+from lienzo.generation.request import build_request
+from lienzo.server.cluster import RayPool
+from lienzo.server.runtime import Made, Task
+from lienzo.settings import Settings
+
+settings, address, model = Settings(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3]
+pool = RayPool(settings, address=address, workers=1)
+events = []
+pool.workers[0].run(Task("job-c", build_request(**json.loads(sys.argv[4])), model), events.append)
+(made,) = [e for e in events if isinstance(e, Made)]
+sys.stdout.buffer.write(np.asarray(made.image.image).tobytes())
+pool.stop()
+"""
+
+
+def test_a_server_off_the_cluster_connects_with_ray_client(pool, settings, client_port, task, expected):
+    request = task.request.model_dump_json(exclude_unset=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT, settings.model_dump_json(), f"ray://127.0.0.1:{client_port}", task.model, request],
+        capture_output=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.stdout == expected[0].tobytes()
+
+
+def test_without_ray_the_pool_says_how_to_install_it(settings, monkeypatch):
+    from lienzo.server import cluster
+
+    monkeypatch.setattr(cluster, "ray", None)
+    with pytest.raises(LienzoError, match=r"pip install 'lienzo\[cluster\]'"):
+        RayPool(settings, address="auto")

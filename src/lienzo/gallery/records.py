@@ -47,6 +47,7 @@ class GalleryItem:
     )
     favourite: bool
     size_bytes: int
+    owner: str | None = field(metadata={"help": "the named API key that made or imported it; null: made without one"})
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "GalleryItem":

@@ -17,7 +17,7 @@ COLUMNS = (
     "path, created, source, mode, prompt, negative_prompt, model, model_hash, seed, width, height, steps, "
     "cfg_scale, sampler, schedule, infotext, parameters, size_bytes"
 )
-SELECT = f"SELECT id, favourite, {COLUMNS} FROM images"
+SELECT = f"SELECT id, favourite, owner, {COLUMNS} FROM images"
 MAX_PAGE = 200
 # Ids are SQLite rowids, 1 to 2**63 - 1; a number outside cannot even be bound to a query.
 MAX_ID = 2**63 - 1

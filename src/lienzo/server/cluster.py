@@ -3,11 +3,12 @@
 Why Ray: it does what a cluster needs and lienzo should not write by hand: placing one actor per GPU across
 machines, noticing when a process or a whole machine dies, and moving bytes between nodes. Each actor wraps
 the same :class:`~lienzo.server.runtime.WorkerRuntime` a local worker runs; the server keeps the queue, the
-gallery and the files, and the actors stream back the runtime's small events.
+gallery and the files, and the actors hand back the runtime's small events.
 
 Models: a task names its model by the server's path. A node that sees the same file at that path (a shared
 models folder) loads it from there; any other node first copies it from the server, through a small "files"
-actor on the server's own node, into its own cache, once per version of the file.
+actor on the server's own node, into its own cache, once per version of the file. (Through Ray Client the
+server's side of the cluster is the head node: the files actor runs there, reading the head's disk.)
 
 Ray is an optional extra (``pip install 'lienzo[cluster]'``): only this module imports it.
 """
@@ -25,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 from lienzo.errors import GenerationCancelled, LienzoError, ModelFileError
+from lienzo.server.logs import current_setup, job_context, setup_logging
 from lienzo.server.runtime import Event, Failure, Finished, Loaded, Signals, Task, WorkerRuntime
 from lienzo.server.workers import Worker, WorkerLost, WorkerPool, _device_memory, _names, _rss
 from lienzo.settings import Settings
@@ -42,6 +44,7 @@ CHUNK = 64 * 2**20  # bytes of a model file per call to the files actor
 START_TIMEOUT = 300.0  # seconds for every worker to start (a node may be slow to import torch)
 REPLACE_TIMEOUT = 30.0  # seconds to place a replacement; longer means its node is gone
 SIGNAL_TIMEOUT = 10.0
+POLL = 1.0  # seconds an events call waits for one before the server asks again (a death ends the call at once)
 # Events a worker may run ahead of the server reading them: bounds the memory of a slow reader, and a
 # cancel sent on an event lands within a few steps.
 EVENTS_AHEAD = 4
@@ -83,17 +86,24 @@ class ModelFiles:
 
 class WorkerActor:
     """A worker's life inside its Ray actor: one :class:`WorkerRuntime` on the actor's device, the model files
-    it needs brought to its node, and the job's events yielded one by one. Threaded (two calls at a time), so
-    that ``signal`` lands while ``run`` is busy."""
+    it needs brought to its node, and the running job's events, which the server pulls in batches. Threaded
+    (two calls at a time), so that ``signal`` lands while an ``events`` call waits.
 
-    def __init__(self, settings: dict, device: str, files):
+    Pulled rather than streamed (a generator method): Ray Client, how a server off the cluster connects
+    (``ray://``), does not carry streaming actor methods (Ray 2.60)."""
+
+    def __init__(self, settings: dict, device: str, files, logging_setup: tuple):
         from lienzo.devices import configure_threads
 
+        setup_logging(*logging_setup)  # as the server logs; Ray forwards the lines to it
         self.settings = Settings(**settings)
         configure_threads(self.settings.threads)
         self.device, self.files = device, files
         self.runtime = WorkerRuntime(self.settings, device)
         self.signals = Signals()
+        # The running job's events. Bounded: a job runs at most EVENTS_AHEAD events ahead of the server
+        # (its memory stays small when the server is slow, and a cancel sent on an event lands in time).
+        self.events: queue.Queue = queue.Queue(maxsize=EVENTS_AHEAD)
         self.origins: dict[str, str] = {}  # the node's copy of a model -> the server's path
 
     def describe(self) -> dict:
@@ -104,31 +114,36 @@ class WorkerActor:
             "gpus": [str(gpu) for gpu in ray.get_gpu_ids()], "ships_models": bool(os.environ.get(SHIP_MODELS_ENV)),
         }
 
-    def run(self, task: Task):
-        """The job's events, then its models (a list, after Loaded); its error as a Failure, not raised: Ray
-        would wrap it."""
+    def start(self, task: Task, name: str) -> None:
+        """Start ``task`` in a thread of its own and return; :meth:`events` hands out what it reports.
+        ``name``: the worker's, for its log lines."""
         self.signals.clear()
-        events: queue.Queue = queue.Queue(maxsize=EVENTS_AHEAD)
-        done = object()
 
         def emit(event: Event) -> None:
-            events.put(event)
+            self.events.put(event)
             if isinstance(event, Loaded):
-                events.put(self.models())
+                self.events.put(self.models())
 
         def work() -> None:
             try:
-                self.runtime.run(self._local_task(task), emit, self.signals)
+                with job_context(task.job_id, name):
+                    self.runtime.run(self._local_task(task), emit, self.signals)
             except BaseException as err:  # noqa: BLE001 - the job's error goes back to the server; the actor lives on
                 log.debug("job %s failed in worker", task.job_id, exc_info=True)
-                events.put(Failure.of(err))
-            finally:
-                events.put(done)
+                self.events.put(Failure.of(err))
 
-        # The runtime reports through a callback, a generator yields from its own frame: a thread between them.
         threading.Thread(target=work, name=f"lienzo-job-{task.job_id}", daemon=True).start()
-        while (event := events.get()) is not done:
-            yield event
+
+    def next_events(self, wait: float) -> list:
+        """The job's events since the last call, at least one unless ``wait`` seconds pass without any: its
+        models (a list) after Loaded, and last Finished, or its error as a Failure (not raised: Ray would wrap it)."""
+        try:
+            batch = [self.events.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while not self.events.empty():
+            batch.append(self.events.get_nowait())
+        return batch
 
     def signal(self, what: str) -> None:
         self.signals.set(what)
@@ -199,46 +214,52 @@ class RayWorker(Worker):
 
     def __init__(self, actor, info: dict, device: str, name: str, resources: dict):
         self.actor, self.device, self.name, self.resources = actor, device, name, resources
-        self.node, self.pid, self.ships_models = info["node"], info["pid"], info["ships_models"]
+        self.node, self._pid, self.ships_models = info["node"], info["pid"], info["ships_models"]
         self._models: list[str] = []
 
     @property
     def models(self) -> list[str]:
         return list(self._models)
 
+    @property
+    def pid(self) -> int:
+        """The actor's process id on its node."""
+        return self._pid
+
     def run(self, task: Task, emit: Callable[[Event], None]) -> None:
-        stream = self.actor.run.options(num_returns="streaming", _generator_backpressure_num_objects=EVENTS_AHEAD).remote(task)
         try:
-            for ref in stream:
-                event = ray.get(ref)
+            ray.get(self.actor.start.remote(task, self.name))
+            for event in self._events():
+                try:
+                    emit(event)
+                except BaseException:
+                    self._abandon()
+                    raise
+        except (RayActorError, NodeDiedError, ObjectLostError) as err:
+            raise WorkerLost(f"worker {self.name} died while running job {task.job_id}: {type(err).__name__}") from err
+
+    def _events(self):
+        """The running job's events until Finished; its error raised."""
+        while True:
+            for event in ray.get(self.actor.next_events.remote(POLL)):
                 if isinstance(event, Failure):
                     raise event.error()
                 if isinstance(event, list):  # the models it holds, after loading
                     self._models = event
                     continue
-                try:
-                    emit(event)
-                except BaseException:
-                    self._abandon(stream)
-                    raise
+                yield event
                 if isinstance(event, Finished):
                     return
-        except (RayActorError, NodeDiedError, ObjectLostError) as err:
-            raise WorkerLost(f"worker {self.name} died while running job {task.job_id}: {type(err).__name__}") from err
 
-    def _abandon(self, stream) -> None:
-        """The server stopped reading a job (its own error): the job is cancelled and its last events read
-        in the background, since an unread stream would hold one of the actor's two threads for good."""
+    def _abandon(self) -> None:
+        """The server stopped reading a job (its own error): the job is cancelled and its last events read,
+        or it would wait for room for them forever, and the next job's events would follow them."""
         self.signal("cancel")
-
-        def drain() -> None:
-            try:
-                for ref in stream:
-                    ray.get(ref)
-            except RayError:
+        try:
+            for _ in self._events():
                 pass
-
-        threading.Thread(target=drain, name=f"lienzo-drain-{self.name}", daemon=True).start()
+        except Exception:  # noqa: BLE001 - the job's end, whatever it is, was already given up on
+            log.debug("abandoned job on %s ended", self.name, exc_info=True)
 
     def signal(self, what: str) -> None:
         """Waits until the actor has it, so a cancel sent on an event lands before the events that follow."""
@@ -279,8 +300,11 @@ class RayPool(WorkerPool):
         self.settings, self.address = settings, address
         self._connected = not ray.is_initialized()
         if self._connected:
-            # An address is always given: ray.init starts a cluster of its own only without one.
-            ray.init(address=address, namespace="lienzo", logging_level=logging.WARNING)
+            try:
+                # An address is always given: ray.init starts a cluster of its own only without one.
+                ray.init(address=address, namespace="lienzo", logging_level=logging.WARNING)
+            except ConnectionError as err:
+                raise LienzoError(f"cluster: cannot reach a Ray cluster at {address}: {err}") from None
         here = ray.get_runtime_context().get_node_id()
         self.files = ray.remote(ModelFiles).options(
             num_cpus=0, max_concurrency=4, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -343,7 +367,7 @@ class RayPool(WorkerPool):
     def _spawn(self):
         return _actor_class().options(
             **self.resources, max_concurrency=2, scheduling_strategy="SPREAD", max_restarts=0,
-        ).remote(self.settings.model_dump(), self.device, self.files)
+        ).remote(self.settings.model_dump(), self.device, self.files, current_setup())
 
     def _device(self, info: dict) -> str:
         """The device as the node knows it (its GPU's number there); inside the actor it is always "cuda"."""

@@ -91,6 +91,13 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+def current_setup() -> tuple[LogFormat, int]:
+    """The format and level this process logs in, for a worker process to log the same way."""
+    root = logging.getLogger()
+    json_lines = any(isinstance(handler.formatter, JSONFormatter) for handler in root.handlers)
+    return ("json" if json_lines else "text"), root.level
+
+
 def setup_logging(format: LogFormat = "text", level: int | str | None = None, stream: TextIO | None = None) -> logging.Handler:
     """Send every logger's records to ``stream`` (stderr) in ``format``, replacing the root logger's
     handlers; ``level``: the root logger's level (None keeps the one set, e.g. by ``lienzo -v``).

@@ -14,24 +14,24 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from lienzo.errors import GenerationCancelled, InvalidRequestError, LienzoError
+from lienzo.generation import engine
+from lienzo.generation.engine import GeneratedImage
 from lienzo.generation.request import GenerationRequest
 from lienzo.images.provenance import Provenance
+from lienzo.models.components import Components
+from lienzo.origins import provenance_for
 from lienzo.settings import Settings
-
-if TYPE_CHECKING:  # torch-heavy: a worker imports them when it runs its first job
-    from lienzo.generation.engine import GeneratedImage
-    from lienzo.models.components import Components
+from lienzo.studio import Studio, load_model
 
 log = logging.getLogger(__name__)
 
 # (model path, cancel check) -> ready Components; the check is asked between the model's parts.
-Loader = Callable[[str, Callable[[], bool]], "Components"]
+Loader = Callable[[str, Callable[[], bool]], Components]
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Step:
 class Made:
     """An image, done: the server watermarks, saves and records it. Its float pixels stay behind (12 MB at 1024²)."""
 
-    image: "GeneratedImage"
+    image: GeneratedImage
     provenance: Provenance
 
 
@@ -138,10 +138,6 @@ class WorkerRuntime:
     def run(self, task: Task, emit: Callable[[Event], None], signals: Signals) -> None:
         """Run ``task``, reporting through ``emit``; raises what the job failed with (GenerationCancelled,
         InvalidRequestError, LienzoError, anything else as an internal error)."""
-        from lienzo.generation import engine
-        from lienzo.origins import provenance_for
-        from lienzo.studio import Studio
-
         components = self._components(task, signals.cancel.is_set)
         emit(Loaded(components.name))
         request = task.request
@@ -189,8 +185,6 @@ class WorkerRuntime:
     def _load(self, path: str, cancel: Callable[[], bool], modules: dict):
         if self._loader is not None:
             return self._loader(path, cancel)
-        from lienzo.studio import load_model
-
         settings = self.settings
         return load_model(path, device=self.device, dtype=settings.dtype, settings=settings, cancel=cancel, **modules)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lienzo.errors import LienzoError
+from lienzo.server.logs import current_setup, job_context, setup_logging
 from lienzo.server.runtime import Event, Failure, Finished, Loader, Signals, Task, WorkerRuntime
 from lienzo.settings import Settings
 
@@ -135,7 +136,8 @@ class ProcessWorker(Worker):
         self._tasks, child_tasks = context.Pipe()
         self._signals, child_signals = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(self.settings.model_dump(), self.device, self.threads, child_tasks, child_signals),
+            target=_serve,
+            args=(self.settings.model_dump(), self.name, self.device, self.threads, current_setup(), child_tasks, child_signals),
             name=f"lienzo-worker-{self.name}", daemon=True,
         )
         self._process.start()
@@ -183,10 +185,12 @@ class ProcessWorker(Worker):
         self._process = None
 
 
-def _serve(settings: dict, device: str, threads: int | None, tasks, signals) -> None:
-    """A process worker's life: take tasks until told to stop (None) or the server goes away."""
+def _serve(settings: dict, name: str, device: str, threads: int | None, logging_setup: tuple, tasks, signals) -> None:
+    """A process worker's life: take tasks until told to stop (None) or the server goes away. It logs as the
+    server does (format and level), each line with its job and worker."""
     from lienzo.devices import configure_threads
 
+    setup_logging(*logging_setup)
     configure_threads(threads)
     runtime = WorkerRuntime(Settings(**settings), device if device != "auto" else None)
     current = Signals()
@@ -214,7 +218,8 @@ def _serve(settings: dict, device: str, threads: int | None, tasks, signals) -> 
             tasks.send(event)
 
         try:
-            runtime.run(task, emit, current)
+            with job_context(task.job_id, name):
+                runtime.run(task, emit, current)
         except BaseException as err:  # noqa: BLE001 - the job's error goes back to the server; the worker lives on
             log.debug("job %s failed in worker", task.job_id, exc_info=True)
             tasks.send(Failure.of(err))
