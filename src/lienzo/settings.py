@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     prompt_cache_mb: float = Field(64, ge=0)  # prompt embeddings each loaded model keeps across jobs (LRU); 0: none
     attention_slicing: bool | None = None  # unset: with low_vram where fused attention is missing (not CPU/CUDA)
     watermark: bool = True  # invisible watermark in every saved image; a request may turn it off
+    credentials: bool = True  # a signed C2PA manifest (Content Credentials) in every saved image; a request may turn it off
+    c2pa_cert: Path | None = None  # PEM certificate chain to sign with (LIENZO_C2PA_CERT); unset: lienzo's own, made in data_dir
+    c2pa_key: Path | None = None  # its PEM private key (LIENZO_C2PA_KEY)
     safety_cli: SafetyPolicy = "off"  # safety filter policy when a request gives none, per front door
     safety_server: SafetyPolicy = "blur"
 

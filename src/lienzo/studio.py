@@ -242,6 +242,7 @@ class Studio:
         # 2. What every image of this generation says about itself, and where it goes.
         provenance = provenance_for(components)
         watermark = outputs.wants_watermark(request, self.settings)
+        signing = outputs.signing_for(request, self.settings)
         folder = out_dir or outputs.output_dir(self.settings, request.mode)
 
         def save_image(image: engine.GeneratedImage) -> None:
@@ -249,7 +250,8 @@ class Studio:
                 on_image(image)
             try:
                 saved = outputs.save_generated(
-                    image, folder, provenance, watermark=watermark, gallery=self.gallery, source=source, mode=request.mode
+                    image, folder, provenance, watermark=watermark, gallery=self.gallery, source=source, mode=request.mode,
+                    signing=signing, parent=request.init_image,
                 )
             except OSError as err:
                 if save_failed is not None:

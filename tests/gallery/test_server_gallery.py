@@ -19,7 +19,7 @@ from servers import bomb_png, home_settings, png_bytes
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 7}
 ITEM_KEYS = {
     "id", "url", "thumb_url", "created", "source", "mode", "prompt", "negative_prompt", "model", "seed", "width", "height",
-    "steps", "cfg_scale", "sampler", "schedule", "favourite", "owner",
+    "steps", "cfg_scale", "sampler", "schedule", "favourite", "owner", "credentials", "credentials_state",
 }
 
 
@@ -68,7 +68,7 @@ def test_images_from_every_api_appear_in_the_gallery_and_remake_exactly(client):
 def test_detail_shows_every_parameter_and_the_provenance(client):
     job = client.post("/api/v1/txt2img?wait=true", json={**FAST, "negative_prompt": "blurry", "sampler": "Euler a"}).json()
     detail = client.get(f"/api/v1/gallery/{job['images'][0]['gallery_id']}").json()
-    assert set(detail) == ITEM_KEYS | {"model_hash", "file", "size_bytes", "infotext", "parameters", "provenance"}
+    assert set(detail) == ITEM_KEYS | {"model_hash", "file", "size_bytes", "infotext", "parameters", "provenance", "watermark_id"}
     assert detail["infotext"] == job["images"][0]["infotext"] and detail["file"] == job["images"][0]["file"]
     assert detail["parameters"] == {
         "prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7.0, "seed": 7, "width": 64, "height": 64,

@@ -89,7 +89,7 @@ def test_cli_options_are_the_tables_with_the_modes_defaults(mode):
 def test_native_bodies_are_the_tables_with_the_modes_defaults():
     for mode in MODES:
         fields = BODIES[mode].model_fields
-        assert set(fields) == {"model"} | {row.name for row in table() if mode in row.spec.modes}
+        assert set(fields) == {"model", "priority"} | {row.name for row in table() if mode in row.spec.modes}
     assert BODIES["img2img"].model_fields["denoising_strength"].default == 0.75
     assert BODIES["outpaint"].model_fields["denoising_strength"].default == 0.8
     assert BODIES["outpaint"].model_fields["inpainting_fill"].default == "fill"

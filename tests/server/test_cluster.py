@@ -28,6 +28,9 @@ from lienzo.server.runtime import Finished, Loaded, Made, Step, Task  # noqa: E4
 from lienzo.server.workers import ThreadWorker, WorkerLost  # noqa: E402
 from lienzo.settings import Settings  # noqa: E402
 
+# One cluster for the module: under xdist with --dist loadgroup its tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("ray-cluster")
+
 OBJECT_STORE = 200 * 2**20  # the machine running tests is small; events and model chunks fit easily
 
 
@@ -39,7 +42,8 @@ def _free_port() -> int:
 
 def _node(temp: str, env: dict, cpus: int, *args: str) -> subprocess.Popen:
     command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
+        "--num-cpus", str(cpus),
         "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *args,
     ]
     log = open(Path(temp) / f"node-{len(os.listdir(temp))}.log", "wb")
@@ -76,13 +80,24 @@ def client_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def pool(settings, client_port):
+def ray_temp():
+    """The cluster's temp dir, with its logs. Short: Ray's socket paths under it must fit 107 characters."""
+    temp = tempfile.mkdtemp(prefix="lzray")
+    yield temp
+    print("KEPT", temp)
+
+
+@pytest.fixture(scope="module")
+def pool(settings, client_port, ray_temp):
     """A head node (two CPUs: one is left for a Ray Client's worker) and a second node (one CPU) on
     127.0.0.1, a RayPool on them; every Ray process ended afterwards."""
-    temp = tempfile.mkdtemp(prefix="lzray")  # short: Ray's socket paths under it must fit 107 characters
+    temp = ray_temp
     env = {**os.environ, "RAY_TMPDIR": temp, "HOME": temp, "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
-    head = ["--head", "--port", str(port), "--ray-client-server-port", str(client_port), "--include-dashboard", "false", "--temp-dir", temp]
+    head = [
+        "--head", "--port", str(port), "--ray-client-server-port", str(client_port), "--include-dashboard", "false",
+        "--temp-dir", temp,
+    ]
     nodes = [_node(temp, env, 2, *head)]
     try:
         _wait(lambda: _port_open(port), "the head's port")
@@ -103,7 +118,6 @@ def pool(settings, client_port):
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait(10)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +241,17 @@ def test_a_killed_worker_is_lost_and_replaced(pool, task, expected):
     assert np.array_equal(_pixels(events)[0], expected[0])
 
 
+def test_no_replacement_where_no_node_has_room(pool, settings, monkeypatch):
+    """A worker whose machine left: nothing can take its place (here: a GPU worker on a cluster without GPUs)."""
+    from lienzo.server import cluster
+
+    monkeypatch.setattr(cluster, "REPLACE_TIMEOUT", 3.0)
+    monkeypatch.setattr(pool, "resources", {"num_gpus": 1})
+    before = list(pool.workers)
+    assert pool.replace(ThreadWorker(settings, "cpu", name="ray:10.0.0.9/cuda:0")) is None
+    assert pool.workers == before
+
+
 # A server off the cluster connects through Ray Client, which carries no streaming actor methods: the
 # workers' events are pulled. A process of its own, as a process has one Ray connection.
 CLIENT = """
@@ -247,13 +272,14 @@ pool.stop()
 """
 
 
-def test_a_server_off_the_cluster_connects_with_ray_client(pool, settings, client_port, task, expected):
+def test_a_server_off_the_cluster_connects_with_ray_client(pool, settings, client_port, ray_temp, task, expected):
     request = task.request.model_dump_json(exclude_unset=True)
     result = subprocess.run(
         [sys.executable, "-c", CLIENT, settings.model_dump_json(), f"ray://127.0.0.1:{client_port}", task.model, request],
         capture_output=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    client_logs = "".join(f"{p}:\n{p.read_text()[-2000:]}\n" for p in Path(ray_temp).glob("session_*/logs/ray_client_server*"))
+    assert result.returncode == 0, result.stderr.decode()[-3000:] + client_logs
     assert result.stdout == expected[0].tobytes()
 
 
@@ -263,3 +289,12 @@ def test_without_ray_the_pool_says_how_to_install_it(settings, monkeypatch):
     monkeypatch.setattr(cluster, "ray", None)
     with pytest.raises(LienzoError, match=r"pip install 'lienzo\[cluster\]'"):
         RayPool(settings, address="auto")
+
+
+@pytest.mark.parametrize(("address", "error"), [
+    ("127.0.0.1:1", "cannot reach a Ray cluster at 127.0.0.1:1"),
+    ("head-without-port", "is not a Ray address: give HOST:PORT, ray://HOST:PORT or auto"),
+])
+def test_an_address_without_a_cluster_fails_at_once(settings, address, error):
+    with pytest.raises(LienzoError, match=error):
+        RayPool(settings, address=address)

@@ -20,7 +20,6 @@ from lienzo.errors import InvalidRequestError
 from lienzo.gallery import schema
 from lienzo.gallery.importers import read_meta
 from lienzo.gallery.records import NotFoundError
-from lienzo.gallery.rows import insert_row
 from lienzo.gallery.store import Gallery
 from lienzo.server import keys as keys_module
 from lienzo.server.app import Auth, create_app
@@ -333,7 +332,10 @@ def test_a_gallery_from_before_owners_is_migrated(tmp_path, monkeypatch):
         Gallery(db, out, thumbs_dir=tmp_path / "thumbs").close()
     with sqlite3.connect(db) as conn:  # a row as that lienzo wrote it
         conn.row_factory = sqlite3.Row
-        old_id = insert_row(conn, (out / "old.png").resolve(), read_meta(out / "old.png"), "cli", None, time.time(), replace=True)
+        old_id = conn.execute(
+            "INSERT INTO images (path, created, source, width, height, size_bytes) VALUES (?, ?, 'cli', 64, 64, ?) RETURNING id",
+            (str((out / "old.png").resolve()), time.time(), (out / "old.png").stat().st_size),
+        ).fetchone()[0]
         assert "owner" not in [row[1] for row in conn.execute("PRAGMA table_info(images)")]
     conn.close()
     with Gallery(db, out, thumbs_dir=tmp_path / "thumbs") as gallery:

@@ -11,7 +11,7 @@ registering its commands on ``app`` when imported. Importing it imports click an
 import os
 import warnings
 
-from lienzo.cli import dataset, detect, gallery, generate, keys, models, plot, serve, train, upscale  # noqa: F401  (register the commands)
+from lienzo.cli import dataset, detect, gallery, generate, keys, models, plot, serve, train, upscale, verify  # noqa: F401  (register the commands)
 from lienzo.cli.common import app
 
 __all__ = ["app", "main"]

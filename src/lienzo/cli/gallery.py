@@ -8,12 +8,15 @@ from rich.markup import escape
 
 from lienzo.cli.common import _settings, app, err_console
 from lienzo.errors import LienzoError
+from lienzo.gallery.records import CREDENTIALS
 
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
 def info(image):
     """Show the generation parameters stored in an image (lienzo, AUTOMATIC1111, Forge, ...), its
-    lienzo provenance record and whether it carries lienzo's invisible watermark."""
+    lienzo provenance record, its Content Credentials (C2PA manifest, validated, with its ingredient
+    chain) and whether it carries lienzo's invisible watermark."""
+    from lienzo.images.credentials import SELF_MADE_NAME, SELF_MADE_NOTE, UNRECOGNISED, UNSIGNED, describe_state, read_credentials
     from lienzo.images.io import load_image
     from lienzo.images.metadata import parse_infotext, read_parameters
     from lienzo.images.provenance import read_provenance
@@ -27,7 +30,8 @@ def info(image):
         # A damaged record is worth saying, not a reason to hide the rest.
         provenance = [f"unreadable: {err}"]
     found = detect(load_image(image))
-    if text is None and provenance is None and not found.detected:
+    credentials = read_credentials(image)
+    if text is None and provenance is None and credentials is None and not found.detected:
         raise LienzoError(f"image: {image} carries no generation parameters")
     if text is not None:
         parsed = parse_infotext(text)
@@ -40,6 +44,14 @@ def info(image):
         click.echo("Provenance:")
         for line in provenance:
             click.echo(f"  {line}")
+    if credentials is None:
+        click.echo(f"Content Credentials: {describe_state(UNSIGNED)}")
+    else:
+        click.echo("Content Credentials:")
+        for line in credentials.lines("  "):
+            click.echo(line)
+        if credentials.state == UNRECOGNISED and credentials.signer == SELF_MADE_NAME:
+            click.echo(f"  Note: {SELF_MADE_NOTE}")
     click.echo(f"Watermark: {found.describe()}")
 
 
@@ -51,15 +63,19 @@ def gallery_group():
 @gallery_group.command("list")
 @click.argument("query", required=False, default="")
 @click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.option(
+    "--credentials", type=click.Choice(CREDENTIALS),
+    help="only images with lienzo's own Content Credentials (signed, AI-generated), another tool's (or tampered ones), or none",
+)
 @click.pass_context
-def gallery_list(ctx, query, limit):
+def gallery_list(ctx, query, limit, credentials):
     """Images newest first, or those whose prompt holds every word of QUERY: id, date, prompt, path."""
     from datetime import datetime
 
     from lienzo.gallery.store import Gallery
 
     with Gallery.for_settings(_settings(ctx)) as gallery:
-        page = gallery.search(query, limit=limit)
+        page = gallery.search(query, credentials=credentials, limit=limit)
     for item in page.items:
         when = datetime.fromtimestamp(item.created).strftime("%Y-%m-%d %H:%M")
         prompt = " ".join(item.prompt.split())

@@ -9,6 +9,10 @@ from pathlib import Path
 from lienzo.errors import LienzoError
 
 
+# The credentials filter's values: lienzo's own signed AI-generated images, any other manifest, none.
+CREDENTIALS = ("lienzo", "other", "none")
+
+
 class GalleryError(LienzoError):
     """The gallery's database cannot be used (a newer schema, a broken file)."""
 
@@ -48,6 +52,15 @@ class GalleryItem:
     favourite: bool
     size_bytes: int
     owner: str | None = field(metadata={"help": "the named API key that made or imported it; null: made without one"})
+    credentials: str | None = field(
+        metadata={"help": "Content Credentials (C2PA): 'lienzo' (signed by lienzo as AI-generated), 'other' (another tool's, or tampered); null: none"}
+    )
+    credentials_state: str | None = field(
+        metadata={"help": "the manifest's state: valid, unrecognised signer, tampered or invalid; 'unsigned': none; null: not read yet"}
+    )
+    watermark_id: str | None = field(
+        metadata={"help": "the id (hex) lienzo's watermark carries in its pixels, as its provenance record states; null: none"}
+    )
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "GalleryItem":

@@ -15,7 +15,7 @@ from lienzo.images.metadata import lone_surrogate
 SOURCES = ("cli", "native", "a1111", "openai", "import")
 COLUMNS = (
     "path, created, source, mode, prompt, negative_prompt, model, model_hash, seed, width, height, steps, "
-    "cfg_scale, sampler, schedule, infotext, parameters, size_bytes"
+    "cfg_scale, sampler, schedule, infotext, parameters, size_bytes, credentials, credentials_state, watermark_id"
 )
 SELECT = f"SELECT id, favourite, owner, {COLUMNS} FROM images"
 MAX_PAGE = 200
@@ -67,7 +67,7 @@ def insert_row(conn: sqlite3.Connection, path: Path, meta: ImageMeta, source: st
     values = (
         path_text(path), created, source, mode, meta.prompt, meta.negative_prompt, meta.model, meta.model_hash, meta.seed,
         meta.width, meta.height, meta.steps, meta.cfg_scale, meta.sampler, meta.schedule, meta.infotext,
-        json.dumps(meta.parameters), path.stat().st_size,
+        json.dumps(meta.parameters), path.stat().st_size, meta.credentials, meta.credentials_state, meta.watermark_id,
     )
     if replace:
         names = [name.strip() for name in COLUMNS.split(",")][1:]

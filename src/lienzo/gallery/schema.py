@@ -64,6 +64,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE images ADD COLUMN owner TEXT",
         "CREATE INDEX images_owner ON images (owner COLLATE NOCASE, created DESC, id DESC)",
     ),
+    (
+        # Content Credentials (C2PA), read from the file when its row is written (lienzo.gallery.importers
+        # .credentials_columns): credentials "lienzo" (lienzo's own signed AI-generated image) or "other"
+        # (any other manifest, a tampered one included), NULL without one; credentials_state the verifier's
+        # state ("valid", "tampered", ...; "unsigned": read, none). Rows from before this have both NULL:
+        # reconcile reads their files once. watermark_id: the id (hex) lienzo's watermark carries in the
+        # image's pixels, as its provenance record states, so that a copy stripped of its metadata leads
+        # back to it; NULL: none (images from before this carry lienzo's fixed tag, not an id).
+        "ALTER TABLE images ADD COLUMN credentials TEXT",
+        "ALTER TABLE images ADD COLUMN credentials_state TEXT",
+        "ALTER TABLE images ADD COLUMN watermark_id TEXT",
+        "CREATE INDEX images_credentials ON images (credentials, created DESC, id DESC)",
+        "CREATE INDEX images_watermark_id ON images (watermark_id) WHERE watermark_id IS NOT NULL",
+    ),
 ]
 
 

@@ -382,6 +382,9 @@ class GenerationRequest(BaseModel):
     watermark: Annotated[bool | None, Spec(
         "Watermark", "invisible watermark in saved images [default: on, or the watermark setting]", cli="watermark",
     )] = None
+    credentials: Annotated[bool | None, Spec(
+        "Content Credentials", "a signed C2PA manifest in saved images [default: on, or the credentials setting]", cli="credentials",
+    )] = None
     safety: Annotated[SafetyPolicy | None, Spec(
         "Safety filter", "what to do with images the model's safety checker flags: off, blur or block "
         "[default: the safety_cli / safety_server setting]", cli="safety",

@@ -22,7 +22,7 @@ SEARCH_REPLACE = "Prompt S/R"
 _NUMBER = r"\s*([+-]?\d+(?:\.\d*)?)\s*"
 _RANGE = re.compile(rf"^{_NUMBER}-{_NUMBER}(?:\(\s*([+-]\s*\d+(?:\.\d*)?)\s*\)|\[\s*(\d+)\s*\])?\s*$")
 # Fields that are not a picture's parameter: images, and what happens after (where, how many).
-_NOT_AXES = {"init_image", "mask", "reference_images", "batch_count", "watermark", "safety"}
+_NOT_AXES = {"init_image", "mask", "reference_images", "batch_count", "watermark", "credentials", "safety"}
 MAX_CELLS = 1000  # a typo in a range (1-10000) should not queue a day of work
 
 

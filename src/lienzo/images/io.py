@@ -3,7 +3,9 @@
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -13,6 +15,10 @@ from lienzo.files import finished_temp, write_atomic
 
 # Modes that carry an alpha channel; palette and RGB images may also carry a tRNS chunk.
 _ALPHA_MODES = ("RGBA", "LA", "PA")
+# An input image's original file bytes, kept in ``image.info`` only when they hold Content Credentials (a
+# C2PA manifest): a picture made from it names the file as it was, manifest and all, as its ingredient
+# (lienzo.images.credentials). Others keep no bytes, so memory is not doubled for them.
+SOURCE_KEY = "lienzo.source"
 
 
 def _open(path: str | Path, field: str, max_pixels: int | None = None) -> Image.Image:
@@ -63,7 +69,7 @@ def decode_image(data: bytes, *, field: str = "image", max_pixels: int) -> Image
     ``max_pixels`` guards against image bombs."""
     if not data:
         raise ImageFileError(f"{field}: the image is empty (0 bytes)")
-    return flatten(_decode(io.BytesIO(data), field, "the uploaded image", max_pixels))
+    return _keep_source(flatten(_decode(io.BytesIO(data), field, "the uploaded image", max_pixels)), data)
 
 
 def decode_mask(data: bytes, size: tuple[int, int], *, field: str = "mask", max_pixels: int) -> Image.Image:
@@ -85,7 +91,17 @@ def load_image(path: str | Path, *, field: str = "image", max_pixels: int | None
     White, because it is the background editors show behind transparency and the one
     AUTOMATIC1111 flattens img2img inputs onto by default.
     """
-    return flatten(_open(path, field, max_pixels))
+    image = flatten(_open(path, field, max_pixels))
+    return _keep_source(image, Path(path).read_bytes())
+
+
+def _keep_source(image: Image.Image, data: bytes) -> Image.Image:
+    """``image`` with ``data`` kept as its :data:`SOURCE_KEY` when it holds C2PA data. The test is a
+    cheap one: every C2PA manifest store is a JUMBF box (type ``jumb``) labelled ``c2pa``; a false
+    positive only keeps bytes that were not needed."""
+    if b"jumb" in data and b"c2pa" in data:
+        image.info[SOURCE_KEY] = data
+    return image
 
 
 def flatten(image: Image.Image) -> Image.Image:
@@ -135,8 +151,14 @@ def save_png_numbered(image: Image.Image, out_dir: str | Path, seed: int, pnginf
     is claimed by creating it exclusively and the temporary file is renamed over it: an empty file shows
     for that moment.
     """
+    return save_numbered(lambda file: image.save(file, format="PNG", pnginfo=pnginfo), out_dir, seed, prefix)
+
+
+def save_numbered(write: Callable[[BinaryIO], object], out_dir: str | Path, seed: int, prefix: str = "") -> Path:
+    """What ``write(file)`` writes (a whole PNG: the signed bytes of one, say), saved as
+    :func:`save_png_numbered` saves an image, and its path."""
     out_dir = Path(out_dir)
-    with finished_temp(out_dir / f"{prefix}{seed}.png", lambda file: image.save(file, format="PNG", pnginfo=pnginfo)) as temp_name:
+    with finished_temp(out_dir / f"{prefix}{seed}.png", write) as temp_name:
         while True:
             path = next_image_path(out_dir, seed, prefix)
             try:

@@ -10,12 +10,15 @@ holding one JSON object::
      "model": {"name": "sd15", "sha256": "<64 hex>", "short_hash": "<10 hex>", "family": "sd1"},
      "loras": [{"name": "film", "weight": 0.6, "sha256": "<64 hex>", "training_data_sha256": null}],
      "training_data": {"manifest_sha256": "<64 hex>", "licence": "CC BY-SA 4.0", "source": "...", "images": 4200},
-     "watermark": {"embedded": true, "method": "dwtDct", "payload": "lienzo", "note": null}}
+     "watermark": {"embedded": true, "method": "dwtDct", "payload": "lienzo", "note": null},
+     "credentials": {"signed": true, "note": null}}
 
 ``model.sha256`` is the registry's: of the file, or for a diffusers folder of its files' hashes.
 A LoRA's ``sha256`` is A1111's (kohya's "addnet" hash of the tensor data), whose first 12 digits
 are the infotext's ``Lora hashes``. ``training_data`` is there for models lienzo trained: their
 folder holds ``dataset_manifest.json``, and ``manifest_sha256`` is the hash of that file.
+``credentials`` says whether the file was saved with a signed C2PA manifest (Content Credentials,
+:mod:`lienzo.images.credentials`) and, when not, why; a record from before it has ``null``.
 The statement and IPTC's digital source type are also written as XMP (:func:`xmp_packet`), the
 place other tools look for an "AI-generated" label.
 """
@@ -84,6 +87,14 @@ class WatermarkInfo:
 
 
 @dataclass(frozen=True)
+class CredentialsInfo:
+    """Whether the file was saved with a signed C2PA manifest; ``note`` says why not when it was not."""
+
+    signed: bool
+    note: str | None = None
+
+
+@dataclass(frozen=True)
 class Provenance:
     """What every image of one generation says about its origin, from plain facts; build it once per
     generation, after the LoRAs are applied (``lienzo.studio.provenance_for`` gathers the facts: hashes,
@@ -93,9 +104,9 @@ class Provenance:
     loras: tuple[LoraInfo, ...] = ()
     training_data: TrainingData | None = None
 
-    def record(self, watermark_info: WatermarkInfo, created: datetime | None = None) -> "ProvenanceRecord":
+    def record(self, watermark_info: WatermarkInfo, created: datetime | None = None, credentials: CredentialsInfo | None = None) -> "ProvenanceRecord":
         """The record for one saved image; ``created`` defaults to now (UTC)."""
-        return ProvenanceRecord(self, watermark_info, created or datetime.now(UTC))
+        return ProvenanceRecord(self, watermark_info, created or datetime.now(UTC), credentials=credentials)
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class ProvenanceRecord:
     statement: str = STATEMENT
     ai_generated: bool = True
     extra: dict = field(default_factory=dict)  # keys a later lienzo wrote that this one does not know
+    credentials: CredentialsInfo | None = None  # None: a record from before Content Credentials
 
     def to_json(self) -> str:
         data = {
@@ -124,6 +136,7 @@ class ProvenanceRecord:
             "loras": [asdict(lora) for lora in self.provenance.loras],
             "training_data": asdict(self.provenance.training_data) if self.provenance.training_data else None,
             "watermark": asdict(self.watermark),
+            "credentials": asdict(self.credentials) if self.credentials else None,
             **self.extra,
         }
         return json.dumps(data, ensure_ascii=False)
@@ -141,6 +154,7 @@ class ProvenanceRecord:
             raise LienzoError(f"provenance: record version {data.get('version')!r}; this lienzo reads version {VERSION}")
         try:
             training = data.get("training_data")
+            credentials = data.get("credentials")
             provenance = Provenance(
                 ModelInfo(**data["model"]),
                 tuple(LoraInfo(**lora) for lora in data.get("loras", [])),
@@ -154,6 +168,7 @@ class ProvenanceRecord:
                 statement=data["statement"],
                 ai_generated=bool(data["ai_generated"]),
                 extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
+                credentials=CredentialsInfo(**credentials) if credentials else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise LienzoError(f"provenance: the record is incomplete or malformed ({type(err).__name__}: {err})") from None
@@ -179,12 +194,15 @@ class ProvenanceRecord:
         mark = self.watermark
         state = f"yes ({mark.method}, payload {mark.payload!r})" if mark.embedded else f"no, {mark.note or 'not embedded'}"
         lines.append(f"Watermarked when saved: {state}")
+        if self.credentials is not None:
+            signed = self.credentials
+            lines.append(f"Content Credentials when saved: {'yes, a signed C2PA manifest' if signed.signed else 'no, ' + (signed.note or 'not signed')}")
         return lines
 
 
 _KNOWN_KEYS = {
     "format", "version", "ai_generated", "statement", "digital_source_type", "generator", "created",
-    "model", "loras", "training_data", "watermark",
+    "model", "loras", "training_data", "watermark", "credentials",
 }
 
 

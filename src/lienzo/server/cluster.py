@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
@@ -87,7 +88,7 @@ class ModelFiles:
 class WorkerActor:
     """A worker's life inside its Ray actor: one :class:`WorkerRuntime` on the actor's device, the model files
     it needs brought to its node, and the running job's events, which the server pulls in batches. Threaded
-    (two calls at a time), so that ``signal`` lands while an ``events`` call waits.
+    (two calls at a time), so that ``signal`` lands while a ``next_events`` call waits.
 
     Pulled rather than streamed (a generator method): Ray Client, how a server off the cluster connects
     (``ray://``), does not carry streaming actor methods (Ray 2.60)."""
@@ -115,7 +116,7 @@ class WorkerActor:
         }
 
     def start(self, task: Task, name: str) -> None:
-        """Start ``task`` in a thread of its own and return; :meth:`events` hands out what it reports.
+        """Start ``task`` in a thread of its own and return; :meth:`next_events` hands out what it reports.
         ``name``: the worker's, for its log lines."""
         self.signals.clear()
 
@@ -157,11 +158,12 @@ class WorkerActor:
 
     def _local_task(self, task: Task) -> Task:
         """The task with every model file at a path of this node."""
-        modules = {
-            key: [self._local(p) for p in value] if isinstance(value, list | tuple) else self._local(value) if value else value
-            for key, value in task.modules.items()
-        }
-        return replace(task, model=self._local(task.model), modules=modules)
+        def local(value):  # a module is a path, a list of them (text encoders) or None
+            if isinstance(value, list | tuple):
+                return [self._local(path) for path in value]
+            return self._local(value) if value else value
+
+        return replace(task, model=self._local(task.model), modules={key: local(v) for key, v in task.modules.items()})
 
     def _local(self, path) -> str:
         """``path`` itself where this node has the same files there, else this node's copy of them."""
@@ -298,6 +300,7 @@ class RayPool(WorkerPool):
         if workers is not None and workers < 1:
             raise LienzoError(f"workers: give 1 or more; got {workers}")
         self.settings, self.address = settings, address
+        _reachable(address)
         self._connected = not ray.is_initialized()
         if self._connected:
             try:
@@ -385,13 +388,31 @@ def _actor_class():
 
 
 def _present(path: Path, manifest: list[tuple[str, int, int]]) -> bool:
-    """Whether this node has the model's files at the server's path, each of the server's size (a size that
-    differs is another version of the file: the server's is copied)."""
-    for name, size, _ in manifest:
+    """Whether this node has the model's files at the server's path, each of the server's size and
+    modification time (to the second: file systems keep it to different precisions). Another version of a
+    file, even of the same size (a model trained further), is copied from the server instead."""
+    for name, size, mtime in manifest:
         local = path / name if name else path
-        if not (local.is_file() and local.stat().st_size == size):
+        if not local.is_file():
+            return False
+        stat = local.stat()
+        if stat.st_size != size or int(stat.st_mtime) != mtime // 10**9:
             return False
     return True
+
+
+def _reachable(address: str) -> None:
+    """A ``host:port`` address answers, else a LienzoError now: Ray itself retries a silent one for minutes.
+    (``auto`` and ``ray://`` fail fast on their own.)"""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LienzoError(f"cluster: {address!r} is not a Ray address: give HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise LienzoError(f"cluster: cannot reach a Ray cluster at {address}: {err}") from None
 
 
 def _free_name(base: str, taken: set[str]) -> str:

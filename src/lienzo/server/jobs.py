@@ -26,8 +26,9 @@ from lienzo.generation import limits
 from lienzo.generation.lora_tags import extract_lora_tags
 from lienzo.generation.noise import random_seed
 from lienzo.generation.request import GenerationRequest
+from lienzo.images.credentials import Signing
 from lienzo.models.registry import Registry
-from lienzo.outputs import output_dir, save_generated, wants_watermark
+from lienzo.outputs import output_dir, save_generated, signing_for, wants_watermark
 from lienzo.server.job import ANONYMOUS, Identity, Job, JobNotFoundError, JobStatus, QueueFullError, SavedImage, let_go
 from lienzo.server.jobstore import JobStore
 from lienzo.server.logs import job_context
@@ -522,6 +523,7 @@ class JobQueue:
         task = Task(job.id, job.request, str(path), dict(self.modules), job.source, job.fit_to_model)
         loaded = interrupted = False
         watermark = wants_watermark(job.request, self.settings)
+        signing = signing_for(job.request, self.settings)
         folder = output_dir(self.settings, job.request.mode)
 
         def emit(event) -> None:
@@ -536,7 +538,7 @@ class JobQueue:
                 if event.preview is not None:
                     job.preview, job.preview_step = event.preview, event.step
             elif isinstance(event, Made):
-                self._save(job, event, folder, watermark)
+                self._save(job, event, folder, watermark, signing)
             else:
                 job.warnings += event.warnings
                 interrupted = event.interrupted
@@ -555,12 +557,12 @@ class JobQueue:
             self._working_model = tried
         return interrupted
 
-    def _save(self, job: Job, made: Made, folder: Path, watermark: bool) -> None:
-        """Watermark, save and record one image of ``job``: the server's side of every worker."""
+    def _save(self, job: Job, made: Made, folder: Path, watermark: bool, signing: Signing | None) -> None:
+        """Watermark, sign, save and record one image of ``job``: the server's side of every worker."""
         image = made.image
         saved = save_generated(
             image, folder, made.provenance, watermark=watermark, gallery=self.gallery, source=job.source,
-            mode=job.request.mode, owner=job.owner,
+            mode=job.request.mode, owner=job.owner, signing=signing, parent=job.request.init_image,
         )
         job.images.append(
             SavedImage(saved.path, image.seed, image.infotext, image.parameters, *image.image.size, image.filtered, saved.watermarked, saved.gallery_id)
