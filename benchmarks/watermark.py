@@ -181,7 +181,10 @@ def measure(name: str, images: list[Image.Image]) -> dict:
 
 
 def false_positives(count: int, size: int) -> tuple[int, int, float]:
-    """Unmarked pictures (half 1/f noise, half drawings, seeds unused above), each through the next attack: detected, looked at, highest score."""
+    """Unmarked pictures (half 1/f noise, half drawings, seeds unused above), each through the next attack.
+
+    Returns how many were detected, how many were looked at, and the highest sync score.
+    """
     transforms = list(ATTACKS.values())
     detected, highest = 0, 0.0
     for index in range(count):

@@ -1,4 +1,4 @@
-"""The invisible watermark: found in what lienzo saves, after what the web does to it, with its id; absent from what it did not mark."""
+"""The invisible watermark: found in what lienzo saves after what the web does to it, with its id; absent from the rest."""
 
 import io
 from functools import cache
@@ -76,7 +76,7 @@ ATTACKS = {
     "as saved": lambda image: image,
     "JPEG 75 4:2:0": _jpeg75,
     "0.5x": _half,
-    "crop 5% each edge": lambda im: im.crop((im.width // 20, im.height // 20, im.width - im.width // 20, im.height - im.height // 20)),
+    "crop 5% each edge": lambda im: im.crop((im.width // 20, im.height // 20, im.width * 19 // 20, im.height * 19 // 20)),
     "crop 10% one side": lambda im: im.crop((im.width // 10, 0, im.width, im.height)),
     "0.5x then JPEG 75": lambda image: _jpeg75(_half(image)),
 }

@@ -8,12 +8,10 @@ a ThreadWorker makes in this process from the same task.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,41 +25,10 @@ from lienzo.server.cluster import SHIP_MODELS_ENV, RayPool  # noqa: E402
 from lienzo.server.runtime import Finished, Loaded, Made, Step, Task  # noqa: E402
 from lienzo.server.workers import ThreadWorker, WorkerLost  # noqa: E402
 from lienzo.settings import Settings  # noqa: E402
+from ray_nodes import free_port, ray_nodes  # noqa: E402
 
 # One cluster for the module: under xdist with --dist loadgroup its tests stay on one worker.
 pytestmark = pytest.mark.xdist_group("ray-cluster")
-
-OBJECT_STORE = 200 * 2**20  # the machine running tests is small; events and model chunks fit easily
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node(temp: str, env: dict, cpus: int, *args: str) -> subprocess.Popen:
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-        "--num-cpus", str(cpus),
-        "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *args,
-    ]
-    log = open(Path(temp) / f"node-{len(os.listdir(temp))}.log", "wb")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait(check, what: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the test cluster did not come up: {what}")
-        time.sleep(0.5)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
 
 @pytest.fixture(scope="module")
 def settings(home, tmp_path_factory):
@@ -76,7 +43,7 @@ def settings(home, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client_port() -> int:
     """The head's Ray Client port (ray://)."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -84,40 +51,21 @@ def ray_temp():
     """The cluster's temp dir, with its logs. Short: Ray's socket paths under it must fit 107 characters."""
     temp = tempfile.mkdtemp(prefix="lzray")
     yield temp
-    print("KEPT", temp)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def pool(settings, client_port, ray_temp):
     """A head node (two CPUs: one is left for a Ray Client's worker) and a second node (one CPU) on
     127.0.0.1, a RayPool on them; every Ray process ended afterwards."""
-    temp = ray_temp
-    env = {**os.environ, "RAY_TMPDIR": temp, "HOME": temp, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
-    head = [
-        "--head", "--port", str(port), "--ray-client-server-port", str(client_port), "--include-dashboard", "false",
-        "--temp-dir", temp,
-    ]
-    nodes = [_node(temp, env, 2, *head)]
-    try:
-        _wait(lambda: _port_open(port), "the head's port")
-        nodes.append(_node(temp, {**env, SHIP_MODELS_ENV: "1"}, 1, "--address", f"127.0.0.1:{port}"))
-        ray.init(address=f"127.0.0.1:{port}", _temp_dir=temp, logging_level="WARNING")
-        _wait(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, "two nodes")
-        pool = RayPool(settings, address=f"127.0.0.1:{port}")
-        pool.start()
-        yield pool
-        pool.stop()
-    finally:
-        ray.shutdown()
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(10)
+    with ray_nodes(ray_temp, 2, [(1, {SHIP_MODELS_ENV: "1"})], ("--ray-client-server-port", str(client_port))) as port:
+        try:
+            pool = RayPool(settings, address=f"127.0.0.1:{port}")
+            pool.start()
+            yield pool
+            pool.stop()
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -274,10 +222,13 @@ pool.stop()
 
 def test_a_server_off_the_cluster_connects_with_ray_client(pool, settings, client_port, ray_temp, task, expected):
     request = task.request.model_dump_json(exclude_unset=True)
-    result = subprocess.run(
-        [sys.executable, "-c", CLIENT, settings.model_dump_json(), f"ray://127.0.0.1:{client_port}", task.model, request],
-        capture_output=True, timeout=300,
-    )
+    command = [sys.executable, "-c", CLIENT, settings.model_dump_json(), f"ray://127.0.0.1:{client_port}", task.model, request]
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, timeout=300)
+        # Ray Client's per-client server process now and then dies silently as it starts on a loaded machine
+        # (its logs empty): that, and only that, is tried again.
+        if b"Starting Ray client server failed" not in result.stderr:
+            break
     client_logs = "".join(f"{p}:\n{p.read_text()[-2000:]}\n" for p in Path(ray_temp).glob("session_*/logs/ray_client_server*"))
     assert result.returncode == 0, result.stderr.decode()[-3000:] + client_logs
     assert result.stdout == expected[0].tobytes()

@@ -290,7 +290,8 @@ class RayPool(WorkerPool):
     cluster without GPUs, ``workers`` CPU workers (default: one per node) stand in for them, as in tests.
 
     Connecting and starting the actors happens here, so a cluster that cannot hold them fails before the
-    server listens; :meth:`start` only marks them idle."""
+    server listens; :meth:`start` only marks them idle. A Ray connection this process already has is used
+    as it is (and left open by :meth:`stop`)."""
 
     def __init__(self, settings: Settings, address: str, workers: int | None = None):
         if ray is None:
@@ -352,7 +353,8 @@ class RayPool(WorkerPool):
             return None
         base = self._base(info)
         taken = {w.name for w in self.workers if w is not worker}
-        name = worker.name if worker.name.startswith(base) and worker.name not in taken else _free_name(base, taken)
+        same_place = worker.name == base or worker.name.startswith(f"{base}.")
+        name = worker.name if same_place and worker.name not in taken else _free_name(base, taken)
         fresh = RayWorker(actor, info, self._device(info), name, self.resources)
         fresh.idle_since = time.monotonic()
         self.workers[self.workers.index(worker)] = fresh

@@ -572,10 +572,11 @@ class JobQueue:
     def _lost(self, worker: Worker, job: Job, err: WorkerLost) -> bool:
         """The worker died under ``job``: a new worker in its place, and the job queued again once (True)."""
         log.warning("%s", err)
-        replacement = self.pool.replace(worker)
-        if replacement is not None and replacement is not worker:
+        replacement = self.pool.replace(worker)  # in the dead one's place in pool.workers
+        if replacement is None:  # its machine is gone: the others take its jobs
             with self._lock:
-                self.pool.workers[self.pool.workers.index(worker)] = replacement
+                if worker in self.pool.workers:
+                    self.pool.workers.remove(worker)
         if job.attempts >= MAX_ATTEMPTS:
             job.status, job.error = JobStatus.FAILED, f"{err}; it was the job's {job.attempts}th try, it is not run again"
             return False
@@ -584,7 +585,8 @@ class JobQueue:
 
     def _finish(self, worker: Worker, job: Job, requeued: bool, seconds: float) -> None:
         with self._lock:
-            self._running.pop(worker.name, None)
+            if self._running.get(worker.name) is job:  # a replacement of the same name may have started another
+                del self._running[worker.name]
             worker.busy, worker.job, worker.idle_since = False, None, time.monotonic()
             if requeued:
                 job.images, job.worker, job.preview = [], None, None
