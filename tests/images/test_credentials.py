@@ -306,3 +306,18 @@ def test_the_watermark_payload_is_the_manifests_soft_binding(tmp_path, signing):
     assert found.watermark_id == saved.record.watermark.payload
     with Image.open(saved.path) as image:
         assert detect(image).payload.hex() == found.watermark_id
+
+
+def test_a_web_copy_is_known_by_its_watermark_and_led_back_to_its_credentials(lienzo, tmp_path):
+    """The issue's "done when": a picture re-saved as JPEG at quality 75 and shrunk to half is still lienzo's for
+    ``lienzo info`` (the watermark's id), which names the original, whose credentials are intact."""
+    lienzo("generate", "a lighthouse at dusk", "--model", "tiny-sd15", "--width", "512", "--height", "512", "--steps", "1", "--seed", "5")
+    original = next((tmp_path / "out").rglob("*.png"))
+    copy = tmp_path / "copy.jpg"
+    with Image.open(original) as image:
+        image.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS).save(copy, quality=75, subsampling=2)
+    shown = lienzo("info", str(copy)).output
+    assert "Watermark: detected" in shown
+    assert "Made by lienzo: gallery image" in shown and str(original) in shown
+    assert "(Content Credentials: intact, signer unrecognised" in shown
+    assert "Content Credentials: unsigned" in shown  # the copy itself has none

@@ -12,7 +12,8 @@ from lienzo.gallery.records import CREDENTIALS
 
 @app.command()
 @click.argument("image", type=click.Path(path_type=Path))
-def info(image):
+@click.pass_context
+def info(ctx, image):
     """Show the generation parameters stored in an image (lienzo, AUTOMATIC1111, Forge, ...), its
     lienzo provenance record, its Content Credentials (C2PA manifest, validated, with its ingredient
     chain) and whether it carries lienzo's invisible watermark."""
@@ -53,6 +54,27 @@ def info(image):
         if credentials.state == UNRECOGNISED and credentials.signer == SELF_MADE_NAME:
             click.echo(f"  Note: {SELF_MADE_NOTE}")
     click.echo(f"Watermark: {found.describe()}")
+    if found.payload is not None and (credentials is None or credentials.watermark_id != found.payload.hex()):
+        _originals(ctx, found.payload.hex())
+
+
+def _originals(ctx, watermark_id: str) -> None:
+    """A copy without its credentials (re-saved, resized, cropped): the gallery's images whose watermark carries
+    the same id, with their credentials (the C2PA soft binding, looked up here)."""
+    from lienzo.gallery.store import Gallery
+    from lienzo.images.credentials import describe_state, read_credentials
+
+    settings = _settings(ctx)
+    if not settings.gallery_db.exists():
+        return
+    with Gallery.for_settings(settings) as gallery:
+        originals = gallery.by_watermark(watermark_id)
+    for item in originals:
+        found = read_credentials(item.path) if item.path.exists() else None
+        state = describe_state(found.state) if found is not None else "no credentials"
+        click.echo(f"  Made by lienzo: gallery image {item.id}, {item.path} (Content Credentials: {state})")
+    if not originals:
+        click.echo("  Its id is in no image of this gallery (made elsewhere, or by another lienzo)")
 
 
 @app.group("gallery")

@@ -10,7 +10,7 @@ holding one JSON object::
      "model": {"name": "sd15", "sha256": "<64 hex>", "short_hash": "<10 hex>", "family": "sd1"},
      "loras": [{"name": "film", "weight": 0.6, "sha256": "<64 hex>", "training_data_sha256": null}],
      "training_data": {"manifest_sha256": "<64 hex>", "licence": "CC BY-SA 4.0", "source": "...", "images": 4200},
-     "watermark": {"embedded": true, "method": "dwtDct", "payload": "lienzo", "note": null},
+     "watermark": {"embedded": true, "method": "lienzo-tile-ss1", "payload": "<16 hex: the image's id>", "note": null},
      "credentials": {"signed": true, "note": null}}
 
 ``model.sha256`` is the registry's: of the file, or for a diffusers folder of its files' hashes.

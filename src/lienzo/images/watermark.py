@@ -23,7 +23,7 @@ a resize to half, a crop. So it lives where all three leave a signal alone:
 
 :func:`detect` says ``detected`` when the sync correlation's peak stands ``SYNC_THRESHOLD``
 standard deviations above the rest of its surface, a threshold set from unmarked images (none of
-2,360 reached 5.8; ``benchmarks/watermark.py`` measures), or when the payload decodes with a valid
+1,360 reached 5.8; ``benchmarks/watermark.py`` measures), or when the payload decodes with a valid
 CRC (one chance in 65,536 for an unmarked image). ``payload`` is the id when the CRC checks.
 
 The mark costs PSNR 38.6 dB (more where white clips it). A picture that cannot hold it is saved unmarked, with a note: too
@@ -65,7 +65,7 @@ _STRENGTH = 3.0
 _BAND = (0.08, 0.22)
 # A picture whose brightness varies less than this (standard deviation, levels) is one flat colour.
 _FLAT_STD = 2.0
-# Sync peaks of unmarked 512x512 images reached at most 5.76 standard deviations (2,360 looked at: 1/f
+# Sync peaks of unmarked 512x512 images reached at most 5.76 standard deviations (1,360 looked at: 1/f
 # noise, flat drawings and tiny-model outputs, as saved, after JPEG, 0.5x and crops); marked ones at
 # least 7.6 (after 0.5x; 9 or more as saved and after JPEG 75), and below the threshold the CRC still
 # decides. benchmarks/RESULTS.md has the table.
