@@ -19,6 +19,7 @@ from lienzo.server.app import Auth, create_app
 from lienzo.server.job import Job, JobStatus
 from lienzo.server.jobstore import JobStore
 from lienzo.server.keys import KeyStore
+from lienzo.server.workers import LocalPool
 
 FAST = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64}
 
@@ -256,3 +257,23 @@ def test_two_worker_processes_share_the_jobs_and_one_that_dies_loses_nothing(hom
         assert np.array_equal(pixels(url, rerun), pixels(url, twin))
         after = httpx.get(f"{url}/api/v1/queue").json()["workers"]
         assert victim["pid"] not in {w["pid"] for w in after} and all(w["pid"] for w in after)
+
+
+def test_a_job_goes_to_the_free_worker_that_holds_its_model(home, tmp_path):
+    """Two workers in the server's process: a second job for the same model goes where that model is loaded,
+    though the other worker has been idle longer; a job for another model goes to the idle one."""
+    settings = home_settings(home, data=tmp_path / "data", out=tmp_path / "out")
+    pool = LocalPool(settings, ["cpu", "cpu"], processes=False)
+    with TestClient(create_app(settings, pool=pool)) as client:
+
+        def run(model: str) -> dict:
+            job = client.post("/api/v1/txt2img?wait=true", json={**FAST, "seed": 1, "model": model}).json()
+            assert job["status"] == "done", job
+            return job
+
+        first = run("tiny-a")
+        assert run("tiny-a")["worker"] == first["worker"]
+        other = run("tiny-b")["worker"]
+        assert other != first["worker"]
+        workers = {w["name"]: w["models"] for w in client.get("/api/v1/queue").json()["workers"]}
+        assert workers == {first["worker"]: ["tiny-a.safetensors"], other: ["tiny-b.safetensors"]}

@@ -96,6 +96,10 @@ class JobQueue:
         """Take up what the store holds from before, start the workers and the dispatcher; call from the
         event loop that will serve the waiters."""
         self._loop = asyncio.get_running_loop()
+        with self._lock:  # an app started again (tests do): what the store holds is the truth
+            self._stopping = False
+            self._pending.clear()
+            self._running.clear()
         self._recover()
         self.pool.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="lienzo-dispatcher", daemon=True)
