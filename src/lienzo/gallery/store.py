@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from lienzo.database import Database
 from lienzo.errors import ImageFileError, InvalidRequestError
 from lienzo.files import write_atomic
 from lienzo.gallery.importers import ImageMeta, credentials_columns, read_meta, with_origin
@@ -53,7 +53,7 @@ _MODE_FOLDER = re.compile(r"(txt2img|img2img|inpaint|outpaint)-images")
 _SELECT_PRESET = "SELECT name, prompt, negative_prompt, created FROM presets"
 
 
-class Gallery:
+class Gallery(Database):
     """The gallery in ``db_path`` for the images under ``outputs_dir`` (and any other path added to it).
 
     Thread-safe: one connection, used under a lock. Open it with :meth:`for_settings` to use the
@@ -62,49 +62,32 @@ class Gallery:
     """
 
     def __init__(self, db_path: str | Path, outputs_dir: str | Path, *, thumbs_dir: str | Path, timeout: float = 10.0):
-        self.db_path = Path(db_path)
+        super().__init__(db_path, timeout)
         self.outputs_dir = Path(outputs_dir)
         self.thumbs_dir = Path(thumbs_dir)
-        self.timeout = timeout
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
         self._connection()  # fail now on a database this lienzo cannot use
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "Gallery":
         return cls(settings.gallery_db, settings.outputs_dir, thumbs_dir=settings.cache_dir / "thumbs")
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> "Gallery":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
-
     # -- the connection -------------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
         with self._lock:
             if self._conn is None:
-                self.db_path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    self._conn = self._open()
+                    return super()._connection()
                 except Damaged as damage:
                     self._rebuild(str(damage))
             return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        # isolation_level=None: transactions are begun and ended here, explicitly.
-        conn = sqlite3.connect(self.db_path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        conn = self._connect()  # transactions are begun and ended here, explicitly
         try:
             conn.row_factory = sqlite3.Row
             check_pages(conn)
-            migrate(conn, self.db_path)  # before any write: a database from a newer lienzo is left exactly as it was
+            migrate(conn, self.path)  # before any write: a database from a newer lienzo is left exactly as it was
             conn.execute("PRAGMA journal_mode = WAL")
             # NORMAL is safe in WAL mode; a power cut may lose the last commits, which reconcile restores from the files.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -119,23 +102,23 @@ class Gallery:
         index the images under the outputs again from their own metadata. Only the database knew the
         favourites, the presets and the images saved outside the outputs dir; they are not recovered."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside, n = self.db_path.with_name(f"{self.db_path.name}.damaged-{stamp}"), 1
+        aside, n = self.path.with_name(f"{self.path.name}.damaged-{stamp}"), 1
         while aside.exists():  # damaged again within the second
-            aside, n = self.db_path.with_name(f"{self.db_path.name}.damaged-{stamp}-{n}"), n + 1
+            aside, n = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}"), n + 1
         try:
             for suffix in ("", "-wal", "-shm"):
-                if Path(f"{self.db_path}{suffix}").exists():
-                    os.replace(f"{self.db_path}{suffix}", f"{aside}{suffix}")
+                if Path(f"{self.path}{suffix}").exists():
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
         except OSError as err:
             raise GalleryError(
-                f"gallery: {self.db_path} is damaged ({damage}) and could not be moved aside ({err.strerror}); move it away by hand"
+                f"gallery: {self.path} is damaged ({damage}) and could not be moved aside ({err.strerror}); move it away by hand"
             ) from None
         self._conn = self._open()
         report = self.reconcile()
         log.warning(
             "gallery: %s was damaged (%s); it was moved to %s and the gallery rebuilt from the %d images under %s. "
             "Favourites, presets and images saved elsewhere could not be recovered.",
-            self.db_path, damage, aside.name, report.added, self.outputs_dir,
+            self.path, damage, aside.name, report.added, self.outputs_dir,
         )
 
     @contextmanager

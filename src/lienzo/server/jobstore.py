@@ -20,12 +20,12 @@ import io
 import json
 import math
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from lienzo.database import Database
 from lienzo.errors import InvalidRequestError
 from lienzo.gallery.rows import MAX_PAGE
 from lienzo.gallery.schema import migrate
@@ -135,7 +135,7 @@ def _revive(value: Any) -> Any:
 # -- the store --------------------------------------------------------------------------------------
 
 
-class JobStore:
+class JobStore(Database):
     """The jobs in ``path``: add a job when it is accepted, update it as it changes, load the unfinished
     ones when the server starts. Every method has committed when it returns.
 
@@ -143,38 +143,15 @@ class JobStore:
     """
 
     def __init__(self, path: Path, timeout: float = 10.0):
-        self.path = Path(path)
-        self.timeout = timeout  # seconds a write waits for another process's
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
+        super().__init__(path, timeout)
         self._connection()  # fail now on a database this lienzo cannot use
 
     @classmethod
     def for_settings(cls, settings: Settings) -> "JobStore":
         return cls(settings.jobs_db)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> "JobStore":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._conn is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = self._open()
-            return self._conn
-
     def _open(self) -> sqlite3.Connection:
-        # isolation_level=None: every statement commits as it runs (each method here is one statement).
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        conn = self._connect()  # each method here is one statement, committed as it runs
         try:
             conn.row_factory = sqlite3.Row
             migrate(conn, self.path, JOB_MIGRATIONS)  # before any write: a newer lienzo's database is left as it was

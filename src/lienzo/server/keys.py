@@ -14,11 +14,11 @@ import os
 import re
 import secrets
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lienzo.database import Database
 from lienzo.errors import InvalidRequestError
 from lienzo.gallery.records import NotFoundError
 from lienzo.gallery.schema import migrate
@@ -88,46 +88,26 @@ def _check_limit(field: str, value: int | None, least: int) -> int | None:
     return value
 
 
-class KeyStore:
+class KeyStore(Database):
     """The named keys in the SQLite database at ``path`` (made if missing). Thread-safe: one connection,
     used under a lock; :meth:`close` it when done (using it after reopens the connection)."""
 
     def __init__(self, path: str | Path, *, timeout: float = 10.0):
-        self.path = Path(path)
-        self.timeout = timeout
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
+        super().__init__(path, timeout)
         self._cached: tuple[_Key, ...] = ()
         self._cached_stat: tuple | None = None  # the file's (mtime_ns, size, inode) when _cached was read
         self._connection()  # fail now on a database this lienzo cannot use
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> "KeyStore":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._conn is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # isolation_level=None: transactions are begun and ended here. The default rollback
-                # journal, not WAL: a commit then changes the main file itself, whose mtime tells the
-                # server's cache to read it again (in WAL mode commits land in keys.db-wal).
-                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-                try:
-                    migrate(conn, self.path, KEY_MIGRATIONS)
-                except BaseException:
-                    conn.close()
-                    raise
-                self._conn = conn
-            return self._conn
+    def _open(self) -> sqlite3.Connection:
+        # The default rollback journal, not WAL: a commit then changes the main file itself, whose mtime tells
+        # the server's cache to read it again (in WAL mode commits land in keys.db-wal).
+        conn = self._connect()
+        try:
+            migrate(conn, self.path, KEY_MIGRATIONS)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _write(self, sql: str, params: tuple) -> int:
         """Run one statement in its own transaction; the number of rows it changed."""
