@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from PIL import Image
+
 from lienzo.gallery.importers import meta_from_infotext
 from lienzo.gallery.records import GalleryError
 from lienzo.gallery.store import Gallery
 from lienzo.generation.engine import GeneratedImage
 from lienzo.generation.request import GenerationRequest
-from PIL import Image
-
 from lienzo.images.credentials import CredentialsError, Signing, manifest_for, sign_png
 from lienzo.images.io import save_numbered
 from lienzo.images.metadata import parse_infotext, pnginfo

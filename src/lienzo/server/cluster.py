@@ -29,7 +29,7 @@ from pathlib import Path
 from lienzo.errors import GenerationCancelled, LienzoError, ModelFileError
 from lienzo.server.logs import current_setup, job_context, setup_logging
 from lienzo.server.runtime import Event, Failure, Finished, Loaded, Signals, Task, WorkerRuntime
-from lienzo.server.workers import Worker, WorkerLost, WorkerPool, _device_memory, _names, _rss
+from lienzo.server.workers import Worker, WorkerLost, WorkerPool, device_memory, process_memory, worker_names
 from lienzo.settings import Settings
 
 try:
@@ -150,7 +150,7 @@ class WorkerActor:
         self.signals.set(what)
 
     def memory(self) -> dict[str, int]:
-        return {"rss": _rss(os.getpid()), **_device_memory(self.device)}
+        return {"rss": process_memory(os.getpid()), **device_memory(self.device)}
 
     def models(self) -> list[str]:
         """The models it holds, by the server's paths (the queue matches jobs to workers by them)."""
@@ -331,7 +331,7 @@ class RayPool(WorkerPool):
                 f"the cluster at {address} did not start {count} workers in {START_TIMEOUT:.0f} s: "
                 f"each needs {'a GPU' if gpus else 'a CPU'}; see `ray status`"
             ) from None
-        names = _names([self._base(info) for info in infos])
+        names = worker_names([self._base(info) for info in infos])
         self.workers = [RayWorker(a, info, self._device(info), n, self.resources) for a, info, n in zip(actors, infos, names)]
         log.info("cluster workers: %s", ", ".join(w.name for w in self.workers))
 

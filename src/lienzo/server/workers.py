@@ -106,7 +106,7 @@ class ThreadWorker(Worker):
         self.signals.set(what)
 
     def memory(self) -> dict[str, int]:
-        return {"rss": _rss(os.getpid()), **_device_memory(self.device)}
+        return {"rss": process_memory(os.getpid()), **device_memory(self.device)}
 
     def close(self) -> None:
         self.runtime._models.clear()
@@ -169,7 +169,7 @@ class ProcessWorker(Worker):
             pass  # it died: run() reports that
 
     def memory(self) -> dict[str, int]:
-        return {"rss": _rss(self.pid)} if self.pid else {}
+        return {"rss": process_memory(self.pid)} if self.pid else {}
 
     def close(self) -> None:
         if self._process is None:
@@ -236,7 +236,7 @@ class LocalPool(WorkerPool):
         self.processes = len(devices) > 1 if processes is None else processes
         if self.processes and loader is not None:
             raise ValueError("a custom loader runs only in the server's process: give one device")
-        names = _names(devices)
+        names = worker_names(devices)
         cpus = sum(d == "cpu" for d in devices)
         threads = settings.threads or (max(1, (os.cpu_count() or 1) // cpus) if cpus > 1 else None)
         if self.processes:
@@ -283,12 +283,12 @@ def parse_devices(text: str) -> list[str]:
     return devices
 
 
-def _names(devices: list[str]) -> list[str]:
+def worker_names(devices: list[str]) -> list[str]:
     """Worker names: the device, numbered where it repeats (two CPU workers: cpu.0, cpu.1)."""
     return [f"{d}.{devices[:i].count(d)}" if devices.count(d) > 1 else d for i, d in enumerate(devices)]
 
 
-def _rss(pid: int) -> int:
+def process_memory(pid: int) -> int:
     """Resident memory of a process in bytes (Linux /proc; 0 where it cannot be read)."""
     try:
         pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
@@ -297,7 +297,7 @@ def _rss(pid: int) -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _device_memory(device: str) -> dict[str, int]:
+def device_memory(device: str) -> dict[str, int]:
     if not device.startswith("cuda"):
         return {}
     import torch
