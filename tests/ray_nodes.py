@@ -38,11 +38,23 @@ def ray_env(temp: str) -> dict[str, str]:
     return {**os.environ, "RAY_TMPDIR": temp, "HOME": temp, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+# Ray's other listening ports default to fixed numbers (the Ray Client server to 10001, the agents to 52365, ...):
+# each node gets free ones, so that another cluster on the machine (a second test run) cannot take them. A raylet
+# whose agent fails to bind exits, and takes its drivers, this test process included, with it.
+_PORTS = (
+    "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    "--metrics-export-port", "--runtime-env-agent-port",
+)
+
+
 def _node(temp: str, env: dict, cpus: int, *args: str) -> subprocess.Popen:
+    ports = [item for flag in _PORTS for item in (flag, str(free_port()))]
+    if "--head" in args and "--ray-client-server-port" not in args:
+        ports += ["--ray-client-server-port", str(free_port())]
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
         "--num-cpus", str(cpus),
-        "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *args,
+        "--num-gpus", "0", "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", *ports, *args,
     ]
     log = open(Path(temp) / f"node-{len(os.listdir(temp))}.log", "wb")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
