@@ -15,9 +15,20 @@ OBJECT_STORE = 200 * 2**20  # the machine running tests is small; events and mod
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are picked (one at a time, the system
+    may hand the same port out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait(check, what: str, seconds: float = 120) -> None:
@@ -48,9 +59,8 @@ _PORTS = (
 
 
 def _node(temp: str, env: dict, cpus: int, *args: str) -> subprocess.Popen:
-    ports = [item for flag in _PORTS for item in (flag, str(free_port()))]
-    if "--head" in args and "--ray-client-server-port" not in args:
-        ports += ["--ray-client-server-port", str(free_port())]
+    flags = [*_PORTS, *(["--ray-client-server-port"] if "--head" in args and "--ray-client-server-port" not in args else [])]
+    ports = [item for flag, port in zip(flags, free_ports(len(flags))) for item in (flag, str(port))]
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
         "--num-cpus", str(cpus),
