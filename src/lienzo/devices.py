@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -53,8 +54,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on ARM.
 
-    Read from ``/proc/cpuinfo`` on Linux and ``sysctl`` on macOS; False wherever it cannot be told.
+    Read from ``/proc/cpuinfo`` on Linux and ``sysctl`` on macOS; False wherever it cannot be told, and
+    False when ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below its bf16 instructions (see :func:`onednn_isa_has_bf16`).
     """
+    if not onednn_isa_has_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA", "")):
+        return False
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         try:
@@ -68,6 +72,19 @@ def cpu_has_native_bf16() -> bool:
             return False
         return out.strip() == "1"
     return False
+
+
+# oneDNN's ISA names (its ONEDNN_MAX_CPU_ISA variable) whose kernels have no bf16 arithmetic: capped at one of
+# these, oneDNN computes bf16 convolutions and matmuls the slow way even on a CPU that has the instructions.
+_ISAS_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni"}
+
+
+def onednn_isa_has_bf16(max_isa: str) -> bool:
+    """Whether oneDNN may use bf16 instructions under ``ONEDNN_MAX_CPU_ISA=max_isa`` (empty: not capped).
+
+    The cap is how a user (or ``benchmarks/speed.py --isa avx2``) runs an AVX512-BF16 machine as an AVX2 one;
+    ``auto`` precision must then pick fp32, as it would on a real AVX2 CPU."""
+    return max_isa.strip().lower() not in _ISAS_WITHOUT_BF16
 
 
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:

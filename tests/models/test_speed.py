@@ -74,6 +74,19 @@ def test_cpuinfo_flags_tell_native_bf16(cpuinfo, native):
     assert cpuinfo_has_bf16(cpuinfo) is native
 
 
+@pytest.mark.parametrize(("isa", "allowed"), [("", True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True)])
+def test_a_capped_onednn_isa_tells_bf16_off(monkeypatch, isa, allowed):
+    assert devices.onednn_isa_has_bf16(isa) is allowed
+    # Capped below bf16, auto precision picks fp32 whatever /proc/cpuinfo says (an AVX2 machine, emulated).
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    monkeypatch.setattr(devices, "cpuinfo_has_bf16", lambda _text: True)
+    devices.cpu_has_native_bf16.cache_clear()  # read once per process, as oneDNN reads its cap
+    try:
+        assert devices.cpu_has_native_bf16() is allowed  # Linux: read from /proc/cpuinfo
+    finally:
+        devices.cpu_has_native_bf16.cache_clear()
+
+
 def test_auto_dtype_is_bf16_only_on_cpus_that_compute_it(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
