@@ -23,13 +23,29 @@ other number formats. A compiled row also reports the first run (compilation inc
     python benchmarks/speed.py --sizes 512 --steps 20   # GPU: SD 1.5 at 512 and SDXL at 1024
     python benchmarks/speed.py --compile --int8
     python benchmarks/speed.py --model MODEL --sizes 128 --fast-png fast.png   # judge --fast on a real model
+    python benchmarks/speed.py --int8 --peers          # also OpenVINO and stable-diffusion.cpp, when installed
+    python benchmarks/speed.py --isa avx2 --int8       # this CPU run as an AVX2-only one (oneDNN and ATen capped)
+
+``--peers`` adds what a CPU user would pick instead of lienzo: OpenVINO through optimum-intel (FastSD CPU's
+engine; ``benchmarks/peer_openvino.py``) and stable-diffusion.cpp (``benchmarks/peer_sdcpp.py``), each on the
+same random weights exported to its own format. They are not lienzo's dependencies: each module says how to
+install it, and a missing one is reported and skipped. sd.cpp draws its own noise, so its PSNR column says so.
+
+``--isa avx2`` runs the benchmark again in a process whose oneDNN and ATen kernels are capped at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``): the nearest thing to an AVX2-only CPU on a newer
+one (same cores, clocks and caches, so it is a stand-in, not a measurement of another CPU). lienzo's ``auto``
+precision follows the cap (fp32). The peers are skipped there: their own kernels ignore the cap.
 """
 
 import argparse
 import copy
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -148,6 +164,7 @@ class Row:
     pixels: np.ndarray | None = None
     note: str = ""
     dtype: torch.dtype = torch.float32  # what its matmuls run in: its FLOP floor is that dtype's
+    comparable: bool = True  # False: it draws its own noise (sd.cpp), so PSNR against the reference means nothing
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -220,12 +237,15 @@ def table(rows: list[Row], reference: np.ndarray, baseline: Row) -> str:
     for row in rows:
         seconds = statistics.median(row.seconds)
         rate = f"{statistics.median(row.rates):.2f}" if row.rates else "-"
-        agreement = psnr(row.pixels, reference)
-        diff = np.abs(np.round(row.pixels * 255) - np.round(reference * 255)).max()
-        shown = "exact" if agreement == float("inf") else f"{agreement:.1f}"
+        if row.comparable:
+            agreement = psnr(row.pixels, reference)
+            shown = "exact" if agreement == float("inf") else f"{agreement:.1f}"
+            diff = f"{np.abs(np.round(row.pixels * 255) - np.round(reference * 255)).max():.0f}"
+        else:
+            shown, diff = "own noise", "-"
         lines.append(
             f"| {row.name + (f' ({row.note})' if row.note else ''):34} | {seconds:.2f} | {rate} | {max(row.peaks):.0f} "
-            f"| {base / seconds:.2f}x | {shown} | {diff:.0f} | {row.first:.1f} |"
+            f"| {base / seconds:.2f}x | {shown} | {diff} | {row.first:.1f} |"
         )
     return "\n".join(lines)
 
@@ -288,7 +308,13 @@ def main() -> None:
     parser.add_argument("--sdxl", action="store_true", help="also SDXL at 1024 (default on a GPU with 16 GB or more)")
     parser.add_argument("--fast-png", help="write the normal and fast images side by side to this PNG")
     parser.add_argument("--model", help="a real checkpoint instead of random SD 1.5 weights (for --fast-png)")
+    parser.add_argument("--peers", action="store_true", help="add OpenVINO and stable-diffusion.cpp rows (CPU), when installed")
+    parser.add_argument("--isa", choices=["avx2"], help="cap oneDNN and ATen at this instruction set (an AVX2-only CPU, emulated)")
     args = parser.parse_args()
+    if args.isa and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa.upper():
+        # Both libraries read their cap once, when torch loads: the run happens in a fresh process.
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa.upper(), "ATEN_CPU_CAPABILITY": args.isa}
+        raise SystemExit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
     torch.set_grad_enabled(False)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,7 +327,11 @@ def main() -> None:
     if gpu:
         what = torch.cuda.get_device_name()
     else:
-        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}"
+        what = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
+            f"ATen kernels: {torch.backends.cpu.get_cpu_capability()}"
+            + (f", oneDNN capped at {os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
+        )
     print(f"# lienzo vs diffusers, {date.today()}, torch {torch.__version__}, {what}")
     print(f"random weights, {steps} steps {sampler.name}, CFG 7, batch 1, {args.repeats} runs each after one warm-up; lienzo default dtype here: {auto}\n")
 
@@ -311,6 +341,7 @@ def main() -> None:
         models = [sd15]
         if args.sdxl or (gpu and torch.cuda.get_device_properties(0).total_memory >= 16 * 2**30):
             models.append(sdxl)
+    workdir = tempfile.mkdtemp(prefix="lienzo-speed-")  # the peers' exported models, kept across sizes
     for build in models:
         fp32 = build()
         model_sizes = [1024] if fp32.family == "sdxl" and gpu and not args.sizes else sizes
@@ -333,6 +364,8 @@ def main() -> None:
             rows += [lienzo_row(f"lienzo {name}", model, device, request) for name, model in variants.items()]
             if "--int8" in variants:
                 rows.append(lienzo_row("lienzo --int8 --fast", variants["--int8"], device, request.model_copy(update={"fast": True})))
+            if args.peers and not gpu:
+                rows += peer_rows(fp32, size, steps, sampler, workdir)
             measure(rows, args.repeats, device)
             # The fp32 reference: diffusers' own run on the CPU; on a GPU, one more diffusers run in fp32.
             reference = baseline.pixels if not gpu else diffusers_row("fp32", fp32, device, size, steps, sampler).run()[0]
@@ -347,6 +380,30 @@ def main() -> None:
                 Image.fromarray(np.round(side * 255).astype(np.uint8)).save(args.fast_png)
                 print(f"lienzo | lienzo --fast written to {args.fast_png}\n")
         del baseline_model, default_model, variants, fp32
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def peer_rows(components: Components, size: int, steps: int, sampler, workdir: str) -> list[Row]:
+    """OpenVINO's and stable-diffusion.cpp's rows on ``components`` exported to their formats; a peer that is
+    not installed (or, with ``--isa``, would ignore the cap) is named with how to install it, and skipped."""
+    import peer_openvino
+    import peer_sdcpp
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        print("peers skipped: OpenVINO and sd.cpp pick their own kernels, whatever oneDNN's cap says\n")
+        return []
+    rows = []
+    # Each peer's fastest modes and its int8 one; their fp32 modes are left out, for memory (24 GiB here).
+    for name, missing, build, modes in (
+        ("OpenVINO", peer_openvino.openvino_missing, peer_openvino.openvino_rows, ("default", "int8")),
+        ("stable-diffusion.cpp", peer_sdcpp.sdcpp_missing, peer_sdcpp.sdcpp_rows, ("f16", "q8_0")),
+    ):
+        hint = missing()
+        if hint:
+            print(f"{name} rows skipped: {hint}\n")
+            continue
+        rows += build(components, size, steps, sampler, os.path.join(workdir, name), modes=modes)
+    return rows
 
 
 def _load(path: str) -> Components:
