@@ -1,4 +1,11 @@
-"""``lienzo generate``, ``img2img``, ``inpaint`` and ``outpaint``: validate, load the model, generate, save."""
+"""``lienzo generate``, ``img2img``, ``inpaint`` and ``outpaint``: validate, load the model, generate, save.
+
+With a ``lienzo serve`` running on this machine for the same folders and load options, the validated request
+goes to it instead (lienzo.cli.remote): the server holds the model already, and the job is the same request
+through the same engine with its seed drawn at submit, so it makes the same picture, saved to the same gallery
+and outputs folder. That happens on its own, with a note on stderr saying where the job went and that
+``--local`` (LIENZO_LOCAL=1) runs it here; ``--server URL`` insists on the server.
+"""
 
 import os
 import sys
@@ -8,6 +15,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lienzo.cli import remote
 from lienzo.cli.common import (
     _ctrl_c,
     _flag_for,
@@ -29,10 +37,25 @@ _FROM = click.option(
 )
 
 
+def _where(f):
+    """``--local`` and ``--server``: where the job runs (module docstring). Here, not among the shared options:
+    ``lienzo grid`` runs its cells here."""
+    f = click.option(
+        "--server", metavar="URL", envvar="LIENZO_SERVER",
+        help="send the job to this lienzo serve (the one the data dir's server.json describes), or fail saying why "
+        "[env LIENZO_SERVER; default: that server when it can make the same picture, else here]",
+    )(f)
+    return click.option(
+        "--local", is_flag=True, envvar="LIENZO_LOCAL",
+        help="load the model and generate in this process, even with a lienzo serve running [env LIENZO_LOCAL=1]",
+    )(f)
+
+
 @app.command()
 @click.argument("prompt", required=False, default="")
 @_FROM
 @_generation_options("txt2img")
+@_where
 @click.pass_context
 def generate(ctx, prompt, from_image, **opts):
     """Text to image."""
@@ -77,6 +100,7 @@ def _remade(ctx: click.Context, mode: str, prompt: str, from_image: Path | None,
 @click.argument("prompt", required=False, default="")
 @_FROM
 @_generation_options("img2img")
+@_where
 @click.pass_context
 def img2img(ctx, image, prompt, from_image, **opts):
     """Image to image: repaint IMAGE guided by PROMPT."""
@@ -92,6 +116,7 @@ def img2img(ctx, image, prompt, from_image, **opts):
 @click.argument("prompt", required=False, default="")
 @_FROM
 @_generation_options("inpaint")
+@_where
 @click.pass_context
 def inpaint(ctx, image, mask, prompt, from_image, **opts):
     """Repaint the white part of MASK in IMAGE."""
@@ -108,6 +133,7 @@ def inpaint(ctx, image, mask, prompt, from_image, **opts):
 @click.argument("prompt", required=False, default="")
 @_FROM
 @_generation_options("outpaint")
+@_where
 @click.pass_context
 def outpaint(ctx, image, prompt, from_image, **opts):
     """Grow IMAGE's canvas and paint the new area to match."""
@@ -121,7 +147,8 @@ def outpaint(ctx, image, prompt, from_image, **opts):
 
 
 def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
-    """Validate the request, load the model, generate with a progress bar, save each image as it is done."""
+    """Validate the request; then send it to a running server that can make the same picture, or load the
+    model and generate here with a progress bar, saving each image as it is done."""
     from lienzo.generation.limits import check_limits
     from lienzo.generation.request import build_request
 
@@ -140,21 +167,23 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
     if not request.prompt.strip():
         err_console.print("note: the prompt is empty; generating without one", highlight=False)
 
-    # 2. Load the model, then generate; the studio saves each image as it is done.
+    # 2. A lienzo serve for these folders and load options holds the model already: it makes the same picture.
+    server = remote.find_server(settings, mode, opts)
+    if server is not None and _run_on(server, mode, request, settings):
+        return
+
+    # 3. Load the model, then generate; the studio saves each image as it is done.
     studio, components = load_studio(opts, settings)
     out_dir = opts.get("out")
 
     def saved(image, output) -> None:
-        click.echo(str(output.path))
-        if image.filtered:
-            err_console.print(f"[yellow]{escape(output.path.name)}: {image.filtered} by the safety filter", highlight=False)
+        _saved(output.path, image.filtered)
 
     def save_failed(err: OSError, folder: Path) -> None:  # a disk that filled up, a folder removed or locked meanwhile
         raise LienzoError(f"{out_option}: cannot save into {folder}: {err.strerror or err}") from None
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     try:
-        with _ctrl_c("stopping after this step (Ctrl-C again to abort now)") as stop, Progress(*columns, console=err_console, transient=True) as bar:
+        with _ctrl_c(_STOPPING) as stop, _progress() as bar:
             task = bar.add_task(f"{mode} batch 1/{request.batch_count}", total=None)
 
             def on_step(p) -> None:
@@ -165,13 +194,66 @@ def _run(ctx: click.Context, mode: str, fields: dict, opts: dict) -> None:
                 save_failed=save_failed,
             )
     except GenerationCancelled:
-        err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
-        sys.exit(130)
+        _cancelled()
     finally:
         if studio.gallery is not None:
             studio.gallery.close()
-    seeds = ", ".join(str(i.seed) for i in result.images)
-    err_console.print(f"seed{'s' if len(result.images) > 1 else ''}: {seeds} ({result.seconds:.1f} s)")
+    _seeds([i.seed for i in result.images], result.seconds)
+
+
+_STOPPING = "stopping after this step (Ctrl-C again to abort now)"
+
+
+def _progress() -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=err_console, transient=True)
+
+
+def _saved(path: Path | str, filtered: str | None) -> None:
+    """An image is saved: its path on stdout, a word on stderr when the safety filter changed it."""
+    click.echo(str(path))
+    if filtered:
+        err_console.print(f"[yellow]{escape(Path(path).name)}: {filtered} by the safety filter", highlight=False)
+
+
+def _cancelled() -> None:
+    err_console.print("[yellow]cancelled: finished images were saved; the unfinished batch was not")
+    sys.exit(130)
+
+
+def _seeds(seeds: list[int], seconds: float) -> None:
+    err_console.print(f"seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))} ({seconds:.1f} s)")
+
+
+def _run_on(server: remote.Server, mode: str, request, settings: Settings) -> bool:
+    """Run the job on ``server`` as it would run here: the same progress bar, each saved image's path on stdout,
+    the seeds; Ctrl-C cancels it there. False: the server refused it, and it is to run here."""
+    job = remote.submit(server, mode, remote.request_body(mode, request, settings))
+    if job is None:
+        return False
+    err_console.print(f"note: sent to lienzo serve at {server.url} (pid {server.pid}); --local runs it here", highlight=False, soft_wrap=True)
+    printed = 0
+    with _ctrl_c(_STOPPING) as stop, _progress() as bar:
+        task = bar.add_task(f"{mode}: sent", total=None)
+
+        def on_change(current: dict) -> None:
+            nonlocal printed
+            for image in current["images"][printed:]:
+                _saved(image["file"], image.get("filtered"))
+            printed = len(current["images"])
+            p = current["progress"]
+            if current["status"] == "queued":
+                bar.update(task, description=f"{mode}: queued on the server, {current['position'] or 0} jobs ahead")
+            elif p["total_steps"]:
+                bar.update(task, completed=p["step"], total=p["total_steps"], description=f"{mode} batch {p['batch'] + 1}/{p['batch_count']}")
+
+        job = remote.follow(server, job, on_change=on_change, stop=stop)
+    if job["status"] == "failed":
+        raise LienzoError(job.get("error") or f"job {job['id']} failed on the server")
+    if job["status"] != "done":  # cancelled: by Ctrl-C here, or by someone on the server
+        _cancelled()
+    _seeds([image["seed"] for image in job["images"]], job["finished"] - (job["started"] or job["finished"]))
+    return True
 
 
 def load_studio(opts: dict, settings: Settings):

@@ -1,4 +1,7 @@
-"""``lienzo serve``: the HTTP server."""
+"""``lienzo serve``: the HTTP server. Once it listens it describes itself in ``<data dir>/server.json``, with a
+token that lets ``lienzo generate`` in as the admin, so that the CLI can send it jobs (lienzo.cli.remote)."""
+
+import secrets
 
 import click
 
@@ -53,6 +56,7 @@ def serve(
 
     import uvicorn
 
+    from lienzo.cli.remote import load_options
     from lienzo.server.app import Auth, create_app
     from lienzo.server.keys import KeyStore
     from lienzo.settings import parse_allowed_hosts, parse_public_url
@@ -89,7 +93,9 @@ def serve(
     user, sep, password = (auth or "").partition(":")
     if auth is not None and (not sep or not user):
         raise click.BadParameter("give USER:PASS", param_hint="--auth")
-    credentials = Auth(user=user or None, password=password or None, api_key=api_key or None)
+    # lienzo generate's key to this process, kept only here and in server.json (readable by this user alone).
+    token = secrets.token_urlsafe(32)
+    credentials = Auth(user=user or None, password=password or None, api_key=api_key or None, local_token=token)
     keys = KeyStore(settings.keys_db) if settings.keys_db.exists() else None
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -115,8 +121,41 @@ def serve(
 
         pool = RayPool(settings, address=cluster, workers=workers)
         err_console.print(f"lienzo: {len(pool.workers)} workers on the Ray cluster at {cluster}: {', '.join(w.name for w in pool.workers)}")
-    err_console.print(f"lienzo serving on http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (docs at /docs)")
     app = create_app(settings, model=model, auth=credentials, keys=keys, devices=devices or None, pool=pool)
+    load = {**load_options(settings, {}), "devices": devices or None, "cluster": cluster}
     # A client waiting on a long job must not hold Ctrl-C up: after 5 s its connection is closed and the
     # lifespan's shutdown stops the running jobs after their step; they and the waiting ones run after the next start.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, log_config=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, log_config=None)
+    _run_server(config, settings, token, model=model or settings.default_model, load=load)
+
+
+def _run_server(config, settings, token: str, *, model: str | None, load: dict) -> None:
+    """Run uvicorn's server, which says where it listens and describes itself in server.json from the moment it
+    does until it stops: in its shutdown, not after ``run()``, which raises a SIGTERM it caught again on its way out."""
+    import uvicorn
+
+    from lienzo.cli.remote import advertise, withdraw
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            url = f"http://{_local_address(self.servers)}"
+            advertise(settings, url, token, model=model, load=load)
+            err_console.print(f"lienzo serving on {url} (docs at /docs)")
+
+        async def shutdown(self, sockets=None) -> None:
+            withdraw(settings)  # first: a CLI started now loads the model itself rather than meet a closing queue
+            await super().shutdown(sockets=sockets)
+
+    Server(config).run()
+
+
+def _local_address(servers) -> str:
+    """HOST:PORT to reach the listening sockets from this machine: the port bound (``--port 0`` picks one), on
+    the address listened on, or the loopback one for all addresses (--listen)."""
+    sockets = [sock for server in servers for sock in server.sockets]
+    sock = next((s for s in sockets if len(s.getsockname()) == 2), sockets[0])  # IPv4 first
+    address, port = sock.getsockname()[:2]
+    if len(sock.getsockname()) == 2:
+        return f"{'127.0.0.1' if address == '0.0.0.0' else address}:{port}"
+    return f"[{'::1' if address == '::' else address}]:{port}"

@@ -407,8 +407,11 @@ class JobQueue:
         with ``poll``, also every ``poll`` seconds without a change."""
         while True:
             changed = self._event(job)
+            # Read before the yield: a job that finishes while the caller sends this state sets ``changed``,
+            # and the loop comes round once more to yield it finished.
+            finished = job.is_finished
             yield job
-            if job.is_finished:
+            if finished:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), poll)
