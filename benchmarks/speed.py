@@ -24,6 +24,7 @@ other number formats. A compiled row also reports the first run (compilation inc
     python benchmarks/speed.py --compile --int8
     python benchmarks/speed.py --model MODEL --sizes 128 --fast-png fast.png   # judge --fast on a real model
     python benchmarks/speed.py --int8 --peers          # also OpenVINO and stable-diffusion.cpp, when installed
+    python benchmarks/speed.py --sizes 512 --peers openvino
     python benchmarks/speed.py --isa avx2 --int8       # this CPU run as an AVX2-only one (oneDNN and ATen capped)
 
 ``--peers`` adds what a CPU user would pick instead of lienzo: OpenVINO through optimum-intel (FastSD CPU's
@@ -31,8 +32,8 @@ engine; ``benchmarks/peer_openvino.py``) and stable-diffusion.cpp (``benchmarks/
 same random weights exported to its own format. They are not lienzo's dependencies: each module says how to
 install it, and a missing one is reported and skipped. sd.cpp draws its own noise, so its PSNR column says so.
 
-``--isa avx2`` runs the benchmark again in a process whose oneDNN and ATen kernels are capped at AVX2
-(``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``): the nearest thing to an AVX2-only CPU on a newer
+``--isa avx2`` runs the benchmark again in a process whose oneDNN, ATen and MKL kernels are capped at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``): the nearest thing to an AVX2-only CPU on a newer
 one (same cores, clocks and caches, so it is a stand-in, not a measurement of another CPU). lienzo's ``auto``
 precision follows the cap (fp32). The peers are skipped there: their own kernels ignore the cap.
 """
@@ -308,12 +309,17 @@ def main() -> None:
     parser.add_argument("--sdxl", action="store_true", help="also SDXL at 1024 (default on a GPU with 16 GB or more)")
     parser.add_argument("--fast-png", help="write the normal and fast images side by side to this PNG")
     parser.add_argument("--model", help="a real checkpoint instead of random SD 1.5 weights (for --fast-png)")
-    parser.add_argument("--peers", action="store_true", help="add OpenVINO and stable-diffusion.cpp rows (CPU), when installed")
+    parser.add_argument(
+        "--peers", nargs="*", choices=["openvino", "sdcpp"],
+        help="add OpenVINO and stable-diffusion.cpp rows (CPU), when installed; name one to run only it",
+    )
     parser.add_argument("--isa", choices=["avx2"], help="cap oneDNN and ATen at this instruction set (an AVX2-only CPU, emulated)")
     args = parser.parse_args()
     if args.isa and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa.upper():
         # Both libraries read their cap once, when torch loads: the run happens in a fresh process.
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa.upper(), "ATEN_CPU_CAPABILITY": args.isa}
+        # oneDNN runs the convolutions, ATen the elementwise kernels, MKL the fp32 matmuls: each has its own cap.
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": args.isa.upper(), "ATEN_CPU_CAPABILITY": args.isa,
+               "MKL_ENABLE_INSTRUCTIONS": args.isa.upper()}
         raise SystemExit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
     torch.set_grad_enabled(False)
 
@@ -364,8 +370,8 @@ def main() -> None:
             rows += [lienzo_row(f"lienzo {name}", model, device, request) for name, model in variants.items()]
             if "--int8" in variants:
                 rows.append(lienzo_row("lienzo --int8 --fast", variants["--int8"], device, request.model_copy(update={"fast": True})))
-            if args.peers and not gpu:
-                rows += peer_rows(fp32, size, steps, sampler, workdir)
+            if args.peers is not None and not gpu:
+                rows += peer_rows(fp32, size, steps, sampler, workdir, args.peers or ["openvino", "sdcpp"])
             measure(rows, args.repeats, device)
             # The fp32 reference: diffusers' own run on the CPU; on a GPU, one more diffusers run in fp32.
             reference = baseline.pixels if not gpu else diffusers_row("fp32", fp32, device, size, steps, sampler).run()[0]
@@ -383,7 +389,7 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def peer_rows(components: Components, size: int, steps: int, sampler, workdir: str) -> list[Row]:
+def peer_rows(components: Components, size: int, steps: int, sampler, workdir: str, names: list[str]) -> list[Row]:
     """OpenVINO's and stable-diffusion.cpp's rows on ``components`` exported to their formats; a peer that is
     not installed (or, with ``--isa``, would ignore the cap) is named with how to install it, and skipped."""
     import peer_openvino
@@ -394,10 +400,11 @@ def peer_rows(components: Components, size: int, steps: int, sampler, workdir: s
         return []
     rows = []
     # Each peer's fastest modes and its int8 one; their fp32 modes are left out, for memory (24 GiB here).
-    for name, missing, build, modes in (
-        ("OpenVINO", peer_openvino.openvino_missing, peer_openvino.openvino_rows, ("default", "int8")),
-        ("stable-diffusion.cpp", peer_sdcpp.sdcpp_missing, peer_sdcpp.sdcpp_rows, ("f16", "q8_0")),
-    ):
+    peers = {
+        "openvino": ("OpenVINO", peer_openvino.openvino_missing, peer_openvino.openvino_rows, ("default", "int8")),
+        "sdcpp": ("stable-diffusion.cpp", peer_sdcpp.sdcpp_missing, peer_sdcpp.sdcpp_rows, ("f16", "q8_0")),
+    }
+    for name, missing, build, modes in (peers[key] for key in names):
         hint = missing()
         if hint:
             print(f"{name} rows skipped: {hint}\n")
