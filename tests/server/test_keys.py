@@ -306,10 +306,8 @@ def test_a_server_without_credentials_is_open_until_a_key_is_added(tmp_path):
 
 
 def test_serve_counts_named_keys_as_authentication(tmp_path, monkeypatch):
-    import uvicorn
-
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw["host"]))
+    monkeypatch.setattr(serve_command, "_run_server", lambda config, *_, **__: started.append(config.host))
     monkeypatch.setattr(serve_command, "setup_logging", lambda *_: None, raising=False)  # leave this process's logging be
     runner, env = CliRunner(), {"LIENZO_DATA_DIR": str(tmp_path / "data"), "LIENZO_AUTH": None, "LIENZO_API_KEY": None}
     refused = runner.invoke(cli, ["serve", "--listen"], env=env)
